@@ -1,0 +1,90 @@
+"""Backend discovery and selection.
+
+``backend="auto"`` picks the fastest available fused backend for the tensors' device and dtype and
+falls back to the reference (with a one-time warning) where no kernel exists; an explicitly named
+backend that cannot run raises, naming the reason. Results never change silently: every backend
+computes SPEC.md.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from .fused import RowKernel
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned = set()
+
+
+def _load_triton() -> Optional[RowKernel]:
+    try:
+        from .triton import ROW_KERNEL
+    except ImportError:
+        return None
+    return ROW_KERNEL
+
+
+def _load_extension(device_type: str) -> Optional[RowKernel]:
+    try:
+        from . import cuda as extension
+    except ImportError:
+        return None
+    return extension.row_kernel(device_type)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    import os
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> Dict[str, str]:
+    """Map every backend name to ``"ok"`` or the reason it cannot run on ``device``/``dtype``."""
+    device = torch.device(device)
+    status = {"reference": "ok"}
+    fused_dtype_ok = dtype in _FUSED_DTYPES
+    bad_dtype = f"fused kernels take float16, bfloat16 and float32, not {dtype}"
+    if _load_triton() is None:
+        status["triton"] = "triton is not installed"
+    elif not triton_runs_on(device):
+        status["triton"] = f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+    else:
+        status["triton"] = "ok" if fused_dtype_ok else bad_dtype
+    for name, dev in (("cuda", "cuda"), ("cpu", "cpu")):
+        if device.type != dev:
+            status[name] = f"backend {name!r} runs on {dev} tensors, got {device.type}"
+        elif _load_extension(dev) is None:
+            status[name] = f"the fused_margin C++ extension was not built with {dev} kernels"
+        else:
+            status[name] = "ok" if fused_dtype_ok else bad_dtype
+    return status
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[RowKernel]:
+    """The row kernel for ``backend`` (``None`` means the reference)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return None
+    status = available_backends(device, dtype)
+    if backend != "auto":
+        if status[backend] != "ok":
+            raise RuntimeError(f"backend={backend!r} is not available: {status[backend]}")
+        return _load_triton() if backend == "triton" else _load_extension(device.type)
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for name in order:
+        if status.get(name) == "ok":
+            return _load_triton() if name == "triton" else _load_extension(device.type)
+    if dtype in _FUSED_DTYPES:
+        key = (device.type, dtype)
+        if key not in _warned:
+            _warned.add(key)
+            reasons = "; ".join(f"{n}: {status[n]}" for n in order)
+            warnings.warn(f"fused_margin: no fused kernel for {device.type} {dtype} ({reasons}); "
+                          "using the reference implementation", RuntimeWarning, stacklevel=3)
+    return None

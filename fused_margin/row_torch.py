@@ -1,0 +1,143 @@
+"""The row-kernel contract of :mod:`fused_margin.fused` in eager PyTorch, with hand-derived gradients.
+
+This is the executable statement of what the Triton, C++ and CUDA row kernels compute (same inputs,
+same outputs, same fp32 math), checked against the autograd reference in the tests. It materialises
+B x C temporaries, so it is a specification and a test double, not a fast path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .fused import RowKernel
+from .reference import compute_dtype
+from .spec import ACOS_CLAMP
+
+
+def base_scores(raw, row_scale, col_scale, col_shift):
+    z = raw.to(compute_dtype(raw.dtype))
+    if row_scale is not None:
+        z = z * row_scale[:, None]
+    if col_scale is not None:
+        z = z * col_scale[None, :]
+    if col_shift is not None:
+        z = z + col_shift[None, :]
+    return z
+
+
+def target_margin_and_grad(c, margin, dmargin_dc, scale, margin_type, fold, straight_through):
+    """``(s psi(c, M), s dpsi/dc)`` with ``dM/dc = dmargin_dc`` (the DBM instance-margin path).
+
+    additive_cosine: ``psi = c - M``, ``dpsi/dc = 1 - dM/dc``.
+    additive_angular: ``psi = cos(theta + M)``, ``theta = acos(clamp(c))``,
+    ``dpsi/dc = sin(theta + M) / sin(theta) [c inside the clamp] - sin(theta + M) dM/dc``;
+    fold "threshold" (``c <= cos(pi - M)``): ``psi = c - M sin M``,
+    ``dpsi/dc = 1 - (sin M + M cos M) dM/dc``; fold "easy" (``c <= 0``): ``psi = c``, ``dpsi/dc = 1``.
+    straight_through: ``dpsi/dc = 1``.
+    """
+    if margin_type == 0:
+        value = c - margin
+        grad = 1.0 - dmargin_dc
+    else:
+        lo, hi = -1.0 + ACOS_CLAMP, 1.0 - ACOS_CLAMP
+        cc = c.clamp(lo, hi)
+        inside = ((c >= lo) & (c <= hi)).to(c.dtype)
+        theta = torch.acos(cc)
+        sin_shift = torch.sin(theta + margin)
+        value = torch.cos(theta + margin)
+        grad = sin_shift / torch.sin(theta) * inside - sin_shift * dmargin_dc
+        if fold == 1:
+            folded = c <= torch.cos(math.pi - margin)
+            value = torch.where(folded, c - margin * torch.sin(margin), value)
+            grad = torch.where(folded, 1.0 - (torch.sin(margin) + margin * torch.cos(margin)) * dmargin_dc, grad)
+        elif fold == 2:
+            folded = c <= 0
+            value = torch.where(folded, c, value)
+            grad = torch.where(folded, torch.ones_like(grad), grad)
+    if straight_through:
+        grad = torch.ones_like(grad)
+    return scale * value, scale * grad
+
+
+def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
+                pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
+                fold, straight_through, label_smoothing, ignore_index):
+    z = base_scores(raw, row_scale, col_scale, col_shift)
+    rows, num_classes = z.shape
+    kept = target != ignore_index
+    y = torch.where(kept, target, torch.zeros_like(target))
+    onehot = torch.nn.functional.one_hot(y, num_classes).bool() & kept[:, None]
+
+    pred = z.argmax(1)
+    c = z.gather(1, y[:, None]).squeeze(1)
+    hard = kept.clone() if hard_all else (pred != y) & kept
+    if class_margins is not None:
+        m = class_margins.to(z.dtype)
+        m_y = m[y]
+        h = hard.to(z.dtype)
+        margin = m_y * (1.0 + lambda_inst * h * (1.0 - c) / 2.0)
+        dmargin_dc = -m_y * lambda_inst * h / 2.0
+        if lambda_elm != 0.0:
+            wrong = z.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf")).argmax(1)
+            margin = margin - lambda_elm * m[wrong]
+    else:
+        margin = torch.zeros_like(c)
+        dmargin_dc = torch.zeros_like(c)
+    target_logit, target_grad = target_margin_and_grad(c, margin, dmargin_dc, scale, margin_type, fold,
+                                                       straight_through)
+    logits = scale * z
+    if logit_offset is not None:
+        logits = logits + logit_offset.to(z.dtype)[None, :]
+        target_logit = target_logit + logit_offset.to(z.dtype)[y]
+    if pair_perturbation is not None:
+        logits = logits + pair_perturbation.to(z.dtype).masked_fill(onehot, 0.0)
+    logits = torch.where(onehot, target_logit[:, None], logits)
+    lse = torch.logsumexp(logits, 1)
+    if class_weight is not None:
+        w = class_weight.to(z.dtype)
+        w_y = w[y]
+        smooth = (w[None, :] * (lse[:, None] - logits)).sum(1)
+    else:
+        w_y = torch.ones_like(lse)
+        smooth = (lse[:, None] - logits).sum(1)
+    loss = (1.0 - label_smoothing) * w_y * (lse - target_logit) + label_smoothing / num_classes * smooth
+    zero = torch.zeros_like(loss)
+    return (torch.where(kept, loss, zero), lse, pred, hard, torch.where(kept, target_logit, zero),
+            torch.where(kept, target_grad, zero))
+
+
+def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
+                 class_weight, lse, target_logit, target_grad, grad_rows, scale, label_smoothing,
+                 ignore_index, scale_grad):
+    z = base_scores(raw, row_scale, col_scale, col_shift)
+    num_classes = z.shape[1]
+    kept = target != ignore_index
+    y = torch.where(kept, target, torch.zeros_like(target))
+    onehot = torch.nn.functional.one_hot(y, num_classes).bool() & kept[:, None]
+    logits = scale * z
+    if logit_offset is not None:
+        logits = logits + logit_offset.to(z.dtype)[None, :]
+    if pair_perturbation is not None:
+        logits = logits + pair_perturbation.to(z.dtype).masked_fill(onehot, 0.0)
+    logits = torch.where(onehot, target_logit[:, None], logits)
+    p = torch.exp(logits - lse[:, None])
+    if class_weight is not None:
+        w = class_weight.to(z.dtype)
+        w_y, w_sum, w_j = w[y], w.sum(), w[None, :]
+    else:
+        w_y, w_sum, w_j = torch.ones_like(lse), float(num_classes), 1.0
+    dl = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot.to(z.dtype)) \
+        + label_smoothing / num_classes * (w_sum * p - w_j)
+    dl = dl * torch.where(kept, grad_rows, torch.zeros_like(grad_rows))[:, None]
+    grad = torch.where(onehot, dl * target_grad[:, None], dl * scale)
+    if not scale_grad:
+        return grad
+    if row_scale is not None:
+        grad = grad * row_scale[:, None]
+    if col_scale is not None:
+        grad = grad * col_scale[None, :]
+    return grad.to(raw.dtype)
+
+
+ROW_KERNEL = RowKernel("torch", row_forward, row_backward)

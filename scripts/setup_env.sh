@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up .venv for fused_margin: reuses a CUDA torch already installed on the system (the GPU
+# machine's), otherwise installs the pinned CPU torch; installs missing pinned dependencies; then
+# installs the package (and builds its C++ extension) without build isolation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+    echo "[setup] found a CUDA torch on the system: the venv will use it"
+    "$PY" -m venv --system-site-packages .venv
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+VPY=.venv/bin/python
+"$VPY" scripts/ensure_deps.py requirements-dev.txt
+stamp=.venv/.fused_margin_installed
+if [ ! -f "$stamp" ] || [ -n "$(find setup.py pyproject.toml csrc -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
+  echo "[setup] installing fused_margin (builds the C++ extension; about 2 minutes on 2 cores)"
+  "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+  touch "$stamp"
+fi
