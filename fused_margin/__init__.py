@@ -7,6 +7,11 @@ from .functional import (arcface_loss, balanced_softmax_loss, cosface_loss, dbm_
 from .modules import (ArcFaceLoss, BalancedSoftmaxLoss, CosFaceLoss, CosineClassifier, DBMLoss, ELMLoss,
                       LDAMLoss, LogitAdjustedLoss, MarginLoss)
 from .spec import LossTables, MarginAux, MarginLossSpec
+from .drw import DRWSchedule
+from .marc import MARC
+from .metalad import ClassStatistics, MetaLAD, pair_perturbation_terms
+from .data import (balanced_indices, class_counts_of, dataset_labels, long_tailed_indices, long_tailed_subset,
+                   shot_accuracy, shot_groups)
 
 __version__ = "0.1.0"
 
@@ -18,4 +23,7 @@ __all__ = [
     "ldam_margins", "dbm_class_margins", "log_prior", "class_balanced_weights", "drw_weights", "marc_weights",
     "long_tailed_counts",
     "MarginLossSpec", "LossTables", "MarginAux", "available_backends",
+    "DRWSchedule", "MARC", "ClassStatistics", "MetaLAD", "pair_perturbation_terms",
+    "long_tailed_indices", "long_tailed_subset", "balanced_indices", "dataset_labels", "class_counts_of",
+    "shot_groups", "shot_accuracy",
 ]
