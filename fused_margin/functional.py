@@ -228,6 +228,7 @@ def elm_loss(input, target, weight=None, *, class_counts, max_m=0.5, lambda_elm=
 
 def arcface_loss(input, target, weight=None, *, margin=0.5, scale=64.0, **kwargs):
     """ArcFace (Deng et al. 2019): ``s cos(theta_y + m)``; ``angular_fold="threshold"`` for its guard."""
+    builders._finite("margin", margin)
     margins = torch.full((_num_classes(input, weight),), float(margin), device=input.device)
     return margin_cross_entropy(input, target, weight, scale=scale, class_margins=margins,
                                 margin_type="additive_angular", **_head_kwargs(weight), **kwargs)
@@ -235,6 +236,7 @@ def arcface_loss(input, target, weight=None, *, margin=0.5, scale=64.0, **kwargs
 
 def cosface_loss(input, target, weight=None, *, margin=0.35, scale=64.0, **kwargs):
     """CosFace (Wang et al. 2018): ``s (cos_y - m)``."""
+    builders._finite("margin", margin)
     margins = torch.full((_num_classes(input, weight),), float(margin), device=input.device)
     return margin_cross_entropy(input, target, weight, scale=scale, class_margins=margins,
                                 margin_type="additive_cosine", **_head_kwargs(weight), **kwargs)
@@ -251,5 +253,6 @@ def balanced_softmax_loss(input, target, weight=None, *, class_counts, **kwargs)
 def logit_adjusted_loss(input, target, weight=None, *, class_counts, tau=1.0, **kwargs):
     """Logit-adjusted loss (Menon et al. 2021): cross-entropy of ``logits + tau log pi_j``."""
     kwargs.setdefault("head", "logits" if weight is None else "linear")
+    builders._finite("tau", tau)
     offset = _table(builders.log_prior(class_counts) * float(tau), input)
     return margin_cross_entropy(input, target, weight, logit_offset=offset, **kwargs)

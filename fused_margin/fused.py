@@ -119,6 +119,9 @@ class _FusedMarginCE(torch.autograd.Function):
          logit_offset, pair_perturbation, class_weight, omega, beta, class_norms, x_norm, w_norm, lse,
          target_logit, target_grad, denom) = ctx.saved_tensors
         spec, kernel = ctx.spec, ctx.kernel
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"the fused {kernel.name!r} backend gives first-order gradients only; "
+                               "for create_graph=True (double backward, meta-learning) use backend='reference'")
         need = ctx.needs_input_grad
         need_input, need_weight, need_bias = need[2], need[4], need[5]
         need_offset, need_pair, need_omega, need_beta = need[7], need[8], need[10], need[11]
@@ -170,7 +173,7 @@ class _FusedMarginCE(torch.autograd.Function):
                 if grad_z is not None:
                     col = grad_z.sum(0) * (omega.to(grad_z.dtype) if omega is not None else 1.0)
                 else:
-                    col = grad_raw.sum(0, dtype=acc)
+                    col = grad_raw.sum(0, dtype=compute_dtype(raw.dtype))
                 grads[5] = col.to(ctx.bias_dtype)
         if need_offset or need_pair:
             safe = torch.where(kept, target, torch.zeros_like(target))

@@ -86,7 +86,7 @@ class DBMLoss(MarginLoss):
         self.epoch = epoch
         if self.variant == "drw":
             weights = builders.drw_weights(self.class_counts, epoch, self.drw_betas, self.drw_step)
-            self.class_weight = weights.to(self.class_margins.device)
+            self.class_weight = weights.to(device=self.class_weight.device, dtype=self.class_weight.dtype)
 
 
 class LDAMLoss(MarginLoss):
