@@ -36,11 +36,14 @@ def _load_extension(device_type: str) -> Optional[RowKernel]:
 
 
 def triton_runs_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    import os
+    """Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+    :mod:`fused_margin.triton` was imported (Triton chooses the interpreter at that point)."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type != "cpu":
+        return False
+    from .triton import INTERPRETED
+    return INTERPRETED
 
 
 def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> Dict[str, str]:

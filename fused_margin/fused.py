@@ -140,7 +140,11 @@ class _FusedMarginCE(torch.autograd.Function):
         args = (raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight,
                 lse, target_logit, target_grad, grad_rows, float(spec.scale), float(spec.label_smoothing),
                 int(spec.ignore_index))
-        eager_tables = need_offset or need_pair or need_omega or need_beta or (beta is not None and need_weight)
+        # the eager path materialises the fp32 G = dL/dz': for the tables' gradients, for beta's norm
+        # term, and for a low-precision bias gradient (a column sum of G, not of a rounded dL/draw)
+        low_precision_bias = need_bias and compute_dtype(raw.dtype) != raw.dtype
+        eager_tables = (need_offset or need_pair or need_omega or need_beta or low_precision_bias
+                        or (beta is not None and need_weight))
         if not eager_tables:
             grad_raw = kernel.backward(*args, True)
             grad_z = None

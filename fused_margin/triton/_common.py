@@ -1,0 +1,145 @@
+"""Shared pieces of the Triton row kernels: the target margin ``psi`` and its derivative, the
+online-logsumexp merge, and the launch configuration (block size and warps chosen from ``C``).
+
+The angular margin (ArcFace, Deng et al. CVPR 2019; DBM, AAAI'25) is ``psi(c, M) = cos(acos(c') + M)``
+with ``c' = clamp(c, -1 + 1e-7, 1 - 1e-7)`` (SPEC.md section 3). Triton has no ``acos`` the interpreter
+can run (``libdevice.acos`` is an extern call, which ``TRITON_INTERPRET=1`` does not support), and none
+is needed: with ``theta = acos(c')``, ``cos(theta) = c'`` and ``sin(theta) = sqrt((1 - c')(1 + c'))``
+exactly, so the angle-addition formulas give
+
+    cos(theta + M) = c' cos M - sin(theta) sin M,    sin(theta + M) = sin(theta) cos M + c' sin M,
+
+the same function with one ``sqrt`` and one ``cos``/``sin`` of the (per-row) margin instead of
+``acos``, ``cos`` and ``sin``; all in fp32, and no acos approximation error to carry.
+``(1 - c')(1 + c')`` keeps ``sin(theta)`` accurate to a few ulps near ``c' = +-1``, where ``1 - c'^2``
+would cancel.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import ACOS_CLAMP
+
+ACOS_LO = tl.constexpr(-1.0 + ACOS_CLAMP)
+ACOS_HI = tl.constexpr(1.0 - ACOS_CLAMP)
+
+# the integer codes of MarginLossSpec.margin_code / fold_code
+MARGIN_ADDITIVE_COSINE = tl.constexpr(0)
+FOLD_THRESHOLD = tl.constexpr(1)
+FOLD_EASY = tl.constexpr(2)
+
+
+@triton.jit
+def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD: tl.constexpr,
+                  STRAIGHT_THROUGH: tl.constexpr):
+    """``(s psi(c, M), s dpsi/dc)`` for the target score ``c`` with margin ``M`` and ``dM/dc``
+    (the DBM instance-margin path), all fp32 (SPEC.md section 3, ``fused_margin.row_torch``).
+
+    additive_cosine (CosFace, LDAM, ELM): ``psi = c - M``, ``dpsi/dc = 1 - dM/dc``.
+    additive_angular: ``psi = cos(theta + M)``, ``dpsi/dc = sin(theta + M) / sin(theta)`` where ``c`` is
+    inside the clamp (0 outside) ``- sin(theta + M) dM/dc``; fold threshold (``c <= cos(pi - M)``):
+    ``psi = c - M sin M``, ``dpsi/dc = 1 - (sin M + M cos M) dM/dc``; fold easy (``c <= 0``): ``psi = c``,
+    ``dpsi/dc = 1``. straight_through: ``dpsi/dc = 1``.
+    """
+    if MARGIN_TYPE == MARGIN_ADDITIVE_COSINE:
+        value = c - margin
+        grad = 1.0 - dmargin_dc
+    else:
+        clamped = tl.clamp(c, ACOS_LO, ACOS_HI, propagate_nan=tl.PropagateNan.ALL)
+        inside = (c >= ACOS_LO) & (c <= ACOS_HI)
+        sin_theta = tl.sqrt_rn((1.0 - clamped) * (1.0 + clamped))
+        cos_m = tl.cos(margin)
+        sin_m = tl.sin(margin)
+        value = clamped * cos_m - sin_theta * sin_m
+        sin_shift = sin_theta * cos_m + clamped * sin_m
+        grad = tl.where(inside, sin_shift / sin_theta, 0.0) - sin_shift * dmargin_dc
+        if FOLD == FOLD_THRESHOLD:
+            folded = c <= -cos_m  # cos(pi - M)
+            value = tl.where(folded, c - margin * sin_m, value)
+            grad = tl.where(folded, 1.0 - (sin_m + margin * cos_m) * dmargin_dc, grad)
+        elif FOLD == FOLD_EASY:
+            folded = c <= 0.0
+            value = tl.where(folded, c, value)
+            grad = tl.where(folded, 1.0, grad)
+    if STRAIGHT_THROUGH:
+        grad = 1.0
+    return scale * value, scale * grad
+
+
+@triton.jit
+def base_scores(raw_ptr, offsets, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
+                HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
+    """``z' = raw * row_scale * col_scale + col_shift`` in fp32 (the row-kernel contract of
+    ``fused_margin.fused``); masked lanes hold 0."""
+    z = tl.load(raw_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * row_scale
+    if HAS_COL_SCALE:
+        z = z * tl.load(col_scale_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+    if HAS_COL_SHIFT:
+        z = z + tl.load(col_shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
+def online_max(run_max, block_max):
+    """The running maximum of an online logsumexp and the shift to subtract before ``exp``: the new
+    maximum, or 0 while every logit so far is -inf (so ``exp(-inf - shift)`` is 0, not NaN)."""
+    new_max = tl.maximum(run_max, block_max)
+    return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` cast to ``DTYPE`` with round-to-nearest-even. For bfloat16 the rounding is done on the
+    fp32 bits first (``bits + 0x7FFF + lsb``, then drop the low half), so the cast itself is exact:
+    the GPU's ``cvt.rn.bf16.f32`` gives the same result, and Triton 3.6's interpreter, whose fp32 ->
+    bf16 cast truncates, then agrees with it."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch configuration
+
+_max_block = None
+
+
+@contextlib.contextmanager
+def max_block(limit: int):
+    """Cap the column block of both row kernels (a power of two), e.g. to exercise the loop over
+    column blocks on small ``C`` in tests: ``with max_block(8): ...``."""
+    global _max_block
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1 or limit & (limit - 1):
+        raise ValueError(f"limit must be a positive power of two, got {limit!r}")
+    previous, _max_block = _max_block, limit
+    try:
+        yield
+    finally:
+        _max_block = previous
+
+
+def block_config(num_classes: int, cap: int):
+    """``(BLOCK, num_warps)``: the next power of two of ``C`` up to ``cap`` (or the :func:`max_block`
+    limit), one warp per 256 elements (8 a thread), between 1 and 8 warps. Compiled for sm_90, the
+    forward at 2048 x 8 warps takes 80 registers a thread, no spills (4096 x 16 warps: 106, one
+    program per SM); the backward at 1024 x 4 warps, 46."""
+    block = min(triton.next_power_of_2(num_classes), cap)
+    if _max_block is not None:
+        block = min(block, _max_block)
+    return block, max(1, min(8, block // 256))
+
+
+def launch_device(tensor: torch.Tensor):
+    """The context to launch on ``tensor``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def or_dummy(value: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """``value`` made contiguous, or ``dummy`` for an absent table (its kernel flag is then off and the
+    pointer is never read)."""
+    return dummy if value is None else value.contiguous()

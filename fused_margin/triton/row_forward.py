@@ -1,0 +1,221 @@
+"""The forward row kernel in Triton: one program per row, one pass over the row of ``raw``.
+
+For row ``i`` with label ``y`` (SPEC.md sections 2-4; the contract of ``fused_margin.fused``, stated in
+eager torch by ``fused_margin.row_torch.row_forward``), looping over the classes in blocks:
+
+* ``z'_ij = raw_ij row_scale_i col_scale_j + col_shift_j`` in fp32;
+* running max and first-index argmax of ``z'`` (``pred``; the first NaN wins, as ``torch.argmax``),
+  and of ``z'`` over ``j != y`` (ELM's strongest wrong class ``c*``);
+* an online logsumexp of the non-target logits ``l_ij = s z'_ij + a_j + P_ij``;
+* for label smoothing, ``sum_{j != y} w_j (l_ij - r)`` and ``sum_j w_j``, with ``r = s z'_iy`` a shift
+  that keeps ``sum_j w_j (lse - l_ij) = W (lse - r) - sum_j w_j (l_ij - r)`` free of cancellation.
+
+Then the margin ``M = m_y (1 + lambda_inst h (1 - z'_y) / 2) - lambda_elm m_{c*}`` (DBM, AAAI'25; ELM,
+Kato & Hotta), the target logit ``t = s psi(z'_y, M) + a_y`` and ``dt/dz'_y``, ``lse`` (the target merged
+into the online sum) and the loss row
+``(1 - eps) w_y (lse - t) + eps / C sum_j w_j (lse - l_ij)`` (``F.cross_entropy``'s smoothing).
+Ignored rows: loss, target logit and gradient 0, ``hard`` False, ``lse`` of the unmargined logits.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import base_scores, block_config, launch_device, online_max, or_dummy, target_margin
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _row_forward_kernel(
+        raw_ptr, stride_raw_row, stride_raw_col, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr,
+        margins_ptr, offset_ptr, pair_ptr, stride_pair_row, stride_pair_col, weight_ptr,
+        loss_ptr, lse_ptr, pred_ptr, hard_ptr, target_logit_ptr, target_grad_ptr,
+        num_classes, scale, lambda_inst, lambda_elm, label_smoothing, ignore_index,
+        HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
+        HAS_MARGINS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr, MARGIN_TYPE: tl.constexpr, HARD_ALL: tl.constexpr, ELM: tl.constexpr,
+        FOLD: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, SMOOTHING: tl.constexpr,
+        BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(target_ptr + row)
+    kept = label != ignore_index
+    y = tl.where(kept, label, 0)
+    raw_row = raw_ptr + row * stride_raw_row
+    pair_row = pair_ptr + row * stride_pair_row
+
+    if HAS_ROW_SCALE:
+        row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
+    else:
+        row_scale = 1.0
+    # the target's base score, read once (the same fp32 expression as in the loop)
+    z_y = base_scores(raw_row, y * stride_raw_col, True, row_scale, col_scale_ptr, col_shift_ptr, y,
+                      HAS_COL_SCALE, HAS_COL_SHIFT)
+    smooth_shift = scale * z_y
+    smooth_shift = tl.where(tl.abs(smooth_shift) < float("inf"), smooth_shift, 0.0)
+
+    best = float("-inf")        # max z' (NaN-free), its first index, and the first NaN index
+    best_col = 0
+    first_nan = num_classes
+    wrong_best = float("-inf")  # the same over j != y (ELM's c*)
+    wrong_col = 0
+    wrong_nan = num_classes
+    run_max = float("-inf")     # online logsumexp of the non-target logits
+    run_sum = 0.0
+    smooth_sum = 0.0            # sum_{j != y} w_j (l_j - r) and sum_j w_j
+    weight_sum = 0.0
+    # a while loop, not range(0, num_classes, BLOCK): Triton 3.6's interpreter cannot take a runtime
+    # bound in range() under NumPy >= 2.4 (it calls int() on a 1-element array); on the GPU the loop
+    # has few trips (C / BLOCK) and other rows' programs hide its load latency
+    start = 0
+    while start < num_classes:
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < num_classes
+        z = base_scores(raw_row, cols * stride_raw_col, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
+                        HAS_COL_SCALE, HAS_COL_SHIFT)
+        is_nan = z != z
+        clean = tl.where(mask & ~is_nan, z, float("-inf"))
+        block_best = tl.max(clean, 0)
+        block_col = tl.min(tl.where(clean == block_best, cols, num_classes), 0)
+        best_col = tl.where(block_best > best, block_col, best_col)
+        best = tl.maximum(best, block_best)
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan & mask, cols, num_classes), 0))
+        is_label = cols == y
+        if ELM:
+            wrong = tl.where(is_label, float("-inf"), clean)
+            block_wrong = tl.max(wrong, 0)
+            block_wrong_col = tl.min(tl.where(wrong == block_wrong, cols, num_classes), 0)
+            wrong_col = tl.where(block_wrong > wrong_best, block_wrong_col, wrong_col)
+            wrong_best = tl.maximum(wrong_best, block_wrong)
+            wrong_nan = tl.minimum(wrong_nan, tl.min(tl.where(is_nan & mask & ~is_label, cols, num_classes), 0))
+
+        logits = scale * z
+        if HAS_OFFSET:
+            logits += tl.load(offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_PAIR:
+            logits += tl.load(pair_row + cols * stride_pair_col, mask=mask, other=0.0).to(tl.float32)
+        other = mask & ~(is_label & kept)
+        logits = tl.where(other, logits, float("-inf"))
+        run_max_new, shift = online_max(run_max, tl.max(logits, 0))
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift), 0)
+        run_max = run_max_new
+        if SMOOTHING:
+            centred = tl.where(other, logits - smooth_shift, 0.0)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                smooth_sum += tl.sum(w * centred, 0)
+                weight_sum += tl.sum(w, 0)
+            else:
+                smooth_sum += tl.sum(centred, 0)
+        start += BLOCK
+
+    pred = tl.where(first_nan < num_classes, first_nan, best_col)
+    if HARD_ALL:
+        hard = kept
+    else:
+        hard = kept & (pred != y)
+
+    if HAS_MARGINS:
+        margin_y = tl.load(margins_ptr + y).to(tl.float32)
+        h = hard.to(tl.float32)
+        margin = margin_y * (1.0 + lambda_inst * h * (1.0 - z_y) / 2.0)
+        dmargin_dc = -margin_y * lambda_inst * h / 2.0
+        if ELM:
+            c_star = tl.where(wrong_nan < num_classes, wrong_nan, wrong_col)
+            margin = margin - lambda_elm * tl.load(margins_ptr + c_star).to(tl.float32)
+    else:
+        margin = 0.0
+        dmargin_dc = 0.0
+    target_logit, target_grad = target_margin(z_y, margin, dmargin_dc, scale, MARGIN_TYPE, FOLD,
+                                              STRAIGHT_THROUGH)
+    if HAS_OFFSET:
+        target_logit += tl.load(offset_ptr + y).to(tl.float32)
+
+    # merge the target into the online logsumexp (kept rows only)
+    _, shift = online_max(run_max, target_logit)
+    merged = shift + tl.log(run_sum * tl.exp(run_max - shift) + tl.exp(target_logit - shift))
+    lse = tl.where(kept, merged, run_max + tl.log(run_sum))
+
+    if HAS_WEIGHT:
+        weight_y = tl.load(weight_ptr + y).to(tl.float32)
+    else:
+        weight_y = 1.0
+    loss = (1.0 - label_smoothing) * weight_y * (lse - target_logit)
+    if SMOOTHING:
+        if HAS_WEIGHT:
+            total_weight = weight_sum
+        else:
+            total_weight = num_classes * 1.0
+        smooth_sum += weight_y * (target_logit - smooth_shift)
+        loss += label_smoothing / num_classes * (total_weight * (lse - smooth_shift) - smooth_sum)
+
+    tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+    tl.store(pred_ptr + row, pred.to(tl.int64))
+    tl.store(hard_ptr + row, hard)
+    tl.store(target_logit_ptr + row, tl.where(kept, target_logit, 0.0))
+    tl.store(target_grad_ptr + row, tl.where(kept, target_grad, 0.0))
+
+
+def _check(raw: torch.Tensor, target: torch.Tensor):
+    if raw.dim() != 2 or raw.shape[1] < 2:
+        raise ValueError(f"raw must be B x C with C >= 2, got shape {tuple(raw.shape)}")
+    if raw.dtype not in _FUSED_DTYPES:
+        raise TypeError(f"raw must be float16, bfloat16 or float32, got {raw.dtype}")
+    if target.dtype != torch.int64 or tuple(target.shape) != (raw.shape[0],):
+        raise ValueError(f"target must be int64 of shape ({raw.shape[0]},), got {target.dtype} "
+                         f"{tuple(target.shape)}")
+
+
+def _empty_outputs(raw: torch.Tensor):
+    rows, device = raw.shape[0], raw.device
+    f32 = dict(dtype=torch.float32, device=device)
+    return (torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, dtype=torch.int64, device=device),
+            torch.empty(rows, dtype=torch.bool, device=device), torch.empty(rows, **f32), torch.empty(rows, **f32))
+
+
+@torch.library.custom_op("fused_margin::triton_row_forward", mutates_args=())
+def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
+                col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
+                class_margins: Optional[torch.Tensor], logit_offset: Optional[torch.Tensor],
+                pair_perturbation: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
+                scale: float, margin_type: int, lambda_inst: float, hard_all: bool, lambda_elm: float,
+                fold: int, straight_through: bool, label_smoothing: float,
+                ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor, torch.Tensor]:
+    """Launch the forward row kernel; returns ``(loss_rows, lse, pred, hard, target_logit, target_grad)``
+    (the contract of :mod:`fused_margin.fused`)."""
+    _check(raw, target)
+    outputs = _empty_outputs(raw)
+    rows, num_classes = raw.shape
+    if rows == 0:
+        return outputs
+    loss, lse, pred, hard, target_logit, target_grad = outputs
+    target = target.contiguous()
+    pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
+    block, num_warps = block_config(num_classes, 2048)
+    with launch_device(raw):
+        _row_forward_kernel[(rows,)](
+            raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
+            or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
+            pair, pair.stride(0), pair.stride(1), or_dummy(class_weight, raw),
+            loss, lse, pred, hard, target_logit, target_grad,
+            num_classes, float(scale), float(lambda_inst), float(lambda_elm), float(label_smoothing),
+            int(ignore_index),
+            HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
+            HAS_COL_SHIFT=col_shift is not None, HAS_MARGINS=class_margins is not None,
+            HAS_OFFSET=logit_offset is not None, HAS_PAIR=pair_perturbation is not None,
+            HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
+            ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
+            STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=label_smoothing != 0.0,
+            BLOCK=block, num_warps=num_warps)
+    return outputs
+
+
+@row_forward.register_fake
+def _row_forward_fake(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
+                      pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
+                      fold, straight_through, label_smoothing, ignore_index):
+    _check(raw, target)
+    return _empty_outputs(raw)
