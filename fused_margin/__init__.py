@@ -3,7 +3,7 @@ from .backends import available_backends
 from .builders import (class_balanced_weights, dbm_class_margins, drw_weights, ldam_margins, log_prior,
                        long_tailed_counts, marc_weights)
 from .functional import (arcface_loss, balanced_softmax_loss, cosface_loss, dbm_loss, elm_loss, ldam_loss,
-                         logit_adjusted_loss, margin_cross_entropy)
+                         logit_adjusted_loss, margin_cross_entropy, set_sync_label_check)
 from .modules import (ArcFaceLoss, BalancedSoftmaxLoss, CosFaceLoss, CosineClassifier, DBMLoss, ELMLoss,
                       LDAMLoss, LogitAdjustedLoss, MarginLoss)
 from .spec import LossTables, MarginAux, MarginLossSpec
@@ -16,7 +16,7 @@ from .data import (balanced_indices, class_counts_of, dataset_labels, long_taile
 __version__ = "0.1.0"
 
 __all__ = [
-    "margin_cross_entropy", "dbm_loss", "ldam_loss", "elm_loss", "arcface_loss", "cosface_loss",
+    "margin_cross_entropy", "set_sync_label_check", "dbm_loss", "ldam_loss", "elm_loss", "arcface_loss", "cosface_loss",
     "balanced_softmax_loss", "logit_adjusted_loss",
     "MarginLoss", "DBMLoss", "LDAMLoss", "ELMLoss", "ArcFaceLoss", "CosFaceLoss", "BalancedSoftmaxLoss",
     "LogitAdjustedLoss", "CosineClassifier",

@@ -18,6 +18,7 @@ from .spec import LossTables, MarginAux, MarginLossSpec
 
 __all__ = [
     "margin_cross_entropy",
+    "set_sync_label_check",
     "dbm_loss",
     "ldam_loss",
     "elm_loss",
@@ -37,6 +38,29 @@ def _check_tensor(name, value, device, *, dims, floating=True):
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but input is on {device}")
+
+
+_SYNC_LABEL_CHECK = {"enabled": False}
+
+
+def set_sync_label_check(enabled: bool) -> None:
+    """Check labels on accelerators with a host sync and a ``ValueError`` naming the bad entry (slower).
+
+    By default labels on CPU tensors are checked that way, and labels on CUDA tensors with an
+    asynchronous device assertion (no host sync in the training step, as ``F.cross_entropy``)."""
+    _SYNC_LABEL_CHECK["enabled"] = bool(enabled)
+
+
+def _check_labels(target, num_classes, ignore_index):
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.device.type == "cpu" or _SYNC_LABEL_CHECK["enabled"]:
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in "
+                             f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+    else:
+        torch._assert_async(~bad.any(), f"fused_margin: target has a label outside [0, {num_classes}) that is "
+                                        f"not ignore_index ({ignore_index})")
 
 
 def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables) -> int:
@@ -76,11 +100,7 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
     if target.shape[0] != rows:
         raise ValueError(f"target has {target.shape[0]} labels but input has {rows} rows")
     if not torch.compiler.is_compiling() and rows > 0:
-        bad = (target != spec.ignore_index) & ((target < 0) | (target >= num_classes))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in "
-                             f"[0, {num_classes}) or equal ignore_index ({spec.ignore_index})")
+        _check_labels(target, num_classes, spec.ignore_index)
 
     for name in ("class_margins", "logit_offset", "class_weight", "omega", "beta", "class_norms"):
         value = getattr(tables, name)

@@ -46,11 +46,12 @@ class RowKernel(NamedTuple):
 
 def _project_out(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``grad_i - (v_hat_i . grad_i) v_hat_i`` for rows with ``||v_i|| >= eps``; ``grad_i`` elsewhere:
-    the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``)."""
+    the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``).
+    Updates ``grad`` (a fresh GEMM output) in place where its dtype allows, to keep C x D temporaries out."""
     grad = grad.to(norms.dtype)
-    unit = rows.to(norms.dtype) / norms.clamp_min(NORM_EPS)[:, None]
-    radial = (unit * grad).sum(1, keepdim=True) * unit
-    return torch.where((norms >= NORM_EPS)[:, None], grad - radial, grad)
+    dots = torch.einsum("ij,ij->i", rows.to(norms.dtype), grad)
+    inv_sq = torch.where(norms >= NORM_EPS, norms.clamp_min(NORM_EPS).reciprocal().square(), 0.0)
+    return grad.addcmul_(rows, (dots * inv_sq).neg_()[:, None])
 
 
 class _FusedMarginCE(torch.autograd.Function):

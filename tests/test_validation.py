@@ -420,3 +420,15 @@ def test_angular_margin_on_logits_not_declared_cosines():
 def test_angular_fold_with_the_cosine_margin():
     with pytest.raises(ValueError, match="angular_fold='threshold' applies only to margin_type='additive_angular'"):
         call(angular_fold="threshold")
+
+
+@pytest.mark.cuda
+def test_cuda_labels_checked_with_a_named_error_when_sync_check_is_on():
+    x = torch.randn(4, 5, device="cuda")
+    y = torch.tensor([0, 1, 7, 2], device="cuda")
+    fm.set_sync_label_check(True)
+    try:
+        with pytest.raises(ValueError, match=r"target\[2\] = 7"):
+            fm.margin_cross_entropy(x, y)
+    finally:
+        fm.set_sync_label_check(False)

@@ -1,0 +1,185 @@
+"""Smoke tests of the benchmark harness (fused_margin.bench): tiny shapes, a few seconds.
+
+What must hold: a correct fused path is timed and compared with eager and the GEMM floor; a wrong one
+(loss, gradient or argmax) is reported WRONG and not timed; the JSON, CSV, table and PNG say so; the
+row-kernel route (the loss's keyword arguments) computes the same loss as the preset module.
+"""
+import csv
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import fused_margin as fm
+from fused_margin.bench import BenchConfig, format_table, run_benchmark, write_outputs
+from fused_margin.bench.cases import (class_counts, make_inputs, reference_fn, reference_rows_fn, row_kernel_fns,
+                                      tie_options)
+from fused_margin.bench.check import Outputs, Truth, build_truth, judge, run_outputs
+from fused_margin.bench.cli import build_parser, main
+from fused_margin.bench.config import LOSSES
+from fused_margin.bench.runner import FIELDS
+from fused_margin.fused import RowKernel
+from fused_margin.row_torch import ROW_KERNEL
+
+
+def _wrong_loss(*args):
+    loss_rows, lse, pred, hard, target_logit, target_grad = ROW_KERNEL.forward(*args)
+    return loss_rows * 1.01, lse, pred, hard, target_logit, target_grad
+
+
+def _wrong_grad(*args):
+    return ROW_KERNEL.backward(*args) * 1.05
+
+
+def _wrong_pred(*args):
+    loss_rows, lse, pred, hard, target_logit, target_grad = ROW_KERNEL.forward(*args)
+    return loss_rows, lse, (pred + 1) % args[0].shape[1], hard, target_logit, target_grad
+
+
+WRONG = {
+    "wrong-loss": RowKernel("wrong-loss", _wrong_loss, ROW_KERNEL.backward),
+    "wrong-grad": RowKernel("wrong-grad", ROW_KERNEL.forward, _wrong_grad),
+    "wrong-pred": RowKernel("wrong-pred", _wrong_pred, ROW_KERNEL.backward),
+}
+QUICK = dict(device="cpu", B=16, D=32, C=64, dtype="fp32", target_time=0.0, min_reps=2, max_reps=2, warmup=1,
+             input_sets=2, compile="none", threads=1)
+
+
+@pytest.fixture(scope="module")
+def run():
+    cfg = BenchConfig(**QUICK, modes=("fwdbwd",), losses=("dbm-bs",), heads=("cosine",),
+                      impls=("reference", "torch-ce", "floor"), row_kernels={"torch": ROW_KERNEL, **WRONG})
+    return run_benchmark(cfg, progress=False, log=lambda _: None)
+
+
+def _row(run, backend):
+    rows = [r for r in run.rows if r["backend"] == backend]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_correct_cases_are_timed_and_compared(run):
+    ref, fused, floor = _row(run, "reference"), _row(run, "row:torch"), _row(run, "floor")
+    for r in (ref, fused):
+        assert r["check"] == "ok", r["check_detail"]
+        assert r["ms"] > 0 and r["reps"] == 2 and r["peak_extra_mib"] is not None
+        assert r["err_loss"] <= r["tol_loss"] and r["err_grad_weight"] <= r["tol_grad_weight"]
+        assert r["pred_mismatch"] == 0
+    assert ref["speedup_vs_eager"] == pytest.approx(1.0)
+    assert fused["speedup_vs_eager"] == pytest.approx(ref["ms"] / fused["ms"])
+    assert fused["x_gemm_floor"] == pytest.approx(fused["ms"] / floor["ms"])
+    assert floor["check"] == "n/a" and floor["speedup_vs_eager"] is None
+    ce = _row(run, "torch-ce")
+    assert ce["kind"] == "plain-ce" and ce["check"] == "ok" and "F.cross_entropy" in ce["check_detail"]
+
+
+@pytest.mark.parametrize("name, says", [("wrong-loss", "loss rel err"), ("wrong-grad", "grad_input rel err"),
+                                        ("wrong-pred", "pred/hard differ")])
+def test_wrong_kernels_are_reported_wrong_and_not_timed(run, name, says):
+    r = _row(run, f"row:{name}")
+    assert r["check"] == "WRONG"
+    assert says in r["check_detail"]
+    assert r["ms"] is None and r["speedup_vs_eager"] is None and r["peak_extra_mib"] is None
+
+
+def test_table_json_csv_png(run, tmp_path):
+    table = format_table(run)
+    lines = {line.split()[1]: line for line in table.splitlines() if line.startswith("dbm-bs/cosine")}
+    assert "WRONG" in lines["row:wrong-loss"] and "ok" in lines["row:torch"]
+    assert lines["row:wrong-loss"].split()[3] == "-"          # no time for a wrong case
+    assert "not timed or failed:" in table and "B=16 D=32 C=64 fp32" in table
+
+    paths = write_outputs(run, tmp_path, plot=True)
+    data = json.loads(paths["json"].read_text())
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["name"]
+    assert data["config"]["row_kernels"] == sorted(["torch", *WRONG])
+    assert [r["backend"] for r in data["rows"]] == [r["backend"] for r in run.rows]
+    wrong = next(r for r in data["rows"] if r["backend"] == "row:wrong-grad")
+    assert wrong["check"] == "WRONG" and wrong["ms"] is None
+
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert set(FIELDS) | {"machine", "torch", "triton"} <= set(rows[0])
+    by_backend = {r["backend"]: r for r in rows}
+    assert by_backend["row:wrong-pred"]["ms"] == "" and by_backend["row:wrong-pred"]["check"] == "WRONG"
+    assert math.isclose(float(by_backend["row:torch"]["ms"]), _row(run, "row:torch")["ms"])
+    assert by_backend["floor"]["machine"] == run.machine["name"]
+    assert paths["table"].read_text().strip() == table.strip()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_judge_rule():
+    truth_out = Outputs(torch.tensor(2.0, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64),
+                        torch.ones(5, 3, dtype=torch.float64))
+    truth = Truth(truth_out, {"loss": 1e-3, "grad_input": 1e-3, "grad_weight": 1e-3}, torch.bfloat16, ())
+
+    def out(loss, gx, gw):
+        return Outputs(torch.tensor(loss), torch.full((4, 3), gx), torch.full((5, 3), gw))
+    assert judge(out(2.0 * (1 + 2.5e-3), 1.0, 1.0), truth).ok              # within 2 * 1e-3 + 1e-3
+    verdict = judge(out(2.0, 1.0, 1.0 + 4e-3), truth)                        # beyond it
+    assert not verdict.ok and "grad_weight" in verdict.detail
+    assert not judge(out(float("nan"), 1.0, 1.0), truth).ok
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_gate(dtype):
+    """In bf16/fp16 the torch row double (same math as eager, other rounding) passes, with its ties
+    ignored; a kernel 3% off in the loss or 5% off in the gradients does not."""
+    cfg = BenchConfig(**{**QUICK, "B": 48, "dtype": dtype})
+    counts = class_counts(cfg)
+    s = make_inputs(cfg, counts, 0)
+    truth = build_truth(*reference_fn("dbm-bs", "cosine", counts, "cpu"),
+                        reference_rows_fn("dbm-bs", "cosine", counts, "cpu"), "cosine", s.X.detach(),
+                        s.W.detach(), s.y, **tie_options("dbm-bs", counts, cfg.C, "cosine"))
+    kwargs = LOSSES["dbm-bs"].kwargs(counts, cfg.C, "cosine")
+
+    def verdict(kernel):
+        return judge(run_outputs(row_kernel_fns(kernel, kwargs)[1], *truth.inputs, True), truth)
+    assert verdict(ROW_KERNEL).ok, verdict(ROW_KERNEL).detail
+    off_loss = RowKernel("x", lambda *a: (ROW_KERNEL.forward(*a)[0] * 1.03,) + ROW_KERNEL.forward(*a)[1:],
+                         ROW_KERNEL.backward)
+    assert "loss rel err" in verdict(off_loss).detail and not verdict(off_loss).ok
+    assert not verdict(WRONG["wrong-grad"]).ok
+
+
+@pytest.mark.parametrize("loss, head", [(loss, head) for loss, d in LOSSES.items() for head in d.heads])
+def test_row_kernel_route_is_the_preset_loss(loss, head):
+    """The keyword arguments that feed a bare RowKernel give exactly the preset module's loss."""
+    gen = torch.Generator().manual_seed(1)
+    counts = fm.long_tailed_counts(40, n_max=100, imbalance=50.0)
+    X = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    W = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 40, (12,), generator=gen)
+    d = LOSSES[loss]
+    via_module = d.module(counts, head, "reference")(X, y, W)
+    via_kwargs = fm.margin_cross_entropy(X, y, W, backend="reference", **d.kwargs(counts, 40, head))
+    assert torch.allclose(via_module, via_kwargs, rtol=1e-12, atol=0)
+
+
+def test_cli_list_help_and_run(tmp_path, capsys, monkeypatch):
+    assert main(["--list", "--device", "cpu"]) == 0
+    listed = capsys.readouterr().out
+    for word in ("inat", "imagenet-lt", "face", "vocab", "dbm-ce", "dbm-bs", "ldam", "elm", "arcface", "floor",
+                 "fwdbwd"):
+        assert word in listed
+    assert "reference" in listed and "-> ok" in listed
+    helptext = build_parser().format_help()
+    for option in ("--preset", "--B", "--dtype", "--mode", "--losses", "--backends", "--row-kernel", "--out"):
+        assert option in helptext
+
+    out = tmp_path / "cli"
+    monkeypatch.setitem(sys.modules, "bench_test_kernels", types.SimpleNamespace(WRONG_GRAD=WRONG["wrong-grad"]))
+    argv = ["--device", "cpu", "--preset", "tiny", "--losses", "ldam", "--heads", "linear", "--mode", "fwd,bwd",
+            "--backends", "reference,floor", "--row-kernel", "wrong=bench_test_kernels:WRONG_GRAD",
+            "--target-time", "0", "--min-reps", "1", "--max-reps", "1", "--warmup", "1", "--threads", "1",
+            "--quiet", "--no-plot", "--out", str(out)]
+    assert main(argv) == 1                                    # a WRONG case fails the run
+    printed = capsys.readouterr().out
+    assert "ldam/linear" in printed and "WRONG" in printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["backend"], r["mode"]) for r in rows} >= {("reference", "fwd"), ("reference", "bwd"),
+                                                        ("floor", "fwd"), ("floor", "bwd")}
+    assert all(r["check"] == "WRONG" for r in rows if r["backend"] == "row:wrong")
