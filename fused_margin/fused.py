@@ -47,11 +47,13 @@ class RowKernel(NamedTuple):
 def _project_out(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``grad_i - (v_hat_i . grad_i) v_hat_i`` for rows with ``||v_i|| >= eps``; ``grad_i`` elsewhere:
     the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``).
-    Updates ``grad`` (a fresh GEMM output) in place where its dtype allows, to keep C x D temporaries out."""
-    grad = grad.to(norms.dtype)
-    dots = torch.einsum("ij,ij->i", rows.to(norms.dtype), grad)
+
+    ``grad`` is a fresh GEMM output in the input dtype and is updated in place, in that dtype: the dot
+    products (fp32 accumulation) and the radial coefficient rounded to it err no more than the rounding
+    ``grad`` already carries (``|v_hat . grad| <= |grad|``), and no fp32 C x D copy is made."""
+    dots = torch.linalg.vecdot(rows, grad).to(norms.dtype)
     inv_sq = torch.where(norms >= NORM_EPS, norms.clamp_min(NORM_EPS).reciprocal().square(), 0.0)
-    return grad.addcmul_(rows, (dots * inv_sq).neg_()[:, None])
+    return grad.addcmul_(rows, (dots * inv_sq).neg_().to(grad.dtype)[:, None])
 
 
 class _FusedMarginCE(torch.autograd.Function):
@@ -168,11 +170,12 @@ class _FusedMarginCE(torch.autograd.Function):
                 grads[2] = (_project_out(grad_x, input, x_norm) if spec.head == "cosine" else grad_x).to(input.dtype)
             if need_weight:
                 grad_w = grad_raw.t() @ input
-                grad_w = _project_out(grad_w, weight, w_norm) if spec.head == "cosine" else grad_w.to(lse.dtype)
-                if beta is not None:
-                    col_sum = grad_z.sum(0)
-                    unit = weight.to(w_norm.dtype) / w_norm.clamp_min(NORM_EPS)[:, None]
-                    grad_w = grad_w + torch.where((w_norm > 0)[:, None], (beta.to(w_norm.dtype) * col_sum)[:, None] * unit, 0.0)
+                if spec.head == "cosine":
+                    grad_w = _project_out(grad_w, weight, w_norm)
+                if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
+                    coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * grad_z.sum(0)
+                                       / w_norm.clamp_min(NORM_EPS), 0.0)
+                    grad_w = grad_w.addcmul_(weight, coef.to(grad_w.dtype)[:, None])
                 grads[4] = grad_w.to(weight.dtype)
             if need_bias:
                 if grad_z is not None:

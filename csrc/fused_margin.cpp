@@ -1,0 +1,267 @@
+// The fused_margin C++ extension: the row ops of the fused margin loss (the contract of
+// fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py), their schema, and their CPU
+// implementation. The CUDA implementation is in fused_margin_cuda.cu (built when CUDA is present);
+// the fake (meta) kernels that torch.compile traces are registered in Python by fused_margin/cuda.py.
+//
+//   row_forward  -> (loss_rows, lse, pred, hard, target_logit, target_grad)
+//   row_backward -> G = dL/dz' (fp32), or dL/draw in raw's dtype with scale_grad
+//
+// The loss is SPEC.md's: DBM (AAAI'25) instance margins, LDAM (Cao et al. 2019), ELM (Kato & Hotta),
+// ArcFace/CosFace margins, logit offsets (balanced softmax, logit adjustment), MetaLAD pair
+// perturbations, class weights and label smoothing as F.cross_entropy.
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "ops_common.h"
+#include "row_kernel.h"
+
+namespace fused_margin {
+namespace {
+
+using at::Tensor;
+
+// Labels of kept rows must index a class: an out-of-range label would read outside the row.
+void check_labels(const Tensor& target, int64_t cols, int64_t ignore_index) {
+  const int64_t* labels = target.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < target.numel(); ++i) {
+    const int64_t y = labels[i];
+    TORCH_CHECK(y == ignore_index || (y >= 0 && y < cols), "fused_margin row kernels: target[", i, "] = ", y,
+                " is out of range: labels must be in [0, ", cols, ") or equal ignore_index (", ignore_index,
+                ")");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU: pick the kernels of the widest instruction set torch itself uses on this machine
+// (torch.backends.cpu.get_cpu_capability(); ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it).
+
+struct CpuKernels {
+  cpu::RowForwardFn forward;
+  cpu::RowBackwardFn backward;
+  const char* name;
+};
+
+CpuKernels select_cpu_kernels() {
+#if defined(FUSED_MARGIN_HAVE_ISA_KERNELS)
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512" && cpu::AVX512::vector_width() > 0) {
+    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, "AVX512"};
+  }
+  if ((capability == "AVX512" || capability == "AVX2") && cpu::AVX2::vector_width() > 0) {
+    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, "AVX2"};
+  }
+#endif
+  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, "DEFAULT"};
+}
+
+const CpuKernels& cpu_kernels() {
+  static const CpuKernels kernels = select_cpu_kernels();
+  return kernels;
+}
+
+// Rows per task so that a task touches at least ~32K elements (small problems stay on one thread).
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cpu(
+    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
+    const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
+    const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
+    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
+    double label_smoothing, int64_t ignore_index) {
+  check_raw_and_target(raw_in, target_in);
+  check_codes(margin_type, fold);
+  const Tensor raw = raw_in.contiguous();
+  const Tensor target = target_in.contiguous();
+  const int64_t rows = raw.size(0), cols = raw.size(1);
+  check_labels(target, cols, ignore_index);
+  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
+  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
+  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
+  const Tensor margins = float_table(class_margins, "class_margins", {cols}, raw);
+  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
+  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
+  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
+
+  const auto f32 = raw.options().dtype(at::kFloat);
+  Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
+  Tensor pred = at::empty({rows}, raw.options().dtype(at::kLong));
+  Tensor hard = at::empty({rows}, raw.options().dtype(at::kBool));
+  Tensor target_logit = at::empty({rows}, f32), target_grad = at::empty({rows}, f32);
+  if (rows == 0) return {loss, lse, pred, hard, target_logit, target_grad};
+  TORCH_CHECK(cols > 0, "fused_margin row_forward: raw must have at least one column");
+
+  RowForwardArgs args{};
+  args.raw = raw.const_data_ptr();
+  args.raw_type = raw_type_of(raw);
+  args.rows = rows;
+  args.cols = cols;
+  args.target = target.const_data_ptr<int64_t>();
+  args.row_scale = ptr_or_null(rs);
+  args.col_scale = ptr_or_null(cs);
+  args.col_shift = ptr_or_null(sh);
+  args.class_margins = ptr_or_null(margins);
+  args.logit_offset = ptr_or_null(offset);
+  args.pair_perturbation = ptr_or_null(pair);
+  args.class_weight = ptr_or_null(weight);
+  args.scale = static_cast<float>(scale);
+  args.lambda_inst = static_cast<float>(lambda_inst);
+  args.lambda_elm = static_cast<float>(lambda_elm);
+  args.label_smoothing = static_cast<float>(label_smoothing);
+  args.margin_type = static_cast<int>(margin_type);
+  args.fold = static_cast<int>(fold);
+  args.hard_all = hard_all;
+  args.straight_through = straight_through;
+  args.ignore_index = ignore_index;
+  args.loss = loss.mutable_data_ptr<float>();
+  args.lse = lse.mutable_data_ptr<float>();
+  args.pred = pred.mutable_data_ptr<int64_t>();
+  args.hard = hard.mutable_data_ptr<bool>();
+  args.target_logit = target_logit.mutable_data_ptr<float>();
+  args.target_grad = target_grad.mutable_data_ptr<float>();
+
+  const cpu::RowForwardFn forward = cpu_kernels().forward;
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { forward(args, begin, end); });
+  return {loss, lse, pred, hard, target_logit, target_grad};
+}
+
+// Columns per backward task: rows are split too so that a few long rows still use every thread.
+constexpr int64_t kBackwardColumnBlock = 4096;
+
+Tensor row_backward_cpu(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
+                        const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
+                        const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse_in,
+                        const Tensor& target_logit_in, const Tensor& target_grad_in, const Tensor& grad_rows_in,
+                        double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
+  check_raw_and_target(raw_in, target_in);
+  const Tensor raw = raw_in.contiguous();
+  const Tensor target = target_in.contiguous();
+  const int64_t rows = raw.size(0), cols = raw.size(1);
+  check_labels(target, cols, ignore_index);
+  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
+  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
+  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
+  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
+  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
+  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
+  const Tensor lse = float_table(lse_in, "lse", {rows}, raw);
+  const Tensor target_logit = float_table(target_logit_in, "target_logit", {rows}, raw);
+  const Tensor target_grad = float_table(target_grad_in, "target_grad", {rows}, raw);
+  const Tensor grad_rows = float_table(grad_rows_in, "grad_rows", {rows}, raw);
+
+  Tensor grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
+  if (grad.numel() == 0) return grad;
+
+  RowBackwardArgs args{};
+  args.raw = raw.const_data_ptr();
+  args.raw_type = raw_type_of(raw);
+  args.rows = rows;
+  args.cols = cols;
+  args.target = target.const_data_ptr<int64_t>();
+  args.row_scale = ptr_or_null(rs);
+  args.col_scale = ptr_or_null(cs);
+  args.col_shift = ptr_or_null(sh);
+  args.logit_offset = ptr_or_null(offset);
+  args.pair_perturbation = ptr_or_null(pair);
+  args.class_weight = ptr_or_null(weight);
+  args.lse = lse.const_data_ptr<float>();
+  args.target_logit = target_logit.const_data_ptr<float>();
+  args.target_grad = target_grad.const_data_ptr<float>();
+  args.grad_rows = grad_rows.const_data_ptr<float>();
+  args.scale = static_cast<float>(scale);
+  args.label_smoothing = static_cast<float>(label_smoothing);
+  // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights)
+  args.weight_sum = weight.defined() ? weight.sum().item<float>() : static_cast<float>(cols);
+  args.ignore_index = ignore_index;
+  args.scale_grad = scale_grad;
+  args.grad = grad.mutable_data_ptr();
+
+  const cpu::RowBackwardFn backward = cpu_kernels().backward;
+  const int64_t blocks = (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock;
+  const int64_t block_cols = std::min(cols, kBackwardColumnBlock);
+  at::parallel_for(0, rows * blocks, std::max<int64_t>(1, 32768 / block_cols), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / blocks, block = task % blocks;
+      const int64_t c0 = block * kBackwardColumnBlock;
+      backward(args, i, i + 1, c0, std::min(cols, c0 + kBackwardColumnBlock));
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fused_margin
+
+TORCH_LIBRARY(fused_margin, m) {
+  // the fake kernels that torch.compile needs live in this Python module
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+  m.set_python_module("fused_margin.cuda");
+#else
+  m.impl_abstract_pystub("fused_margin.cuda");
+#endif
+  m.def(
+      "row_forward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
+      "Tensor? class_margins, Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, "
+      "float scale, int margin_type, float lambda_inst, bool hard_all, float lambda_elm, int fold, "
+      "bool straight_through, float label_smoothing, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "row_backward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
+      "Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, Tensor lse, "
+      "Tensor target_logit, Tensor target_grad, Tensor grad_rows, float scale, float label_smoothing, "
+      "int ignore_index, bool scale_grad) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
+  m.impl("row_forward", &fused_margin::row_forward_cpu);
+  m.impl("row_backward", &fused_margin::row_backward_cpu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Python module fused_margin._C: importing it registers the ops above; its attributes say what
+// was built (fused_margin/cuda.py reads them).
+
+#ifdef FUSED_MARGIN_WITH_CUDA
+#define FUSED_MARGIN_CUDA_BUILT 1
+#else
+#define FUSED_MARGIN_CUDA_BUILT 0
+#endif
+
+namespace {
+
+PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_margin::cpu_kernels().name);
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
+     "The instruction set of the CPU row kernels in use: AVX512, AVX2 or DEFAULT."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                          "fused_margin's C++/CUDA row kernels, registered as torch.ops.fused_margin.*", -1,
+                          module_methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", FUSED_MARGIN_CUDA_BUILT) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,486 @@
+// CUDA implementation of the fused_margin row ops (schema in fused_margin.cpp; contract in
+// fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py; the loss of SPEC.md).
+//
+// forward: one block per row. Each thread reads its share of the row with 16-byte vector loads
+// (after a scalar head up to the first aligned element), computes z'_j = raw_j row_scale col_scale_j
+// + col_shift_j in fp32, and keeps the argmax of z' (torch.argmax's order), ELM's strongest wrong
+// class, and an online logsumexp of the non-target logits l_j = s z'_j + a_j + P_j with the
+// label-smoothing sum (row_math.h LseState). Warp shuffles, then shared memory, combine the threads;
+// thread 0 applies the target margin (row_math.h) and writes the row's outputs.
+//
+// backward: a 2-D grid (column tiles x rows), elementwise from the saved row statistics:
+// p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y (p_j - [j = y]) + eps / C (sum(w) p_j - w_j)),
+// G_j = s dl_j off the target, G_y = (dt/dz'_y) dl_y, times row_scale col_scale_j with scale_grad.
+//
+// All math is fp32 (SPEC.md section 5); products and sums that form z' and the logits use the
+// _rn intrinsics so they round as torch's eager ops (no contraction into FMAs).
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "ops_common.h"
+#include "row_kernel.h"
+#include "row_math.h"
+
+namespace fused_margin {
+namespace cuda_kernels {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxWarps = 32;
+constexpr int kBackwardThreads = 256;
+
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Elements of a row before its first 16-byte aligned element.
+template <typename T>
+__device__ __forceinline__ int64_t row_head(const T* row, int64_t cols) {
+  constexpr int64_t kPack = Pack<T>::kSize;
+  const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(row) / sizeof(T)) % kPack);
+  const int64_t head = misaligned == 0 ? 0 : kPack - misaligned;
+  return head < cols ? head : cols;
+}
+
+// Calls visit(j, raw_j as float) for this thread's share of a row: a scalar head, 16-byte packs,
+// a scalar tail (threads of the block stride over each part).
+template <typename T, typename Visit>
+__device__ __forceinline__ void for_each_in_row(const T* __restrict__ row, int64_t cols, Visit&& visit) {
+  constexpr int kPack = Pack<T>::kSize;
+  const int64_t head = row_head(row, cols);
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) visit(j, to_float(row[j]));
+  const int64_t packs = (cols - head) / kPack;
+  const Pack<T>* __restrict__ packed = reinterpret_cast<const Pack<T>*>(row + head);
+  // kInFlight packs per thread are loaded before any is used, to keep several loads in flight
+  constexpr int kInFlight = 4;
+  for (int64_t p0 = threadIdx.x; p0 < packs; p0 += kInFlight * static_cast<int64_t>(blockDim.x)) {
+    Pack<T> loaded[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int64_t p = p0 + u * static_cast<int64_t>(blockDim.x);
+      if (p < packs) loaded[u] = packed[p];
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int64_t p = p0 + u * static_cast<int64_t>(blockDim.x);
+      if (p < packs) {
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) visit(head + p * kPack + k, to_float(loaded[u].v[k]));
+      }
+    }
+  }
+  for (int64_t j = head + packs * kPack + threadIdx.x; j < cols; j += blockDim.x) visit(j, to_float(row[j]));
+}
+
+struct Argmax {
+  float value;
+  int64_t index;  // -1 until an element beats -inf (torch.argmax of an all -inf row is 0)
+};
+
+__device__ __forceinline__ void argmax_merge(Argmax& best, float value, int64_t index) {
+  if (argmax_better(value, index, best.value, best.index)) best = {value, index};
+}
+
+__device__ __forceinline__ Argmax shuffle_xor(const Argmax& a, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, a.value, lane_mask),
+          static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(a.index), lane_mask))};
+}
+
+__device__ __forceinline__ LseState shuffle_xor(const LseState& s, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, s.max, lane_mask), __shfl_xor_sync(0xffffffffu, s.sum, lane_mask),
+          __shfl_xor_sync(0xffffffffu, s.dev, lane_mask), __shfl_xor_sync(0xffffffffu, s.weight, lane_mask)};
+}
+
+// Adds one non-target logit l (class weight w) to an online logsumexp state.
+__device__ __forceinline__ void lse_add(LseState& s, float l, float w, bool smoothing) {
+  const float m = nan_max(s.max, l);
+  if (!(m == s.max)) {  // a new max (or NaN): move the shift
+    const float old_shift = lse_shift(s.max), new_shift = lse_shift(m);
+    if (s.sum != 0.f) s.sum = s.sum * expf(old_shift - new_shift);
+    if (s.weight != 0.f) s.dev = s.dev + s.weight * (new_shift - old_shift);
+    s.max = m;
+  }
+  const float shift = lse_shift(s.max);
+  s.sum = s.sum + expf(l - shift);
+  if (smoothing) {
+    s.dev = s.dev + w * (shift - l);
+    s.weight = s.weight + w;
+  }
+}
+
+template <typename T>
+__global__ void row_forward_kernel(const RowForwardArgs a) {
+  __shared__ Argmax warp_best[kMaxWarps], warp_wrong[kMaxWarps];
+  __shared__ LseState warp_lse[kMaxWarps];
+  __shared__ float target_score;
+
+  const int64_t i = blockIdx.x;
+  const int64_t cols = a.cols;
+  const T* __restrict__ row = static_cast<const T*>(a.raw) + i * cols;
+  const float* __restrict__ col_scale = a.col_scale;
+  const float* __restrict__ col_shift = a.col_shift;
+  const float* __restrict__ offset = a.logit_offset;
+  const float* __restrict__ weight = a.class_weight;
+  const float* __restrict__ pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
+  const int64_t label = a.target[i];
+  const bool kept = label != a.ignore_index;
+  CUDA_KERNEL_ASSERT(!kept || (label >= 0 && label < cols));
+  const int64_t y = kept ? label : 0;
+  const int64_t special = kept ? y : -1;  // the column whose logit is the margined target
+  const bool track_wrong = kept && a.class_margins != nullptr && a.lambda_elm != 0.f;
+  const bool smoothing = kept && a.label_smoothing != 0.f;
+  const bool has_row_scale = a.row_scale != nullptr;
+  const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
+  const float scale = a.scale;
+
+  Argmax best{-INFINITY, -1}, wrong{-INFINITY, -1};
+  LseState state = lse_empty();
+  for_each_in_row(row, cols, [&](int64_t j, float r) {
+    float z = r;
+    if (has_row_scale) z = __fmul_rn(z, row_scale);
+    if (col_scale) z = __fmul_rn(z, col_scale[j]);
+    if (col_shift) z = __fadd_rn(z, col_shift[j]);
+    argmax_merge(best, z, j);
+    if (j == special) {
+      target_score = z;
+      return;
+    }
+    if (track_wrong) argmax_merge(wrong, z, j);
+    float l = __fmul_rn(z, scale);
+    if (offset) l = __fadd_rn(l, offset[j]);
+    if (pair) l = __fadd_rn(l, pair[j]);
+    lse_add(state, l, weight ? weight[j] : 1.f, smoothing);
+  });
+
+  // combine the threads: within each warp, then across warps
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) {
+    const Argmax other_best = shuffle_xor(best, mask);
+    argmax_merge(best, other_best.value, other_best.index);
+    const Argmax other_wrong = shuffle_xor(wrong, mask);
+    argmax_merge(wrong, other_wrong.value, other_wrong.index);
+    state = lse_merge(state, shuffle_xor(state, mask));
+  }
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+  if (lane == 0) {
+    warp_best[warp] = best;
+    warp_wrong[warp] = wrong;
+    warp_lse[warp] = state;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < warps; ++w) {
+    argmax_merge(best, warp_best[w].value, warp_best[w].index);
+    argmax_merge(wrong, warp_wrong[w].value, warp_wrong[w].index);
+    state = lse_merge(state, warp_lse[w]);
+  }
+
+  const int64_t pred = best.index < 0 ? 0 : best.index;
+  const bool hard = kept && (a.hard_all || pred != y);
+  a.pred[i] = pred;
+  a.hard[i] = hard;
+  if (!kept) {
+    a.lse[i] = lse_value(state);
+    a.loss[i] = 0.f;
+    a.target_logit[i] = 0.f;
+    a.target_grad[i] = 0.f;
+    return;
+  }
+  const float c = target_score;
+  RowMargin margin{0.f, 0.f};
+  if (a.class_margins) {
+    const float margin_wrong = track_wrong ? a.class_margins[wrong.index < 0 ? 0 : wrong.index] : 0.f;
+    margin = row_margin(c, a.class_margins[y], margin_wrong, hard, a.lambda_inst, a.lambda_elm);
+  }
+  const TargetLogit t = target_logit(c, margin.margin, margin.dmargin_dc, scale, a.margin_type, a.fold,
+                                     a.straight_through);
+  const float tl = offset ? t.value + offset[y] : t.value;
+  const LseState target_state{tl, expf(tl - lse_shift(tl)), 0.f, 0.f};
+  const float lse = lse_value(lse_merge(state, target_state));
+  const float w_y = weight ? weight[y] : 1.f;
+  float loss = (1.f - a.label_smoothing) * w_y * (lse - tl);
+  if (smoothing) {
+    const float smooth = smoothing_sum(state, lse) + w_y * (lse - tl);
+    loss = loss + a.label_smoothing / static_cast<float>(cols) * smooth;
+  }
+  a.loss[i] = loss;
+  a.lse[i] = lse;
+  a.target_logit[i] = tl;
+  a.target_grad[i] = t.grad;
+}
+
+// grid: (column tiles of kBackwardThreads packs, rows in steps of gridDim.y)
+template <typename T, typename Out>
+__global__ void row_backward_kernel(const RowBackwardArgs a) {
+  constexpr int kPack = Pack<T>::kSize;
+  const int64_t cols = a.cols;
+  const float* __restrict__ col_scale = a.col_scale;
+  const float* __restrict__ col_shift = a.col_shift;
+  const float* __restrict__ offset = a.logit_offset;
+  const float* __restrict__ weight = a.class_weight;
+  const float eps = a.label_smoothing;
+  const float eps_per_class = eps / static_cast<float>(cols);
+  const float weight_sum = a.weight_sum_device ? *a.weight_sum_device : static_cast<float>(cols);
+  const bool scale_cols = a.scale_grad && col_scale != nullptr;
+
+  for (int64_t i = blockIdx.y; i < a.rows; i += gridDim.y) {
+    const T* __restrict__ row = static_cast<const T*>(a.raw) + i * cols;
+    Out* __restrict__ out = static_cast<Out*>(a.grad) + i * cols;
+    const int64_t label = a.target[i];
+    const bool kept = label != a.ignore_index;
+    CUDA_KERNEL_ASSERT(!kept || (label >= 0 && label < cols));
+    const float* __restrict__ pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
+    const bool has_row_scale = a.row_scale != nullptr;
+    const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
+    const float g = kept ? a.grad_rows[i] : 0.f;
+    const float lse = a.lse[i];
+    const float w_y = (kept && weight) ? weight[label] : 1.f;
+    const float out_scale = (a.scale_grad && has_row_scale) ? a.scale * row_scale : a.scale;
+    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * weight_sum) * out_scale;
+    const float w_coef = g * eps_per_class * out_scale;
+
+    auto grad_at = [&](int64_t j, float r) -> float {
+      if (!kept) return 0.f;
+      if (j == label) {  // l_y = t (saved), dt/dz'_y = target_grad
+        const float p_y = expf(a.target_logit[i] - lse);
+        float grad = a.target_grad[i] * g *
+                     ((1.f - eps) * w_y * (p_y - 1.f) + eps_per_class * (weight_sum * p_y - w_y));
+        if (a.scale_grad) {
+          if (has_row_scale) grad = grad * row_scale;
+          if (col_scale) grad = grad * col_scale[j];
+        }
+        return grad;
+      }
+      float z = r;
+      if (has_row_scale) z = __fmul_rn(z, row_scale);
+      if (col_scale) z = __fmul_rn(z, col_scale[j]);
+      if (col_shift) z = __fadd_rn(z, col_shift[j]);
+      float l = __fmul_rn(z, a.scale);
+      if (offset) l = __fadd_rn(l, offset[j]);
+      if (pair) l = __fadd_rn(l, pair[j]);
+      float grad = p_coef * expf(l - lse);
+      if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
+      if (scale_cols) grad = grad * col_scale[j];
+      return grad;
+    };
+
+    const int64_t head = row_head(row, cols);
+    const int64_t packs = (cols - head) / kPack;
+    const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (p < packs) {
+      const Pack<T> pack = reinterpret_cast<const Pack<T>*>(row + head)[p];
+      const int64_t j0 = head + p * kPack;
+      if constexpr (std::is_same<T, Out>::value) {
+        if (row_head(out, cols) == head) {
+          Pack<Out> result;
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) result.v[k] = static_cast<Out>(grad_at(j0 + k, to_float(pack.v[k])));
+          reinterpret_cast<Pack<Out>*>(out + head)[p] = result;
+        } else {
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) out[j0 + k] = static_cast<Out>(grad_at(j0 + k, to_float(pack.v[k])));
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) out[j0 + k] = static_cast<Out>(grad_at(j0 + k, to_float(pack.v[k])));
+      }
+    }
+    if (blockIdx.x == 0) {  // the scalar head and tail of the row
+      const int64_t tail = head + packs * kPack;
+      const int64_t extra = head + (cols - tail);
+      for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
+        const int64_t j = e < head ? e : tail + (e - head);
+        out[j] = static_cast<Out>(grad_at(j, to_float(row[j])));
+      }
+    }
+  }
+}
+
+int forward_threads(int64_t cols) {
+  if (cols >= 16384) return 512;
+  if (cols >= 2048) return 256;
+  return 128;
+}
+
+template <typename T>
+void launch_forward(const RowForwardArgs& args, cudaStream_t stream) {
+  row_forward_kernel<T><<<static_cast<unsigned>(args.rows), forward_threads(args.cols), 0, stream>>>(args);
+}
+
+template <typename T, typename Out>
+void launch_backward(const RowBackwardArgs& args, cudaStream_t stream) {
+  const int64_t packs = args.cols / Pack<T>::kSize + 1;
+  const dim3 grid(static_cast<unsigned>((packs + kBackwardThreads - 1) / kBackwardThreads),
+                  static_cast<unsigned>(args.rows < 65535 ? args.rows : 65535));
+  row_backward_kernel<T, Out><<<grid, kBackwardThreads, 0, stream>>>(args);
+}
+
+}  // namespace cuda_kernels
+
+namespace {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cuda(
+    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
+    const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
+    const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
+    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
+    double label_smoothing, int64_t ignore_index) {
+  check_raw_and_target(raw_in, target_in);
+  check_codes(margin_type, fold);
+  const c10::cuda::CUDAGuard guard(raw_in.device());
+  const Tensor raw = raw_in.contiguous();
+  const Tensor target = target_in.contiguous();
+  const int64_t rows = raw.size(0), cols = raw.size(1);
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "fused_margin row_forward: too many rows (", rows, ")");
+  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
+  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
+  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
+  const Tensor margins = float_table(class_margins, "class_margins", {cols}, raw);
+  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
+  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
+  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
+
+  const auto f32 = raw.options().dtype(at::kFloat);
+  Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
+  Tensor pred = at::empty({rows}, raw.options().dtype(at::kLong));
+  Tensor hard = at::empty({rows}, raw.options().dtype(at::kBool));
+  Tensor target_logit = at::empty({rows}, f32), target_grad = at::empty({rows}, f32);
+  if (rows == 0) return {loss, lse, pred, hard, target_logit, target_grad};
+  TORCH_CHECK(cols > 0, "fused_margin row_forward: raw must have at least one column");
+
+  RowForwardArgs args{};
+  args.raw = raw.const_data_ptr();
+  args.raw_type = raw_type_of(raw);
+  args.rows = rows;
+  args.cols = cols;
+  args.target = target.const_data_ptr<int64_t>();
+  args.row_scale = ptr_or_null(rs);
+  args.col_scale = ptr_or_null(cs);
+  args.col_shift = ptr_or_null(sh);
+  args.class_margins = ptr_or_null(margins);
+  args.logit_offset = ptr_or_null(offset);
+  args.pair_perturbation = ptr_or_null(pair);
+  args.class_weight = ptr_or_null(weight);
+  args.scale = static_cast<float>(scale);
+  args.lambda_inst = static_cast<float>(lambda_inst);
+  args.lambda_elm = static_cast<float>(lambda_elm);
+  args.label_smoothing = static_cast<float>(label_smoothing);
+  args.margin_type = static_cast<int>(margin_type);
+  args.fold = static_cast<int>(fold);
+  args.hard_all = hard_all;
+  args.straight_through = straight_through;
+  args.ignore_index = ignore_index;
+  args.loss = loss.mutable_data_ptr<float>();
+  args.lse = lse.mutable_data_ptr<float>();
+  args.pred = pred.mutable_data_ptr<int64_t>();
+  args.hard = hard.mutable_data_ptr<bool>();
+  args.target_logit = target_logit.mutable_data_ptr<float>();
+  args.target_grad = target_grad.mutable_data_ptr<float>();
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (args.raw_type) {
+    case RawType::Float: cuda_kernels::launch_forward<float>(args, stream); break;
+    case RawType::BFloat16: cuda_kernels::launch_forward<c10::BFloat16>(args, stream); break;
+    case RawType::Half: cuda_kernels::launch_forward<c10::Half>(args, stream); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, lse, pred, hard, target_logit, target_grad};
+}
+
+template <typename T>
+void launch_backward_typed(const RowBackwardArgs& args, cudaStream_t stream) {
+  if (args.scale_grad) {
+    cuda_kernels::launch_backward<T, T>(args, stream);
+  } else {
+    cuda_kernels::launch_backward<T, float>(args, stream);
+  }
+}
+
+Tensor row_backward_cuda(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
+                         const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
+                         const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse_in,
+                         const Tensor& target_logit_in, const Tensor& target_grad_in, const Tensor& grad_rows_in,
+                         double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
+  check_raw_and_target(raw_in, target_in);
+  const c10::cuda::CUDAGuard guard(raw_in.device());
+  const Tensor raw = raw_in.contiguous();
+  const Tensor target = target_in.contiguous();
+  const int64_t rows = raw.size(0), cols = raw.size(1);
+  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
+  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
+  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
+  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
+  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
+  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
+  const Tensor lse = float_table(lse_in, "lse", {rows}, raw);
+  const Tensor target_logit = float_table(target_logit_in, "target_logit", {rows}, raw);
+  const Tensor target_grad = float_table(target_grad_in, "target_grad", {rows}, raw);
+  const Tensor grad_rows = float_table(grad_rows_in, "grad_rows", {rows}, raw);
+
+  Tensor grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
+  if (grad.numel() == 0) return grad;
+  // sum(w) stays on the device: no host sync
+  const Tensor weight_sum = weight.defined() ? weight.sum() : Tensor();
+
+  RowBackwardArgs args{};
+  args.raw = raw.const_data_ptr();
+  args.raw_type = raw_type_of(raw);
+  args.rows = rows;
+  args.cols = cols;
+  args.target = target.const_data_ptr<int64_t>();
+  args.row_scale = ptr_or_null(rs);
+  args.col_scale = ptr_or_null(cs);
+  args.col_shift = ptr_or_null(sh);
+  args.logit_offset = ptr_or_null(offset);
+  args.pair_perturbation = ptr_or_null(pair);
+  args.class_weight = ptr_or_null(weight);
+  args.lse = lse.const_data_ptr<float>();
+  args.target_logit = target_logit.const_data_ptr<float>();
+  args.target_grad = target_grad.const_data_ptr<float>();
+  args.grad_rows = grad_rows.const_data_ptr<float>();
+  args.scale = static_cast<float>(scale);
+  args.label_smoothing = static_cast<float>(label_smoothing);
+  args.weight_sum = static_cast<float>(cols);
+  args.weight_sum_device = ptr_or_null(weight_sum);
+  args.ignore_index = ignore_index;
+  args.scale_grad = scale_grad;
+  args.grad = grad.mutable_data_ptr();
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (args.raw_type) {
+    case RawType::Float: launch_backward_typed<float>(args, stream); break;
+    case RawType::BFloat16: launch_backward_typed<c10::BFloat16>(args, stream); break;
+    case RawType::Half: launch_backward_typed<c10::Half>(args, stream); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
+}
+
+}  // namespace
+}  // namespace fused_margin
+
+TORCH_LIBRARY_IMPL(fused_margin, CUDA, m) {
+  m.impl("row_forward", &fused_margin::row_forward_cuda);
+  m.impl("row_backward", &fused_margin::row_backward_cuda);
+}

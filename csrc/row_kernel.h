@@ -1,0 +1,82 @@
+// Arguments of the row kernels (the contract of fused_margin/fused.py), as plain pointers so the
+// ISA-specific CPU translation units (row_kernel_cpu*.cpp) and the CUDA kernels need no torch types.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_margin {
+
+enum class RawType : int { Float = 0, BFloat16 = 1, Half = 2 };
+
+// z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j (fp32); a null table is absent.
+struct RowForwardArgs {
+  const void* raw;  // rows x cols, row-major contiguous
+  RawType raw_type;
+  int64_t rows, cols;
+  const int64_t* target;
+  const float* row_scale;          // rows
+  const float* col_scale;          // cols
+  const float* col_shift;          // cols
+  const float* class_margins;      // cols
+  const float* logit_offset;       // cols
+  const float* pair_perturbation;  // rows x cols
+  const float* class_weight;       // cols
+  float scale, lambda_inst, lambda_elm, label_smoothing;
+  int margin_type, fold;
+  bool hard_all, straight_through;
+  int64_t ignore_index;
+  // outputs, one per row
+  float* loss;
+  float* lse;
+  int64_t* pred;
+  bool* hard;
+  float* target_logit;
+  float* target_grad;
+};
+
+struct RowBackwardArgs {
+  const void* raw;
+  RawType raw_type;
+  int64_t rows, cols;
+  const int64_t* target;
+  const float* row_scale;
+  const float* col_scale;
+  const float* col_shift;
+  const float* logit_offset;
+  const float* pair_perturbation;
+  const float* class_weight;
+  const float* lse;
+  const float* target_logit;
+  const float* target_grad;
+  const float* grad_rows;
+  float scale, label_smoothing;
+  float weight_sum;                // sum_j w_j (C without class weights); CPU kernels
+  const float* weight_sum_device;  // the same on the device (CUDA kernels; null without weights)
+  int64_t ignore_index;
+  bool scale_grad;
+  void* grad;  // rows x cols: raw's dtype when scale_grad, else float
+};
+
+namespace cpu {
+
+// Rows [begin, end) of the forward; columns [col_begin, col_end) of rows [begin, end) of the backward.
+using RowForwardFn = void (*)(const RowForwardArgs&, int64_t begin, int64_t end);
+using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,
+                               int64_t col_begin, int64_t col_end);
+
+// One definition per instruction set, each in its own translation unit (see setup.py).
+#define FUSED_MARGIN_DECLARE_CPU_KERNELS(ISA)                                                     \
+  namespace ISA {                                                                                 \
+  void row_forward(const RowForwardArgs& args, int64_t begin, int64_t end);                       \
+  void row_backward(const RowBackwardArgs& args, int64_t row_begin, int64_t row_end,              \
+                    int64_t col_begin, int64_t col_end);                                          \
+  int vector_width();                                                                             \
+  }
+
+FUSED_MARGIN_DECLARE_CPU_KERNELS(DEFAULT)
+FUSED_MARGIN_DECLARE_CPU_KERNELS(AVX2)
+FUSED_MARGIN_DECLARE_CPU_KERNELS(AVX512)
+#undef FUSED_MARGIN_DECLARE_CPU_KERNELS
+
+}  // namespace cpu
+}  // namespace fused_margin

@@ -1,0 +1,458 @@
+// The CPU row kernels of the fused margin loss, written once over at::vec::Vectorized<float> and
+// compiled once per instruction set: row_kernel_cpu.cpp (DEFAULT), row_kernel_cpu_avx2.cpp and
+// row_kernel_cpu_avx512.cpp define CPU_CAPABILITY and include this file (as ATen does for its own
+// kernels); fused_margin.cpp picks one at run time from torch's own CPU capability.
+//
+// The contract is fused_margin/fused.py's (executed eagerly in fused_margin/row_torch.py):
+//
+// forward, one pass over each row of raw:
+//   z'_j = raw_j * row_scale * col_scale_j + col_shift_j                    (fp32)
+//   pred = argmax_j z'_j (first index, NaN first as torch.argmax), c = z'_y,
+//   c* = argmax_{j != y} z'_j (ELM), l_j = s z'_j + a_j + P_j for j != y, and per chunk of the row
+//   an online logsumexp of the non-target l_j (torch's shift rule) with the label-smoothing sum;
+//   then M, the target logit t = s psi(c, M) + a_y and dt/dc (row_math.h), lse over {l_j, t} and
+//   loss = (1 - eps) w_y (lse - t) + eps / C sum_j w_j (lse - l_j)    (SPEC.md sections 2-4).
+// backward, elementwise from the saved row statistics:
+//   p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y (p_j - [j = y]) + eps / C (sum(w) p_j - w_j)),
+//   G_j = s dl_j off the target, G_y = (dt/dc) dl_y; times row_scale col_scale_j with scale_grad.
+//
+// Not a header to include anywhere else: each including translation unit defines the kernels of
+// one instruction set in namespace fused_margin::cpu::CPU_CAPABILITY.
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including row_kernel_cpu.h"
+#endif
+
+#if !defined(CPU_CAPABILITY_DEFAULT) && !defined(FUSED_MARGIN_ISA_ENABLED)
+// An instruction set this compiler cannot target through a pragma (not GCC on x86-64): report
+// vector_width() 0 so that fused_margin.cpp never picks these kernels.
+#include "row_kernel.h"
+namespace fused_margin {
+namespace cpu {
+namespace CPU_CAPABILITY {
+void row_forward(const RowForwardArgs& a, int64_t begin, int64_t end) { DEFAULT::row_forward(a, begin, end); }
+void row_backward(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  DEFAULT::row_backward(a, r0, r1, c0, c1);
+}
+int vector_width() { return 0; }
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_margin
+#else
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "row_kernel.h"
+#include "row_math.h"
+
+namespace fused_margin {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+// Columns per chunk of the forward's online logsumexp: the chunk's logits stay in L1.
+constexpr int64_t kChunk = 1024;
+static_assert(kChunk % kVec == 0, "the chunk must hold whole vectors");
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+inline Vec load_float(const float* p) { return Vec::loadu(p); }
+inline Vec load_float(const c10::BFloat16* p) {
+  Vec v;
+  at::vec::load_fp32_from_bf16(p, v);
+  return v;
+}
+inline Vec load_float(const c10::Half* p) {
+  Vec v;
+  at::vec::load_fp32_from_fp16(p, v);
+  return v;
+}
+
+inline void store_float(float* p, const Vec& v) { v.store(p); }
+inline void store_float(c10::BFloat16* p, const Vec& v) {
+  at::vec::convert_float_bfloat16(v, v).store(p, kVec);
+}
+inline void store_float(c10::Half* p, const Vec& v) { at::vec::convert_float_half(v, v).store(p, kVec); }
+
+// exp of the kernels' arguments l - shift <= 0 (up to rounding) on rows with a finite max: ATen's
+// exp_u20 where vectorised (a degree-5 polynomial, within ~20 ulp, 1.2e-6 relative, of exp; about
+// twice as fast as Sleef's exp). Its clamps make exp(+inf) finite and exp(NaN) not NaN, so rows with
+// a non-finite max or lse take the exact exp.
+inline Vec exp_of(const Vec& x, bool exact) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return exact ? x.exp() : x.exp_u20();
+#else
+  (void)exact;
+  return x.exp();
+#endif
+}
+
+inline float horizontal_sum(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float total = 0.f;
+  for (int64_t k = 0; k < kVec; ++k) total += lanes[k];
+  return total;
+}
+
+inline float horizontal_max(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float best = -kInf;
+  for (int64_t k = 0; k < kVec; ++k) best = nan_max(best, lanes[k]);
+  return best;
+}
+
+struct Argmax {
+  float value;
+  int64_t index;  // -1 until an element beats -inf; torch.argmax of an all -inf row is 0
+};
+
+// Per-lane argmax over a chunk: lane k holds its best value and the chunk offset (as a float, exact
+// below 2^24) of its first occurrence. NaN never wins here (comparisons with NaN are false): rows
+// with a NaN score are rescanned by forward_rescan_argmax.
+struct LaneArgmax {
+  Vec value{-kInf};
+  Vec offset{-1.f};
+  void update(const Vec& z, const Vec& z_offset) {
+    const Vec take = z > value;
+    value = Vec::blendv(value, z, take);
+    offset = Vec::blendv(offset, z_offset, take);
+  }
+  void merge_into(Argmax& best, int64_t chunk_begin) const {
+    alignas(64) float values[kVec], offsets[kVec];
+    value.store(values);
+    offset.store(offsets);
+    for (int64_t k = 0; k < kVec; ++k) {
+      if (offsets[k] < 0.f) continue;
+      const int64_t j = chunk_begin + static_cast<int64_t>(offsets[k]);
+      if (argmax_better(values[k], j, best.value, best.index)) best = {values[k], j};
+    }
+  }
+};
+
+inline void argmax_update(Argmax& best, float z, int64_t j) {
+  if (argmax_better(z, j, best.value, best.index)) best = {z, j};
+}
+
+template <typename T>
+struct RowView {
+  const RowForwardArgs& a;
+  const T* raw;
+  bool has_row_scale;
+  float row_scale;
+
+  float base(int64_t j) const {
+    float z = static_cast<float>(raw[j]);
+    if (has_row_scale) z = z * row_scale;
+    if (a.col_scale) z = z * a.col_scale[j];
+    if (a.col_shift) z = z + a.col_shift[j];
+    return z;
+  }
+};
+
+// The exact torch.argmax (NaN first) of z' and of z' without column y, for rows holding a NaN.
+template <typename T>
+void forward_rescan_argmax(const RowView<T>& row, int64_t cols, int64_t y, bool track_wrong,
+                           Argmax& best, Argmax& wrong) {
+  best = {-kInf, -1};
+  wrong = {-kInf, -1};
+  for (int64_t j = 0; j < cols; ++j) {
+    const float z = row.base(j);
+    argmax_update(best, z, j);
+    if (track_wrong && j != y) argmax_update(wrong, z, j);
+  }
+}
+
+// Adds buf[k0, k1), non-target logits of a chunk, to chunk (row_math.h LseState) whose max is already
+// set: exp(l - shift) to its sum and, with smoothing, w_j (shift - l) to its deviation sum.
+inline void chunk_accumulate(LseState& chunk, const float* buf, int64_t k0, int64_t k1, float shift,
+                             const float* weight, bool smoothing, bool exact) {
+  const Vec vshift(shift);
+  Vec vsum(0.f), vdev(0.f), vweight(0.f);
+  int64_t k = k0;
+  for (; k + kVec <= k1; k += kVec) {
+    const Vec l = Vec::loadu(buf + k);
+    vsum = vsum + exp_of(l - vshift, exact);
+    if (smoothing) {
+      const Vec w = weight ? Vec::loadu(weight + k) : Vec(1.f);
+      vdev = vdev + w * (vshift - l);
+      vweight = vweight + w;
+    }
+  }
+  float sum = horizontal_sum(vsum), dev = 0.f, total_weight = 0.f;
+  if (smoothing) {
+    dev = horizontal_sum(vdev);
+    total_weight = horizontal_sum(vweight);
+  }
+  for (; k < k1; ++k) {
+    sum += std::exp(buf[k] - shift);
+    if (smoothing) {
+      const float w = weight ? weight[k] : 1.f;
+      dev += w * (shift - buf[k]);
+      total_weight += w;
+    }
+  }
+  chunk.sum += sum;
+  chunk.dev += dev;
+  chunk.weight += total_weight;
+}
+
+template <typename T>
+void forward_row(const RowForwardArgs& a, int64_t i) {
+  const int64_t cols = a.cols;
+  const RowView<T> row{a, static_cast<const T*>(a.raw) + i * cols, a.row_scale != nullptr,
+                       a.row_scale ? a.row_scale[i] : 1.f};
+  const float* col_scale = a.col_scale;
+  const float* col_shift = a.col_shift;
+  const float* offset = a.logit_offset;
+  const float* pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
+  const int64_t label = a.target[i];
+  const bool kept = label != a.ignore_index;
+  const int64_t y = kept ? label : 0;
+  const int64_t special = kept ? y : -1;  // the column whose logit is the margined target
+  const bool track_wrong = kept && a.class_margins != nullptr && a.lambda_elm != 0.f;
+  const bool smoothing = kept && a.label_smoothing != 0.f;
+
+  const Vec vscale(a.scale), vrow_scale(row.row_scale), iota = Vec::arange(0.f, 1.f);
+  alignas(64) float buf[kChunk];
+  alignas(64) float lanes[kVec];
+  Argmax best{-kInf, -1}, wrong{-kInf, -1};
+  LseState state = lse_empty();
+  float c = kNaN;
+
+  for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, cols - j0);
+    const int64_t n_vec = n - n % kVec;
+    LaneArgmax lane_best, lane_wrong;
+    Vec vmax(-kInf);
+    for (int64_t k = 0; k < n_vec; k += kVec) {
+      const int64_t j = j0 + k;
+      Vec z = load_float(row.raw + j);
+      if (row.has_row_scale) z = z * vrow_scale;
+      if (col_scale) z = z * Vec::loadu(col_scale + j);
+      if (col_shift) z = z + Vec::loadu(col_shift + j);
+      const Vec z_offset = iota + Vec(static_cast<float>(k));
+      lane_best.update(z, z_offset);
+      Vec l = z * vscale;
+      if (offset) l = l + Vec::loadu(offset + j);
+      if (pair) l = l + Vec::loadu(pair + j);
+      if (special >= j && special < j + kVec) {
+        // the target column: read c, and leave it out of c* and of the non-target logits
+        const int64_t lane = special - j;
+        z.store(lanes);
+        c = lanes[lane];
+        if (track_wrong) {
+          lanes[lane] = -kInf;
+          lane_wrong.update(Vec::loadu(lanes), z_offset);
+        }
+        l.store(lanes);
+        lanes[lane] = -kInf;
+        l = Vec::loadu(lanes);
+      } else if (track_wrong) {
+        lane_wrong.update(z, z_offset);
+      }
+      l.store(buf + k);
+      vmax = at::vec::maximum(vmax, l);
+    }
+    lane_best.merge_into(best, j0);
+    if (track_wrong) lane_wrong.merge_into(wrong, j0);
+    float chunk_max = horizontal_max(vmax);
+    for (int64_t k = n_vec; k < n; ++k) {
+      const int64_t j = j0 + k;
+      const float z = row.base(j);
+      argmax_update(best, z, j);
+      float l = z * a.scale;
+      if (offset) l = l + offset[j];
+      if (pair) l = l + pair[j];
+      if (j == special) {
+        c = z;
+        l = -kInf;
+      } else if (track_wrong) {
+        argmax_update(wrong, z, j);
+      }
+      buf[k] = l;
+      chunk_max = nan_max(chunk_max, l);
+    }
+
+    LseState chunk{chunk_max, 0.f, 0.f, 0.f};
+    if (is_nan(chunk_max)) {
+      chunk.sum = kNaN;
+    } else {
+      const float shift = lse_shift(chunk_max);
+      const float* weight = a.class_weight ? a.class_weight + j0 : nullptr;
+      const bool exact = chunk_max == kInf;
+      const int64_t skip = special - j0;  // the target column, outside the smoothing sum
+      if (skip >= 0 && skip < n) {
+        chunk_accumulate(chunk, buf, 0, skip, shift, weight, smoothing, exact);
+        chunk_accumulate(chunk, buf, skip + 1, n, shift, weight, smoothing, exact);
+      } else {
+        chunk_accumulate(chunk, buf, 0, n, shift, weight, smoothing, exact);
+      }
+    }
+    state = lse_merge(state, chunk);
+  }
+
+  if (is_nan(state.max) || (kept && is_nan(c))) {
+    forward_rescan_argmax(row, cols, y, track_wrong, best, wrong);
+  }
+  const int64_t pred = best.index < 0 ? 0 : best.index;
+  const bool hard = kept && (a.hard_all || pred != y);
+  a.pred[i] = pred;
+  a.hard[i] = hard;
+  if (!kept) {
+    a.lse[i] = lse_value(state);
+    a.loss[i] = 0.f;
+    a.target_logit[i] = 0.f;
+    a.target_grad[i] = 0.f;
+    return;
+  }
+
+  RowMargin margin{0.f, 0.f};
+  if (a.class_margins) {
+    const float margin_wrong = track_wrong ? a.class_margins[wrong.index < 0 ? 0 : wrong.index] : 0.f;
+    margin = row_margin(c, a.class_margins[y], margin_wrong, hard, a.lambda_inst, a.lambda_elm);
+  }
+  const TargetLogit t = target_logit(c, margin.margin, margin.dmargin_dc, a.scale, a.margin_type,
+                                     a.fold, a.straight_through);
+  const float tl = offset ? t.value + offset[y] : t.value;
+  const LseState target_state{tl, std::exp(tl - lse_shift(tl)), 0.f, 0.f};
+  const float lse = lse_value(lse_merge(state, target_state));
+  const float w_y = a.class_weight ? a.class_weight[y] : 1.f;
+  float loss = (1.f - a.label_smoothing) * w_y * (lse - tl);
+  if (smoothing) {
+    const float smooth = smoothing_sum(state, lse) + w_y * (lse - tl);
+    loss = loss + a.label_smoothing / static_cast<float>(cols) * smooth;
+  }
+  a.loss[i] = loss;
+  a.lse[i] = lse;
+  a.target_logit[i] = tl;
+  a.target_grad[i] = t.grad;
+}
+
+// G (or dL/draw with scale_grad) for rows [r0, r1), columns [c0, c1).
+template <typename T, typename Out>
+void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  const int64_t cols = a.cols;
+  const float* col_scale = a.col_scale;
+  const float* col_shift = a.col_shift;
+  const float* offset = a.logit_offset;
+  const float* weight = a.class_weight;
+  const float eps = a.label_smoothing;
+  const float eps_per_class = eps / static_cast<float>(cols);
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* raw = static_cast<const T*>(a.raw) + i * cols;
+    Out* out = static_cast<Out*>(a.grad) + i * cols;
+    const int64_t label = a.target[i];
+    if (label == a.ignore_index) {
+      std::fill(out + c0, out + c1, static_cast<Out>(0.f));
+      continue;
+    }
+    const int64_t y = label;
+    const float* pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
+    const bool has_row_scale = a.row_scale != nullptr;
+    const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
+    const float g = a.grad_rows[i];
+    const float lse = a.lse[i];
+    const float w_y = weight ? weight[y] : 1.f;
+    // dl_j = g ((1 - eps) w_y (p_j - [j = y]) + eps / C (sum(w) p_j - w_j)) = p_coef p_j - w_coef w_j
+    // off the target; G_j = s dl_j, times row_scale col_scale_j with scale_grad.
+    const float out_scale = (a.scale_grad && has_row_scale) ? a.scale * row_scale : a.scale;
+    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * out_scale;
+    const float w_coef = g * eps_per_class * out_scale;
+    const bool scale_cols = a.scale_grad && col_scale != nullptr;
+    const Vec vscale(a.scale), vrow_scale(row_scale), vlse(lse), vp(p_coef), vw(w_coef);
+    const bool exact = !is_finite(lse);
+
+    auto element = [&](int64_t j) {
+      float z = static_cast<float>(raw[j]);
+      if (has_row_scale) z = z * row_scale;
+      if (col_scale) z = z * col_scale[j];
+      if (col_shift) z = z + col_shift[j];
+      float l = z * a.scale;
+      if (offset) l = l + offset[j];
+      if (pair) l = l + pair[j];
+      float grad = p_coef * std::exp(l - lse);
+      if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
+      if (scale_cols) grad = grad * col_scale[j];
+      out[j] = static_cast<Out>(grad);
+    };
+
+    int64_t j = c0;
+    for (; j + kVec <= c1; j += kVec) {
+      Vec z = load_float(raw + j);
+      Vec cs;
+      if (has_row_scale) z = z * vrow_scale;
+      if (col_scale) {
+        cs = Vec::loadu(col_scale + j);
+        z = z * cs;
+      }
+      if (col_shift) z = z + Vec::loadu(col_shift + j);
+      Vec l = z * vscale;
+      if (offset) l = l + Vec::loadu(offset + j);
+      if (pair) l = l + Vec::loadu(pair + j);
+      Vec grad = vp * exp_of(l - vlse, exact);
+      if (w_coef != 0.f) grad = grad - vw * (weight ? Vec::loadu(weight + j) : Vec(1.f));
+      if (scale_cols) grad = grad * cs;
+      store_float(out + j, grad);
+    }
+    for (; j < c1; ++j) element(j);
+
+    if (y >= c0 && y < c1) {
+      // the target column: l_y = t (saved), dt/dz'_y = target_grad
+      const float p_y = std::exp(a.target_logit[i] - lse);
+      const float dl_y = g * ((1.f - eps) * w_y * (p_y - 1.f) + eps_per_class * (a.weight_sum * p_y - w_y));
+      float grad = a.target_grad[i] * dl_y;
+      if (a.scale_grad) {
+        if (has_row_scale) grad = grad * row_scale;
+        if (col_scale) grad = grad * col_scale[y];
+      }
+      out[y] = static_cast<Out>(grad);
+    }
+  }
+}
+
+template <typename T>
+void row_forward_typed(const RowForwardArgs& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) forward_row<T>(a, i);
+}
+
+template <typename T>
+void row_backward_typed(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  if (a.scale_grad) {
+    backward_block<T, T>(a, r0, r1, c0, c1);
+  } else {
+    backward_block<T, float>(a, r0, r1, c0, c1);
+  }
+}
+
+void row_forward(const RowForwardArgs& a, int64_t begin, int64_t end) {
+  switch (a.raw_type) {
+    case RawType::Float: return row_forward_typed<float>(a, begin, end);
+    case RawType::BFloat16: return row_forward_typed<c10::BFloat16>(a, begin, end);
+    case RawType::Half: return row_forward_typed<c10::Half>(a, begin, end);
+  }
+}
+
+void row_backward(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  switch (a.raw_type) {
+    case RawType::Float: return row_backward_typed<float>(a, r0, r1, c0, c1);
+    case RawType::BFloat16: return row_backward_typed<c10::BFloat16>(a, r0, r1, c0, c1);
+    case RawType::Half: return row_backward_typed<c10::Half>(a, r0, r1, c0, c1);
+  }
+}
+
+int vector_width() { return static_cast<int>(kVec); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_margin
+
+#endif  // an instruction set this compiler can target

@@ -1,0 +1,141 @@
+// Scalar math of the fused row loss shared by the CPU and CUDA kernels (host and device).
+//
+// The row-kernel contract is stated in fused_margin/fused.py and executed eagerly in
+// fused_margin/row_torch.py; SPEC.md sections 2-5 give the loss. Everything here is fp32 whatever the
+// input dtype (SPEC.md section 5: the angular math is always fp32).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FM_HOST_DEVICE inline
+#endif
+
+namespace fused_margin {
+
+// margin_type codes (MarginLossSpec.margin_code) and angular_fold codes (MarginLossSpec.fold_code)
+constexpr int kAdditiveCosine = 0;
+constexpr int kAdditiveAngular = 1;
+constexpr int kFoldNone = 0;
+constexpr int kFoldThreshold = 1;
+constexpr int kFoldEasy = 2;
+
+// The clamp before acos, spec.ACOS_CLAMP = 1e-7, rounded to fp32 as torch.clamp rounds its bounds.
+constexpr float kAcosLow = static_cast<float>(-1.0 + 1e-7);
+constexpr float kAcosHigh = static_cast<float>(1.0 - 1e-7);
+constexpr float kPi = static_cast<float>(3.14159265358979323846);
+
+FM_HOST_DEVICE bool is_nan(float v) { return v != v; }
+
+FM_HOST_DEVICE bool is_finite(float v) { return v - v == 0.f; }
+
+// max that propagates NaN, as torch.maximum
+FM_HOST_DEVICE float nan_max(float a, float b) { return (is_nan(a) || a > b) ? a : b; }
+
+// torch.logsumexp's shift: the max where finite, else 0 (so +-inf and NaN rows come out as torch's)
+FM_HOST_DEVICE float lse_shift(float running_max) { return is_finite(running_max) ? running_max : 0.f; }
+
+// torch.argmax's order: NaN above everything (the first NaN wins), then larger values, ties to the
+// lower index. Returns whether (value, index) beats (best, best_index).
+FM_HOST_DEVICE bool argmax_better(float value, int64_t index, float best, int64_t best_index) {
+  const bool value_nan = is_nan(value), best_nan = is_nan(best);
+  if (value_nan || best_nan) return value_nan && (!best_nan || index < best_index);
+  return value > best || (value == best && index < best_index);
+}
+
+struct TargetLogit {
+  float value;  // s psi(c, M)
+  float grad;   // s dpsi/dc (including the instance-margin path dM/dc)
+};
+
+// The margined target logit of SPEC.md section 3, as row_torch.target_margin_and_grad:
+//   additive_cosine (CosFace, LDAM, ELM): psi = c - M, dpsi/dc = 1 - dM/dc;
+//   additive_angular (ArcFace, DBM): psi = cos(theta + M), theta = acos(clamp(c, -1 + 1e-7, 1 - 1e-7)),
+//     dpsi/dc = sin(theta + M) / sin(theta) [c inside the clamp] - sin(theta + M) dM/dc;
+//     fold "threshold" (ArcFace's th/mm guard, where c <= cos(pi - M)): psi = c - M sin M;
+//     fold "easy" (where c <= 0): psi = c;
+//   straight_through (insightface arcface_torch): dpsi/dc = 1.
+FM_HOST_DEVICE TargetLogit target_logit(float c, float margin, float dmargin_dc, float scale,
+                                        int margin_type, int fold, bool straight_through) {
+  float value, grad;
+  if (margin_type == kAdditiveCosine) {
+    value = c - margin;
+    grad = 1.f - dmargin_dc;
+  } else {
+    const float clamped = c < kAcosLow ? kAcosLow : (c > kAcosHigh ? kAcosHigh : c);
+    const float inside = (c >= kAcosLow && c <= kAcosHigh) ? 1.f : 0.f;
+    const float theta = acosf(clamped);  // NaN stays NaN through the clamp
+    const float sin_shift = sinf(theta + margin);
+    value = cosf(theta + margin);
+    grad = sin_shift / sinf(theta) * inside - sin_shift * dmargin_dc;
+    if (fold == kFoldThreshold) {
+      if (c <= cosf(kPi - margin)) {
+        value = c - margin * sinf(margin);
+        grad = 1.f - (sinf(margin) + margin * cosf(margin)) * dmargin_dc;
+      }
+    } else if (fold == kFoldEasy) {
+      if (c <= 0.f) {
+        value = c;
+        grad = 1.f;
+      }
+    }
+  }
+  if (straight_through) grad = 1.f;
+  return {scale * value, scale * grad};
+}
+
+// The margin of a kept row (SPEC.md section 2): M = m_y (1 + lambda_inst h (1 - c) / 2)
+// - lambda_elm m_{c*} (DBM instance margin, ELM), and dM/dc = -m_y lambda_inst h / 2.
+struct RowMargin {
+  float margin;
+  float dmargin_dc;
+};
+
+FM_HOST_DEVICE RowMargin row_margin(float c, float margin_y, float margin_wrong, bool hard,
+                                    float lambda_inst, float lambda_elm) {
+  const float h = hard ? 1.f : 0.f;
+  float margin = margin_y * (1.f + lambda_inst * h * (1.f - c) / 2.f);
+  if (lambda_elm != 0.f) margin = margin - lambda_elm * margin_wrong;
+  return {margin, -margin_y * lambda_inst * h / 2.f};
+}
+
+// An online logsumexp with torch's shift rule, plus the label-smoothing sum
+// sum_j w_j (shift - l_j) kept relative to the same shift (every term >= 0, so no cancellation).
+struct LseState {
+  float max;     // running max (NaN-propagating)
+  float sum;     // sum_j exp(l_j - lse_shift(max))
+  float dev;     // sum_j w_j (lse_shift(max) - l_j)   (label smoothing only)
+  float weight;  // sum_j w_j                           (label smoothing only)
+};
+
+FM_HOST_DEVICE LseState lse_empty() {
+  return {-INFINITY, 0.f, 0.f, 0.f};
+}
+
+// Merge two partial states (either may be empty).
+FM_HOST_DEVICE LseState lse_merge(const LseState& a, const LseState& b) {
+  const float m = nan_max(a.max, b.max);
+  const float shift = lse_shift(m);
+  const float shift_a = lse_shift(a.max), shift_b = lse_shift(b.max);
+  LseState out;
+  out.max = m;
+  out.sum = (a.sum == 0.f ? 0.f : a.sum * expf(shift_a - shift)) +
+            (b.sum == 0.f ? 0.f : b.sum * expf(shift_b - shift));
+  out.dev = a.dev + (a.weight == 0.f ? 0.f : a.weight * (shift - shift_a)) + b.dev +
+            (b.weight == 0.f ? 0.f : b.weight * (shift - shift_b));
+  out.weight = a.weight + b.weight;
+  if (is_nan(m)) out.sum = m;
+  return out;
+}
+
+FM_HOST_DEVICE float lse_value(const LseState& s) { return logf(s.sum) + lse_shift(s.max); }
+
+// sum_j w_j (lse - l_j) of the logits held by s, for the final lse of the row (SPEC.md section 4)
+FM_HOST_DEVICE float smoothing_sum(const LseState& s, float lse) {
+  return s.weight == 0.f ? s.dev : s.weight * (lse - lse_shift(s.max)) + s.dev;
+}
+
+}  // namespace fused_margin
