@@ -6,11 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
   if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
-    echo "[setup] found a CUDA torch on the system: the venv will use it"
-    "$PY" -m venv --system-site-packages .venv
-  else
-    "$PY" -m venv .venv
+    # The interpreter may itself be a venv (the GPU machine's is), which --system-site-packages would
+    # skip: list its site-packages in a .pth instead, after the venv's own, so its CUDA torch is kept.
+    echo "[setup] found a CUDA torch beside $PY: the venv will use it"
+    site_dir=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$PY" -c "import site, sys; print('\n'.join(p for p in site.getsitepackages() + [site.getusersitepackages()] if p))" \
+      > "$site_dir/_fused_margin_base_site.pth"
   fi
 fi
 VPY=.venv/bin/python
