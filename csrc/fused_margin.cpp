@@ -81,60 +81,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cpu(
     const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
     double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
     double label_smoothing, int64_t ignore_index) {
-  check_raw_and_target(raw_in, target_in);
-  check_codes(margin_type, fold);
-  const Tensor raw = raw_in.contiguous();
-  const Tensor target = target_in.contiguous();
-  const int64_t rows = raw.size(0), cols = raw.size(1);
-  check_labels(target, cols, ignore_index);
-  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
-  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
-  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
-  const Tensor margins = float_table(class_margins, "class_margins", {cols}, raw);
-  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
-  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
-  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
-
-  const auto f32 = raw.options().dtype(at::kFloat);
-  Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
-  Tensor pred = at::empty({rows}, raw.options().dtype(at::kLong));
-  Tensor hard = at::empty({rows}, raw.options().dtype(at::kBool));
-  Tensor target_logit = at::empty({rows}, f32), target_grad = at::empty({rows}, f32);
-  if (rows == 0) return {loss, lse, pred, hard, target_logit, target_grad};
-  TORCH_CHECK(cols > 0, "fused_margin row_forward: raw must have at least one column");
-
-  RowForwardArgs args{};
-  args.raw = raw.const_data_ptr();
-  args.raw_type = raw_type_of(raw);
-  args.rows = rows;
-  args.cols = cols;
-  args.target = target.const_data_ptr<int64_t>();
-  args.row_scale = ptr_or_null(rs);
-  args.col_scale = ptr_or_null(cs);
-  args.col_shift = ptr_or_null(sh);
-  args.class_margins = ptr_or_null(margins);
-  args.logit_offset = ptr_or_null(offset);
-  args.pair_perturbation = ptr_or_null(pair);
-  args.class_weight = ptr_or_null(weight);
-  args.scale = static_cast<float>(scale);
-  args.lambda_inst = static_cast<float>(lambda_inst);
-  args.lambda_elm = static_cast<float>(lambda_elm);
-  args.label_smoothing = static_cast<float>(label_smoothing);
-  args.margin_type = static_cast<int>(margin_type);
-  args.fold = static_cast<int>(fold);
-  args.hard_all = hard_all;
-  args.straight_through = straight_through;
-  args.ignore_index = ignore_index;
-  args.loss = loss.mutable_data_ptr<float>();
-  args.lse = lse.mutable_data_ptr<float>();
-  args.pred = pred.mutable_data_ptr<int64_t>();
-  args.hard = hard.mutable_data_ptr<bool>();
-  args.target_logit = target_logit.mutable_data_ptr<float>();
-  args.target_grad = target_grad.mutable_data_ptr<float>();
+  ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
+                                     logit_offset, pair_perturbation, class_weight, scale, margin_type,
+                                     lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
+                                     ignore_index);
+  const RowForwardArgs& args = call.args;
+  if (args.rows == 0) return call.outputs();
+  check_labels(call.target, args.cols, ignore_index);
 
   const cpu::RowForwardFn forward = cpu_kernels().forward;
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { forward(args, begin, end); });
-  return {loss, lse, pred, hard, target_logit, target_grad};
+  at::parallel_for(0, args.rows, row_grain(args.cols),
+                   [&](int64_t begin, int64_t end) { forward(args, begin, end); });
+  return call.outputs();
 }
 
 // Columns per backward task: rows are split too so that a few long rows still use every thread.
@@ -142,51 +100,18 @@ constexpr int64_t kBackwardColumnBlock = 4096;
 
 Tensor row_backward_cpu(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
                         const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
-                        const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse_in,
-                        const Tensor& target_logit_in, const Tensor& target_grad_in, const Tensor& grad_rows_in,
+                        const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse,
+                        const Tensor& target_logit, const Tensor& target_grad, const Tensor& grad_rows,
                         double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
-  check_raw_and_target(raw_in, target_in);
-  const Tensor raw = raw_in.contiguous();
-  const Tensor target = target_in.contiguous();
-  const int64_t rows = raw.size(0), cols = raw.size(1);
-  check_labels(target, cols, ignore_index);
-  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
-  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
-  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
-  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
-  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
-  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
-  const Tensor lse = float_table(lse_in, "lse", {rows}, raw);
-  const Tensor target_logit = float_table(target_logit_in, "target_logit", {rows}, raw);
-  const Tensor target_grad = float_table(target_grad_in, "target_grad", {rows}, raw);
-  const Tensor grad_rows = float_table(grad_rows_in, "grad_rows", {rows}, raw);
-
-  Tensor grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
-  if (grad.numel() == 0) return grad;
-
-  RowBackwardArgs args{};
-  args.raw = raw.const_data_ptr();
-  args.raw_type = raw_type_of(raw);
-  args.rows = rows;
-  args.cols = cols;
-  args.target = target.const_data_ptr<int64_t>();
-  args.row_scale = ptr_or_null(rs);
-  args.col_scale = ptr_or_null(cs);
-  args.col_shift = ptr_or_null(sh);
-  args.logit_offset = ptr_or_null(offset);
-  args.pair_perturbation = ptr_or_null(pair);
-  args.class_weight = ptr_or_null(weight);
-  args.lse = lse.const_data_ptr<float>();
-  args.target_logit = target_logit.const_data_ptr<float>();
-  args.target_grad = target_grad.const_data_ptr<float>();
-  args.grad_rows = grad_rows.const_data_ptr<float>();
-  args.scale = static_cast<float>(scale);
-  args.label_smoothing = static_cast<float>(label_smoothing);
+  BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
+                                       pair_perturbation, class_weight, lse, target_logit, target_grad,
+                                       grad_rows, scale, label_smoothing, ignore_index, scale_grad);
+  RowBackwardArgs& args = call.args;
+  const int64_t rows = args.rows, cols = args.cols;
+  check_labels(call.target, cols, ignore_index);
+  if (call.grad.numel() == 0) return call.grad;
   // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights)
-  args.weight_sum = weight.defined() ? weight.sum().item<float>() : static_cast<float>(cols);
-  args.ignore_index = ignore_index;
-  args.scale_grad = scale_grad;
-  args.grad = grad.mutable_data_ptr();
+  if (call.class_weight.defined()) args.weight_sum = call.class_weight.sum().item<float>();
 
   const cpu::RowBackwardFn backward = cpu_kernels().backward;
   const int64_t blocks = (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock;
@@ -198,7 +123,7 @@ Tensor row_backward_cpu(const Tensor& raw_in, const Tensor& target_in, const Opt
       backward(args, i, i + 1, c0, std::min(cols, c0 + kBackwardColumnBlock));
     }
   });
-  return grad;
+  return call.grad;
 }
 
 }  // namespace

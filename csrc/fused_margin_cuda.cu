@@ -346,57 +346,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cuda(
     const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
     double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
     double label_smoothing, int64_t ignore_index) {
-  check_raw_and_target(raw_in, target_in);
-  check_codes(margin_type, fold);
   const c10::cuda::CUDAGuard guard(raw_in.device());
-  const Tensor raw = raw_in.contiguous();
-  const Tensor target = target_in.contiguous();
-  const int64_t rows = raw.size(0), cols = raw.size(1);
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "fused_margin row_forward: too many rows (", rows, ")");
-  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
-  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
-  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
-  const Tensor margins = float_table(class_margins, "class_margins", {cols}, raw);
-  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
-  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
-  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
-
-  const auto f32 = raw.options().dtype(at::kFloat);
-  Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
-  Tensor pred = at::empty({rows}, raw.options().dtype(at::kLong));
-  Tensor hard = at::empty({rows}, raw.options().dtype(at::kBool));
-  Tensor target_logit = at::empty({rows}, f32), target_grad = at::empty({rows}, f32);
-  if (rows == 0) return {loss, lse, pred, hard, target_logit, target_grad};
-  TORCH_CHECK(cols > 0, "fused_margin row_forward: raw must have at least one column");
-
-  RowForwardArgs args{};
-  args.raw = raw.const_data_ptr();
-  args.raw_type = raw_type_of(raw);
-  args.rows = rows;
-  args.cols = cols;
-  args.target = target.const_data_ptr<int64_t>();
-  args.row_scale = ptr_or_null(rs);
-  args.col_scale = ptr_or_null(cs);
-  args.col_shift = ptr_or_null(sh);
-  args.class_margins = ptr_or_null(margins);
-  args.logit_offset = ptr_or_null(offset);
-  args.pair_perturbation = ptr_or_null(pair);
-  args.class_weight = ptr_or_null(weight);
-  args.scale = static_cast<float>(scale);
-  args.lambda_inst = static_cast<float>(lambda_inst);
-  args.lambda_elm = static_cast<float>(lambda_elm);
-  args.label_smoothing = static_cast<float>(label_smoothing);
-  args.margin_type = static_cast<int>(margin_type);
-  args.fold = static_cast<int>(fold);
-  args.hard_all = hard_all;
-  args.straight_through = straight_through;
-  args.ignore_index = ignore_index;
-  args.loss = loss.mutable_data_ptr<float>();
-  args.lse = lse.mutable_data_ptr<float>();
-  args.pred = pred.mutable_data_ptr<int64_t>();
-  args.hard = hard.mutable_data_ptr<bool>();
-  args.target_logit = target_logit.mutable_data_ptr<float>();
-  args.target_grad = target_grad.mutable_data_ptr<float>();
+  const ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
+                                           logit_offset, pair_perturbation, class_weight, scale, margin_type,
+                                           lambda_inst, hard_all, lambda_elm, fold, straight_through,
+                                           label_smoothing, ignore_index);
+  const RowForwardArgs& args = call.args;
+  TORCH_CHECK(args.rows <= std::numeric_limits<int32_t>::max(), "fused_margin row_forward: too many rows (",
+              args.rows, ")");
+  if (args.rows == 0) return call.outputs();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (args.raw_type) {
@@ -405,7 +363,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cuda(
     case RawType::Half: cuda_kernels::launch_forward<c10::Half>(args, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, lse, pred, hard, target_logit, target_grad};
+  return call.outputs();
 }
 
 template <typename T>
@@ -419,53 +377,20 @@ void launch_backward_typed(const RowBackwardArgs& args, cudaStream_t stream) {
 
 Tensor row_backward_cuda(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
                          const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
-                         const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse_in,
-                         const Tensor& target_logit_in, const Tensor& target_grad_in, const Tensor& grad_rows_in,
+                         const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse,
+                         const Tensor& target_logit, const Tensor& target_grad, const Tensor& grad_rows,
                          double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
-  check_raw_and_target(raw_in, target_in);
   const c10::cuda::CUDAGuard guard(raw_in.device());
-  const Tensor raw = raw_in.contiguous();
-  const Tensor target = target_in.contiguous();
-  const int64_t rows = raw.size(0), cols = raw.size(1);
-  const Tensor rs = float_table(row_scale, "row_scale", {rows}, raw);
-  const Tensor cs = float_table(col_scale, "col_scale", {cols}, raw);
-  const Tensor sh = float_table(col_shift, "col_shift", {cols}, raw);
-  const Tensor offset = float_table(logit_offset, "logit_offset", {cols}, raw);
-  const Tensor pair = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
-  const Tensor weight = float_table(class_weight, "class_weight", {cols}, raw);
-  const Tensor lse = float_table(lse_in, "lse", {rows}, raw);
-  const Tensor target_logit = float_table(target_logit_in, "target_logit", {rows}, raw);
-  const Tensor target_grad = float_table(target_grad_in, "target_grad", {rows}, raw);
-  const Tensor grad_rows = float_table(grad_rows_in, "grad_rows", {rows}, raw);
-
-  Tensor grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
-  if (grad.numel() == 0) return grad;
+  BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
+                                       pair_perturbation, class_weight, lse, target_logit, target_grad,
+                                       grad_rows, scale, label_smoothing, ignore_index, scale_grad);
+  if (call.grad.numel() == 0) return call.grad;
+  RowBackwardArgs& args = call.args;
   // sum(w) stays on the device: no host sync
-  const Tensor weight_sum = weight.defined() ? weight.sum() : Tensor();
-
-  RowBackwardArgs args{};
-  args.raw = raw.const_data_ptr();
-  args.raw_type = raw_type_of(raw);
-  args.rows = rows;
-  args.cols = cols;
-  args.target = target.const_data_ptr<int64_t>();
-  args.row_scale = ptr_or_null(rs);
-  args.col_scale = ptr_or_null(cs);
-  args.col_shift = ptr_or_null(sh);
-  args.logit_offset = ptr_or_null(offset);
-  args.pair_perturbation = ptr_or_null(pair);
-  args.class_weight = ptr_or_null(weight);
-  args.lse = lse.const_data_ptr<float>();
-  args.target_logit = target_logit.const_data_ptr<float>();
-  args.target_grad = target_grad.const_data_ptr<float>();
-  args.grad_rows = grad_rows.const_data_ptr<float>();
-  args.scale = static_cast<float>(scale);
-  args.label_smoothing = static_cast<float>(label_smoothing);
-  args.weight_sum = static_cast<float>(cols);
-  args.weight_sum_device = ptr_or_null(weight_sum);
-  args.ignore_index = ignore_index;
-  args.scale_grad = scale_grad;
-  args.grad = grad.mutable_data_ptr();
+  if (call.class_weight.defined()) {
+    call.weight_sum = call.class_weight.sum();
+    args.weight_sum_device = call.weight_sum.const_data_ptr<float>();
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (args.raw_type) {
@@ -474,7 +399,7 @@ Tensor row_backward_cuda(const Tensor& raw_in, const Tensor& target_in, const Op
     case RawType::Half: launch_backward_typed<c10::Half>(args, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad;
+  return call.grad;
 }
 
 }  // namespace
