@@ -194,38 +194,7 @@ __global__ void row_forward_kernel(const RowForwardArgs a) {
     state = lse_merge(state, warp_lse[w]);
   }
 
-  const int64_t pred = best.index < 0 ? 0 : best.index;
-  const bool hard = kept && (a.hard_all || pred != y);
-  a.pred[i] = pred;
-  a.hard[i] = hard;
-  if (!kept) {
-    a.lse[i] = lse_value(state);
-    a.loss[i] = 0.f;
-    a.target_logit[i] = 0.f;
-    a.target_grad[i] = 0.f;
-    return;
-  }
-  const float c = target_score;
-  RowMargin margin{0.f, 0.f};
-  if (a.class_margins) {
-    const float margin_wrong = track_wrong ? a.class_margins[wrong.index < 0 ? 0 : wrong.index] : 0.f;
-    margin = row_margin(c, a.class_margins[y], margin_wrong, hard, a.lambda_inst, a.lambda_elm);
-  }
-  const TargetLogit t = target_logit(c, margin.margin, margin.dmargin_dc, scale, a.margin_type, a.fold,
-                                     a.straight_through);
-  const float tl = offset ? t.value + offset[y] : t.value;
-  const LseState target_state{tl, expf(tl - lse_shift(tl)), 0.f, 0.f};
-  const float lse = lse_value(lse_merge(state, target_state));
-  const float w_y = weight ? weight[y] : 1.f;
-  float loss = (1.f - a.label_smoothing) * w_y * (lse - tl);
-  if (smoothing) {
-    const float smooth = smoothing_sum(state, lse) + w_y * (lse - tl);
-    loss = loss + a.label_smoothing / static_cast<float>(cols) * smooth;
-  }
-  a.loss[i] = loss;
-  a.lse[i] = lse;
-  a.target_logit[i] = tl;
-  a.target_grad[i] = t.grad;
+  finish_forward_row(a, i, kept, y, target_score, best.index, wrong.index, track_wrong, state, smoothing);
 }
 
 // grid: (column tiles of kBackwardThreads packs, rows in steps of gridDim.y)

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "row_kernel.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FM_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -136,6 +138,46 @@ FM_HOST_DEVICE float lse_value(const LseState& s) { return logf(s.sum) + lse_shi
 // sum_j w_j (lse - l_j) of the logits held by s, for the final lse of the row (SPEC.md section 4)
 FM_HOST_DEVICE float smoothing_sum(const LseState& s, float lse) {
   return s.weight == 0.f ? s.dev : s.weight * (lse - lse_shift(s.max)) + s.dev;
+}
+
+// The end of a forward row once its pass is done (CPU and CUDA kernels alike): pred and hard from the
+// argmax, then the target margin (it needs hard and ELM's strongest wrong class), the target logit
+// merged into the online logsumexp of the other logits, the loss; writes every output of row i.
+// best_index / wrong_index: argmax of z' and of z' off the target (-1 when none was seen).
+FM_HOST_DEVICE void finish_forward_row(const RowForwardArgs& a, int64_t i, bool kept, int64_t y, float c,
+                                       int64_t best_index, int64_t wrong_index, bool track_wrong,
+                                       const LseState& state, bool smoothing) {
+  const int64_t pred = best_index < 0 ? 0 : best_index;
+  const bool hard = kept && (a.hard_all || pred != y);
+  a.pred[i] = pred;
+  a.hard[i] = hard;
+  if (!kept) {
+    a.lse[i] = lse_value(state);
+    a.loss[i] = 0.f;
+    a.target_logit[i] = 0.f;
+    a.target_grad[i] = 0.f;
+    return;
+  }
+  RowMargin margin{0.f, 0.f};
+  if (a.class_margins) {
+    const float margin_wrong = track_wrong ? a.class_margins[wrong_index < 0 ? 0 : wrong_index] : 0.f;
+    margin = row_margin(c, a.class_margins[y], margin_wrong, hard, a.lambda_inst, a.lambda_elm);
+  }
+  const TargetLogit t = target_logit(c, margin.margin, margin.dmargin_dc, a.scale, a.margin_type, a.fold,
+                                     a.straight_through);
+  const float tl = a.logit_offset ? t.value + a.logit_offset[y] : t.value;
+  const LseState target_state{tl, expf(tl - lse_shift(tl)), 0.f, 0.f};
+  const float lse = lse_value(lse_merge(state, target_state));
+  const float w_y = a.class_weight ? a.class_weight[y] : 1.f;
+  float loss = (1.f - a.label_smoothing) * w_y * (lse - tl);
+  if (smoothing) {
+    const float smooth = smoothing_sum(state, lse) + w_y * (lse - tl);
+    loss = loss + a.label_smoothing / static_cast<float>(a.cols) * smooth;
+  }
+  a.loss[i] = loss;
+  a.lse[i] = lse;
+  a.target_logit[i] = tl;
+  a.target_grad[i] = t.grad;
 }
 
 }  // namespace fused_margin
