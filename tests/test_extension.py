@@ -6,34 +6,38 @@ run on the same rounded inputs (SPEC.md section 8): fp32 to 1e-5 of the largest 
 output); bf16/fp16 no further from the truth than the reference run in that dtype (twice that for the
 cosine and linear heads, which round the GEMM output and dL/draw where the reference rounds elsewhere),
 plus a small floor. ``pred``/``hard`` must match wherever the top two base scores are not tied at the
-dtype's resolution. The ops themselves are checked against the eager row-kernel contract
+dtype's resolution. The cases and the comparisons are shared with the Triton backend's tests
+(``kernel_cases.py``). The ops themselves are checked against the eager row-kernel contract
 (``row_torch``) on odd shapes (one row, two classes, widths that are no multiple of the vector width,
 rows longer than the kernels' 1024-column chunk), NaN/inf rows, with ``torch.library.opcheck``, and
 under every instruction set the CPU kernels are compiled for.
 """
+import functools
 import os
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin import backends, reference, row_torch
+from fused_margin import backends, row_torch
 from fused_margin import cuda as extension
 
 if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR}); build it with "
                 "pip install --no-build-isolation --no-deps -e . (scripts/setup_env.sh does)",
                 allow_module_level=True)
+pytest.register_assert_rewrite("kernel_cases")
+
+import kernel_cases  # noqa: E402
+from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODEL_TENSORS, MODULES,  # noqa: E402
+                          _gen, compare, make_case)
 
 OPS = torch.ops.fused_margin
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-MODEL_TENSORS = ("input", "weight", "bias")  # take the run's dtype; the tables stay fp32
-FP32_RTOL = 1e-5
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+_seed = functools.partial(kernel_cases._seed, modulus=10000)  # the data these tests have always drawn
 
 
 def _backend(device):
@@ -42,226 +46,16 @@ def _backend(device):
     return device
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _seed(name):
-    return zlib.crc32(name.encode()) % 10000
-
-
-def _uniform(shape, lo, hi, g):
-    return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
-
-
 # ---------------------------------------------------------------------------------------------------
 # cases through the public API
-
-def make_case(head="cosine", *, B=6, C=37, D=8, seed=0, scale=30.0, margins=None, offset=False, pair=False,
-              weights=False, bias=False, marc=False, ignored=(), grads=(), **options):
-    """float64 master tensors, labels and options; ``grads`` the leaves beyond input/weight needing grad."""
-    g = _gen(seed)
-    tensors = {}
-    if head == "logits":
-        if options.get("input_is_cosine"):
-            tensors["input"] = _uniform((B, C), -0.95, 0.95, g)
-        else:
-            tensors["input"] = 3.0 * torch.randn(B, C, generator=g, dtype=torch.float64)
-    else:
-        tensors["input"] = torch.randn(B, D, generator=g, dtype=torch.float64)
-        tensors["weight"] = torch.randn(C, D, generator=g, dtype=torch.float64) * _uniform((C, 1), 0.5, 2.0, g)
-        options["head"] = head
-    if bias:
-        tensors["bias"] = 0.3 * torch.randn(C, generator=g, dtype=torch.float64)
-    if margins is not None:
-        tensors["class_margins"] = _uniform(C, *margins, g)
-    if offset:
-        tensors["logit_offset"] = torch.log(_uniform(C, 0.01, 1.0, g))
-    if pair:
-        tensors["pair_perturbation"] = 0.5 * torch.randn(B, C, generator=g, dtype=torch.float64)
-    if weights:
-        tensors["class_weight"] = _uniform(C, 0.2, 3.0, g)
-    if marc:
-        tensors["omega"] = _uniform(C, 0.5, 1.5, g)
-        tensors["beta"] = 0.2 * torch.randn(C, generator=g, dtype=torch.float64)
-        if head == "logits":
-            tensors["class_norms"] = _uniform(C, 0.5, 2.0, g)
-    target = torch.randint(0, C, (B,), generator=g)
-    for row in ignored:
-        target[row] = options.get("ignore_index", -100)
-    names = ["input"] + (["weight"] if "weight" in tensors else []) + list(grads)
-    return {"tensors": tensors, "target": target, "options": dict(scale=scale, **options), "grads": names}
-
-
-def _upstream(rows):
-    return torch.rand(rows, generator=_gen(1234), dtype=torch.float64) + 0.5
-
-
-def evaluate(case, backend, dtype, device, run_dtype=None):
-    """Loss, lse, pred, hard and gradients of ``case`` with the model tensors in ``dtype`` (tables fp32);
-    float64 means the truth, computed from the values rounded to ``run_dtype``."""
-    leaves = {}
-    for name, master in case["tensors"].items():
-        if name in MODEL_TENSORS:
-            value = master.to(run_dtype).double() if dtype == torch.float64 else master.to(dtype)
-        else:
-            value = master.float().to(dtype if dtype == torch.float64 else torch.float32)
-        leaves[name] = value.to(device).requires_grad_(name in case["grads"])
-    kwargs = dict(leaves)
-    input_, weight = kwargs.pop("input"), kwargs.pop("weight", None)
-    loss, aux = fm.margin_cross_entropy(input_, case["target"].to(device), weight, **kwargs, **case["options"],
-                                        backend=backend, return_aux=True)
-    upstream = torch.ones_like(loss) if loss.dim() == 0 else _upstream(loss.shape[0]).to(loss)
-    grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
-    out = {"loss": loss.detach(), "lse": aux.lse, "pred": aux.pred, "hard": aux.hard}
-    out.update({f"grad_{n}": g for n, g in zip(case["grads"], grads)})
-    if dtype == torch.float64:
-        out["z"] = _base_scores(case, leaves)
-    return out
-
-
-def _base_scores(case, leaves):
-    opts = case["options"]
-    spec = fm.MarginLossSpec(head=opts.get("head", "logits"), input_is_cosine=opts.get("input_is_cosine", False))
-    tables = fm.LossTables(omega=leaves.get("omega"), beta=leaves.get("beta"),
-                           class_norms=leaves.get("class_norms"))
-    with torch.no_grad():
-        return reference.base_scores(leaves["input"], leaves.get("weight"), leaves.get("bias"), spec, tables)
-
-
-def _finite_parts(name, actual, truth):
-    actual, truth = actual.detach().double().cpu(), truth.detach().double().cpu()
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    assert torch.equal(actual.isnan(), truth.isnan()), f"{name}: NaNs differ\n{actual}\n{truth}"
-    keep = ~truth.isnan()
-    return actual[keep], truth[keep]
-
-
-def _max_err(actual, truth):
-    infinite = ~torch.isfinite(truth)
-    assert torch.equal(actual[infinite], truth[infinite]), f"infinities differ: {actual} vs {truth}"
-    diff = (actual - truth)[~infinite].abs()
-    if diff.numel() == 0:
-        return 0.0, 0.0
-    return diff.max().item(), truth[~infinite].abs().max().item()
-
-
-def assert_fp32_close(name, actual, truth, rtol=FP32_RTOL):
-    actual, truth = _finite_parts(name, actual, truth)
-    err, size = _max_err(actual, truth)
-    assert err <= rtol * size + 1e-30, f"{name}: max error {err:.3g} > {rtol:g} x max |truth| {size:.3g}"
-
-
-def assert_within_reference_error(name, actual, ref_same_dtype, truth, factor, floor=2e-5):
-    """SPEC.md section 8: at most ``factor`` x the reference's own error in that dtype (inf-norm), plus
-    ``floor`` x max |truth|."""
-    actual, truth_a = _finite_parts(name, actual, truth)
-    ref, truth_r = _finite_parts(name + " (reference)", ref_same_dtype, truth)
-    err, size = _max_err(actual, truth_a)
-    ref_err, _ = _max_err(ref, truth_r)
-    assert err <= factor * ref_err + floor * size + 1e-30, \
-        f"{name}: error {err:.3g} > {factor:g} x the reference's own error {ref_err:.3g} + {floor:g} x {size:.3g}"
-
-
-def assert_pred_hard(got, truth, case, gap):
-    z = truth["z"].cpu()
-    top2 = z.topk(2, dim=1).values
-    untied = (top2[:, 0] - top2[:, 1]) > gap * z.abs().amax(1).clamp_min(1.0)
-    pred, hard = got["pred"].cpu(), got["hard"].cpu()
-    assert pred.dtype == torch.int64 and hard.dtype == torch.bool
-    assert torch.equal(pred[untied], truth["pred"].cpu()[untied]), f"pred {pred} != {truth['pred']}"
-    target = case["target"]
-    kept = target != case["options"].get("ignore_index", -100)
-    expected_hard = kept if case["options"].get("hard_mode") == "all" else kept & (pred != target)
-    assert torch.equal(hard, expected_hard)
-    assert torch.equal(hard[untied], truth["hard"].cpu()[untied])
-
-
-def compare(case, backend, dtype=torch.float32):
-    truth = evaluate(case, "reference", torch.float64, backend, run_dtype=dtype)
-    got = evaluate(case, backend, dtype, backend)
-    assert got["loss"].dtype == torch.float32 and got["lse"].dtype == torch.float32
-    checked = [k for k in truth if k.startswith("grad_") or k in ("loss", "lse")]
-    if dtype == torch.float32:
-        for key in checked:
-            assert_fp32_close(key, got[key], truth[key])
-        assert_pred_hard(got, truth, case, gap=1e-5)
-    else:
-        # the logits head rounds where the reference does; the cosine and linear heads round the GEMM
-        # output and dL/draw instead (errors of the same size on other elements)
-        factor = 1.0 if case["options"].get("head", "logits") == "logits" else 2.0
-        ref = evaluate(case, "reference", dtype, backend)
-        for key in checked:
-            assert got[key].dtype == ref[key].dtype, key
-            assert_within_reference_error(key, got[key], ref[key], truth[key], factor)
-        assert_pred_hard(got, truth, case, gap=4 * torch.finfo(dtype).eps)
-    return got
-
-
-DBM_MARGINS = (0.05, 0.4)
-CASES = {
-    "arcface": dict(margins=(0.5, 0.5), scale=64.0, margin_type="additive_angular"),
-    "dbm_hard": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0),
-    "dbm_all": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, hard_mode="all"),
-    "dbm_fold_threshold": dict(margins=(0.8, 2.6), margin_type="additive_angular", lambda_inst=0.7,
-                               angular_fold="threshold", hard_mode="all"),
-    "dbm_fold_easy": dict(margins=(0.2, 0.6), margin_type="additive_angular", lambda_inst=1.0,
-                          angular_fold="easy"),
-    "dbm_straight_through": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                 margin_grad="straight_through"),
-    "dbm_bs_drw": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, offset=True,
-                       weights=True),
-    "ldam": dict(margins=(0.1, 0.5)),
-    "elm": dict(margins=(0.1, 0.5), lambda_elm=1.0),
-    "elm_angular_instance": dict(margins=(0.1, 0.5), margin_type="additive_angular", lambda_inst=1.0,
-                                 lambda_elm=0.5),
-    "no_margins_angular": dict(margin_type="additive_angular"),
-    "smoothing": dict(margins=(0.1, 0.3), label_smoothing=0.2),
-    "smoothing_weighted_ignored": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                       label_smoothing=0.1, weights=True, offset=True, ignored=(1, 4)),
-    "marc_grads": dict(margins=DBM_MARGINS, margin_type="additive_angular", marc=True, weights=True,
-                       grads=("omega", "beta")),
-    "offset_pair_grads": dict(margins=(0.1, 0.3), offset=True, pair=True, ignored=(2,),
-                              grads=("logit_offset", "pair_perturbation")),
-    "ignore_index_is_a_class": dict(margins=(0.1, 0.3), ignore_index=3, ignored=(0, 5), weights=True),
-    "reduction_sum": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                          reduction="sum", ignored=(3,)),
-    "reduction_none": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                           reduction="none", ignored=(3,), label_smoothing=0.05, weights=True),
-    "linear_bias_offset": dict(head="linear", scale=1.0, bias=True, offset=True, grads=("bias",)),
-    "linear_marc": dict(head="linear", scale=1.0, bias=True, marc=True, grads=("bias", "omega", "beta")),
-    "linear_margins_elm_smoothing": dict(head="linear", scale=1.0, margins=(0.2, 1.0), lambda_elm=1.0,
-                                         label_smoothing=0.1, reduction="none"),
-    "logits_plain": dict(head="logits", scale=1.0, offset=True, weights=True, label_smoothing=0.1,
-                         ignored=(0,)),
-    "logits_cosine_dbm": dict(head="logits", input_is_cosine=True, margins=(0.1, 1.2),
-                              margin_type="additive_angular", lambda_inst=1.0, angular_fold="threshold",
-                              pair=True, grads=("pair_perturbation",)),
-    "logits_marc": dict(head="logits", input_is_cosine=True, margins=DBM_MARGINS,
-                        margin_type="additive_angular", marc=True, grads=("omega", "beta")),
-    "logits_offset_grad": dict(head="logits", scale=2.0, margins=(0.1, 0.5), offset=True,
-                               grads=("logit_offset",), reduction="sum"),
-    "two_classes_one_row": dict(B=1, C=2, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                lambda_elm=0.5, label_smoothing=0.1, weights=True),
-    "two_classes": dict(B=5, C=2, margins=(0.1, 0.3), lambda_elm=1.0),
-    "vector_width_multiple": dict(C=32, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                  label_smoothing=0.1),
-    "longer_than_a_chunk": dict(B=4, C=2085, margins=DBM_MARGINS, margin_type="additive_angular",
-                                lambda_inst=1.0, lambda_elm=0.5, offset=True, weights=True, label_smoothing=0.1,
-                                ignored=(1,)),
-}
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_fp32(name, device):
     options = dict(CASES[name])
     head = options.pop("head", "cosine")
-    compare(make_case(head, seed=_seed(name), **options), _backend(device))
-
-
-LOW_PRECISION_CASES = ("dbm_hard", "dbm_bs_drw", "elm", "smoothing_weighted_ignored", "marc_grads",
-                       "linear_bias_offset", "logits_plain", "logits_cosine_dbm", "logits_marc")
+    backend = _backend(device)
+    compare(make_case(head, seed=_seed(name), **options), backend, device=backend)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,54 +65,18 @@ def test_matches_reference_low_precision(name, dtype, device):
     """Per-row losses over 24 rows, so the inf-norm errors compared are maxima of many roundings."""
     options = dict(CASES[name], reduction="none")
     head = options.pop("head", "cosine")
-    got = compare(make_case(head, B=24, seed=_seed(name) + 1, **options), _backend(device), dtype=dtype)
+    backend = _backend(device)
+    got, _ = compare(make_case(head, B=24, seed=_seed(name) + 1, **options), backend, dtype=dtype, device=backend)
     for key in ("grad_input", "grad_weight", "grad_bias"):
         if key in got:
             assert got[key].dtype == dtype, key
-
-
-def _counts(C):
-    return fm.long_tailed_counts(num_classes=C, n_max=500, imbalance=50)
-
-
-MODULES = {
-    "dbm_ce": lambda C, backend: fm.DBMLoss(_counts(C), variant="ce", K=0.3, backend=backend),
-    "dbm_bs": lambda C, backend: fm.DBMLoss(_counts(C), variant="bs", K=0.3, backend=backend),
-    "dbm_cb_all": lambda C, backend: fm.DBMLoss(_counts(C), variant="cb", K=0.3, hard_mode="all",
-                                                backend=backend),
-    "dbm_drw": lambda C, backend: fm.DBMLoss(_counts(C), variant="drw", K=0.3, drw_step=1, reduction="sum",
-                                             backend=backend),
-    "ldam": lambda C, backend: fm.LDAMLoss(_counts(C), label_smoothing=0.1, backend=backend),
-    "elm": lambda C, backend: fm.ELMLoss(_counts(C), lambda_elm=0.5, backend=backend),
-    "arcface_threshold": lambda C, backend: fm.ArcFaceLoss(margin=0.5, scale=64.0, angular_fold="threshold",
-                                                           backend=backend),
-    "cosface": lambda C, backend: fm.CosFaceLoss(backend=backend),
-    "balanced_softmax_linear": lambda C, backend: fm.BalancedSoftmaxLoss(_counts(C), backend=backend),
-}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODULES))
 def test_modules_match_reference(name, device):
     backend = _backend(device)
-    B, C, D = 6, 29, 8
-    g = _gen(11)
-    features = torch.randn(B, D, generator=g, dtype=torch.float64)
-    weight = torch.randn(C, D, generator=g, dtype=torch.float64)
-    target = torch.randint(0, C, (B,), generator=g).to(device)
-    results = {}
-    for name_, dtype in (("reference", torch.float64), (backend, torch.float32)):
-        loss_fn = MODULES[name](C, name_)
-        if name == "dbm_drw":
-            loss_fn.set_epoch(1)
-        loss_fn.to(device)
-        x = features.float().to(dtype).to(device).requires_grad_()
-        w = weight.float().to(dtype).to(device).requires_grad_()
-        loss = loss_fn(x, target, weight=w)
-        results[name_] = (loss, *torch.autograd.grad(loss, [x, w]))
-    for label, got, truth in zip(("loss", "grad_features", "grad_weight"), results[backend],
-                                 results["reference"]):
-        assert_fp32_close(label, got, truth)
+    kernel_cases.compare_module(name, backend, device)
 
 
 # ---------------------------------------------------------------------------------------------------

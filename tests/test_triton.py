@@ -5,14 +5,15 @@ Every comparison goes through the public API (``margin_cross_entropy``, the loss
 about 1e-5 relative (inf-norm, per output); fp16/bf16 runs may err no more than the reference run in
 that dtype, plus a small floor. ``pred``/``hard`` must match on rows whose top two base scores are not
 tied within the dtype's resolution. Small shapes with a forced small column block, so the kernels' loop
-over column blocks (and a partial last block) is exercised.
+over column blocks (and a partial last block) is exercised. The cases and the comparisons are shared
+with the C++ extension's tests (``kernel_cases.py``).
 
 On a CPU-only machine these run in Triton's interpreter (``TRITON_INTERPRET=1``, which supports bf16
 and fp16); the tests marked ``cuda`` repeat the comparisons at larger shapes on a GPU, check that the
 kernels make no host synchronisation and compile the loss with inductor.
 """
+import functools
 import os
-import zlib
 
 import pytest
 import torch
@@ -21,244 +22,31 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run in Triton's CPU "
                 "interpreter (scripts/test.sh sets it on CPU-only machines)", allow_module_level=True)
 pytest.importorskip("triton")
+pytest.register_assert_rewrite("kernel_cases")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import fused_margin as fm  # noqa: E402
-from fused_margin import reference, row_torch  # noqa: E402
-from fused_margin.spec import LossTables, MarginLossSpec  # noqa: E402
+import kernel_cases  # noqa: E402
+from fused_margin import row_torch  # noqa: E402
 from fused_margin.triton import ROW_KERNEL, max_block, row_backward, row_forward  # noqa: E402
 from fused_margin.triton._common import round_to, target_margin  # noqa: E402
+from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODULES, _counts,  # noqa: E402
+                          _gen, _upstream, assert_fp32_close, make_case)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-# tensors that take the run's dtype; the tables stay fp32 (fp64 for the truth)
-MODEL_TENSORS = ("input", "weight", "bias")
-FP32_RTOL = 1e-5
-
-
-# ---------------------------------------------------------------------------------------------------
-# cases: fp64 master tensors, labels, options and the names that get gradients
-
-def _seed(name):
-    return zlib.crc32(name.encode()) % 1000
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _uniform(shape, lo, hi, g):
-    return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
-
-
-def make_case(head="cosine", *, B=6, C=37, D=8, seed=0, scale=30.0, margins=None, offset=False, pair=False,
-              weights=False, bias=False, marc=False, ignored=(), grads=(), **options):
-    """A case: ``head`` cosine/linear (features and class weights) or logits (``input_is_cosine`` when
-    ``options`` says so); ``margins`` a (lo, hi) range of class margins; ``grads`` the extra leaves
-    (beyond the input and weight) that require grad."""
-    g = _gen(seed)
-    tensors = {}
-    if head == "logits":
-        if options.get("input_is_cosine"):
-            tensors["input"] = _uniform((B, C), -0.95, 0.95, g)
-        else:
-            tensors["input"] = 3.0 * torch.randn(B, C, generator=g, dtype=torch.float64)
-    else:
-        tensors["input"] = torch.randn(B, D, generator=g, dtype=torch.float64)
-        tensors["weight"] = torch.randn(C, D, generator=g, dtype=torch.float64) * _uniform((C, 1), 0.5, 2.0, g)
-        options["head"] = head
-    if bias:
-        tensors["bias"] = 0.3 * torch.randn(C, generator=g, dtype=torch.float64)
-    if margins is not None:
-        tensors["class_margins"] = _uniform(C, *margins, g)
-    if offset:
-        tensors["logit_offset"] = torch.log(_uniform(C, 0.01, 1.0, g))
-    if pair:
-        tensors["pair_perturbation"] = 0.5 * torch.randn(B, C, generator=g, dtype=torch.float64)
-    if weights:
-        tensors["class_weight"] = _uniform(C, 0.2, 3.0, g)
-    if marc:
-        tensors["omega"] = _uniform(C, 0.5, 1.5, g)
-        tensors["beta"] = 0.2 * torch.randn(C, generator=g, dtype=torch.float64)
-        if head == "logits":
-            tensors["class_norms"] = _uniform(C, 0.5, 2.0, g)
-    target = torch.randint(0, C, (B,), generator=g)
-    ignore_index = options.get("ignore_index", -100)
-    for row in ignored:
-        target[row] = ignore_index
-    names = ["input"] + (["weight"] if "weight" in tensors else []) + list(grads)
-    return {"tensors": tensors, "target": target, "options": dict(scale=scale, **options), "grads": names}
-
-
-def _upstream(rows):
-    return torch.rand(rows, generator=_gen(1234), dtype=torch.float64) + 0.5
-
-
-def evaluate(case, backend, dtype, block=8):
-    """Loss, lse, pred, hard and the gradients of ``case``: its model tensors rounded to the run's dtype
-    (``case["run_dtype"]``) and its tables to fp32, then run as they are or, with ``dtype`` float64 (the
-    truth), upcast to float64."""
-    leaves = {}
-    for name, master in case["tensors"].items():
-        value = master.to(case["run_dtype"]) if name in MODEL_TENSORS else master.float()
-        if dtype == torch.float64:
-            value = value.double()
-        leaves[name] = value.to(DEVICE).requires_grad_(name in case["grads"])
-    kwargs = dict(leaves)
-    input_, weight = kwargs.pop("input"), kwargs.pop("weight", None)
-    target = case["target"].to(DEVICE)
-    with max_block(block):
-        loss, aux = fm.margin_cross_entropy(input_, target, weight, **kwargs, **case["options"],
-                                            backend=backend, return_aux=True)
-        upstream = torch.ones_like(loss) if loss.dim() == 0 else _upstream(loss.shape[0]).to(loss)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
-    out = {"loss": loss.detach(), "lse": aux.lse, "pred": aux.pred, "hard": aux.hard}
-    out.update({f"grad_{n}": g for n, g in zip(case["grads"], grads)})
-    out["z"] = _base_scores(case, leaves) if dtype == torch.float64 else None
-    return out
-
-
-def _base_scores(case, leaves):
-    opts = case["options"]
-    spec = MarginLossSpec(head=opts.get("head", "logits"), input_is_cosine=opts.get("input_is_cosine", False))
-    tables = LossTables(omega=leaves.get("omega"), beta=leaves.get("beta"), class_norms=leaves.get("class_norms"))
-    with torch.no_grad():
-        return reference.base_scores(leaves["input"], leaves.get("weight"), leaves.get("bias"), spec, tables)
-
-
-# ---------------------------------------------------------------------------------------------------
-# comparisons
-
-def _finite_parts(name, actual, truth):
-    actual, truth = actual.detach().double().cpu(), truth.detach().double().cpu()
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    assert torch.equal(actual.isnan(), truth.isnan()), f"{name}: NaNs differ\n{actual}\n{truth}"
-    keep = ~truth.isnan()
-    return actual[keep], truth[keep]
-
-
-def _max_err(actual, truth):
-    if truth.numel() == 0:
-        return 0.0, 0.0
-    infinite = ~torch.isfinite(truth)
-    assert torch.equal(actual[infinite], truth[infinite]), "infinities differ"
-    diff = (actual - truth)[~infinite].abs()
-    return (diff.max().item() if diff.numel() else 0.0), truth[~infinite].abs().max().item() if diff.numel() else 0.0
-
-
-def assert_fp32_close(name, actual, truth, rtol=FP32_RTOL):
-    actual, truth = _finite_parts(name, actual, truth)
-    err, size = _max_err(actual, truth)
-    assert err <= rtol * size + 1e-30, f"{name}: max error {err:.3g} > {rtol:g} x max |truth| {size:.3g}"
-
-
-def assert_within_reference_error(name, actual, ref_same_dtype, truth, factor=1.0, floor=2e-5):
-    """SPEC.md section 8: no larger than ``factor`` x the reference's error in the same dtype (inf-norm),
-    plus ``floor`` x max |truth|."""
-    actual, truth_a = _finite_parts(name, actual, truth)
-    ref, truth_r = _finite_parts(name + " (reference)", ref_same_dtype, truth)
-    err, size = _max_err(actual, truth_a)
-    ref_err, _ = _max_err(ref, truth_r)
-    assert err <= factor * ref_err + floor * size + 1e-30, \
-        f"{name}: error {err:.3g} > {factor:g} x reference's own error {ref_err:.3g} + {floor:g} x {size:.3g}"
-
-
-def assert_pred_hard(got, truth, case, gap):
-    """``pred`` equal to the truth's on rows whose top-two base scores differ by more than ``gap``
-    (relative to the row's largest |z'|), ``hard`` consistent with ``pred`` and the mode."""
-    z = truth["z"].cpu()
-    top2 = z.topk(2, dim=1).values
-    untied = (top2[:, 0] - top2[:, 1]) > gap * z.abs().amax(1).clamp_min(1.0)
-    pred, hard = got["pred"].cpu(), got["hard"].cpu()
-    assert pred.dtype == torch.int64 and hard.dtype == torch.bool
-    assert torch.equal(pred[untied], truth["pred"].cpu()[untied]), f"pred {pred} != {truth['pred']}"
-    target = case["target"]
-    kept = target != case["options"].get("ignore_index", -100)
-    expected_hard = kept if case["options"].get("hard_mode") == "all" else kept & (pred != target)
-    assert torch.equal(hard, expected_hard)
-    assert torch.equal(hard[untied], truth["hard"].cpu()[untied])
+_seed = functools.partial(kernel_cases._seed, modulus=1000)  # the data these tests have always drawn
 
 
 def compare(case, dtype=torch.float32, block=8):
-    case["run_dtype"] = dtype
-    truth = evaluate(case, "reference", torch.float64)
-    got = evaluate(case, "triton", dtype, block)
-    assert got["loss"].dtype == torch.float32 and got["lse"].dtype == torch.float32
-    if dtype == torch.float32:
-        for key in truth:
-            if key.startswith("grad_") or key in ("loss", "lse"):
-                assert_fp32_close(key, got[key], truth[key])
-        assert_pred_hard(got, truth, case, gap=1e-5)
-    else:
-        # The logits head upcasts its input exactly and rounds its gradient once, as the reference does:
-        # the same errors. The cosine and linear heads round elsewhere than the reference (the GEMM of
-        # the raw inputs, dL/draw in the input dtype before the backward GEMMs and the bias sum): errors
-        # of the same size on other elements, so there the kernel may err up to twice the reference.
-        factor = 1.0 if case["options"].get("head", "logits") == "logits" else 2.0
-        ref = evaluate(case, "reference", dtype, block)
-        for key in truth:
-            if key.startswith("grad_") or key in ("loss", "lse"):
-                assert got[key].dtype == ref[key].dtype, key
-                assert_within_reference_error(key, got[key], ref[key], truth[key], factor)
-        assert_pred_hard(got, truth, case, gap=4 * torch.finfo(dtype).eps)
-    return got, truth
+    """``kernel_cases.compare`` on the Triton backend with the column block capped at ``block``; returns
+    ``(got, truth)``."""
+    return kernel_cases.compare(case, "triton", dtype, DEVICE, context=lambda: max_block(block))
 
 
 # ---------------------------------------------------------------------------------------------------
 # every option, fp32
-
-DBM_MARGINS = (0.05, 0.4)
-CASES = {
-    "arcface": dict(margins=(0.5, 0.5), scale=64.0, margin_type="additive_angular"),
-    "dbm_hard": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0),
-    "dbm_all": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, hard_mode="all"),
-    "dbm_fold_threshold": dict(margins=(0.8, 2.6), margin_type="additive_angular", lambda_inst=0.7,
-                               angular_fold="threshold", hard_mode="all"),
-    "dbm_fold_easy": dict(margins=(0.2, 0.6), margin_type="additive_angular", lambda_inst=1.0,
-                          angular_fold="easy"),
-    "dbm_straight_through": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                 margin_grad="straight_through"),
-    "dbm_bs_drw": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, offset=True,
-                       weights=True),
-    "ldam": dict(margins=(0.1, 0.5)),
-    "elm": dict(margins=(0.1, 0.5), lambda_elm=1.0),
-    "elm_angular_instance": dict(margins=(0.1, 0.5), margin_type="additive_angular", lambda_inst=1.0,
-                                 lambda_elm=0.5),
-    "cosface_no_margins_angular": dict(margin_type="additive_angular"),
-    "smoothing": dict(margins=(0.1, 0.3), label_smoothing=0.2),
-    "smoothing_weighted_ignored": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                       label_smoothing=0.1, weights=True, offset=True, ignored=(1, 4)),
-    "marc_grads": dict(margins=DBM_MARGINS, margin_type="additive_angular", marc=True, weights=True,
-                       grads=("omega", "beta")),
-    "offset_pair_grads": dict(margins=(0.1, 0.3), offset=True, pair=True, ignored=(2,),
-                              grads=("logit_offset", "pair_perturbation")),
-    "ignore_index_is_a_class": dict(margins=(0.1, 0.3), ignore_index=3, ignored=(0, 5), weights=True),
-    "reduction_sum": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                          reduction="sum", ignored=(3,)),
-    "reduction_none": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                           reduction="none", ignored=(3,), label_smoothing=0.05, weights=True),
-    "linear_bias_offset": dict(head="linear", scale=1.0, bias=True, offset=True, grads=("bias",)),
-    "linear_marc": dict(head="linear", scale=1.0, bias=True, marc=True, grads=("bias", "omega", "beta")),
-    "linear_margins_elm_smoothing": dict(head="linear", scale=1.0, margins=(0.2, 1.0), lambda_elm=1.0,
-                                         label_smoothing=0.1, reduction="none"),
-    "logits_plain": dict(head="logits", scale=1.0, offset=True, weights=True, label_smoothing=0.1,
-                         ignored=(0,)),
-    "logits_cosine_dbm": dict(head="logits", input_is_cosine=True, margins=(0.1, 1.2),
-                              margin_type="additive_angular", lambda_inst=1.0, angular_fold="threshold",
-                              pair=True, grads=("pair_perturbation",)),
-    "logits_marc": dict(head="logits", input_is_cosine=True, margins=DBM_MARGINS,
-                        margin_type="additive_angular", marc=True, grads=("omega", "beta")),
-    "logits_offset_grad": dict(head="logits", scale=2.0, margins=(0.1, 0.5), offset=True,
-                               grads=("logit_offset",), reduction="sum"),
-    "two_classes_one_row": dict(B=1, C=2, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                lambda_elm=0.5, label_smoothing=0.1, weights=True),
-    "two_classes": dict(B=5, C=2, margins=(0.1, 0.3), lambda_elm=1.0),
-    "classes_multiple_of_block": dict(C=32, margins=DBM_MARGINS, margin_type="additive_angular",
-                                      lambda_inst=1.0, label_smoothing=0.1),
-}
-
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_fp32(name):
@@ -277,10 +65,6 @@ def test_block_size_does_not_change_the_result(block):
 # ---------------------------------------------------------------------------------------------------
 # fp16 / bf16 (the interpreter runs both)
 
-LOW_PRECISION_CASES = ("dbm_hard", "dbm_bs_drw", "elm", "smoothing_weighted_ignored", "marc_grads",
-                       "linear_bias_offset", "linear_marc", "logits_plain", "logits_cosine_dbm", "logits_marc")
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", LOW_PRECISION_CASES)
 def test_matches_reference_low_precision(name, dtype):
@@ -297,47 +81,9 @@ def test_matches_reference_low_precision(name, dtype):
 # ---------------------------------------------------------------------------------------------------
 # the loss modules
 
-def _counts(C):
-    return fm.long_tailed_counts(num_classes=C, n_max=500, imbalance=50)
-
-
-MODULES = {
-    "dbm_ce": lambda C, backend: fm.DBMLoss(_counts(C), variant="ce", K=0.3, backend=backend),
-    "dbm_bs": lambda C, backend: fm.DBMLoss(_counts(C), variant="bs", K=0.3, backend=backend),
-    "dbm_cb_all": lambda C, backend: fm.DBMLoss(_counts(C), variant="cb", K=0.3, hard_mode="all",
-                                                backend=backend),
-    "dbm_drw": lambda C, backend: fm.DBMLoss(_counts(C), variant="drw", K=0.3, drw_step=1, reduction="sum",
-                                             backend=backend),
-    "ldam": lambda C, backend: fm.LDAMLoss(_counts(C), label_smoothing=0.1, backend=backend),
-    "elm": lambda C, backend: fm.ELMLoss(_counts(C), lambda_elm=0.5, backend=backend),
-    "arcface_threshold": lambda C, backend: fm.ArcFaceLoss(margin=0.5, scale=64.0, angular_fold="threshold",
-                                                           backend=backend),
-    "cosface": lambda C, backend: fm.CosFaceLoss(backend=backend),
-    "balanced_softmax_linear": lambda C, backend: fm.BalancedSoftmaxLoss(_counts(C), backend=backend),
-}
-
-
 @pytest.mark.parametrize("name", list(MODULES))
 def test_modules_match_reference(name):
-    B, C, D = 6, 29, 8
-    g = _gen(11)
-    features = torch.randn(B, D, generator=g, dtype=torch.float64)
-    weight = torch.randn(C, D, generator=g, dtype=torch.float64)
-    target = torch.randint(0, C, (B,), generator=g).to(DEVICE)
-    results = {}
-    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
-        loss_fn = MODULES[name](C, backend)
-        if name == "dbm_drw":
-            loss_fn.set_epoch(1)
-        loss_fn.to(DEVICE)
-        x = features.float().to(dtype).to(DEVICE).requires_grad_()
-        w = weight.float().to(dtype).to(DEVICE).requires_grad_()
-        with max_block(8):
-            loss = loss_fn(x, target, weight=w)
-            grads = torch.autograd.grad(loss, [x, w])
-        results[backend] = (loss, *grads)
-    for label, got, truth in zip(("loss", "grad_features", "grad_weight"), results["triton"], results["reference"]):
-        assert_fp32_close(label, got, truth)
+    kernel_cases.compare_module(name, "triton", DEVICE, context=lambda: max_block(8))
 
 
 # ---------------------------------------------------------------------------------------------------
