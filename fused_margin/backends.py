@@ -35,6 +35,10 @@ def _load_extension(device_type: str) -> Optional[RowKernel]:
     return extension.row_kernel(device_type)
 
 
+def _row_kernel(name: str, device: torch.device) -> Optional[RowKernel]:
+    return _load_triton() if name == "triton" else _load_extension(device.type)
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
     :mod:`fused_margin.triton` was imported (Triton chooses the interpreter at that point)."""
@@ -78,11 +82,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> O
     if backend != "auto":
         if status[backend] != "ok":
             raise RuntimeError(f"backend={backend!r} is not available: {status[backend]}")
-        return _load_triton() if backend == "triton" else _load_extension(device.type)
+        return _row_kernel(backend, device)
     order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     for name in order:
         if status.get(name) == "ok":
-            return _load_triton() if name == "triton" else _load_extension(device.type)
+            return _row_kernel(name, device)
     if dtype in _FUSED_DTYPES:
         key = (device.type, dtype)
         if key not in _warned:

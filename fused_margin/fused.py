@@ -44,6 +44,19 @@ class RowKernel(NamedTuple):
     backward: Callable
 
 
+def base_scores(raw, row_scale, col_scale, col_shift):
+    """``z'_ij = raw_ij row_scale_i col_scale_j + col_shift_j`` in the compute dtype (fp32; fp64 for fp64
+    ``raw``); a missing scale is 1 and a missing shift 0."""
+    z = raw.to(compute_dtype(raw.dtype))
+    if row_scale is not None:
+        z = z * row_scale[:, None]
+    if col_scale is not None:
+        z = z * col_scale[None, :]
+    if col_shift is not None:
+        z = z + col_shift[None, :]
+    return z
+
+
 def _project_out(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``grad_i - (v_hat_i . grad_i) v_hat_i`` for rows with ``||v_i|| >= eps``; ``grad_i`` elsewhere:
     the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``).
@@ -194,13 +207,7 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_pair:
                 grads[8] = grad_logits.masked_fill(onehot, 0.0).to(pair_perturbation.dtype)
         if need_omega:
-            z = raw.to(grad_z.dtype)
-            if row_scale is not None:
-                z = z * row_scale[:, None]
-            if base_col_scale is not None:
-                z = z * base_col_scale[None, :]
-            if base_shift is not None:
-                z = z + base_shift
+            z = base_scores(raw, row_scale, base_col_scale, base_shift)
             grads[10] = (grad_z * z).sum(0).to(omega.dtype)
         if need_beta:
             norms = w_norm if weight is not None else class_norms.to(grad_z.dtype)

@@ -1,7 +1,6 @@
 """``nn.Module`` losses (tables cached as buffers, so ``.to(device)`` moves them) and the cosine head."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -109,8 +108,7 @@ class ELMLoss(MarginLoss):
 
 class _ConstantMarginLoss(MarginLoss):
     def __init__(self, margin, scale, margin_type, backend, **options):
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise ValueError(f"margin must be a finite number, got {margin!r}")
+        builders._finite("margin", margin)
         self.margin = float(margin)
         super().__init__(scale=scale, margin_type=margin_type, backend=backend, **options)
 
@@ -149,8 +147,7 @@ class LogitAdjustedLoss(MarginLoss):
     """Logit-adjusted loss (Menon et al., ICLR 2021): cross-entropy of ``logits + tau log pi_j``."""
 
     def __init__(self, class_counts, tau=1.0, backend="auto", feature_head="linear", **options):
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-            raise ValueError(f"tau must be a finite number, got {tau!r}")
+        builders._finite("tau", tau)
         super().__init__(logit_offset=builders.log_prior(class_counts) * float(tau), cosine_input=False,
                          feature_head=feature_head, backend=backend, **options)
 

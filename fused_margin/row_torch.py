@@ -10,20 +10,8 @@ import math
 
 import torch
 
-from .fused import RowKernel
-from .reference import compute_dtype
+from .fused import RowKernel, base_scores
 from .spec import ACOS_CLAMP
-
-
-def base_scores(raw, row_scale, col_scale, col_shift):
-    z = raw.to(compute_dtype(raw.dtype))
-    if row_scale is not None:
-        z = z * row_scale[:, None]
-    if col_scale is not None:
-        z = z * col_scale[None, :]
-    if col_shift is not None:
-        z = z + col_shift[None, :]
-    return z
 
 
 def target_margin_and_grad(c, margin, dmargin_dc, scale, margin_type, fold, straight_through):
