@@ -66,11 +66,50 @@ inline const float* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<float>() : nullptr;
 }
 
-// One row_forward call, shared by the CPU and CUDA implementations: the checked contiguous inputs, the
-// fp32 tables and the outputs, kept alive here while `args` points at them.
-struct ForwardCall {
-  at::Tensor raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
-      class_weight;
+// What both row ops take, checked: raw and target made contiguous, the optional tables as contiguous
+// fp32 (undefined when absent). Shared by the CPU and CUDA implementations.
+struct RowInputs {
+  at::Tensor raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight;
+};
+
+inline RowInputs prepare_inputs(const at::Tensor& raw_in, const at::Tensor& target_in, const OptTensor& row_scale,
+                                const OptTensor& col_scale, const OptTensor& col_shift,
+                                const OptTensor& logit_offset, const OptTensor& pair_perturbation,
+                                const OptTensor& class_weight) {
+  check_raw_and_target(raw_in, target_in);
+  RowInputs in;
+  in.raw = raw_in.contiguous();
+  in.target = target_in.contiguous();
+  const int64_t rows = in.raw.size(0), cols = in.raw.size(1);
+  in.row_scale = float_table(row_scale, "row_scale", {rows}, in.raw);
+  in.col_scale = float_table(col_scale, "col_scale", {cols}, in.raw);
+  in.col_shift = float_table(col_shift, "col_shift", {cols}, in.raw);
+  in.logit_offset = float_table(logit_offset, "logit_offset", {cols}, in.raw);
+  in.pair_perturbation = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, in.raw);
+  in.class_weight = float_table(class_weight, "class_weight", {cols}, in.raw);
+  return in;
+}
+
+// Point the fields RowForwardArgs and RowBackwardArgs share at `in`.
+template <typename Args>
+void point_at_inputs(const RowInputs& in, Args& args) {
+  args.raw = in.raw.const_data_ptr();
+  args.raw_type = raw_type_of(in.raw);
+  args.rows = in.raw.size(0);
+  args.cols = in.raw.size(1);
+  args.target = in.target.const_data_ptr<int64_t>();
+  args.row_scale = ptr_or_null(in.row_scale);
+  args.col_scale = ptr_or_null(in.col_scale);
+  args.col_shift = ptr_or_null(in.col_shift);
+  args.logit_offset = ptr_or_null(in.logit_offset);
+  args.pair_perturbation = ptr_or_null(in.pair_perturbation);
+  args.class_weight = ptr_or_null(in.class_weight);
+}
+
+// One row_forward call: its inputs, the class margins and the outputs, kept alive here while `args`
+// points at them.
+struct ForwardCall : RowInputs {
+  at::Tensor class_margins;
   at::Tensor loss, lse, pred, hard, target_logit, target_grad;
   RowForwardArgs args{};
 
@@ -86,20 +125,13 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
                                    const OptTensor& class_weight, double scale, int64_t margin_type,
                                    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold,
                                    bool straight_through, double label_smoothing, int64_t ignore_index) {
-  check_raw_and_target(raw_in, target_in);
-  check_codes(margin_type, fold);
   ForwardCall call;
-  call.raw = raw_in.contiguous();
-  call.target = target_in.contiguous();
+  static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
+                                                 pair_perturbation, class_weight);
+  check_codes(margin_type, fold);
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
-  call.row_scale = float_table(row_scale, "row_scale", {rows}, raw);
-  call.col_scale = float_table(col_scale, "col_scale", {cols}, raw);
-  call.col_shift = float_table(col_shift, "col_shift", {cols}, raw);
   call.class_margins = float_table(class_margins, "class_margins", {cols}, raw);
-  call.logit_offset = float_table(logit_offset, "logit_offset", {cols}, raw);
-  call.pair_perturbation = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
-  call.class_weight = float_table(class_weight, "class_weight", {cols}, raw);
 
   const auto f32 = raw.options().dtype(at::kFloat);
   call.loss = at::empty({rows}, f32);
@@ -111,18 +143,8 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
   TORCH_CHECK(rows == 0 || cols > 0, "fused_margin row_forward: raw must have at least one column");
 
   RowForwardArgs& args = call.args;
-  args.raw = raw.const_data_ptr();
-  args.raw_type = raw_type_of(raw);
-  args.rows = rows;
-  args.cols = cols;
-  args.target = call.target.const_data_ptr<int64_t>();
-  args.row_scale = ptr_or_null(call.row_scale);
-  args.col_scale = ptr_or_null(call.col_scale);
-  args.col_shift = ptr_or_null(call.col_shift);
+  point_at_inputs(call, args);
   args.class_margins = ptr_or_null(call.class_margins);
-  args.logit_offset = ptr_or_null(call.logit_offset);
-  args.pair_perturbation = ptr_or_null(call.pair_perturbation);
-  args.class_weight = ptr_or_null(call.class_weight);
   args.scale = static_cast<float>(scale);
   args.lambda_inst = static_cast<float>(lambda_inst);
   args.lambda_elm = static_cast<float>(lambda_elm);
@@ -143,9 +165,8 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
 
 // One row_backward call (see ForwardCall). `args.weight_sum` is C; with class weights the CPU caller
 // sets it to their sum, the CUDA caller points `args.weight_sum_device` at it.
-struct BackwardCall {
-  at::Tensor raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight, lse,
-      target_logit, target_grad, grad_rows, weight_sum;
+struct BackwardCall : RowInputs {
+  at::Tensor lse, target_logit, target_grad, grad_rows, weight_sum;
   at::Tensor grad;
   RowBackwardArgs args{};
 };
@@ -157,18 +178,11 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
                                      const at::Tensor& lse, const at::Tensor& target_logit,
                                      const at::Tensor& target_grad, const at::Tensor& grad_rows, double scale,
                                      double label_smoothing, int64_t ignore_index, bool scale_grad) {
-  check_raw_and_target(raw_in, target_in);
   BackwardCall call;
-  call.raw = raw_in.contiguous();
-  call.target = target_in.contiguous();
+  static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
+                                                 pair_perturbation, class_weight);
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
-  call.row_scale = float_table(row_scale, "row_scale", {rows}, raw);
-  call.col_scale = float_table(col_scale, "col_scale", {cols}, raw);
-  call.col_shift = float_table(col_shift, "col_shift", {cols}, raw);
-  call.logit_offset = float_table(logit_offset, "logit_offset", {cols}, raw);
-  call.pair_perturbation = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, raw);
-  call.class_weight = float_table(class_weight, "class_weight", {cols}, raw);
   call.lse = float_table(lse, "lse", {rows}, raw);
   call.target_logit = float_table(target_logit, "target_logit", {rows}, raw);
   call.target_grad = float_table(target_grad, "target_grad", {rows}, raw);
@@ -176,17 +190,7 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   call.grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
 
   RowBackwardArgs& args = call.args;
-  args.raw = raw.const_data_ptr();
-  args.raw_type = raw_type_of(raw);
-  args.rows = rows;
-  args.cols = cols;
-  args.target = call.target.const_data_ptr<int64_t>();
-  args.row_scale = ptr_or_null(call.row_scale);
-  args.col_scale = ptr_or_null(call.col_scale);
-  args.col_shift = ptr_or_null(call.col_shift);
-  args.logit_offset = ptr_or_null(call.logit_offset);
-  args.pair_perturbation = ptr_or_null(call.pair_perturbation);
-  args.class_weight = ptr_or_null(call.class_weight);
+  point_at_inputs(call, args);
   args.lse = call.lse.const_data_ptr<float>();
   args.target_logit = call.target_logit.const_data_ptr<float>();
   args.target_grad = call.target_grad.const_data_ptr<float>();
