@@ -74,38 +74,46 @@ def block_partials(z: torch.Tensor, c0: int, target: torch.Tensor, kept: torch.T
     ``offset``/``class_weight``: the block's slices of ``a`` and ``w``; ``pair``: the block's columns of
     ``P`` (B x k)."""
     rows, width = z.shape
-    cols = torch.arange(c0, c0 + width, device=z.device)
     local_y = target - c0
     has_y = (local_y >= 0) & (local_y < width)
-    label_col = local_y[:, None] == (cols - c0)[None, :]                      # B x k
-    is_target = label_col & kept[:, None]
+    own = has_y & kept                          # rows whose (kept) target column is in the block
+    index = local_y.clamp(0, width - 1)[:, None]
+    neg_inf = torch.full_like(z[:, 0], float("-inf"))
 
     z_arg = z.argmax(1)
     z_max = z.gather(1, z_arg[:, None]).squeeze(1)
+    z_at = z.gather(1, index).squeeze(1)
     if track_wrong:
-        masked = z.masked_fill(label_col, float("-inf"))
+        masked = z.scatter(1, index, torch.where(has_y, neg_inf, z_at)[:, None])
         wrong_arg = masked.argmax(1)
         wrong_max = masked.gather(1, wrong_arg[:, None]).squeeze(1)
         wrong_arg = wrong_arg + c0
     else:
         wrong_arg, wrong_max = z_arg + c0, z_max
-    z_y = torch.where(has_y, z.gather(1, local_y.clamp(0, width - 1)[:, None]).squeeze(1), torch.zeros_like(z_max))
+    z_y = torch.where(has_y, z_at, torch.zeros_like(z_max))
 
-    logits = spec.scale * z
+    logits = z * spec.scale
     if offset is not None:
-        logits = logits + offset[None, :]
+        logits += offset[None, :]
     if pair is not None:
-        logits = logits + pair
-    logits = logits.masked_fill(is_target, float("-inf"))
+        logits += pair
+    logits.scatter_(1, index, torch.where(own, neg_inf, logits.gather(1, index).squeeze(1))[:, None])
     l_max = logits.amax(1)
     shift = lse_shift(l_max)
-    l_sum = torch.exp(logits - shift[:, None]).sum(1)
     if spec.label_smoothing != 0.0:
-        w = class_weight[None, :] if class_weight is not None else torch.ones_like(logits[:1])
-        w = torch.where(is_target, torch.zeros_like(logits), w.expand_as(logits))
-        dev = (w * (shift[:, None] - logits.masked_fill(is_target, 0.0))).sum(1)
-        weight = w.sum(1)
+        centred = shift[:, None] - logits      # + inf at the target column: zeroed next
+        centred.scatter_(1, index, torch.where(own, torch.zeros_like(shift), centred.gather(1, index).squeeze(1))[:, None])
+        if class_weight is not None:
+            dev = centred @ class_weight
+            weight = class_weight.sum() - torch.where(own, class_weight[index.squeeze(1)], torch.zeros_like(shift))
+        else:
+            dev = centred.sum(1)
+            weight = width - own.to(shift.dtype)
+        del centred
     else:
+        dev = weight = None
+    l_sum = logits.sub_(shift[:, None]).exp_().sum(1)  # the logits are spent here
+    if dev is None:
         dev = weight = torch.zeros_like(l_sum)
     return Partials(z_max, z_arg + c0, wrong_max, wrong_arg, z_y, has_y, l_max, l_sum, dev, weight)
 

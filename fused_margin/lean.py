@@ -184,25 +184,29 @@ class _LeanMarginCE(torch.autograd.Function):
             c1 = min(c0 + chunk, num_classes)
             z, z_prime, w_hat, w_norm = chunks.scores(c0, c1)
             local_y = y - c0
-            is_target = (local_y[:, None] == torch.arange(c1 - c0, device=y.device)[None, :]) & kept[:, None]
-            logits = spec.scale * z_prime
+            own = kept & (local_y >= 0) & (local_y < c1 - c0)   # rows whose target column is in the chunk
+            index = local_y.clamp(0, c1 - c0 - 1)[:, None]
+            p = z_prime * spec.scale                            # the logits, then p and dL/dl in place
             if logit_offset is not None:
-                logits = logits + logit_offset[c0:c1].to(cd)[None, :]
+                p += logit_offset[c0:c1].to(cd)[None, :]
             if pair_perturbation is not None:
-                logits = logits + pair_perturbation[:, c0:c1].to(cd)
-            p = torch.exp(logits - lse[:, None])
-            dl = (1.0 - eps) * w_y[:, None] * p
+                p += pair_perturbation[:, c0:c1].to(cd)
+            p.sub_(lse[:, None]).exp_()
+            # off the target, dl_j = g ((1 - eps) w_y p_j + eps / C (W p_j - w_j)), linear in p_j
+            dl = p.mul_((g * ((1.0 - eps) * w_y + eps / num_classes * w_sum))[:, None])
             if eps != 0.0:
-                w_j = w_all[c0:c1][None, :] if w_all is not None else 1.0
-                dl = dl + eps / num_classes * (w_sum * p - w_j)
-            dl = torch.where(is_target, dl_target[:, None], dl * g[:, None])       # dL/dl
-            grad = torch.where(is_target, dl * target_grad[:, None], dl * spec.scale)  # dL/dz'
-            del p, logits
+                w_j = w_all[c0:c1] if w_all is not None else torch.ones(c1 - c0, dtype=cd, device=dl.device)
+                dl.addr_(g * (eps / num_classes), w_j, alpha=-1.0)
+            dl.scatter_(1, index, torch.where(own, dl_target, dl.gather(1, index).squeeze(1))[:, None])
             if grad_offset is not None:
                 grad_offset[c0:c1] = dl.sum(0)
             if grad_pair is not None:
-                grad_pair[:, c0:c1] = dl.masked_fill(is_target, 0.0).to(grad_pair.dtype)
-            del dl
+                out = grad_pair[:, c0:c1]
+                out.copy_(dl)
+                out.scatter_(1, index, torch.where(own, torch.zeros_like(dl_target),
+                                                   out.gather(1, index).squeeze(1).to(cd)).to(out.dtype)[:, None])
+            grad = dl.mul_(spec.scale)                                                   # dL/dz'
+            grad.scatter_(1, index, torch.where(own, dl_target * target_grad, grad.gather(1, index).squeeze(1))[:, None])
             if grad_omega is not None:
                 grad_omega[c0:c1] = (grad * z).sum(0)
             col_sum = grad.sum(0) if (beta is not None or grad_bias is not None) else None
