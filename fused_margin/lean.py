@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .class_split import block_partials, combine, finish
+from .class_split import Partials, block_partials, combine, finish
 from .reference import compute_dtype
 from .spec import NORM_EPS, LossTables, MarginLossSpec
 
@@ -54,35 +54,54 @@ def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torc
     return (grad - radial) / norm.clamp_min(NORM_EPS)[:, None]
 
 
-class _Chunks:
-    """The per-chunk base scores of the three heads (and what their gradients need)."""
+class ClassBlock:
+    """The classes ``[start, start + count)`` of a loss, computed in chunks of ``chunk`` classes.
 
-    def __init__(self, spec, input, weight, bias, tables: LossTables):
+    ``weight`` (and a linear head's ``bias``) hold just these classes (row ``c - start`` for class ``c``:
+    the whole classifier on one device, a shard of it on a rank); the tables stay the global C-sized
+    ones. ``input`` is every row the block sees (a rank's gathered batch). :meth:`partials` gives the
+    merged :class:`~fused_margin.class_split.Partials` of the block, :meth:`backward` its gradients.
+    """
+
+    def __init__(self, spec: MarginLossSpec, input, weight, bias, tables: LossTables, *, start=0, count=None,
+                 chunk: int):
         self.spec, self.input, self.weight, self.bias, self.tables = spec, input, weight, bias, tables
+        self.start = start
+        self.count = (input.shape[1] if spec.head == "logits" else weight.shape[0]) if count is None else count
+        self.chunk = chunk
         self.cd = compute_dtype(input.dtype)
         self.x_norm = self.x_hat = None
         if spec.head == "cosine":
             self.x_norm = _norm(input)
             self.x_hat = F.normalize(input.to(self.cd), dim=1, eps=NORM_EPS).to(input.dtype)
 
+    def ranges(self):
+        """``(c0, c1)`` global class ranges of the chunks, in order."""
+        end = self.start + self.count
+        return [(c0, min(c0 + self.chunk, end)) for c0 in range(self.start, end, self.chunk)]
+
+    def table(self, table, c0, c1):
+        return None if table is None else table[c0:c1].to(self.cd)
+
     def scores(self, c0, c1):
         """``(z, z', w_hat, w_norm)`` of classes ``[c0, c1)``: the head's scores ``z`` and ``z'`` after
         MARC (compute dtype), the chunk's normalised weights (cosine head) and row norms (where used)."""
         spec, t, cd = self.spec, self.tables, self.cd
+        l0, l1 = c0 - self.start, c1 - self.start
         w_hat = w_norm = None
         if spec.head == "cosine":
-            w = self.weight[c0:c1]
+            w = self.weight[l0:l1]
             w_norm = _norm(w)
             w_hat = F.normalize(w.to(cd), dim=1, eps=NORM_EPS).to(w.dtype)
             z = (self.x_hat @ w_hat.t()).to(cd)
         elif spec.head == "linear":
-            z = (self.input @ self.weight[c0:c1].t()).to(cd)
+            z = (self.input @ self.weight[l0:l1].t()).to(cd)
             if self.bias is not None:
-                z = z + self.bias[c0:c1].to(cd)
+                z = z + self.bias[l0:l1].to(cd)
             if t.beta is not None:
-                w_norm = _norm(self.weight[c0:c1])
+                w_norm = _norm(self.weight[l0:l1])
         else:
-            z = self.input[:, c0:c1].to(cd)
+            z = self.input[:, l0:l1].to(cd)
         z_prime = z
         if t.omega is not None:
             z_prime = z_prime * t.omega[c0:c1].to(cd)
@@ -91,9 +110,139 @@ class _Chunks:
             z_prime = z_prime + t.beta[c0:c1].to(cd) * norms
         return z, z_prime, w_hat, w_norm
 
+    def partials(self, y, kept) -> Partials:
+        """The block's partial statistics, chunk by chunk (``y``: labels with ignored rows set to 0)."""
+        t, cd = self.tables, self.cd
+        track_wrong = t.class_margins is not None and self.spec.lambda_elm != 0.0
+        merged = None
+        for c0, c1 in self.ranges():
+            _, z_prime, _, _ = self.scores(c0, c1)
+            pair = None if t.pair_perturbation is None else t.pair_perturbation[:, c0:c1].to(cd)
+            part = block_partials(z_prime, c0, y, kept, self.spec, offset=self.table(t.logit_offset, c0, c1),
+                                  pair=pair, class_weight=self.table(t.class_weight, c0, c1),
+                                  track_wrong=track_wrong)
+            merged = part if merged is None else combine(merged, part)
+        return merged
 
-def _slice(table, c0, c1, cd):
-    return None if table is None else table[c0:c1].to(cd)
+    def backward(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+        """The gradients of the block for upstream row gradients ``g`` (0 on ignored rows), from the
+        finished rows' ``nll``, ``dt/dz'_y`` and ``lse``. ``need``: names among ``input``, ``weight``,
+        ``bias``, ``logit_offset``, ``pair_perturbation``, ``omega``, ``beta``. Returns a dict: ``input``
+        (fp32/fp64, B x D or the B x block logits), ``weight`` and ``bias`` (this block's rows), and the
+        tables' gradients over the global C classes (zero outside the block)."""
+        spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
+        device, count = input.device, self.count
+        eps = spec.label_smoothing
+        if t.class_weight is not None:
+            w_all = t.class_weight.to(cd)
+            w_y, w_sum = w_all[y], w_all.sum()
+        else:
+            w_all, w_y, w_sum = None, torch.ones_like(lse), float(num_classes)
+        # dL/dt = g ((1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y)), p_y - 1 = expm1(-nll) kept precise
+        dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * torch.exp(-nll) - w_y))
+        row_coef = g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)
+
+        out = {}
+        x_acc = None
+        if "input" in need:
+            if spec.head == "logits":
+                out["input"] = torch.empty(input.shape, dtype=cd, device=device)
+            else:
+                x_acc = torch.zeros(input.shape, dtype=cd, device=device)
+        if "weight" in need:
+            out["weight"] = torch.empty(weight.shape, dtype=cd, device=device)
+        if "bias" in need:
+            out["bias"] = torch.empty(count, dtype=cd, device=device)
+        for name in ("logit_offset", "omega", "beta"):
+            if name in need:
+                out[name] = torch.zeros(num_classes, dtype=cd, device=device)
+        if "pair_perturbation" in need:
+            out["pair_perturbation"] = torch.zeros(t.pair_perturbation.shape, dtype=cd, device=device)
+
+        for c0, c1 in self.ranges():
+            l0, l1 = c0 - self.start, c1 - self.start
+            z, z_prime, w_hat, w_norm = self.scores(c0, c1)
+            local_y = y - c0
+            own = kept & (local_y >= 0) & (local_y < c1 - c0)   # rows whose target column is in the chunk
+            index = local_y.clamp(0, c1 - c0 - 1)[:, None]
+            p = z_prime * spec.scale                            # the logits, then p and dL/dl in place
+            if t.logit_offset is not None:
+                p += t.logit_offset[c0:c1].to(cd)[None, :]
+            if t.pair_perturbation is not None:
+                p += t.pair_perturbation[:, c0:c1].to(cd)
+            p.sub_(lse[:, None]).exp_()
+            # off the target, dl_j = g ((1 - eps) w_y p_j + eps / C (W p_j - w_j)), linear in p_j
+            dl = p.mul_(row_coef[:, None])
+            if eps != 0.0:
+                w_j = w_all[c0:c1] if w_all is not None else torch.ones(c1 - c0, dtype=cd, device=device)
+                dl.addr_(g * (eps / num_classes), w_j, alpha=-1.0)
+            dl.scatter_(1, index, torch.where(own, dl_target, dl.gather(1, index).squeeze(1))[:, None])
+            if "logit_offset" in out:
+                out["logit_offset"][c0:c1] = dl.sum(0)
+            if "pair_perturbation" in out:
+                pair_grad = out["pair_perturbation"][:, c0:c1]
+                pair_grad.copy_(dl)
+                pair_grad.scatter_(1, index, torch.where(own, torch.zeros_like(dl_target),
+                                                         pair_grad.gather(1, index).squeeze(1))[:, None])
+            grad = dl.mul_(spec.scale)                                                   # dL/dz'
+            grad.scatter_(1, index, torch.where(own, dl_target * target_grad,
+                                                grad.gather(1, index).squeeze(1))[:, None])
+            if "omega" in out:
+                out["omega"][c0:c1] = (grad * z).sum(0)
+            col_sum = grad.sum(0) if (t.beta is not None or "bias" in out) else None
+            if "beta" in out:
+                out["beta"][c0:c1] = col_sum * (w_norm if weight is not None else t.class_norms[c0:c1].to(cd))
+            grad_z = grad * t.omega[c0:c1].to(cd)[None, :] if t.omega is not None else grad  # dL/dz
+            if "bias" in out:
+                out["bias"][l0:l1] = grad_z.sum(0)
+            if spec.head == "logits":
+                if "input" in out:
+                    out["input"][:, l0:l1] = grad_z
+                continue
+            gz = grad_z.to(input.dtype)
+            rhs = w_hat if spec.head == "cosine" else weight[l0:l1]
+            if x_acc is not None:
+                if gz.dtype == cd:
+                    x_acc.addmm_(gz, rhs)
+                else:
+                    x_acc += (gz @ rhs).to(cd)
+            if "weight" in out:
+                gw = (gz.t() @ (self.x_hat if spec.head == "cosine" else input)).to(cd)
+                if spec.head == "cosine":
+                    gw = _project(gw, w_hat.to(cd), w_norm)
+                if t.beta is not None:  # d(beta_j |W_j|)/dW_j = beta_j W_j / |W_j| (0 at W_j = 0)
+                    coef = torch.where(w_norm > 0, t.beta[c0:c1].to(cd) * col_sum / w_norm.clamp_min(NORM_EPS), 0.0)
+                    gw = gw + coef[:, None] * weight[l0:l1].to(cd)
+                out["weight"][l0:l1] = gw
+        if x_acc is not None:
+            out["input"] = _project(x_acc, self.x_hat.to(cd), self.x_norm) if spec.head == "cosine" else x_acc
+        return out
+
+
+def reduce_rows(loss_rows, y, kept, class_weight, reduction):
+    """``(loss, denom)``: the reduction of docs/loss.md section 4 (``denom`` for ``mean``, else None)."""
+    if reduction == "mean":
+        w_y = class_weight.to(loss_rows.dtype)[y] if class_weight is not None else torch.ones_like(loss_rows)
+        denom = torch.where(kept, w_y, torch.zeros_like(w_y)).sum()
+        return loss_rows.sum() / denom, denom
+    if reduction == "sum":
+        return loss_rows.sum(), None
+    return loss_rows, None
+
+
+def row_grads(grad_loss, denom, kept, reduction, rows, dtype):
+    """The upstream gradient of every loss row (0 on ignored rows) from that of the reduced loss."""
+    grad_loss = grad_loss.to(dtype)
+    if reduction == "mean":
+        g = (grad_loss / denom).expand(rows)
+    elif reduction == "sum":
+        g = grad_loss.expand(rows)
+    else:
+        g = grad_loss
+    return torch.where(kept, g, torch.zeros_like(g))
+
+
+_GRAD_ORDER = ("input", None, "weight", "bias", None, "logit_offset", "pair_perturbation", None, "omega", "beta", None)
 
 
 class _LeanMarginCE(torch.autograd.Function):
@@ -101,152 +250,38 @@ class _LeanMarginCE(torch.autograd.Function):
     def forward(ctx, spec: MarginLossSpec, chunk: int, input, target, weight, bias, class_margins, logit_offset,
                 pair_perturbation, class_weight, omega, beta, class_norms):
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
-        chunks = _Chunks(spec, input, weight, bias, tables)
-        cd = chunks.cd
-        num_classes = input.shape[1] if spec.head == "logits" else weight.shape[0]
+        block = ClassBlock(spec, input, weight, bias, tables, chunk=chunk)
+        num_classes = block.count
         kept = target != spec.ignore_index
         y = torch.where(kept, target, torch.zeros_like(target))
-        track_wrong = class_margins is not None and spec.lambda_elm != 0.0
-        merged = None
-        for c0 in range(0, num_classes, chunk):
-            c1 = min(c0 + chunk, num_classes)
-            _, z_prime, _, _ = chunks.scores(c0, c1)
-            pair = None if pair_perturbation is None else pair_perturbation[:, c0:c1].to(cd)
-            part = block_partials(z_prime, c0, y, kept, spec, offset=_slice(logit_offset, c0, c1, cd), pair=pair,
-                                  class_weight=_slice(class_weight, c0, c1, cd), track_wrong=track_wrong)
-            merged = part if merged is None else combine(merged, part)
-        rows = finish(merged, y, kept, spec, num_classes, class_margins=class_margins, logit_offset=logit_offset,
-                      class_weight=None if class_weight is None else class_weight.to(cd))
-        if spec.reduction == "mean":
-            w_y = class_weight.to(cd)[y] if class_weight is not None else torch.ones_like(rows.loss)
-            denom = torch.where(kept, w_y, torch.zeros_like(w_y)).sum()
-            loss = rows.loss.sum() / denom
-        elif spec.reduction == "sum":
-            loss, denom = rows.loss.sum(), None
-        else:
-            loss, denom = rows.loss, None
-
-        ctx.spec, ctx.chunk, ctx.num_classes = spec, chunk, num_classes
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, target, weight, bias, logit_offset, pair_perturbation, class_weight, omega, beta,
-                              class_norms, rows.lse, rows.nll, rows.target_logit, rows.target_grad, denom)
+        rows = finish(block.partials(y, kept), y, kept, spec, num_classes, class_margins=class_margins,
+                      logit_offset=logit_offset, class_weight=None if class_weight is None else class_weight.to(block.cd))
+        loss, denom = reduce_rows(rows.loss, y, kept, class_weight, spec.reduction)
+        ctx.spec, ctx.chunk = spec, chunk
+        ctx.save_for_backward(input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight,
+                              omega, beta, class_norms, rows.lse, rows.nll, rows.target_grad, denom)
         ctx.mark_non_differentiable(rows.lse, rows.pred, rows.hard)
         return loss, rows.lse, rows.pred, rows.hard
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_pred, _grad_hard):
-        (input, target, weight, bias, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms,
-         lse, nll, target_logit, target_grad, denom) = ctx.saved_tensors
+        (input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight, omega, beta,
+         class_norms, lse, nll, target_grad, denom) = ctx.saved_tensors
         if torch.is_grad_enabled():
             raise RuntimeError("the memory-lean path gives first-order gradients only; for create_graph=True "
                                "(double backward, meta-learning) use backend='reference'")
-        spec, chunk, num_classes = ctx.spec, ctx.chunk, ctx.num_classes
-        (need_input, need_weight, need_bias, need_offset, need_pair, need_omega,
-         need_beta) = (ctx.needs_input_grad[i] for i in (2, 4, 5, 7, 8, 10, 11))
-        tables = LossTables(None, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
-        chunks = _Chunks(spec, input, weight, bias, tables)
-        cd = chunks.cd
+        spec = ctx.spec
+        tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
+        block = ClassBlock(spec, input, weight, bias, tables, chunk=ctx.chunk)
         kept = target != spec.ignore_index
         y = torch.where(kept, target, torch.zeros_like(target))
-        rows = y.shape[0]
-
-        grad_loss = grad_loss.to(cd)
-        if spec.reduction == "mean":
-            g = (grad_loss / denom).expand(rows)
-        elif spec.reduction == "sum":
-            g = grad_loss.expand(rows)
-        else:
-            g = grad_loss
-        g = torch.where(kept, g, torch.zeros_like(g))
-        eps = spec.label_smoothing
-        if class_weight is not None:
-            w_all = class_weight.to(cd)
-            w_y, w_sum = w_all[y], w_all.sum()
-        else:
-            w_all, w_y, w_sum = None, torch.ones_like(lse), float(num_classes)
-        p_y = torch.exp(-nll)
-        # dL/dt: (1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y), p_y - 1 = expm1(-nll) kept precise
-        dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * p_y - w_y))
-
-        grad_input = grad_x_acc = None
-        if need_input and spec.head != "logits":
-            grad_x_acc = torch.zeros(input.shape, dtype=cd, device=input.device)
-        elif need_input:
-            grad_input = torch.empty_like(input)
-        grad_weight = torch.empty_like(weight) if need_weight and weight is not None else None
-        grad_bias = torch.empty(num_classes, dtype=cd, device=input.device) if need_bias else None
-        grad_offset = torch.empty(num_classes, dtype=cd, device=input.device) if need_offset else None
-        grad_pair = torch.empty_like(pair_perturbation) if need_pair else None
-        grad_omega = torch.empty(num_classes, dtype=cd, device=input.device) if need_omega else None
-        grad_beta = torch.empty(num_classes, dtype=cd, device=input.device) if need_beta else None
-
-        for c0 in range(0, num_classes, chunk):
-            c1 = min(c0 + chunk, num_classes)
-            z, z_prime, w_hat, w_norm = chunks.scores(c0, c1)
-            local_y = y - c0
-            own = kept & (local_y >= 0) & (local_y < c1 - c0)   # rows whose target column is in the chunk
-            index = local_y.clamp(0, c1 - c0 - 1)[:, None]
-            p = z_prime * spec.scale                            # the logits, then p and dL/dl in place
-            if logit_offset is not None:
-                p += logit_offset[c0:c1].to(cd)[None, :]
-            if pair_perturbation is not None:
-                p += pair_perturbation[:, c0:c1].to(cd)
-            p.sub_(lse[:, None]).exp_()
-            # off the target, dl_j = g ((1 - eps) w_y p_j + eps / C (W p_j - w_j)), linear in p_j
-            dl = p.mul_((g * ((1.0 - eps) * w_y + eps / num_classes * w_sum))[:, None])
-            if eps != 0.0:
-                w_j = w_all[c0:c1] if w_all is not None else torch.ones(c1 - c0, dtype=cd, device=dl.device)
-                dl.addr_(g * (eps / num_classes), w_j, alpha=-1.0)
-            dl.scatter_(1, index, torch.where(own, dl_target, dl.gather(1, index).squeeze(1))[:, None])
-            if grad_offset is not None:
-                grad_offset[c0:c1] = dl.sum(0)
-            if grad_pair is not None:
-                out = grad_pair[:, c0:c1]
-                out.copy_(dl)
-                out.scatter_(1, index, torch.where(own, torch.zeros_like(dl_target),
-                                                   out.gather(1, index).squeeze(1).to(cd)).to(out.dtype)[:, None])
-            grad = dl.mul_(spec.scale)                                                   # dL/dz'
-            grad.scatter_(1, index, torch.where(own, dl_target * target_grad, grad.gather(1, index).squeeze(1))[:, None])
-            if grad_omega is not None:
-                grad_omega[c0:c1] = (grad * z).sum(0)
-            col_sum = grad.sum(0) if (beta is not None or grad_bias is not None) else None
-            if grad_beta is not None:
-                norms = w_norm if weight is not None else class_norms[c0:c1].to(cd)
-                grad_beta[c0:c1] = col_sum * norms
-            grad_z = grad * omega[c0:c1].to(cd)[None, :] if omega is not None else grad  # dL/dz
-            if grad_bias is not None:
-                grad_bias[c0:c1] = grad_z.sum(0)
-            if spec.head == "logits":
-                if grad_input is not None:
-                    grad_input[:, c0:c1] = grad_z.to(input.dtype)
-                continue
-            gz = grad_z.to(input.dtype)
-            rhs = w_hat if spec.head == "cosine" else weight[c0:c1]
-            if grad_x_acc is not None:
-                if gz.dtype == cd:
-                    grad_x_acc.addmm_(gz, rhs)
-                else:
-                    grad_x_acc += (gz @ rhs).to(cd)
-            if grad_weight is not None:
-                lhs = chunks.x_hat if spec.head == "cosine" else input
-                gw = (gz.t() @ lhs).to(cd)
-                if spec.head == "cosine":
-                    gw = _project(gw, w_hat.to(cd), w_norm)
-                if beta is not None:  # d(beta_j |W_j|)/dW_j = beta_j W_j / |W_j| (0 at W_j = 0)
-                    w_c = weight[c0:c1].to(cd)
-                    coef = torch.where(w_norm > 0, beta[c0:c1].to(cd) * col_sum / w_norm.clamp_min(NORM_EPS), 0.0)
-                    gw = gw + coef[:, None] * w_c
-                grad_weight[c0:c1] = gw.to(weight.dtype)
-
-        if grad_x_acc is not None:
-            if spec.head == "cosine":
-                grad_x_acc = _project(grad_x_acc, chunks.x_hat.to(cd), chunks.x_norm)
-            grad_input = grad_x_acc.to(input.dtype)
-        as_dtype = lambda t, ref: None if t is None else t.to(ref.dtype)  # noqa: E731
-        return (None, None, grad_input, None, grad_weight,
-                None if grad_bias is None else grad_bias.to(ctx.bias_dtype), None,
-                as_dtype(grad_offset, logit_offset), grad_pair, None, as_dtype(grad_omega, omega),
-                as_dtype(grad_beta, beta), None)
+        g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)
+        inputs = dict(input=input, weight=weight, bias=bias, logit_offset=logit_offset,
+                      pair_perturbation=pair_perturbation, omega=omega, beta=beta)
+        need = {name for name, flag in zip(_GRAD_ORDER, ctx.needs_input_grad[2:]) if name is not None and flag}
+        grads = block.backward(y, kept, g, nll, target_grad, lse, block.count, need)
+        return (None, None) + tuple(None if name is None or name not in grads else grads[name].to(inputs[name].dtype)
+                                    for name in _GRAD_ORDER)
 
 
 def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
