@@ -1,0 +1,253 @@
+"""The class-sharded loss (``fused_margin.distributed``) on CPU with gloo: spawned processes (world sizes
+2 and 3, uneven shards and rows) against the single-process reference on the full classifier.
+
+Every check runs inside the spawned ranks; a failed assertion on any rank fails the test with that
+rank's traceback (``torch.multiprocessing.spawn`` re-raises it).
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_margin as fm
+from fused_margin import distributed as fmd
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _spawn(worker, world, *args):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
+
+
+def _init(rank, world, store):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+class _Counter:
+    """Counts the collectives ``fused_margin.distributed`` issues (they are looked up on ``dist``)."""
+
+    NAMES = ("all_gather", "all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
+             "reduce", "all_to_all")
+
+    def __init__(self):
+        self.counts = {}
+        self._saved = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _original(*args, **kwargs)
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def _case_data(seed, B, C, D, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, D, generator=g, dtype=torch.float64)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    if ties:
+        # exact ties whatever the GEMM's summation order: the tied classes are multiples of one basis
+        # vector, so each cosine is one exact product. Row 0: the best score on both sides of a shard
+        # boundary (classes 6 and 7); row 1: label 6 (the last class of a shard in world 3) tied with 7
+        # and 12 (ELM's c*: 7 over 12 across the shards); labels on the last classes of other shards.
+        basis = torch.zeros(D, dtype=torch.float64)
+        basis[0] = 1.0
+        W[6], W[7], W[12] = basis, 0.5 * basis, 2.0 * basis
+        X[0, 0] = X[1, 0] = 8.0
+        y[1], y[3], y[4] = 6, 12, C - 1
+    return X, W, y, g
+
+
+CASES = {
+    "dbm_bs": dict(scale=30.0, margin_type="additive_angular", lambda_inst=1.0, tables=("class_margins", "logit_offset")),
+    "elm_smoothing_weighted": dict(scale=16.0, lambda_elm=1.0, label_smoothing=0.1,
+                                   tables=("class_margins", "class_weight")),
+    "arcface_threshold_sum": dict(scale=64.0, margin_type="additive_angular", angular_fold="threshold",
+                                  reduction="sum", tables=("class_margins",)),
+    "ldam_none_ignored": dict(scale=30.0, reduction="none", ignored=True, tables=("class_margins", "class_weight")),
+    "linear_head": dict(head="linear", scale=1.0, label_smoothing=0.05, tables=("logit_offset",)),
+    "dbm_all_hard_mode": dict(scale=30.0, margin_type="additive_angular", lambda_inst=1.0, hard_mode="all",
+                              ignored=True, tables=("class_margins",)),
+}
+
+
+def _run_case(rank, world, name, shards, rows, dtype, chunk):
+    opts = dict(CASES[name])
+    table_names = opts.pop("tables")
+    ignored = opts.pop("ignored", False)
+    head = opts.pop("head", "cosine")
+    B, C, D = sum(rows), sum(n for _, n in shards), 6
+    X, W, y, g = _case_data(len(name) + world, B, C, D, ties=True)
+    if ignored:
+        y[2] = -100
+        y[B - 1] = -100
+    tables = {"class_margins": 0.05 + 0.3 * torch.rand(C, generator=g, dtype=torch.float64),
+              "logit_offset": torch.log(torch.rand(C, generator=g, dtype=torch.float64) + 0.01),
+              "class_weight": 0.2 + 2.0 * torch.rand(C, generator=g, dtype=torch.float64)}
+    tables = {k: v for k, v in tables.items() if k in table_names}
+
+    # the single-process truth (float64 reference on the full classifier)
+    Xr, Wr = X.clone().requires_grad_(), W.clone().requires_grad_()
+    loss_r, aux_r = fm.margin_cross_entropy(Xr, y, Wr, head=head, backend="reference", return_aux=True,
+                                            **tables, **opts)
+    upstream = torch.ones_like(loss_r) if loss_r.dim() == 0 else torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+    gX, gW = torch.autograd.grad(loss_r, [Xr, Wr], upstream)
+
+    start_row = sum(rows[:rank])
+    class_start, count = shards[rank]
+    x = X[start_row:start_row + rows[rank]].to(dtype).requires_grad_()
+    w = W[class_start:class_start + count].to(dtype).requires_grad_()
+    with _Counter() as counter:
+        loss, aux = fmd.sharded_margin_cross_entropy(
+            x, y[start_row:start_row + rows[rank]], w, class_start=class_start, num_classes=C, head=head,
+            class_chunk=chunk, return_aux=True, **{k: v.to(dtype) for k, v in tables.items()}, **opts)
+        forward_counts = dict(counter.counts)
+        loss.backward(upstream.to(loss.dtype))
+    backward_counts = {k: counter.counts[k] - forward_counts.get(k, 0) for k in counter.counts}
+    assert forward_counts == {"all_reduce": 1, "all_gather": 2}, forward_counts
+    assert {k: v for k, v in backward_counts.items() if v} == {"all_reduce": 1}, backward_counts
+
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), loss_r.detach(), **tol, msg=f"{name}: loss")
+    torch.testing.assert_close(aux.lse.double(), aux_r.lse, **tol, msg=f"{name}: lse")
+    assert torch.equal(aux.pred, aux_r.pred), (name, aux.pred, aux_r.pred)
+    assert torch.equal(aux.hard, aux_r.hard), name
+    scale = max(gX.abs().max().item(), 1e-30)
+    torch.testing.assert_close(x.grad.double(), gX[start_row:start_row + rows[rank]], rtol=tol["rtol"],
+                               atol=tol["atol"] * scale * 10, msg=f"{name}: grad of this rank's rows")
+    scale = max(gW.abs().max().item(), 1e-30)
+    torch.testing.assert_close(w.grad.double(), gW[class_start:class_start + count], rtol=tol["rtol"],
+                               atol=tol["atol"] * scale * 10, msg=f"{name}: grad of this rank's shard")
+    if name == "dbm_bs":
+        # the boundary ties: row 0 picks class 6 over 7 across the shards; row 1 (label 6, tied with 12)
+        assert aux.pred[0].item() == aux_r.pred[0].item() == 6
+
+
+def _parity_worker(rank, world, store, shards, rows):
+    _init(rank, world, store)
+    try:
+        for dtype in (torch.float64, torch.float32):
+            for name in CASES:
+                for chunk in (None, 3):
+                    _run_case(rank, world, name, shards, rows, dtype, chunk)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_2_uneven_shards_and_rows_match_the_single_process_loss():
+    # ranks hold classes [13, 20) and [0, 13): out of rank order, uneven; 7 and 5 rows
+    _spawn(_parity_worker, 2, [(13, 7), (0, 13)], [7, 5])
+
+
+def test_world_3_uneven_shards_match_the_single_process_loss():
+    # shards [0, 7), [7, 8), [8, 19): the boundary at 7 splits the tie of row 0; a one-class shard
+    _spawn(_parity_worker, 3, [(0, 7), (7, 1), (8, 11)], [4, 4, 5])
+
+
+def _errors_worker(rank, world, store):
+    _init(rank, world, store)
+    try:
+        D = 4
+        x = torch.randn(3, D, dtype=torch.float64)
+        w = torch.randn(5, D, dtype=torch.float64)
+        y = torch.tensor([0, 1, 2])
+
+        def expect(message, **kwargs):
+            call = dict(input=x, target=y, weight_shard=w, class_start=5 * rank, num_classes=10)
+            call.update(kwargs)
+            with pytest.raises(ValueError, match=message):
+                fmd.sharded_margin_cross_entropy(call.pop("input"), call.pop("target"), call.pop("weight_shard"),
+                                                 **call)
+
+        expect("tile", class_start=3 * rank)                              # overlapping shards
+        expect("tile", class_start=6 * rank)                              # a gap
+        expect("disagree on num_classes", num_classes=10 + rank)
+        expect("disagree on the loss hyperparameters", scale=30.0 + rank)
+        bad = y.clone()
+        bad[2] = 10 if rank == 1 else 2
+        expect(r"target\[2\] = 10 on rank 1 is out of range", target=bad)
+        with pytest.raises(ValueError, match="does not support pair_perturbation"):
+            fmd.sharded_margin_cross_entropy(x, y, w, class_start=5 * rank, num_classes=10,
+                                             pair_perturbation=torch.zeros(3, 10))
+        # after the errors the group still works: a valid call on every rank
+        loss = fmd.sharded_margin_cross_entropy(x, y, w, class_start=5 * rank, num_classes=10, scale=2.0)
+        assert torch.isfinite(loss)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_input_raises_the_same_error_on_every_rank():
+    _spawn(_errors_worker, 2)
+
+
+def _classifier_and_ddp_worker(rank, world, store):
+    _init(rank, world, store)
+    try:
+        C, D, B_r = 11, 5, 4
+        g = torch.Generator().manual_seed(0)
+        full = torch.randn(C, D, generator=g, dtype=torch.float64)
+        head = fmd.ShardedCosineClassifier(D, C, dtype=torch.float64)
+        assert (head.class_start, head.num_local) == fmd.even_shards(C, world)[rank]
+        head.load_full_weight(full)
+        assert torch.equal(head.full_weight(), full)
+
+        # DDP recipe: the backbone under DistributedDataParallel, the sharded head outside it
+        torch.manual_seed(1)
+        backbone = torch.nn.Linear(7, D).double()
+        reference_backbone = torch.nn.Linear(7, D).double()
+        reference_backbone.load_state_dict(backbone.state_dict())
+        ddp = torch.nn.parallel.DistributedDataParallel(backbone)
+        inputs = torch.randn(world * B_r, 7, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, C, (world * B_r,), generator=g)
+        mine = slice(rank * B_r, (rank + 1) * B_r)
+        loss = head(ddp(inputs[mine]), labels[mine], scale=16.0, class_margins=torch.full((C,), 0.2,
+                                                                                          dtype=torch.float64),
+                    backbone_ddp=True)
+        loss.backward()
+
+        W = full.clone().requires_grad_()
+        loss_r = fm.margin_cross_entropy(reference_backbone(inputs), labels, W, scale=16.0,
+                                         class_margins=torch.full((C,), 0.2, dtype=torch.float64),
+                                         backend="reference")
+        loss_r.backward()
+        torch.testing.assert_close(loss, loss_r.detach(), rtol=1e-12, atol=1e-14)
+        for p, p_ref in zip(backbone.parameters(), reference_backbone.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(head.weight.grad, W.grad[head.class_start:head.class_start + head.num_local],
+                                   rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_classifier_checkpoint_and_ddp_recipe():
+    _spawn(_classifier_and_ddp_worker, 3)
+
+
+def test_even_shards():
+    assert fmd.even_shards(10, 3) == [(0, 4), (4, 3), (7, 3)]
+    assert fmd.even_shards(4, 4) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    with pytest.raises(ValueError, match="at least the world size"):
+        fmd.even_shards(2, 3)
+
+
+def test_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fmd.sharded_margin_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), class_start=0,
+                                         num_classes=2)
