@@ -1,4 +1,4 @@
-"""fused_margin: fused kernels for margin-based softmax cross-entropy losses (SPEC.md)."""
+"""fused_margin: fused kernels for margin-based softmax cross-entropy losses (docs/loss.md)."""
 from .backends import available_backends
 from .builders import (class_balanced_weights, dbm_class_margins, drw_weights, ldam_margins, log_prior,
                        long_tailed_counts, marc_weights)

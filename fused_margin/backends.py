@@ -3,7 +3,7 @@
 ``backend="auto"`` picks the fastest available fused backend for the tensors' device and dtype and
 falls back to the reference (with a one-time warning) where no kernel exists; an explicitly named
 backend that cannot run raises, naming the reason. Results never change silently: every backend
-computes SPEC.md.
+computes docs/loss.md.
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ or the ``class_weight`` buffer of any :class:`fused_margin.MarginLoss` module (:
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Sequence
 
 import torch
@@ -45,17 +44,8 @@ class DRWSchedule:
 
     def __init__(self, class_counts, betas: Sequence[float] = (0.0, 0.9999), step: int = 160):
         self.class_counts = builders.as_class_counts(class_counts)
-        betas = tuple(betas)
-        if len(betas) == 0:
-            raise ValueError("betas is empty")
-        for beta in betas:
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-                raise ValueError(f"betas must hold finite numbers, got {beta!r}")
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas must lie in [0, 1), got {beta}")
-        if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
-            raise ValueError(f"step must be an int > 0, got {step!r}")
-        self.betas, self.step = betas, step
+        self.betas = builders.check_betas(betas)
+        self.step = builders._positive_int("step", step, 1, "> 0")
         self._cache: Dict[int, torch.Tensor] = {}
 
     @property
@@ -63,9 +53,9 @@ class DRWSchedule:
         return int(self.class_counts.size)
 
     def stage(self, epoch: int) -> int:
-        """Index into ``betas`` used at ``epoch``: ``min(epoch // step, len(betas) - 1)``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        """Index into ``betas`` used at ``epoch``: ``min(epoch // step, len(betas) - 1)``. ``epoch`` may be a
+        Python, NumPy (``for epoch in np.arange(E)``) or 0-d tensor integer."""
+        epoch = builders._positive_int("epoch", epoch, 0)
         return min(epoch // self.step, len(self.betas) - 1)
 
     def beta(self, epoch: int) -> float:
@@ -77,7 +67,8 @@ class DRWSchedule:
         return self.beta(epoch) > 0.0
 
     def weights(self, epoch: int, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Class weights (C) at ``epoch``: class-balanced with ``beta(epoch)``, summing to C."""
+        """Class weights (C) at ``epoch``: class-balanced with ``beta(epoch)``, summing to C, computed in
+        float64 and cast to ``dtype`` (float32 by default; float64 for a float64 run)."""
         stage = self.stage(epoch)
         if stage not in self._cache:
             self._cache[stage] = builders.drw_weights(self.class_counts, stage * self.step, self.betas, self.step,
@@ -88,12 +79,16 @@ class DRWSchedule:
 
     def apply(self, loss_module: torch.nn.Module, epoch: int) -> torch.Tensor:
         """Set ``loss_module.class_weight`` (the buffer of :class:`fused_margin.MarginLoss` and its presets)
-        to ``weights(epoch)`` on the module's device; returns the weights."""
+        to ``weights(epoch)`` on the module's device, in its table dtype (the float64 values are kept, so a
+        later ``.double()`` gives the exact weights); returns the weights."""
         if not isinstance(loss_module, torch.nn.Module) or "class_weight" not in loss_module._buffers:
             raise TypeError("loss_module must be a fused_margin.MarginLoss (a module with a class_weight "
                             f"buffer), got {type(loss_module).__name__}")
+        exact = self.weights(epoch, dtype=torch.float64)
+        if hasattr(loss_module, "set_table"):
+            return loss_module.set_table("class_weight", exact)
         device = next((b.device for b in loss_module.buffers() if b is not None), None)
-        weights = self.weights(epoch, device=device)
+        weights = exact.to(device=device, dtype=torch.float32)
         loss_module.class_weight = weights
         return weights
 

@@ -1,11 +1,12 @@
 """``margin_cross_entropy`` and its presets: validation, then the chosen backend.
 
-The loss is SPEC.md's: base scores from a cosine, linear or logits head, optional MARC affine, a target
+The loss is docs/loss.md's: base scores from a cosine, linear or logits head, optional MARC affine, a target
 margin (class table, DBM instance margin on hard positives, ELM's strongest wrong class; angular or
 cosine), logit offset, pair perturbation, class weights and label smoothing, with PyTorch's reductions.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from . import builders
 from .backends import resolve_backend
 from .fused import fused_margin_cross_entropy
-from .reference import margin_cross_entropy_reference
+from .reference import compute_dtype, margin_cross_entropy_reference
 from .spec import LossTables, MarginAux, MarginLossSpec
 
 __all__ = [
@@ -44,23 +45,48 @@ _SYNC_LABEL_CHECK = {"enabled": False}
 
 
 def set_sync_label_check(enabled: bool) -> None:
-    """Check labels on accelerators with a host sync and a ``ValueError`` naming the bad entry (slower).
+    """Check labels and tables on accelerators with a host sync and a ``ValueError`` naming the bad entry
+    (slower; for debugging).
 
     By default labels on CPU tensors are checked that way, and labels on CUDA tensors with an
-    asynchronous device assertion (no host sync in the training step, as ``F.cross_entropy``)."""
+    asynchronous device assertion (no host sync in the training step, as ``F.cross_entropy``); the
+    per-class tables are checked for NaN/inf on CPU only (see :func:`margin_cross_entropy`). With this
+    switch on, CUDA labels and tables get the CPU's checks."""
     _SYNC_LABEL_CHECK["enabled"] = bool(enabled)
 
 
 def _check_labels(target, num_classes, ignore_index):
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if target.device.type == "cpu" or _SYNC_LABEL_CHECK["enabled"]:
+    if torch.compiler.is_compiling():
+        # traced into the graph: no host sync, no graph break, and it runs before any kernel reads the
+        # labels on every backend (Triton's kernels do not check them themselves)
+        torch._assert_async(~bad.any(), f"fused_margin: target has a label out of range: labels must be in "
+                                        f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+    elif target.device.type == "cpu" or _SYNC_LABEL_CHECK["enabled"]:
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in "
                              f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
     else:
-        torch._assert_async(~bad.any(), f"fused_margin: target has a label outside [0, {num_classes}) that is "
-                                        f"not ignore_index ({ignore_index})")
+        torch._assert_async(~bad.any(), f"fused_margin: target has a label out of range: labels must be in "
+                                        f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+
+
+def _check_finite(name, value):
+    """NaN/inf in a table: a ``ValueError`` naming it on CPU tensors (and on any device with
+    :func:`set_sync_label_check`), an assertion in the graph under ``torch.compile`` on CPU; CUDA tables
+    are not read back on the host per call (the modules and builders check theirs at construction)."""
+    if value.device.type != "cpu" and not _SYNC_LABEL_CHECK["enabled"]:
+        return
+    if torch.compiler.is_compiling():
+        if value.device.type == "cpu":
+            torch._assert_async(torch.isfinite(value).all(), f"fused_margin: {name} has a NaN or inf entry")
+        return
+    bad = ~torch.isfinite(value.detach())
+    if bool(bad.any()):
+        i = tuple(int(k) for k in bad.nonzero()[0])
+        index = ", ".join(map(str, i))
+        raise ValueError(f"{name} must be finite, got {name}[{index}] = {float(value.detach()[i])}")
 
 
 def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables) -> int:
@@ -68,6 +94,10 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     device = input.device
     _check_tensor("input", input, device, dims=2)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        raise ValueError(f"weight is the C x D classifier weight (2-D, the nn.Linear layout), got a 1-D tensor "
+                         f"of shape {tuple(weight.shape)}: per-class weights (F.cross_entropy's weight) go in "
+                         "class_weight=")
     rows = input.shape[0]
     if spec.head == "logits":
         if weight is not None:
@@ -87,7 +117,8 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
         raise ValueError(f"the number of classes C must be at least 2, got {num_classes}")
     if bias is not None:
         if spec.head != "linear":
-            raise ValueError(f"bias applies only to head='linear', got head={spec.head!r}")
+            raise ValueError(f"bias applies only to head='linear', got head={spec.head!r} "
+                             "(pass head='linear' for an nn.Linear classifier with a bias)")
         _check_tensor("bias", bias, device, dims=1)
         if bias.shape[0] != num_classes:
             raise ValueError(f"bias must have C = {num_classes} entries, got {bias.shape[0]}")
@@ -99,12 +130,16 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
     _check_tensor("target", target, device, dims=1, floating=False)
     if target.shape[0] != rows:
         raise ValueError(f"target has {target.shape[0]} labels but input has {rows} rows")
-    if not torch.compiler.is_compiling() and rows > 0:
+    if rows > 0:
         _check_labels(target, num_classes, spec.ignore_index)
 
     for name in ("class_margins", "logit_offset", "class_weight", "omega", "beta", "class_norms"):
         value = getattr(tables, name)
         if value is not None:
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of C numbers, got {type(value).__name__} "
+                                f"{value!r}" + (" (build per-class weights with fm.class_balanced_weights or "
+                                                "fm.marc_weights)" if name == "class_weight" else ""))
             _check_tensor(name, value, device, dims=1)
             if value.shape[0] != num_classes:
                 raise ValueError(f"{name} must have C = {num_classes} entries, got {value.shape[0]}")
@@ -118,6 +153,9 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
     if tables.class_norms is not None and (spec.head != "logits" or tables.beta is None):
         raise ValueError("class_norms is used only with beta on head='logits' "
                          "(the cosine and linear heads take the norms from weight)")
+    for name, value in zip(LossTables._fields, tables):
+        if value is not None:
+            _check_finite(name, value)
     return num_classes
 
 
@@ -134,15 +172,17 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
                          class_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          ignore_index: int = -100, label_smoothing: float = 0.0, return_aux: bool = False,
                          backend: str = "auto"):
-    r"""Margin softmax cross-entropy (SPEC.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
+    r"""Margin softmax cross-entropy (docs/loss.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
     softmax, logit adjustment, MARC and MetaLAD.
 
     Args:
         input: B x C scores (``head="logits"``) or B x D features (cosine / linear heads).
         target: B int64 labels in ``[0, C)`` or ``ignore_index``.
-        weight: C x D class weights (``nn.Linear`` layout). Given, the head defaults to ``"cosine"``:
-            ``z_ij = X_i . W_j / (max(||X_i||, eps) max(||W_j||, eps))``; ``head="linear"`` gives
-            ``X_i . W_j + b_j``.
+        weight: the C x D classifier weight (``nn.Linear`` layout), not per-class loss weights (those are
+            ``class_weight``). ``head="cosine"``: ``z_ij = X_i . W_j / (max(||X_i||, eps) max(||W_j||, eps))``;
+            ``head="linear"``: ``X_i . W_j + b_j``.
+        head: ``None`` applies the package's head rule (:data:`HEAD_RULE`): ``"logits"`` without
+            ``weight``; with ``weight``, the preset's default feature head, here ``"cosine"``.
         input_is_cosine: with ``head="logits"``, says the input holds cosines (needed for angular margins).
         scale: ``s``. class_margins: ``m`` (C). margin_type: ``"additive_cosine"`` (``psi = c - M``:
             CosFace, LDAM, ELM) or ``"additive_angular"`` (``psi = cos(acos(c) + M)``: ArcFace, DBM).
@@ -159,10 +199,21 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
         return_aux: also return :class:`MarginAux` ``(lse, pred, hard)``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
 
+    Scalar options take Python, NumPy or 0-d tensor numbers (a tensor that requires grad is refused:
+    options get no gradient).
+
+    Checks, and what they cost: shapes, dtypes and devices always (host metadata only). Labels out of
+    range: a ``ValueError`` naming the row on CPU, an asynchronous device assertion on CUDA (as
+    ``F.cross_entropy``), and under ``torch.compile`` an assertion traced into the graph (on every
+    backend, before any kernel reads the labels). NaN/inf in the tables: a ``ValueError`` naming the table
+    and entry for CPU tensors (a pass over C values, or B x C for ``pair_perturbation``), a graph assertion
+    for CPU tensors under ``torch.compile``; CUDA tables are not read back per call, since a host sync
+    every step costs more than the loss. The modules and the builders check their tables once, at
+    construction; :func:`set_sync_label_check` adds the host-synced checks on CUDA for debugging.
+
     Returns the loss (fp32; fp64 for fp64 input), and the side outputs with ``return_aux``.
     """
-    if head is None:
-        head = "logits" if weight is None else "cosine"
+    head = resolve_head(head, weight, "cosine")
     spec = MarginLossSpec(head=head, input_is_cosine=input_is_cosine, scale=scale, margin_type=margin_type,
                           lambda_inst=lambda_inst, hard_mode=hard_mode, lambda_elm=lambda_elm,
                           angular_fold=angular_fold, margin_grad=margin_grad,
@@ -170,6 +221,45 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
     tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
     _validate(input, target, weight, bias, spec, tables)
     return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux)
+
+
+#: every keyword option of :func:`margin_cross_entropy` (what ``**options`` of the presets and modules may
+#: name; a typo fails at construction against this set).
+OPTION_NAMES = frozenset(name for name, p in inspect.signature(margin_cross_entropy).parameters.items()
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_option_names(options, owner: str, taken=(), extra=()) -> None:
+    """Refuse keyword options that :func:`margin_cross_entropy` does not take (typos; ``extra`` names
+    ``owner``'s own keywords), or that ``owner`` sets itself (``taken``), naming them and the valid set."""
+    unknown = sorted(set(options) - OPTION_NAMES - set(extra))
+    if unknown:
+        raise TypeError(f"{owner} got unknown option(s) {unknown}; valid options are "
+                        f"{sorted((OPTION_NAMES | set(extra)) - set(taken))}")
+    clash = sorted(set(options) & set(taken))
+    if clash:
+        raise TypeError(f"{owner} sets {clash} itself; pass them through its own arguments")
+
+
+HEAD_RULE = """\
+With ``weight=None`` the input holds scores (``head="logits"``). With ``weight`` and no ``head``, the
+loss uses the head of its published form: ``"cosine"`` for :func:`margin_cross_entropy` and the margin
+losses (DBM, LDAM, ELM, ArcFace, CosFace: normalised classifiers), ``"linear"`` for balanced softmax and
+logit adjustment (an ``nn.Linear`` classifier, bias allowed). ``head=`` (modules: ``feature_head=``)
+overrides it."""
+
+#: the head each entry point uses when ``weight`` is given without ``head`` (:data:`HEAD_RULE`).
+DEFAULT_FEATURE_HEADS = {"margin_cross_entropy": "cosine", "dbm_loss": "cosine", "ldam_loss": "cosine",
+                         "elm_loss": "cosine", "arcface_loss": "cosine", "cosface_loss": "cosine",
+                         "balanced_softmax_loss": "linear", "logit_adjusted_loss": "linear"}
+
+
+def resolve_head(head: Optional[str], weight, default_feature_head: str) -> str:
+    """The head rule (:data:`HEAD_RULE`), one function for every entry point: an explicit ``head`` wins;
+    else ``"logits"`` without ``weight`` and ``default_feature_head`` with it."""
+    if head is not None:
+        return head
+    return "logits" if weight is None else default_feature_head
 
 
 def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables, *, backend="auto",
@@ -188,91 +278,114 @@ def _num_classes(input, weight):
     return input.shape[1] if weight is None else weight.shape[0]
 
 
-def _head_kwargs(weight):
-    """Presets on cosine classifiers: ``weight`` given means features and the cosine head, else the
-    input holds cosines."""
-    return {"head": "cosine"} if weight is not None else {"head": "logits", "input_is_cosine": True}
-
-
 def _table(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(device=like.device)
+    """A float64 table on ``like``'s device in its compute dtype (float64 for float64 input, else float32):
+    fp64 runs see the exact values, the others one rounding to float32."""
+    return values.to(device=like.device, dtype=compute_dtype(like.dtype))
+
+
+def _preset(name, input, target, weight, head, cosine_logits, preset_options, kwargs):
+    """Call :func:`margin_cross_entropy` with a preset's options; the caller's keywords override them
+    (tables included), and the head follows :data:`HEAD_RULE`."""
+    head = resolve_head(head, weight, DEFAULT_FEATURE_HEADS[name])
+    options = {"head": head, **preset_options}
+    if head == "logits" and cosine_logits:
+        options["input_is_cosine"] = True
+    options.update(kwargs)
+    return margin_cross_entropy(input, target, weight, **options)
 
 
 def dbm_loss(input, target, weight=None, *, class_counts, variant="ce", K=0.1, tau=1.0, scale=30.0,
              lambda_inst=1.0, margin_ref="min", hard_mode="hard", epoch=0, drw_betas=(0.0, 0.9999),
-             drw_step=160, cb_beta=0.9999, **kwargs):
+             drw_step=160, cb_beta=0.9999, head=None, **kwargs):
     """DBM (difficulty-aware balancing margin, AAAI'25): ArcFace-style angular margin on a cosine
     classifier, ``M_i = m_y (1 + lambda_inst h_i (1 - cos_iy) / 2)`` with ``m_y = K (n_ref / n_y)^tau``.
 
     ``variant``: ``"ce"``; ``"bs"`` adds the log prior after the scale (balanced softmax); ``"cb"``
     weights classes by class-balanced weights (``cb_beta``); ``"drw"`` uses the DRW schedule at ``epoch``.
-    Builds its tables on every call: in a training loop use :class:`fused_margin.DBMLoss`."""
-    tables = dbm_tables(class_counts, variant, K, tau, margin_ref, epoch, drw_betas, drw_step, cb_beta)
+    Head: ``weight`` given means features on the cosine head, else the input holds cosines
+    (:data:`HEAD_RULE`). Tables are built in float64 and used in the input's compute dtype. Builds its
+    tables on every call: in a training loop use :class:`fused_margin.DBMLoss`."""
+    tables = dbm_tables(class_counts, variant, K, tau, margin_ref, epoch, drw_betas, drw_step, cb_beta,
+                        dtype=torch.float64)
     tables = {k: _table(v, input) for k, v in tables.items()}
-    return margin_cross_entropy(input, target, weight, scale=scale, margin_type="additive_angular",
-                                lambda_inst=lambda_inst, hard_mode=hard_mode, **tables,
-                                **_head_kwargs(weight), **kwargs)
+    return _preset("dbm_loss", input, target, weight, head, True,
+                   dict(scale=scale, margin_type="additive_angular", lambda_inst=lambda_inst,
+                        hard_mode=hard_mode, **tables), kwargs)
 
 
 def dbm_tables(class_counts, variant, K, tau, margin_ref, epoch=0, drw_betas=(0.0, 0.9999), drw_step=160,
-               cb_beta=0.9999):
-    """The tables of a DBM variant (see :func:`dbm_loss`)."""
-    tables = {"class_margins": builders.dbm_class_margins(class_counts, K, tau, margin_ref)}
+               cb_beta=0.9999, dtype=torch.float32):
+    """The tables of a DBM variant (see :func:`dbm_loss`), computed in float64 and cast to ``dtype``.
+    ``drw_betas`` and ``drw_step`` are checked whatever ``epoch`` (so a bad schedule fails now)."""
+    tables = {"class_margins": builders.dbm_class_margins(class_counts, K, tau, margin_ref, dtype=dtype)}
     if variant == "bs":
-        tables["logit_offset"] = builders.log_prior(class_counts)
+        tables["logit_offset"] = builders.log_prior(class_counts, dtype=dtype)
     elif variant == "cb":
-        tables["class_weight"] = builders.class_balanced_weights(class_counts, cb_beta)
+        tables["class_weight"] = builders.class_balanced_weights(class_counts, cb_beta, dtype=dtype)
     elif variant == "drw":
-        tables["class_weight"] = builders.drw_weights(class_counts, epoch, drw_betas, drw_step)
+        tables["class_weight"] = builders.drw_weights(class_counts, epoch, drw_betas, drw_step, dtype=dtype)
     elif variant != "ce":
         raise ValueError(f"variant must be 'ce', 'bs', 'cb' or 'drw', got {variant!r}")
     return tables
 
 
-def ldam_loss(input, target, weight=None, *, class_counts, max_m=0.5, scale=30.0, **kwargs):
+def ldam_loss(input, target, weight=None, *, class_counts, max_m=0.5, scale=30.0, head=None, **kwargs):
     """LDAM (Cao et al. 2019): ``s (cos_y - m_y)`` with ``m_y`` proportional to ``n_y^-1/4``, largest
-    ``max_m``. Pass ``class_weight`` for LDAM-DRW."""
-    margins = _table(builders.ldam_margins(class_counts, max_m), input)
-    return margin_cross_entropy(input, target, weight, scale=scale, class_margins=margins,
-                                margin_type="additive_cosine", **_head_kwargs(weight), **kwargs)
+    ``max_m``. Pass ``class_weight`` for LDAM-DRW. Head: ``weight`` given means features on the cosine
+    head (``head="linear"`` for an unnormalised one), else the input holds cosines (:data:`HEAD_RULE`)."""
+    margins = _table(builders.ldam_margins(class_counts, max_m, dtype=torch.float64), input)
+    return _preset("ldam_loss", input, target, weight, head, True,
+                   dict(scale=scale, class_margins=margins, margin_type="additive_cosine"), kwargs)
 
 
-def elm_loss(input, target, weight=None, *, class_counts, max_m=0.5, lambda_elm=1.0, scale=30.0, **kwargs):
+def elm_loss(input, target, weight=None, *, class_counts, max_m=0.5, lambda_elm=1.0, scale=30.0, head=None,
+             **kwargs):
     """ELM (Kato & Hotta, eq. 7): LDAM's margins with the strongest wrong class's margin added back,
-    target ``s (cos_y - m_y + lambda_elm m_{c*})``."""
-    margins = _table(builders.ldam_margins(class_counts, max_m), input)
-    return margin_cross_entropy(input, target, weight, scale=scale, class_margins=margins,
-                                margin_type="additive_cosine", lambda_elm=lambda_elm,
-                                **_head_kwargs(weight), **kwargs)
+    target ``s (cos_y - m_y + lambda_elm m_{c*})``. Head: ``weight`` given means the cosine head, else the
+    input holds cosines (:data:`HEAD_RULE`)."""
+    margins = _table(builders.ldam_margins(class_counts, max_m, dtype=torch.float64), input)
+    return _preset("elm_loss", input, target, weight, head, True,
+                   dict(scale=scale, class_margins=margins, margin_type="additive_cosine",
+                        lambda_elm=lambda_elm), kwargs)
 
 
-def arcface_loss(input, target, weight=None, *, margin=0.5, scale=64.0, **kwargs):
-    """ArcFace (Deng et al. 2019): ``s cos(theta_y + m)``; ``angular_fold="threshold"`` for its guard."""
-    builders._finite("margin", margin)
-    margins = torch.full((_num_classes(input, weight),), float(margin), device=input.device)
-    return margin_cross_entropy(input, target, weight, scale=scale, class_margins=margins,
-                                margin_type="additive_angular", **_head_kwargs(weight), **kwargs)
+def _constant_margins(input, weight, margin):
+    margin = builders._finite("margin", margin)
+    return torch.full((_num_classes(input, weight),), margin, device=input.device,
+                      dtype=compute_dtype(input.dtype))
 
 
-def cosface_loss(input, target, weight=None, *, margin=0.35, scale=64.0, **kwargs):
-    """CosFace (Wang et al. 2018): ``s (cos_y - m)``."""
-    builders._finite("margin", margin)
-    margins = torch.full((_num_classes(input, weight),), float(margin), device=input.device)
-    return margin_cross_entropy(input, target, weight, scale=scale, class_margins=margins,
-                                margin_type="additive_cosine", **_head_kwargs(weight), **kwargs)
+def arcface_loss(input, target, weight=None, *, margin=0.5, scale=64.0, head=None, **kwargs):
+    """ArcFace (Deng et al. 2019): ``s cos(theta_y + m)``; ``angular_fold="threshold"`` for its guard.
+    Head: ``weight`` given means the cosine head, else the input holds cosines (:data:`HEAD_RULE`)."""
+    margins = _constant_margins(input, weight, margin)
+    return _preset("arcface_loss", input, target, weight, head, True,
+                   dict(scale=scale, class_margins=margins, margin_type="additive_angular"), kwargs)
 
 
-def balanced_softmax_loss(input, target, weight=None, *, class_counts, **kwargs):
-    """Balanced softmax (Ren et al. 2020): cross-entropy of ``logits + log p_j``. With ``weight`` the
-    head is linear (``head="cosine"`` and ``scale`` to use a cosine classifier)."""
-    kwargs.setdefault("head", "logits" if weight is None else "linear")
-    offset = _table(builders.log_prior(class_counts), input)
-    return margin_cross_entropy(input, target, weight, logit_offset=offset, **kwargs)
+def cosface_loss(input, target, weight=None, *, margin=0.35, scale=64.0, head=None, **kwargs):
+    """CosFace (Wang et al. 2018): ``s (cos_y - m)``. Head: ``weight`` given means the cosine head, else
+    the input holds cosines (:data:`HEAD_RULE`)."""
+    margins = _constant_margins(input, weight, margin)
+    return _preset("cosface_loss", input, target, weight, head, True,
+                   dict(scale=scale, class_margins=margins, margin_type="additive_cosine"), kwargs)
 
 
-def logit_adjusted_loss(input, target, weight=None, *, class_counts, tau=1.0, **kwargs):
-    """Logit-adjusted loss (Menon et al. 2021): cross-entropy of ``logits + tau log pi_j``."""
-    kwargs.setdefault("head", "logits" if weight is None else "linear")
-    builders._finite("tau", tau)
-    offset = _table(builders.log_prior(class_counts) * float(tau), input)
-    return margin_cross_entropy(input, target, weight, logit_offset=offset, **kwargs)
+def balanced_softmax_loss(input, target, weight=None, *, class_counts, head=None, **kwargs):
+    """Balanced softmax (Ren et al. 2020): cross-entropy of ``logits + log p_j`` (``p_j = n_j / sum n``).
+    Head: ``weight`` given means the linear head ``X W^T + b`` of the paper (``head="cosine"`` with a
+    ``scale`` for a cosine classifier), else the input holds logits (:data:`HEAD_RULE`)."""
+    offset = _table(builders.log_prior(class_counts, dtype=torch.float64), input)
+    return _preset("balanced_softmax_loss", input, target, weight, head, False, dict(logit_offset=offset),
+                   kwargs)
+
+
+def logit_adjusted_loss(input, target, weight=None, *, class_counts, tau=1.0, head=None, **kwargs):
+    """Logit-adjusted loss (Menon et al. 2021): cross-entropy of ``logits + tau log pi_j``. Head: ``weight``
+    given means the linear head of the paper (``head="cosine"`` with a ``scale`` for a cosine
+    classifier), else the input holds logits (:data:`HEAD_RULE`)."""
+    tau = builders._finite("tau", tau)
+    offset = _table(builders.log_prior(class_counts, dtype=torch.float64) * tau, input)
+    return _preset("logit_adjusted_loss", input, target, weight, head, False, dict(logit_offset=offset),
+                   kwargs)

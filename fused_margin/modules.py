@@ -1,13 +1,17 @@
 """``nn.Module`` losses (tables cached as buffers, so ``.to(device)`` moves them) and the cosine head."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import builders
-from .functional import dbm_tables, margin_cross_entropy
+from .backends import BACKENDS
+from .functional import check_option_names, dbm_tables, margin_cross_entropy
+from .reference import compute_dtype
+from .spec import MarginLossSpec
 
 __all__ = [
     "MarginLoss",
@@ -22,37 +26,114 @@ __all__ = [
 ]
 
 _TABLES = ("class_margins", "logit_offset", "class_weight")
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MarginLossSpec))
+#: keywords of :class:`MarginLoss` that :func:`margin_cross_entropy` does not have
+_MODULE_OPTIONS = ("feature_head", "cosine_input") + _TABLES
+
+
+def _check_options(options, owner, taken=()):
+    check_option_names(options, owner, taken=tuple(taken) + ("head", "input_is_cosine"), extra=_MODULE_OPTIONS)
 
 
 class MarginLoss(nn.Module):
-    """The loss of SPEC.md with fixed options and per-class tables held as buffers.
+    """The loss of docs/loss.md with fixed options and per-class tables held as buffers.
 
-    ``forward(input, target, weight=None)``: ``input`` is B x C scores when ``weight`` is None (cosines
-    when ``cosine_input``), else B x D features with ``weight`` the C x D class weights of ``head``.
-    Extra keyword arguments of :func:`fused_margin.margin_cross_entropy` (``pair_perturbation``,
-    ``omega``, ...) pass through ``forward``.
+    ``forward(input, target, weight=None, **kwargs)``: ``input`` is B x C scores when ``weight`` is None
+    (cosines when ``cosine_input``), else B x D features with ``weight`` the C x D classifier of
+    ``feature_head``. Head rule (:data:`fused_margin.functional.HEAD_RULE`): ``feature_head=None`` means
+    the class's ``default_feature_head``, ``"cosine"`` for the margin losses and ``"linear"`` for
+    :class:`BalancedSoftmaxLoss` and :class:`LogitAdjustedLoss`.
+
+    Keyword arguments of ``forward`` override the stored options per call, tables included
+    (``loss(x, y, w, class_weight=drw.weights(epoch))`` uses those weights for that call); other keywords
+    of :func:`fused_margin.margin_cross_entropy` (``pair_perturbation``, ``omega``, ...) pass through.
+
+    Everything is checked at construction: option names against :func:`margin_cross_entropy`'s keywords
+    (a typo is a ``TypeError`` here, not at the first ``forward``), option values, and the tables (1-D,
+    real, finite; one host read here, none per step). Tables are computed in float64 and stored as float32
+    buffers; ``.double()`` (or ``.to(torch.float64)``) gives the float64 values themselves, not
+    float32-rounded ones.
     """
 
+    #: the head used when ``forward`` gets ``weight`` and ``feature_head`` was not given.
+    default_feature_head = "cosine"
+
     def __init__(self, *, class_margins=None, logit_offset=None, class_weight=None, scale=1.0,
-                 margin_type="additive_cosine", cosine_input=True, feature_head="cosine", reduction="mean",
+                 margin_type="additive_cosine", cosine_input=True, feature_head=None, reduction="mean",
                  ignore_index=-100, label_smoothing=0.0, backend="auto", **options):
         super().__init__()
+        owner = type(self).__name__
+        _check_options(options, owner)
+        if feature_head is None:
+            feature_head = self.default_feature_head
+        if feature_head not in ("cosine", "linear"):
+            raise ValueError(f"feature_head must be 'cosine' or 'linear' (the head when forward gets weight), "
+                             f"got {feature_head!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        options = dict(scale=scale, margin_type=margin_type, reduction=reduction, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing, **options)
+        spec_options = {k: v for k, v in options.items() if k in _SPEC_FIELDS}
+        spec = MarginLossSpec(head=feature_head, **spec_options)  # every value checked now
+        options.update({k: getattr(spec, k) for k in spec_options})  # as plain Python numbers
+        options["backend"] = backend
+        self._exact = {}
+        for name in _TABLES:
+            self.register_buffer(name, None, persistent=False)
         for name, value in zip(_TABLES, (class_margins, logit_offset, class_weight)):
-            self.register_buffer(name, None if value is None else torch.as_tensor(value, dtype=torch.float32),
-                                 persistent=False)
-        self.cosine_input = cosine_input
+            if value is not None:
+                self.set_table(name, value)
+        self.cosine_input = bool(cosine_input)
         self.feature_head = feature_head
-        self.options = dict(scale=scale, margin_type=margin_type, reduction=reduction,
-                            ignore_index=ignore_index, label_smoothing=label_smoothing, backend=backend, **options)
+        self.options = options
+
+    def set_table(self, name: str, values) -> torch.Tensor:
+        """Store table ``name`` (``"class_margins"``, ``"logit_offset"`` or ``"class_weight"``) from
+        ``values`` (sequence, array or tensor; checked 1-D, real and finite, with one host read), keeping
+        the float64 values for ``.double()``; the buffer keeps the device and dtype of the module's tables
+        (float32 until moved). Returns the buffer."""
+        if name not in _TABLES:
+            raise ValueError(f"name must be one of {_TABLES}, got {name!r}")
+        exact = builders.as_table(name, values, self._num_classes())
+        device, dtype = self._table_place(name)
+        with torch.no_grad():
+            self._buffers[name] = exact.to(device=device, dtype=dtype)
+        self._exact[name] = exact
+        return self._buffers[name]
+
+    def _num_classes(self):
+        return next((b.shape[0] for b in self._buffers.values() if b is not None), None)
+
+    def _table_place(self, name):
+        current = self._buffers.get(name)
+        if current is None:
+            current = next((b for b in self._buffers.values() if b is not None), None)
+        return (torch.device("cpu"), torch.float32) if current is None else (current.device, current.dtype)
+
+    def __setattr__(self, name, value):
+        # a table assigned by hand replaces the float64 values kept for .double()
+        if name in _TABLES and "_exact" in self.__dict__:
+            self._exact.pop(name, None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        for name, exact in self._exact.items():
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype == torch.float64:
+                self._buffers[name] = exact.to(buf.device)  # the float64 values, not float32-rounded ones
+        return result
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
-        tables = {name: getattr(self, name) for name in _TABLES if getattr(self, name) is not None}
+        options = {name: self._buffers[name] for name in _TABLES if self._buffers[name] is not None}
+        options.update(self.options)
         if weight is None:
-            head = {"head": "logits", "input_is_cosine": self.cosine_input}
+            options["head"], options["input_is_cosine"] = "logits", self.cosine_input
         else:
-            head = {"head": self.feature_head}
-        return margin_cross_entropy(input, target, weight, **head, **tables, **{**self.options, **kwargs})
+            options["head"] = self.feature_head
+        options.update(kwargs)  # per-call options and tables win
+        return margin_cross_entropy(input, target, weight, **options)
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.options.items() if k not in ("backend",)}
@@ -67,89 +148,136 @@ class DBMLoss(MarginLoss):
     ``M_i = m_y (1 + lambda_inst h_i (1 - cos_iy) / 2)``, applied ArcFace-style
     ``s cos(theta_y + M_i)``. ``variant``: ``"ce"``, ``"bs"`` (balanced softmax offset), ``"cb"``
     (class-balanced weights), ``"drw"`` (deferred re-weighting; call :meth:`set_epoch`).
+
+    All options after ``class_counts`` are keyword-only. ``state_dict`` holds the epoch (and the schedule
+    it belongs to), so ``load_state_dict`` on a resumed run restores the DRW weights of that epoch.
     """
 
-    def __init__(self, class_counts, variant="ce", K=0.1, tau=1.0, scale=30.0, lambda_inst=1.0,
-                 margin_ref="min", backend="auto", *, hard_mode="hard", drw_betas: Sequence[float] = (0.0, 0.9999),
-                 drw_step=160, cb_beta=0.9999, **options):
-        self.class_counts = builders.as_class_counts(class_counts)
-        self.variant = variant
-        self.drw_betas, self.drw_step = tuple(drw_betas), drw_step
-        tables = dbm_tables(self.class_counts, variant, K, tau, margin_ref, 0, self.drw_betas, drw_step, cb_beta)
+    def __init__(self, class_counts, *, variant="ce", K=0.1, tau=1.0, scale=30.0, lambda_inst=1.0,
+                 margin_ref="min", hard_mode="hard", drw_betas: Sequence[float] = (0.0, 0.9999),
+                 drw_step=160, cb_beta=0.9999, backend="auto", **options):
+        counts = builders.as_class_counts(class_counts)
+        drw_betas = builders.check_betas(drw_betas, "drw_betas")
+        drw_step = builders._positive_int("drw_step", drw_step, 1, "> 0")
+        tables = dbm_tables(counts, variant, K, tau, margin_ref, 0, drw_betas, drw_step, cb_beta,
+                            dtype=torch.float64)
+        _check_options(options, "DBMLoss", taken=("margin_type",) + tuple(tables))
         super().__init__(**tables, scale=scale, margin_type="additive_angular", lambda_inst=lambda_inst,
                          hard_mode=hard_mode, backend=backend, **options)
+        self.class_counts = counts
+        self.variant = variant
+        self.drw_betas, self.drw_step = drw_betas, drw_step
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """DRW: switch the class weights to ``betas[epoch // step]`` (no effect for other variants)."""
-        self.epoch = epoch
+        """DRW: switch the class weights to ``betas[epoch // step]`` (no effect on the tables of other
+        variants). ``epoch``: a Python, NumPy or 0-d tensor integer >= 0."""
+        epoch = builders._positive_int("epoch", epoch, 0)
         if self.variant == "drw":
-            weights = builders.drw_weights(self.class_counts, epoch, self.drw_betas, self.drw_step)
-            self.class_weight = weights.to(device=self.class_weight.device, dtype=self.class_weight.dtype)
+            self.set_table("class_weight", builders.drw_weights(self.class_counts, epoch, self.drw_betas,
+                                                                self.drw_step, dtype=torch.float64))
+        self.epoch = epoch
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch, "variant": self.variant, "drw_betas": self.drw_betas,
+                "drw_step": self.drw_step, "class_counts": torch.from_numpy(self.class_counts.copy())}
+
+    def set_extra_state(self, state):
+        counts = state["class_counts"]
+        for key, ours, theirs in (("variant", self.variant, state["variant"]),
+                                  ("drw_betas", self.drw_betas, tuple(state["drw_betas"])),
+                                  ("drw_step", self.drw_step, state["drw_step"])):
+            if ours != theirs:
+                raise ValueError(f"DBMLoss state was saved with {key}={theirs!r}, this loss has {ours!r}")
+        if counts.shape[0] != self.class_counts.size or not bool(
+                (counts.double() == torch.from_numpy(self.class_counts)).all()):
+            raise ValueError("DBMLoss state was saved with other class_counts than this loss's")
+        self.set_epoch(state["epoch"])
 
 
 class LDAMLoss(MarginLoss):
     """LDAM (Cao et al., NeurIPS 2019): ``s (cos_y - m_y)``, ``m_y`` proportional to ``n_y^-1/4`` with
-    the largest ``max_m``; ``class_weight`` (e.g. from :class:`fused_margin.DRWSchedule`) for LDAM-DRW."""
+    the largest ``max_m``; ``class_weight`` (e.g. from :class:`fused_margin.DRWSchedule`) for LDAM-DRW,
+    stored or per call (``loss(x, y, w, class_weight=drw.weights(epoch, device=x.device))``). Options
+    after ``class_counts`` are keyword-only."""
 
-    def __init__(self, class_counts, max_m=0.5, scale=30.0, class_weight=None, backend="auto", **options):
-        super().__init__(class_margins=builders.ldam_margins(class_counts, max_m), class_weight=class_weight,
-                         scale=scale, margin_type="additive_cosine", backend=backend, **options)
+    def __init__(self, class_counts, *, max_m=0.5, scale=30.0, class_weight=None, backend="auto", **options):
+        _check_options(options, "LDAMLoss", taken=("margin_type", "class_margins"))
+        super().__init__(class_margins=builders.ldam_margins(class_counts, max_m, dtype=torch.float64),
+                         class_weight=class_weight, scale=scale, margin_type="additive_cosine", backend=backend,
+                         **options)
 
 
 class ELMLoss(MarginLoss):
     """ELM (Kato & Hotta): LDAM margins with the strongest wrong class's margin ``lambda_elm m_{c*}``
-    added back to the target: ``s (cos_y - m_y + lambda_elm m_{c*})``."""
+    added back to the target: ``s (cos_y - m_y + lambda_elm m_{c*})``. Options after ``class_counts``
+    are keyword-only."""
 
-    def __init__(self, class_counts, max_m=0.5, lambda_elm=1.0, scale=30.0, backend="auto", **options):
-        super().__init__(class_margins=builders.ldam_margins(class_counts, max_m), scale=scale,
-                         margin_type="additive_cosine", lambda_elm=lambda_elm, backend=backend, **options)
+    def __init__(self, class_counts, *, max_m=0.5, lambda_elm=1.0, scale=30.0, backend="auto", **options):
+        _check_options(options, "ELMLoss", taken=("margin_type", "class_margins"))
+        super().__init__(class_margins=builders.ldam_margins(class_counts, max_m, dtype=torch.float64),
+                         scale=scale, margin_type="additive_cosine", lambda_elm=lambda_elm, backend=backend,
+                         **options)
 
 
 class _ConstantMarginLoss(MarginLoss):
     def __init__(self, margin, scale, margin_type, backend, **options):
-        builders._finite("margin", margin)
-        self.margin = float(margin)
+        _check_options(options, type(self).__name__, taken=("margin_type",))
+        self_margin = builders._finite("margin", margin)
         super().__init__(scale=scale, margin_type=margin_type, backend=backend, **options)
+        self.margin = self_margin
 
     def forward(self, input, target, weight=None, **kwargs):
-        num_classes = input.shape[1] if weight is None else weight.shape[0]
-        margins = torch.full((num_classes,), self.margin, device=input.device)
-        return super().forward(input, target, weight, class_margins=margins, **kwargs)
+        """The constant table ``m`` is made per call on the input's device in its compute dtype (float64
+        for float64 input); a per-call ``class_margins`` replaces it."""
+        if "class_margins" not in kwargs and self._buffers["class_margins"] is None:
+            num_classes = input.shape[1] if weight is None else weight.shape[0]
+            kwargs["class_margins"] = torch.full((num_classes,), self.margin, device=input.device,
+                                                 dtype=compute_dtype(input.dtype))
+        return super().forward(input, target, weight, **kwargs)
 
 
 class ArcFaceLoss(_ConstantMarginLoss):
     """ArcFace (Deng et al., CVPR 2019): ``s cos(theta_y + m)``. ``angular_fold="threshold"`` gives
-    insightface's th/mm guard, ``"easy"`` its easy margin."""
+    insightface's th/mm guard, ``"easy"`` its easy margin. All options are keyword-only."""
 
-    def __init__(self, margin=0.5, scale=64.0, backend="auto", **options):
+    def __init__(self, *, margin=0.5, scale=64.0, backend="auto", **options):
         super().__init__(margin, scale, "additive_angular", backend, **options)
 
 
 class CosFaceLoss(_ConstantMarginLoss):
-    """CosFace (Wang et al., CVPR 2018): ``s (cos_y - m)``."""
+    """CosFace (Wang et al., CVPR 2018): ``s (cos_y - m)``. All options are keyword-only."""
 
-    def __init__(self, margin=0.35, scale=64.0, backend="auto", **options):
+    def __init__(self, *, margin=0.35, scale=64.0, backend="auto", **options):
         super().__init__(margin, scale, "additive_cosine", backend, **options)
 
 
 class BalancedSoftmaxLoss(MarginLoss):
     """Balanced softmax (Ren et al., NeurIPS 2020): cross-entropy of ``logits + log p_j``. ``forward``
-    takes logits, or features with ``weight`` (linear head; ``feature_head="cosine"`` and ``scale`` for
-    a cosine classifier)."""
+    takes logits, or features with ``weight`` (and ``bias``) on the linear head of the paper
+    (``default_feature_head``; ``feature_head="cosine"`` and a ``scale`` for a cosine classifier).
+    Options after ``class_counts`` are keyword-only."""
 
-    def __init__(self, class_counts, backend="auto", feature_head="linear", **options):
-        super().__init__(logit_offset=builders.log_prior(class_counts), cosine_input=False,
-                         feature_head=feature_head, backend=backend, **options)
+    default_feature_head = "linear"
+
+    def __init__(self, class_counts, *, backend="auto", **options):
+        _check_options(options, "BalancedSoftmaxLoss", taken=("logit_offset", "cosine_input"))
+        super().__init__(logit_offset=builders.log_prior(class_counts, dtype=torch.float64), cosine_input=False,
+                         backend=backend, **options)
 
 
 class LogitAdjustedLoss(MarginLoss):
-    """Logit-adjusted loss (Menon et al., ICLR 2021): cross-entropy of ``logits + tau log pi_j``."""
+    """Logit-adjusted loss (Menon et al., ICLR 2021): cross-entropy of ``logits + tau log pi_j``, on logits
+    or on the linear head of the paper (``default_feature_head``; ``feature_head="cosine"`` and a
+    ``scale`` for a cosine classifier). Options after ``class_counts`` are keyword-only."""
 
-    def __init__(self, class_counts, tau=1.0, backend="auto", feature_head="linear", **options):
-        builders._finite("tau", tau)
-        super().__init__(logit_offset=builders.log_prior(class_counts) * float(tau), cosine_input=False,
-                         feature_head=feature_head, backend=backend, **options)
+    default_feature_head = "linear"
+
+    def __init__(self, class_counts, *, tau=1.0, backend="auto", **options):
+        _check_options(options, "LogitAdjustedLoss", taken=("logit_offset", "cosine_input"))
+        tau = builders._finite("tau", tau)
+        super().__init__(logit_offset=builders.log_prior(class_counts, dtype=torch.float64) * tau,
+                         cosine_input=False, backend=backend, **options)
 
 
 class CosineClassifier(nn.Module):

@@ -1,4 +1,4 @@
-"""One description of a margin softmax cross-entropy loss (SPEC.md sections 1-4).
+"""One description of a margin softmax cross-entropy loss (docs/loss.md sections 1-4).
 
 :class:`MarginLossSpec` holds the scalar options of the loss; the per-class and per-pair tables travel in
 :class:`LossTables`. Every backend (reference, Triton, C++/CUDA) takes the same pair, so a preset is a
@@ -7,6 +7,7 @@ spec plus tables and there is one kernel family.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -19,6 +20,48 @@ ANGULAR_FOLDS = (None, "threshold", "easy")
 MARGIN_GRADS = ("exact", "straight_through")
 REDUCTIONS = ("mean", "sum", "none")
 
+#: the range of int64, which holds labels and ``ignore_index`` on every backend.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _scalar_tensor(name: str, value: torch.Tensor):
+    if value.dim() != 0:
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+    if value.requires_grad:
+        raise TypeError(f"{name} is a constant option and gets no gradient: pass a plain number (or "
+                        "value.detach()), not a tensor that requires grad")
+    return value.item()
+
+
+def as_real(name: str, value) -> float:
+    """``value`` as a Python float: accepts ``int``/``float``, any ``numbers.Real`` (NumPy scalars) and
+    0-d real tensors; refuses ``bool``, strings and everything else with a ``TypeError`` naming ``name``.
+    Finiteness is the caller's check."""
+    if type(value) is float or type(value) is int:
+        return float(value)
+    if isinstance(value, torch.Tensor) and not (value.is_complex() or value.dtype == torch.bool):
+        value = _scalar_tensor(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def as_int(name: str, value) -> int:
+    """``value`` as a Python int: accepts ``int``, any ``numbers.Integral`` (NumPy integers) and 0-d
+    integer tensors; refuses ``bool``, floats (even integral ones) and values outside int64 with an error
+    naming ``name``."""
+    if type(value) is not int:
+        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()
+                                                    or value.dtype == torch.bool):
+            value = _scalar_tensor(name, value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        value = int(value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 (the labels' dtype), got {value}")
+    return value
+
+
 #: eps of the cosine head's normalisation, as ``F.normalize``.
 NORM_EPS = 1e-12
 #: the clamp applied to a cosine before ``acos`` in the angular margin.
@@ -27,7 +70,7 @@ ACOS_CLAMP = 1e-7
 
 @dataclass(frozen=True)
 class MarginLossSpec:
-    """Scalar options of the loss of SPEC.md.
+    """Scalar options of the loss of docs/loss.md.
 
     Per row ``i`` with label ``y`` and base scores ``z'`` (after the optional MARC affine):
 
@@ -60,20 +103,19 @@ class MarginLossSpec:
         _choice("angular_fold", self.angular_fold, ANGULAR_FOLDS)
         _choice("margin_grad", self.margin_grad, MARGIN_GRADS)
         _choice("reduction", self.reduction, REDUCTIONS)
+        # numbers arrive as Python, NumPy or 0-d tensor scalars; the spec holds plain Python numbers
         for name in ("scale", "lambda_inst", "lambda_elm", "label_smoothing"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+            value = as_real(name, getattr(self, name))
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "ignore_index", as_int("ignore_index", self.ignore_index))
         if self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.lambda_inst < 0:
             raise ValueError(f"lambda_inst must be >= 0, got {self.lambda_inst}")
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         if self.margin_type == "additive_angular" and self.head == "linear":
             raise ValueError("margin_type='additive_angular' needs cosine scores: use head='cosine', "
                              "or head='logits' with input_is_cosine=True; got head='linear'")
