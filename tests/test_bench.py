@@ -147,16 +147,32 @@ def test_low_precision_gate(dtype):
 
 @pytest.mark.parametrize("loss, head", [(loss, head) for loss, d in LOSSES.items() for head in d.heads])
 def test_row_kernel_route_is_the_preset_loss(loss, head):
-    """The keyword arguments that feed a bare RowKernel give exactly the preset module's loss."""
+    """The keyword arguments that feed a bare RowKernel give exactly the preset module's loss: float64
+    tables against the module in float64, float32 tables against the module's float32 buffers."""
     gen = torch.Generator().manual_seed(1)
     counts = fm.long_tailed_counts(40, n_max=100, imbalance=50.0)
     X = torch.randn(12, 8, generator=gen, dtype=torch.float64)
     W = torch.randn(40, 8, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 40, (12,), generator=gen)
     d = LOSSES[loss]
+    via_module = d.module(counts, head, "reference").double()(X, y, W)
+    via_kwargs = fm.margin_cross_entropy(X, y, W, backend="reference",
+                                         **d.kwargs(counts, 40, head, dtype=torch.float64))
+    assert torch.allclose(via_module, via_kwargs, rtol=1e-12, atol=0)
+    X, W = X.float(), W.float()
     via_module = d.module(counts, head, "reference")(X, y, W)
     via_kwargs = fm.margin_cross_entropy(X, y, W, backend="reference", **d.kwargs(counts, 40, head))
-    assert torch.allclose(via_module, via_kwargs, rtol=1e-12, atol=0)
+    assert torch.equal(via_module, via_kwargs)
+
+
+@pytest.mark.parametrize("loss", [name for name, d in LOSSES.items() if "linear" in d.heads])
+def test_linear_head_cases_use_the_scale_a_linear_head_trains_with(loss):
+    """Issue 14.9: s = 30 on unnormalised logits made most exps denormal (and the eager row slow)."""
+    counts = fm.long_tailed_counts(40, n_max=100, imbalance=50.0)
+    assert LOSSES[loss].kwargs(counts, 40, "linear")["scale"] == 1.0
+    assert LOSSES[loss].module(counts, "linear", "reference").options["scale"] == 1.0
+    if "cosine" in LOSSES[loss].heads:
+        assert LOSSES[loss].kwargs(counts, 40, "cosine")["scale"] == 30.0
 
 
 def test_cli_list_help_and_run(tmp_path, capsys, monkeypatch):

@@ -37,39 +37,49 @@ MODE_HELP = {"fwd": "forward (training forward: inputs require grad, the graph i
 class LossDef:
     """A loss of the benchmark: its preset module and the margin_cross_entropy arguments it stands for.
 
-    ``module(counts, head, backend)`` builds the preset; ``kwargs(counts, num_classes, head)`` gives the
-    equivalent keyword arguments (tables on the CPU, moved to the device by the caller).
+    ``module(counts, head, backend)`` builds the preset; ``kwargs(counts, num_classes, head, dtype)`` gives
+    the equivalent keyword arguments (tables on the CPU in ``dtype``, float32 by default as the modules'
+    buffers, moved to the device by the caller; float64 to match a ``.double()`` module exactly).
     """
 
     title: str
     heads: Tuple[str, ...]
     module: Callable[[torch.Tensor, str, str], torch.nn.Module]
-    kwargs: Callable[[torch.Tensor, int, str], dict]
+    kwargs: Callable[..., dict]
 
 
 def _dbm(variant):
     def module(counts, head, backend):
         return fm.DBMLoss(counts, variant=variant, backend=backend)
 
-    def kwargs(counts, num_classes, head):
+    def kwargs(counts, num_classes, head, dtype=torch.float32):
         out = dict(head="cosine", scale=30.0, margin_type="additive_angular", lambda_inst=1.0,
-                   hard_mode="hard", class_margins=fm.dbm_class_margins(counts, 0.1, 1.0, "min"))
+                   hard_mode="hard", class_margins=fm.dbm_class_margins(counts, 0.1, 1.0, "min", dtype=dtype))
         if variant == "bs":
-            out["logit_offset"] = fm.log_prior(counts)
+            out["logit_offset"] = fm.log_prior(counts, dtype=dtype)
         return out
     return module, kwargs
 
 
+#: the scale of each head. ``s = 30`` is what LDAM/ELM/DBM train cosine classifiers with (cosines in
+#: [-1, 1]); a linear head is trained at ``s = 1``: its logits are unnormalised (|logit| up to ~190 at the
+#: default shape), and ``s = 30`` on them would put most ``exp`` values in the denormal range, which on
+#: the CPU is many times slower and no training run would use (the eager LDAM-linear row took 139 ms
+#: against 88 ms for the cosine one, inflating its speed-up).
+HEAD_SCALE = {"cosine": 30.0, "linear": 1.0}
+
+
 def _ldam(lambda_elm):
+    """LDAM / ELM at ``HEAD_SCALE[head]`` (30 on the cosine head, 1 on the linear head)."""
     def module(counts, head, backend):
         if lambda_elm:
-            return fm.ELMLoss(counts, max_m=0.5, lambda_elm=lambda_elm, scale=30.0, backend=backend,
+            return fm.ELMLoss(counts, max_m=0.5, lambda_elm=lambda_elm, scale=HEAD_SCALE[head], backend=backend,
                               feature_head=head)
-        return fm.LDAMLoss(counts, max_m=0.5, scale=30.0, backend=backend, feature_head=head)
+        return fm.LDAMLoss(counts, max_m=0.5, scale=HEAD_SCALE[head], backend=backend, feature_head=head)
 
-    def kwargs(counts, num_classes, head):
-        out = dict(head=head, scale=30.0, margin_type="additive_cosine",
-                   class_margins=fm.ldam_margins(counts, 0.5))
+    def kwargs(counts, num_classes, head, dtype=torch.float32):
+        out = dict(head=head, scale=HEAD_SCALE[head], margin_type="additive_cosine",
+                   class_margins=fm.ldam_margins(counts, 0.5, dtype=dtype))
         if lambda_elm:
             out["lambda_elm"] = lambda_elm
         return out
@@ -82,31 +92,31 @@ def _constant(margin, scale, margin_type):
     def module(counts, head, backend):
         return cls(margin=margin, scale=scale, backend=backend)
 
-    def kwargs(counts, num_classes, head):
+    def kwargs(counts, num_classes, head, dtype=torch.float32):
         return dict(head="cosine", scale=scale, margin_type=margin_type,
-                    class_margins=torch.full((num_classes,), margin))
+                    class_margins=torch.full((num_classes,), margin, dtype=dtype))
     return module, kwargs
 
 
 def _offset(tau):
-    """Balanced softmax (tau None) or logit adjustment; scale 30 on the cosine head, 1 on the linear."""
+    """Balanced softmax (tau None) or logit adjustment at ``HEAD_SCALE[head]``."""
     def module(counts, head, backend):
-        scale = 30.0 if head == "cosine" else 1.0
+        scale = HEAD_SCALE[head]
         if tau is None:
             return fm.BalancedSoftmaxLoss(counts, backend=backend, feature_head=head, scale=scale)
         return fm.LogitAdjustedLoss(counts, tau=tau, backend=backend, feature_head=head, scale=scale)
 
-    def kwargs(counts, num_classes, head):
-        offset = fm.log_prior(counts) * (1.0 if tau is None else float(tau))
-        return dict(head=head, scale=30.0 if head == "cosine" else 1.0, logit_offset=offset)
+    def kwargs(counts, num_classes, head, dtype=torch.float32):
+        offset = (fm.log_prior(counts, dtype=torch.float64) * (1.0 if tau is None else float(tau))).to(dtype)
+        return dict(head=head, scale=HEAD_SCALE[head], logit_offset=offset)
     return module, kwargs
 
 
 LOSSES: Dict[str, LossDef] = {
     "dbm-ce": LossDef("DBM, CE variant (difficulty-aware balancing margin, AAAI'25)", ("cosine",), *_dbm("ce")),
     "dbm-bs": LossDef("DBM, balanced-softmax variant (AAAI'25)", ("cosine",), *_dbm("bs")),
-    "ldam": LossDef("LDAM (Cao et al., NeurIPS 2019), max_m 0.5, s 30", ("cosine", "linear"), *_ldam(0.0)),
-    "elm": LossDef("ELM (Kato & Hotta), LDAM margins, lambda 1", ("cosine", "linear"), *_ldam(1.0)),
+    "ldam": LossDef("LDAM (Cao et al., NeurIPS 2019), max_m 0.5, s 30 (cosine) / 1 (linear)", ("cosine", "linear"), *_ldam(0.0)),
+    "elm": LossDef("ELM (Kato & Hotta), LDAM margins, lambda 1, s 30 (cosine) / 1 (linear)", ("cosine", "linear"), *_ldam(1.0)),
     "arcface": LossDef("ArcFace (Deng et al., CVPR 2019), m 0.5, s 64", ("cosine",),
                        *_constant(0.5, 64.0, "additive_angular")),
     "cosface": LossDef("CosFace (Wang et al., CVPR 2018), m 0.35, s 64", ("cosine",),
