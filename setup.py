@@ -85,11 +85,13 @@ def _extensions():
         defines.append("-DFUSED_MARGIN_WITH_CUDA")
 
     openmp = [] if sys.platform == "darwin" or os.name == "nt" else ["-fopenmp"]
-    # -ffp-contract=off: z' = raw * row_scale * col_scale + col_shift rounds as torch's eager ops do
+    # One floating-point rule for every backend (fused_margin/fused.py): no contraction of a * b + c into
+    # FMAs, so z' = raw * row_scale * col_scale + col_shift and the logits round as torch's eager ops do:
+    # -ffp-contract=off here, --fmad=false for nvcc, enable_fp_fusion=False on the Triton launches.
     cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-psabi", "-Wno-unknown-pragmas"] + openmp + defines
     extra_compile_args = {"cxx": cxx_flags}
     if with_cuda:
-        extra_compile_args["nvcc"] = ["-O3"] + defines
+        extra_compile_args["nvcc"] = ["-O3", "--fmad=false"] + defines
     kind = CUDAExtension if with_cuda else CppExtension
     extension = kind(
         name="fused_margin._C",

@@ -3,7 +3,7 @@
 // implementation. The CUDA implementation is in fused_margin_cuda.cu (built when CUDA is present);
 // the fake (meta) kernels that torch.compile traces are registered in Python by fused_margin/cuda.py.
 //
-//   row_forward  -> (loss_rows, lse, pred, hard, target_logit, target_grad)
+//   row_forward  -> (loss_rows, lse, pred, hard, nll, target_grad)
 //   row_backward -> G = dL/dz' (fp32), or dL/draw in raw's dtype with scale_grad
 //
 // The loss is SPEC.md's: DBM (AAAI'25) instance margins, LDAM (Cao et al. 2019), ELM (Kato & Hotta),
@@ -101,17 +101,19 @@ constexpr int64_t kBackwardColumnBlock = 4096;
 Tensor row_backward_cpu(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
                         const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
                         const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse,
-                        const Tensor& target_logit, const Tensor& target_grad, const Tensor& grad_rows,
+                        const Tensor& nll, const Tensor& target_grad, const Tensor& grad_rows,
                         double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
   BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                       pair_perturbation, class_weight, lse, target_logit, target_grad,
+                                       pair_perturbation, class_weight, lse, nll, target_grad,
                                        grad_rows, scale, label_smoothing, ignore_index, scale_grad);
   RowBackwardArgs& args = call.args;
   const int64_t rows = args.rows, cols = args.cols;
   check_labels(call.target, cols, ignore_index);
   if (call.grad.numel() == 0) return call.grad;
-  // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights)
-  if (call.class_weight.defined()) args.weight_sum = call.class_weight.sum().item<float>();
+  // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights); only label smoothing uses it
+  if (call.class_weight.defined() && label_smoothing != 0.0) {
+    args.weight_sum = call.class_weight.sum().item<float>();
+  }
 
   const cpu::RowBackwardFn backward = cpu_kernels().backward;
   const int64_t blocks = (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock;
@@ -145,7 +147,7 @@ TORCH_LIBRARY(fused_margin, m) {
   m.def(
       "row_backward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
       "Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, Tensor lse, "
-      "Tensor target_logit, Tensor target_grad, Tensor grad_rows, float scale, float label_smoothing, "
+      "Tensor nll, Tensor target_grad, Tensor grad_rows, float scale, float label_smoothing, "
       "int ignore_index, bool scale_grad) -> Tensor");
 }
 

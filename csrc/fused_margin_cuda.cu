@@ -6,14 +6,18 @@
 // + col_shift_j in fp32, and keeps the argmax of z' (torch.argmax's order), ELM's strongest wrong
 // class, and an online logsumexp of the non-target logits l_j = s z'_j + a_j + P_j with the
 // label-smoothing sum (row_math.h LseState). Warp shuffles, then shared memory, combine the threads;
-// thread 0 applies the target margin (row_math.h) and writes the row's outputs.
+// thread 0 applies the target margin, forms nll = lse - t relative to the row maximum (row_math.h) and
+// writes the row's outputs. The full-mask shuffles need whole warps: the block size is a multiple of 32
+// (checked at compile time for every size forward_threads picks, and at launch).
 //
 // backward: a 2-D grid (column tiles x rows), elementwise from the saved row statistics:
-// p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y (p_j - [j = y]) + eps / C (sum(w) p_j - w_j)),
+// p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y p_j + eps / C (sum(w) p_j - w_j)) off the target,
+// dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((sum(w) - w_y) + sum(w) expm1(-nll))) on it,
 // G_j = s dl_j off the target, G_y = (dt/dz'_y) dl_y, times row_scale col_scale_j with scale_grad.
 //
-// All math is fp32 (SPEC.md section 5); products and sums that form z' and the logits use the
-// _rn intrinsics so they round as torch's eager ops (no contraction into FMAs).
+// All math is fp32 (SPEC.md section 5). No contraction into FMAs, as the other backends: setup.py
+// compiles this file with --fmad=false, and the products and sums that form z' and the logits use the
+// _rn intrinsics besides, so they round as torch's eager ops whatever the flags.
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
@@ -40,6 +44,15 @@ namespace cuda_kernels {
 constexpr int kWarpSize = 32;
 constexpr int kMaxWarps = 32;
 constexpr int kBackwardThreads = 256;
+// the forward's block sizes (forward_threads): whole warps (the full-mask shuffles), at most kMaxWarps
+constexpr int kForwardThreadsSmall = 128, kForwardThreadsMedium = 256, kForwardThreadsLarge = 512;
+
+constexpr bool whole_warps(int threads) {
+  return threads % kWarpSize == 0 && threads > 0 && threads <= kWarpSize * kMaxWarps;
+}
+static_assert(whole_warps(kForwardThreadsSmall) && whole_warps(kForwardThreadsMedium) &&
+                  whole_warps(kForwardThreadsLarge),
+              "the forward kernel's warp shuffles (mask 0xffffffff) need a block of whole warps");
 
 template <typename T>
 struct alignas(16) Pack {
@@ -129,6 +142,7 @@ __device__ __forceinline__ void lse_add(LseState& s, float l, float w, bool smoo
 
 template <typename T>
 __global__ void row_forward_kernel(const RowForwardArgs a) {
+  CUDA_KERNEL_ASSERT(blockDim.x % kWarpSize == 0);  // the full-mask shuffles below
   __shared__ Argmax warp_best[kMaxWarps], warp_wrong[kMaxWarps];
   __shared__ LseState warp_lse[kMaxWarps];
   __shared__ float target_score;
@@ -229,10 +243,8 @@ __global__ void row_backward_kernel(const RowBackwardArgs a) {
 
     auto grad_at = [&](int64_t j, float r) -> float {
       if (!kept) return 0.f;
-      if (j == label) {  // l_y = t (saved), dt/dz'_y = target_grad
-        const float p_y = expf(a.target_logit[i] - lse);
-        float grad = a.target_grad[i] * g *
-                     ((1.f - eps) * w_y * (p_y - 1.f) + eps_per_class * (weight_sum * p_y - w_y));
+      if (j == label) {  // p_y - 1 = expm1(-nll) (saved nll), dt/dz'_y = target_grad
+        float grad = target_column_grad(a.nll[i], w_y, weight_sum, eps, eps_per_class) * g * a.target_grad[i];
         if (a.scale_grad) {
           if (has_row_scale) grad = grad * row_scale;
           if (col_scale) grad = grad * col_scale[j];
@@ -285,14 +297,17 @@ __global__ void row_backward_kernel(const RowBackwardArgs a) {
 }
 
 int forward_threads(int64_t cols) {
-  if (cols >= 16384) return 512;
-  if (cols >= 2048) return 256;
-  return 128;
+  if (cols >= 16384) return kForwardThreadsLarge;
+  if (cols >= 2048) return kForwardThreadsMedium;
+  return kForwardThreadsSmall;
 }
 
 template <typename T>
 void launch_forward(const RowForwardArgs& args, cudaStream_t stream) {
-  row_forward_kernel<T><<<static_cast<unsigned>(args.rows), forward_threads(args.cols), 0, stream>>>(args);
+  const int threads = forward_threads(args.cols);
+  TORCH_CHECK(whole_warps(threads), "fused_margin row_forward (CUDA): block of ", threads,
+              " threads is not a whole number of warps (at most ", kMaxWarps, ")");
+  row_forward_kernel<T><<<static_cast<unsigned>(args.rows), threads, 0, stream>>>(args);
 }
 
 template <typename T, typename Out>
@@ -347,16 +362,16 @@ void launch_backward_typed(const RowBackwardArgs& args, cudaStream_t stream) {
 Tensor row_backward_cuda(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
                          const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
                          const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse,
-                         const Tensor& target_logit, const Tensor& target_grad, const Tensor& grad_rows,
+                         const Tensor& nll, const Tensor& target_grad, const Tensor& grad_rows,
                          double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
   BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                       pair_perturbation, class_weight, lse, target_logit, target_grad,
+                                       pair_perturbation, class_weight, lse, nll, target_grad,
                                        grad_rows, scale, label_smoothing, ignore_index, scale_grad);
   if (call.grad.numel() == 0) return call.grad;
   RowBackwardArgs& args = call.args;
-  // sum(w) stays on the device: no host sync
-  if (call.class_weight.defined()) {
+  // sum(w) stays on the device: no host sync; only label smoothing uses it
+  if (call.class_weight.defined() && label_smoothing != 0.0) {
     call.weight_sum = call.class_weight.sum();
     args.weight_sum_device = call.weight_sum.const_data_ptr<float>();
   }

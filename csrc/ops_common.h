@@ -110,11 +110,11 @@ void point_at_inputs(const RowInputs& in, Args& args) {
 // points at them.
 struct ForwardCall : RowInputs {
   at::Tensor class_margins;
-  at::Tensor loss, lse, pred, hard, target_logit, target_grad;
+  at::Tensor loss, lse, pred, hard, nll, target_grad;
   RowForwardArgs args{};
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
-    return {loss, lse, pred, hard, target_logit, target_grad};
+    return {loss, lse, pred, hard, nll, target_grad};
   }
 };
 
@@ -138,7 +138,7 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
   call.lse = at::empty({rows}, f32);
   call.pred = at::empty({rows}, raw.options().dtype(at::kLong));
   call.hard = at::empty({rows}, raw.options().dtype(at::kBool));
-  call.target_logit = at::empty({rows}, f32);
+  call.nll = at::empty({rows}, f32);
   call.target_grad = at::empty({rows}, f32);
   TORCH_CHECK(rows == 0 || cols > 0, "fused_margin row_forward: raw must have at least one column");
 
@@ -158,15 +158,16 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
   args.lse = call.lse.mutable_data_ptr<float>();
   args.pred = call.pred.mutable_data_ptr<int64_t>();
   args.hard = call.hard.mutable_data_ptr<bool>();
-  args.target_logit = call.target_logit.mutable_data_ptr<float>();
+  args.nll = call.nll.mutable_data_ptr<float>();
   args.target_grad = call.target_grad.mutable_data_ptr<float>();
   return call;
 }
 
-// One row_backward call (see ForwardCall). `args.weight_sum` is C; with class weights the CPU caller
-// sets it to their sum, the CUDA caller points `args.weight_sum_device` at it.
+// One row_backward call (see ForwardCall). `args.weight_sum` is C; with class weights and label smoothing
+// (the only use of it) the CPU caller sets it to their sum, the CUDA caller points
+// `args.weight_sum_device` at it.
 struct BackwardCall : RowInputs {
-  at::Tensor lse, target_logit, target_grad, grad_rows, weight_sum;
+  at::Tensor lse, nll, target_grad, grad_rows, weight_sum;
   at::Tensor grad;
   RowBackwardArgs args{};
 };
@@ -175,7 +176,7 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
                                      const OptTensor& row_scale, const OptTensor& col_scale,
                                      const OptTensor& col_shift, const OptTensor& logit_offset,
                                      const OptTensor& pair_perturbation, const OptTensor& class_weight,
-                                     const at::Tensor& lse, const at::Tensor& target_logit,
+                                     const at::Tensor& lse, const at::Tensor& nll,
                                      const at::Tensor& target_grad, const at::Tensor& grad_rows, double scale,
                                      double label_smoothing, int64_t ignore_index, bool scale_grad) {
   BackwardCall call;
@@ -184,7 +185,7 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
   call.lse = float_table(lse, "lse", {rows}, raw);
-  call.target_logit = float_table(target_logit, "target_logit", {rows}, raw);
+  call.nll = float_table(nll, "nll", {rows}, raw);
   call.target_grad = float_table(target_grad, "target_grad", {rows}, raw);
   call.grad_rows = float_table(grad_rows, "grad_rows", {rows}, raw);
   call.grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
@@ -192,7 +193,7 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   RowBackwardArgs& args = call.args;
   point_at_inputs(call, args);
   args.lse = call.lse.const_data_ptr<float>();
-  args.target_logit = call.target_logit.const_data_ptr<float>();
+  args.nll = call.nll.const_data_ptr<float>();
   args.target_grad = call.target_grad.const_data_ptr<float>();
   args.grad_rows = call.grad_rows.const_data_ptr<float>();
   args.scale = static_cast<float>(scale);

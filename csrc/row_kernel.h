@@ -30,8 +30,8 @@ struct RowForwardArgs {
   float* lse;
   int64_t* pred;
   bool* hard;
-  float* target_logit;
-  float* target_grad;
+  float* nll;          // lse - t, formed relative to the row maximum (row_math.h finish_forward_row)
+  float* target_grad;  // dt/dz'_y
 };
 
 struct RowBackwardArgs {
@@ -46,12 +46,12 @@ struct RowBackwardArgs {
   const float* pair_perturbation;
   const float* class_weight;
   const float* lse;
-  const float* target_logit;
+  const float* nll;  // lse - t from the forward (the target column's p_y - 1 = expm1(-nll))
   const float* target_grad;
   const float* grad_rows;
   float scale, label_smoothing;
-  float weight_sum;                // sum_j w_j (C without class weights); CPU kernels
-  const float* weight_sum_device;  // the same on the device (CUDA kernels; null without weights)
+  float weight_sum;                // sum_j w_j (C without class weights; label smoothing only); CPU kernels
+  const float* weight_sum_device;  // the same on the device (CUDA kernels; null without weights or smoothing)
   int64_t ignore_index;
   bool scale_grad;
   void* grad;  // rows x cols: raw's dtype when scale_grad, else float

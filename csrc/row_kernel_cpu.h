@@ -10,10 +10,12 @@
 //   pred = argmax_j z'_j (first index, NaN first as torch.argmax), c = z'_y,
 //   c* = argmax_{j != y} z'_j (ELM), l_j = s z'_j + a_j + P_j for j != y, and per chunk of the row
 //   an online logsumexp of the non-target l_j (torch's shift rule) with the label-smoothing sum;
-//   then M, the target logit t = s psi(c, M) + a_y and dt/dc (row_math.h), lse over {l_j, t} and
-//   loss = (1 - eps) w_y (lse - t) + eps / C sum_j w_j (lse - l_j)    (SPEC.md sections 2-4).
+//   then M, the target logit t = s psi(c, M) + a_y and dt/dc (row_math.h), lse over {l_j, t},
+//   nll = lse - t relative to the row maximum (row_math.h precise_nll) and
+//   loss = (1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)    (SPEC.md sections 2-4).
 // backward, elementwise from the saved row statistics:
-//   p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y (p_j - [j = y]) + eps / C (sum(w) p_j - w_j)),
+//   p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y p_j + eps / C (sum(w) p_j - w_j)) off the target,
+//   dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((sum(w) - w_y) + sum(w) expm1(-nll))) on it,
 //   G_j = s dl_j off the target, G_y = (dt/dc) dl_y; times row_scale col_scale_j with scale_grad.
 //
 // Not a header to include anywhere else: each including translation unit defines the kernels of
@@ -375,10 +377,9 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
     for (; j < c1; ++j) element(j);
 
     if (y >= c0 && y < c1) {
-      // the target column: l_y = t (saved), dt/dz'_y = target_grad
-      const float p_y = std::exp(a.target_logit[i] - lse);
-      const float dl_y = g * ((1.f - eps) * w_y * (p_y - 1.f) + eps_per_class * (a.weight_sum * p_y - w_y));
-      float grad = a.target_grad[i] * dl_y;
+      // the target column: p_y - 1 = expm1(-nll) (saved nll), dt/dz'_y = target_grad
+      const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
+      float grad = dl_y * a.target_grad[i];
       if (a.scale_grad) {
         if (has_row_scale) grad = grad * row_scale;
         if (col_scale) grad = grad * col_scale[y];

@@ -34,6 +34,15 @@ FM_HOST_DEVICE bool is_nan(float v) { return v != v; }
 
 FM_HOST_DEVICE bool is_finite(float v) { return v - v == 0.f; }
 
+// dL/dt per unit upstream gradient at the target column, from the precise nll: p_y - 1 = expm1(-nll),
+// (1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y) with W p_y - w_y = (W - w_y) + W (p_y - 1).
+FM_HOST_DEVICE float target_column_grad(float nll, float w_y, float weight_sum, float eps, float eps_per_class) {
+  const float pm1 = expm1f(-nll);
+  float dl = (1.f - eps) * w_y * pm1;
+  if (eps != 0.f) dl = dl + eps_per_class * ((weight_sum - w_y) + weight_sum * pm1);
+  return dl;
+}
+
 // max that propagates NaN, as torch.maximum
 FM_HOST_DEVICE float nan_max(float a, float b) { return (is_nan(a) || a > b) ? a : b; }
 
@@ -140,9 +149,20 @@ FM_HOST_DEVICE float smoothing_sum(const LseState& s, float lse) {
   return s.weight == 0.f ? s.dev : s.weight * (lse - lse_shift(s.max)) + s.dev;
 }
 
+// nll = lse - t for the target logit t and the non-target logits' state s (max M, sum S of
+// exp(l_j - M)), formed relative to the larger of t and M so that confident rows keep full precision
+// (SPEC.md section 8): log1p(S e^{M - t}) where t >= M; (M - t) + log(S + e^{t - M}) where t < M (then
+// nll >= log 2); lse - t where t or M is not finite (as F.cross_entropy: NaN for t = +inf).
+FM_HOST_DEVICE float precise_nll(const LseState& s, float t, float lse) {
+  if (!is_finite(t) || !is_finite(s.max)) return lse - t;
+  const float gap = s.max - t;
+  return gap <= 0.f ? log1pf(s.sum * expf(gap)) : gap + logf(s.sum + expf(-gap));
+}
+
 // The end of a forward row once its pass is done (CPU and CUDA kernels alike): pred and hard from the
 // argmax, then the target margin (it needs hard and ELM's strongest wrong class), the target logit
-// merged into the online logsumexp of the other logits, the loss; writes every output of row i.
+// merged into the online logsumexp of the other logits, nll and the loss
+// (1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll); writes every output of row i.
 // best_index / wrong_index: argmax of z' and of z' off the target (-1 when none was seen).
 FM_HOST_DEVICE void finish_forward_row(const RowForwardArgs& a, int64_t i, bool kept, int64_t y, float c,
                                        int64_t best_index, int64_t wrong_index, bool track_wrong,
@@ -154,7 +174,7 @@ FM_HOST_DEVICE void finish_forward_row(const RowForwardArgs& a, int64_t i, bool 
   if (!kept) {
     a.lse[i] = lse_value(state);
     a.loss[i] = 0.f;
-    a.target_logit[i] = 0.f;
+    a.nll[i] = 0.f;
     a.target_grad[i] = 0.f;
     return;
   }
@@ -168,15 +188,16 @@ FM_HOST_DEVICE void finish_forward_row(const RowForwardArgs& a, int64_t i, bool 
   const float tl = a.logit_offset ? t.value + a.logit_offset[y] : t.value;
   const LseState target_state{tl, expf(tl - lse_shift(tl)), 0.f, 0.f};
   const float lse = lse_value(lse_merge(state, target_state));
+  const float nll = precise_nll(state, tl, lse);
   const float w_y = a.class_weight ? a.class_weight[y] : 1.f;
-  float loss = (1.f - a.label_smoothing) * w_y * (lse - tl);
+  float loss = (1.f - a.label_smoothing) * w_y * nll;
   if (smoothing) {
-    const float smooth = smoothing_sum(state, lse) + w_y * (lse - tl);
+    const float smooth = smoothing_sum(state, lse) + w_y * nll;
     loss = loss + a.label_smoothing / static_cast<float>(a.cols) * smooth;
   }
   a.loss[i] = loss;
   a.lse[i] = lse;
-  a.target_logit[i] = tl;
+  a.nll[i] = nll;
   a.target_grad[i] = t.grad;
 }
 

@@ -52,7 +52,7 @@ def _row_forward_fake(raw, target, row_scale, col_scale, col_shift, class_margin
 
 
 def _row_backward_fake(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-                       class_weight, lse, target_logit, target_grad, grad_rows, scale, label_smoothing,
+                       class_weight, lse, nll, target_grad, grad_rows, scale, label_smoothing,
                        ignore_index, scale_grad):
     return raw.new_empty(raw.shape, dtype=raw.dtype if scale_grad else torch.float32)
 

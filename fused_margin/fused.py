@@ -10,21 +10,32 @@ scale is 1 and a missing shift 0):
 
 ``forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
 class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-label_smoothing, ignore_index) -> (loss_rows, lse, pred, hard, target_logit, target_grad)``
+label_smoothing, ignore_index) -> (loss_rows, lse, pred, hard, nll, target_grad)``
 
     per row: the loss of SPEC.md section 4 before the reduction (``w_y``-weighted, smoothed; 0 on
-    ignored rows), ``lse``, ``pred = argmax z'`` (int64), ``hard`` (bool), the final target logit
-    ``t = s psi(z'_y, M) + a_y`` and ``target_grad = dt / dz'_y``. Ignored rows: loss 0,
-    ``target_grad`` 0, ``lse`` of ``s z' + a + P``.
+    ignored rows), ``lse``, ``pred = argmax z'`` (int64), ``hard`` (bool), ``nll = lse - t`` for the
+    final target logit ``t = s psi(z'_y, M) + a_y``, and ``target_grad = dt / dz'_y``. ``nll`` is formed
+    relative to the non-target logits' maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (SPEC.md
+    section 8, confident rows): ``log1p(S exp(M - t))`` where ``t >= M``, ``(M - t) + log(S + exp(t - M))``
+    where ``t < M``, and ``lse - t`` where ``t`` or ``M`` is not finite (as ``F.cross_entropy``). The loss
+    row is ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)``. Ignored rows: loss 0,
+    ``nll`` 0, ``target_grad`` 0, ``lse`` of ``s z' + a + P``.
 
 ``backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-class_weight, lse, target_logit, target_grad, grad_rows, scale, label_smoothing, ignore_index,
+class_weight, lse, nll, target_grad, grad_rows, scale, label_smoothing, ignore_index,
 scale_grad) -> grad``
 
-    ``G = dL/dz'`` from the saved row statistics: with ``p_ij = exp(l_ij - lse_i)``,
-    ``dl_ij = g_i ((1 - eps) w_y (p_ij - [j = y]) + eps / C (sum(w) p_ij - w_j))``, ``G_ij = s dl_ij``
-    off the target and ``G_iy = target_grad_i dl_iy``; zero on ignored rows. With ``scale_grad`` the
-    kernel returns ``G_ij row_scale_i col_scale_j`` (= dL/draw) in ``raw``'s dtype, else ``G`` in fp32.
+    ``G = dL/dz'`` from the saved row statistics: off the target, with ``p_ij = exp(l_ij - lse_i)``,
+    ``dl_ij = g_i ((1 - eps) w_y p_ij + eps / C (W p_ij - w_j))`` and ``G_ij = s dl_ij``; on the target,
+    ``dl_iy = g_i ((1 - eps) w_y expm1(-nll_i) + eps / C ((W - w_y) + W expm1(-nll_i)))`` (``p_y - 1`` as
+    ``expm1(-nll)``, precise on confident rows) and ``G_iy = target_grad_i dl_iy``; zero on ignored
+    rows (``W = sum_j w_j``, ``C`` without class weights). With ``scale_grad`` the kernel returns
+    ``G_ij row_scale_i col_scale_j`` (= dL/draw) in ``raw``'s dtype, else ``G`` in fp32.
+
+All backends share one floating-point rule: no contraction of ``a * b + c`` into fused multiply-adds in
+the kernels' own arithmetic (``-ffp-contract=off`` for the C++ kernels, ``--fmad=false`` for nvcc,
+``enable_fp_fusion=False`` on every Triton launch), so ``z'`` and the logits round as eager torch's
+separate ops; library functions (``exp``, ``log``, ``cos``) keep their own internal FMAs.
 """
 from __future__ import annotations
 
@@ -69,29 +80,65 @@ def _project_out(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) ->
     return grad.addcmul_(rows, (dots * inv_sq).neg_().to(grad.dtype)[:, None])
 
 
+def _pow2_scale(norms: torch.Tensor) -> torch.Tensor:
+    """``2^-round(log2 ||v||)`` per row (1 where ``||v|| < eps``, or not finite): multiplying a row by it is
+    exact in any binary floating type and brings its norm into ``[0.7, 1.5)``."""
+    ok = torch.isfinite(norms) & (norms >= NORM_EPS)
+    exponent = torch.round(torch.log2(torch.where(ok, norms, torch.ones_like(norms))))
+    return torch.exp2(-exponent)
+
+
+def _cosine_operands(input, weight, acc):
+    """The GEMM operands of the cosine head and their fp32 norms: ``(x, w, x_norm, w_norm, x_pow, w_pow)``.
+
+    In fp16 (range 65504) ``x @ w.T`` overflows for ``||x|| ||w|| > 65504`` and ``dL/draw =
+    G / (||x|| ||w||)`` under- or overflows for extreme norms, so there both operands are rescaled by
+    powers of two (``x_pow``, ``w_pow``: exact, the cosines unchanged) to unit-order norms: the GEMMs and
+    ``dL/draw`` stay near the cosines' own range. The copies are in the input dtype (B x D and C x D
+    fp16, no fp32 C x D copy); bf16 and fp32 (fp32's range) use the tensors themselves (pows None)."""
+    x_norm = torch.linalg.vector_norm(input, dim=1, dtype=acc)
+    w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
+    if input.dtype != torch.float16 and weight.dtype != torch.float16:
+        return input, weight, x_norm, w_norm, None, None
+    x_pow, w_pow = _pow2_scale(x_norm), _pow2_scale(w_norm)
+    return (input * x_pow.to(input.dtype)[:, None], weight * w_pow.to(weight.dtype)[:, None],
+            x_norm, w_norm, x_pow, w_pow)
+
+
+def _first_order_error(kernel_name: str) -> str:
+    return (f"the fused {kernel_name!r} backend gives first-order gradients only; for create_graph=True "
+            "(double backward, meta-learning, nested torch.func.grad) use backend='reference'")
+
+
 class _FusedMarginCE(torch.autograd.Function):
+    """``forward`` + ``setup_context`` (what ``torch.func.grad`` needs); ``forward`` returns, after
+    ``(loss, lse, pred, hard)``, the tensors that ``backward`` needs, which the caller drops."""
+
     @staticmethod
-    def forward(ctx, kernel: RowKernel, spec: MarginLossSpec, input, target, weight, bias,
+    def forward(kernel: RowKernel, spec: MarginLossSpec, input, target, weight, bias,
                 class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms):
         head = spec.head
         acc = compute_dtype(input.dtype)
-        x_norm = w_norm = None
+        x_norm = w_norm = x_pow = w_pow = None
         if head == "cosine":
-            x_norm = torch.linalg.vector_norm(input, dim=1, dtype=acc)
-            w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
-            raw = input @ weight.t()
+            x_op, w_op, x_norm, w_norm, x_pow, w_pow = _cosine_operands(input, weight, acc)
+            raw = x_op @ w_op.t()
             row_scale = 1.0 / x_norm.clamp_min(NORM_EPS)
             col_scale = 1.0 / w_norm.clamp_min(NORM_EPS)
+            if x_pow is not None:  # raw carries x_pow_i w_pow_j: undo it in the (exact) scalings
+                row_scale = row_scale / x_pow
+                col_scale = col_scale / w_pow
             base_col_scale = col_scale
         else:
             raw = input @ weight.t() if head == "linear" else input
             if beta is not None and head == "linear":
                 w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
             row_scale = col_scale = base_col_scale = None
-        base_shift = bias.to(acc) if bias is not None else None
+        # copies (C-sized) where .to would return an input itself: outputs must not alias inputs
+        base_shift = bias.to(acc, copy=True) if bias is not None else None
         col_shift = base_shift
         if omega is not None:
-            omega32 = omega.to(acc)
+            omega32 = omega.to(acc, copy=True)
             col_scale = omega32 if col_scale is None else col_scale * omega32
             if col_shift is not None:
                 col_shift = col_shift * omega32
@@ -102,42 +149,84 @@ class _FusedMarginCE(torch.autograd.Function):
         if col_scale is not None:
             col_scale = col_scale.contiguous()
 
-        loss_rows, lse, pred, hard, target_logit, target_grad = kernel.forward(
+        loss_rows, lse, pred, hard, nll, target_grad = kernel.forward(
             raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
             class_weight, float(spec.scale), spec.margin_code, float(spec.lambda_inst),
             spec.hard_mode == "all", float(spec.lambda_elm), spec.fold_code,
             spec.margin_grad == "straight_through", float(spec.label_smoothing), int(spec.ignore_index))
 
         kept = target != spec.ignore_index
+        denom = None
         if spec.reduction == "mean":
             if class_weight is None:
                 denom = kept.sum().to(loss_rows.dtype)
             else:
                 safe = torch.where(kept, target, torch.zeros_like(target))
                 denom = torch.where(kept, class_weight.to(loss_rows.dtype)[safe], 0).sum()
-            loss = loss_rows.sum() / denom
+            # as F.cross_entropy: a zero denominator (no kept row, or every kept w_y = 0) gives NaN, 0 / 0
+            loss = torch.where(denom != 0, loss_rows.sum() / denom, torch.full_like(denom, float("nan")))
         elif spec.reduction == "sum":
-            loss, denom = loss_rows.sum(), None
+            loss = loss_rows.sum()
         else:
-            loss, denom = loss_rows, None
-
-        ctx.kernel, ctx.spec = kernel, spec
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, target, weight, raw, row_scale, col_scale, col_shift, base_col_scale,
-                              base_shift, logit_offset, pair_perturbation, class_weight, omega, beta,
-                              class_norms, x_norm, w_norm, lse, target_logit, target_grad, denom)
-        ctx.mark_non_differentiable(lse, pred, hard)
-        return loss, lse, pred, hard
+            loss = loss_rows
+        # returned for setup_context; None where it would repeat an input (the logits head's raw) or
+        # another output (setup_context restores those): torch.compile refuses an output returned twice
+        saved = (None if head == "logits" else raw, row_scale, col_scale,
+                 None if col_shift is base_shift else col_shift,
+                 None if base_col_scale is col_scale else base_col_scale, base_shift, x_norm, w_norm,
+                 x_pow, w_pow, nll, target_grad, denom)
+        return (loss, lse, pred, hard) + saved
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_pred, _grad_hard):
-        (input, target, weight, raw, row_scale, col_scale, col_shift, base_col_scale, base_shift,
-         logit_offset, pair_perturbation, class_weight, omega, beta, class_norms, x_norm, w_norm, lse,
-         target_logit, target_grad, denom) = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        (kernel, spec, input, target, weight, bias, _class_margins, logit_offset, pair_perturbation, class_weight,
+         omega, beta, class_norms) = inputs
+        ctx.kernel, ctx.spec = kernel, spec
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        raw, row_scale, col_scale, col_shift, base_col_scale, base_shift = output[4:10]
+        ctx.raw_is_input = raw is None
+        ctx.col_shift_is_base = col_shift is None and base_shift is not None
+        ctx.base_col_scale_is_col = base_col_scale is None and spec.head == "cosine"
+        ctx.save_for_backward(input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta,
+                              class_norms, output[1], *output[4:])
+        ctx.mark_non_differentiable(*[o for o in output[1:] if isinstance(o, torch.Tensor)])
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(f"the fused {args[0].name!r} backend does not support torch.func.vmap (its row "
+                           "kernels have no batching rule); use backend='reference' under vmap, or loop")
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_outputs):
         spec, kernel = ctx.spec, ctx.kernel
         if torch.is_grad_enabled():
-            raise RuntimeError(f"the fused {kernel.name!r} backend gives first-order gradients only; "
-                               "for create_graph=True (double backward, meta-learning) use backend='reference'")
+            # a create_graph backward: refused outright, except for a torch.func.grad transform, which
+            # always asks for one; there the gradients are returned as first-order only (differentiating
+            # them again raises)
+            if torch._C._functorch.maybe_current_level() is None:
+                raise RuntimeError(_first_order_error(kernel.name))
+            with torch.no_grad():
+                grads = _FusedMarginCE._backward(ctx, grad_loss)
+            present = [g for g in grads if g is not None]
+            if present:
+                wrapped = iter(torch._C._functions.DelayedError(_first_order_error(kernel.name).encode(),
+                                                                len(present))(*present))
+                grads = tuple(None if g is None else next(wrapped) for g in grads)
+            return grads
+        return _FusedMarginCE._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
+        (input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms, lse,
+         raw, row_scale, col_scale, col_shift, base_col_scale, base_shift, x_norm, w_norm, x_pow, w_pow,
+         nll, target_grad, denom) = ctx.saved_tensors
+        if ctx.raw_is_input:
+            raw = input
+        if ctx.col_shift_is_base:
+            col_shift = base_shift
+        if ctx.base_col_scale_is_col:
+            base_col_scale = col_scale
+        spec, kernel = ctx.spec, ctx.kernel
         need = ctx.needs_input_grad
         need_input, need_weight, need_bias = need[2], need[4], need[5]
         need_offset, need_pair, need_omega, need_beta = need[7], need[8], need[10], need[11]
@@ -146,7 +235,9 @@ class _FusedMarginCE(torch.autograd.Function):
 
         grad_loss = grad_loss.to(lse.dtype)
         if spec.reduction == "mean":
-            grad_rows = (grad_loss / denom).expand(rows)
+            # d(sum / denom) = 1 / denom; NaN where the loss is the NaN of a zero denominator
+            grad_rows = torch.where(denom != 0, grad_loss / denom, torch.full_like(denom, float("nan")))
+            grad_rows = grad_rows.expand(rows)
         elif spec.reduction == "sum":
             grad_rows = grad_loss.expand(rows)
         else:
@@ -154,7 +245,7 @@ class _FusedMarginCE(torch.autograd.Function):
         grad_rows = torch.where(kept, grad_rows, torch.zeros_like(grad_rows)).contiguous()
 
         args = (raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight,
-                lse, target_logit, target_grad, grad_rows, float(spec.scale), float(spec.label_smoothing),
+                lse, nll, target_grad, grad_rows, float(spec.scale), float(spec.label_smoothing),
                 int(spec.ignore_index))
         # the eager path materialises the fp32 G = dL/dz': for the tables' gradients, for beta's norm
         # term, and for a low-precision bias gradient (a column sum of G, not of a rounded dL/draw)
@@ -178,13 +269,25 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_input:
                 grads[2] = grad_raw.to(input.dtype)
         else:
+            x_op, w_op = input, weight
+            x_op_norm, w_op_norm = x_norm, w_norm
+            if x_pow is not None:  # the fp16 cosine head's rescaled operands (see _cosine_operands)
+                x_op = input * x_pow.to(input.dtype)[:, None]
+                w_op = weight * w_pow.to(weight.dtype)[:, None]
+                x_op_norm, w_op_norm = x_norm * x_pow, w_norm * w_pow
             if need_input:
-                grad_x = grad_raw @ weight
-                grads[2] = (_project_out(grad_x, input, x_norm) if spec.head == "cosine" else grad_x).to(input.dtype)
-            if need_weight:
-                grad_w = grad_raw.t() @ input
+                grad_x = grad_raw @ w_op
                 if spec.head == "cosine":
-                    grad_w = _project_out(grad_w, weight, w_norm)
+                    grad_x = _project_out(grad_x, x_op, x_op_norm)
+                    if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
+                        grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
+                grads[2] = grad_x.to(input.dtype)
+            if need_weight:
+                grad_w = grad_raw.t() @ (x_op if spec.head == "cosine" else input)
+                if spec.head == "cosine":
+                    grad_w = _project_out(grad_w, w_op, w_op_norm)
+                    if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
+                        grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
                 if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
                     coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * grad_z.sum(0)
                                        / w_norm.clamp_min(NORM_EPS), 0.0)
@@ -198,8 +301,8 @@ class _FusedMarginCE(torch.autograd.Function):
                 grads[5] = col.to(ctx.bias_dtype)
         if need_offset or need_pair:
             safe = torch.where(kept, target, torch.zeros_like(target))
-            target_dl = _target_logit_grad(lse, target_logit, grad_rows, safe, class_weight,
-                                           float(spec.label_smoothing), raw.shape[1])
+            target_dl = _target_logit_grad(nll, grad_rows, safe, class_weight, float(spec.label_smoothing),
+                                           raw.shape[1])
             onehot = torch.nn.functional.one_hot(safe, raw.shape[1]).bool() & kept[:, None]
             grad_logits = torch.where(onehot, target_dl[:, None], grad_z / spec.scale)
             if need_offset:
@@ -215,23 +318,25 @@ class _FusedMarginCE(torch.autograd.Function):
         return tuple(grads)
 
 
-def _target_logit_grad(lse, target_logit, grad_rows, safe_target, class_weight, label_smoothing,
-                       num_classes):
-    """``dL/dl_iy``: the softmax-CE derivative at the target logit (SPEC.md section 4)."""
-    p = torch.exp(target_logit - lse)
+def _target_logit_grad(nll, grad_rows, safe_target, class_weight, label_smoothing, num_classes):
+    """``dL/dl_iy``, the softmax-CE derivative at the target logit (SPEC.md section 4), from the precise
+    ``nll``: ``g ((1 - eps) w_y expm1(-nll) + eps / C ((W - w_y) + W expm1(-nll)))``
+    (``p_y - 1 = expm1(-nll)``, ``W = sum_j w_j``)."""
     if class_weight is None:
-        w_y, w_sum = torch.ones_like(p), float(num_classes)
+        w_y, w_sum = torch.ones_like(nll), float(num_classes)
     else:
-        w = class_weight.to(p.dtype)
+        w = class_weight.to(nll.dtype)
         w_y, w_sum = w[safe_target], w.sum()
-    return grad_rows * ((1.0 - label_smoothing) * w_y * (p - 1.0)
-                        + label_smoothing / num_classes * (w_sum * p - w_y))
+    pm1 = torch.expm1(-nll)
+    return grad_rows * ((1.0 - label_smoothing) * w_y * pm1
+                        + label_smoothing / num_classes * ((w_sum - w_y) + w_sum * pm1))
 
 
 def fused_margin_cross_entropy(kernel: RowKernel, input: torch.Tensor, target: torch.Tensor,
                                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                spec: MarginLossSpec, tables: LossTables):
     """Run the loss through ``kernel``; returns ``(loss, lse, pred, hard)``."""
-    return _FusedMarginCE.apply(kernel, spec, input, target, weight, bias, tables.class_margins,
-                                tables.logit_offset, tables.pair_perturbation, tables.class_weight,
-                                tables.omega, tables.beta, tables.class_norms)
+    loss, lse, pred, hard, *_saved = _FusedMarginCE.apply(
+        kernel, spec, input, target, weight, bias, tables.class_margins, tables.logit_offset,
+        tables.pair_perturbation, tables.class_weight, tables.omega, tables.beta, tables.class_norms)
+    return loss, lse, pred, hard

@@ -57,6 +57,36 @@ def psi(c: torch.Tensor, margin: torch.Tensor, spec: MarginLossSpec) -> torch.Te
     return value
 
 
+def precise_nll(logits: torch.Tensor, target_logit: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """``nll_i = lse_i - t_i`` (``t`` the target logit, also at ``logits[i, y_i]``) formed relative to the
+    row's largest logit, so that confident rows keep full precision (SPEC.md section 8), and
+    differentiable by autograd with the same precision.
+
+    With ``M = max_{j != y} l_j``: ``nll = log1p(sum_{j != y} e^{l_j - t})`` where ``t >= M`` (the
+    target is the maximum: no ``1 - p_y`` cancellation, in the value or in its gradient
+    ``-sum_j p_j``) and ``(M - t) + log(sum_j e^{l_j - M})`` otherwise (then ``p_y <= 1/2`` and
+    ``nll >= log 2``). Where ``t`` or ``M`` is not finite it is ``logsumexp(l) - t``, as
+    ``F.cross_entropy`` (``+inf`` target: NaN; ``-inf`` target: ``+inf``). Rows without a target
+    (``onehot`` all False) get ``logsumexp(l) - t`` too; callers mask them."""
+    others = logits.masked_fill(onehot, float("-inf"))
+    m_other = others.max(dim=1).values
+    finite = torch.isfinite(target_logit) & torch.isfinite(m_other) & onehot.any(dim=1)
+    # the branches see only finite rows (inputs replaced by 0 elsewhere) so that neither their values
+    # nor their gradients (masked to 0 by the final where) turn into NaN
+    safe_logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+    safe_others = torch.where(finite[:, None], others, torch.full_like(others, float("-inf")))
+    t = torch.where(finite, target_logit, torch.zeros_like(target_logit))
+    m = torch.where(finite, m_other, torch.zeros_like(m_other))
+    top = t >= m
+    gap_top = torch.where(top[:, None], safe_others - t[:, None], torch.full_like(others, float("-inf")))
+    nll_top = torch.log1p(torch.exp(gap_top).sum(1))
+    # t < M: M is the row's maximum; the shift is a constant for autograd, as in logsumexp
+    shift = torch.where(top, t, m).detach()
+    nll_low = (shift - t) + torch.log(torch.exp(safe_logits - shift[:, None]).sum(1))
+    precise = torch.where(top, nll_top, nll_low)
+    return torch.where(finite, precise, torch.logsumexp(logits, dim=1) - target_logit)
+
+
 def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
                                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                    spec: MarginLossSpec, tables: LossTables):
@@ -96,22 +126,32 @@ def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
     logits = torch.where(onehot, target_logit[:, None], logits)
 
     lse = torch.logsumexp(logits, dim=1)
-    nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+    nll = precise_nll(logits, target_logit, onehot)
     if tables.class_weight is not None:
         w = tables.class_weight.to(cd)
         w_y = w[y]
-        smooth = (w * (lse[:, None] - logits)).sum(1)
+        w_j = w
     else:
         w_y = torch.ones_like(nll)
-        smooth = (lse[:, None] - logits).sum(1)
+        w_j = torch.ones_like(logits)
     eps_ls = spec.label_smoothing
-    loss = (1.0 - eps_ls) * w_y * nll
-    if eps_ls != 0.0:
-        loss = loss + (eps_ls / num_classes) * smooth
-    loss = torch.where(kept, loss, torch.zeros_like(loss))
+    # sum_j w_j (lse - l_j) with the target's term written w_y nll (cancellation-free on confident rows)
+    smooth = (w_j * (lse[:, None] - logits)).masked_fill(onehot, 0.0).sum(1) + w_y * nll
+    zero = torch.zeros_like(nll)
+    nll_part = torch.where(kept, w_y * nll, zero)
+    smooth_part = torch.where(kept, smooth, zero)
 
     if spec.reduction == "mean":
-        loss = loss.sum() / torch.where(kept, w_y, torch.zeros_like(w_y)).sum()
-    elif spec.reduction == "sum":
-        loss = loss.sum()
+        # F.cross_entropy divides its two parts by sum w_y separately: with every kept w_y = 0 the first is
+        # 0 / 0 = NaN, so the loss (and its gradient) is NaN whatever the smoothing part
+        denom = torch.where(kept, w_y, zero).sum()
+        loss = (1.0 - eps_ls) * (nll_part.sum() / denom)
+        if eps_ls != 0.0:
+            loss = loss + (eps_ls / num_classes) * (smooth_part.sum() / denom)
+    else:
+        loss = (1.0 - eps_ls) * nll_part
+        if eps_ls != 0.0:
+            loss = loss + (eps_ls / num_classes) * smooth_part
+        if spec.reduction == "sum":
+            loss = loss.sum()
     return loss, MarginAux(lse.detach(), pred, hard)

@@ -82,21 +82,47 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
         logits = logits + pair_perturbation.to(z.dtype).masked_fill(onehot, 0.0)
     logits = torch.where(onehot, target_logit[:, None], logits)
     lse = torch.logsumexp(logits, 1)
+    nll = nll_from_others(logits.masked_fill(onehot, float("-inf")), target_logit, lse)
     if class_weight is not None:
         w = class_weight.to(z.dtype)
         w_y = w[y]
-        smooth = (w[None, :] * (lse[:, None] - logits)).sum(1)
+        smooth = (w[None, :] * (lse[:, None] - logits)).masked_fill(onehot, 0.0).sum(1)
     else:
         w_y = torch.ones_like(lse)
-        smooth = (lse[:, None] - logits).sum(1)
-    loss = (1.0 - label_smoothing) * w_y * (lse - target_logit) + label_smoothing / num_classes * smooth
+        smooth = (lse[:, None] - logits).masked_fill(onehot, 0.0).sum(1)
+    loss = (1.0 - label_smoothing) * w_y * nll + label_smoothing / num_classes * (smooth + w_y * nll)
     zero = torch.zeros_like(loss)
-    return (torch.where(kept, loss, zero), lse, pred, hard, torch.where(kept, target_logit, zero),
+    return (torch.where(kept, loss, zero), lse, pred, hard, torch.where(kept, nll, zero),
             torch.where(kept, target_grad, zero))
 
 
+def nll_from_others(others, target_logit, lse):
+    """``nll = lse - t`` from the non-target logits ``others`` (the target's column at -inf), relative to
+    their maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (SPEC.md section 8, confident rows):
+    ``log1p(S exp(M - t))`` where ``t >= M``, ``(M - t) + log(S + exp(t - M))`` where ``t < M`` (then
+    ``nll >= log 2``); ``lse - t`` where ``t`` or ``M`` is not finite (as ``F.cross_entropy``)."""
+    m = others.max(1).values
+    finite = torch.isfinite(target_logit) & torch.isfinite(m)
+    zero = torch.zeros_like(m)
+    gap = torch.where(finite, m - target_logit, zero)
+    shift = torch.where(finite, m, zero)
+    total = torch.exp(others - shift[:, None]).sum(1)
+    top = gap <= 0
+    nll_top = torch.log1p(total * torch.exp(torch.where(top, gap, zero)))
+    nll_low = gap + torch.log(total + torch.exp(torch.where(top, zero, -gap)))
+    return torch.where(finite, torch.where(top, nll_top, nll_low), lse - target_logit)
+
+
+def target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes):
+    """``dL/dt`` per unit upstream gradient: ``(1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y)`` with
+    ``p_y = exp(-nll)`` and ``p_y - 1 = expm1(-nll)`` (precise where the row is confident), the smoothing
+    term as ``eps / C ((W - w_y) + W expm1(-nll))``."""
+    pm1 = torch.expm1(-nll)
+    return (1.0 - label_smoothing) * w_y * pm1 + label_smoothing / num_classes * ((w_sum - w_y) + w_sum * pm1)
+
+
 def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-                 class_weight, lse, target_logit, target_grad, grad_rows, scale, label_smoothing,
+                 class_weight, lse, nll, target_grad, grad_rows, scale, label_smoothing,
                  ignore_index, scale_grad):
     z = base_scores(raw, row_scale, col_scale, col_shift)
     num_classes = z.shape[1]
@@ -108,17 +134,17 @@ def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pai
         logits = logits + logit_offset.to(z.dtype)[None, :]
     if pair_perturbation is not None:
         logits = logits + pair_perturbation.to(z.dtype).masked_fill(onehot, 0.0)
-    logits = torch.where(onehot, target_logit[:, None], logits)
     p = torch.exp(logits - lse[:, None])
     if class_weight is not None:
         w = class_weight.to(z.dtype)
         w_y, w_sum, w_j = w[y], w.sum(), w[None, :]
     else:
         w_y, w_sum, w_j = torch.ones_like(lse), float(num_classes), 1.0
-    dl = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot.to(z.dtype)) \
-        + label_smoothing / num_classes * (w_sum * p - w_j)
-    dl = dl * torch.where(kept, grad_rows, torch.zeros_like(grad_rows))[:, None]
-    grad = torch.where(onehot, dl * target_grad[:, None], dl * scale)
+    dl = (1.0 - label_smoothing) * w_y[:, None] * p + label_smoothing / num_classes * (w_sum * p - w_j)
+    dl_y = target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes)
+    g = torch.where(kept, grad_rows, torch.zeros_like(grad_rows))
+    grad = torch.where(onehot, (dl_y * g * target_grad)[:, None], dl * g[:, None] * scale)
+    grad = torch.where(kept[:, None], grad, torch.zeros_like(grad))
     if not scale_grad:
         return grad
     if row_scale is not None:

@@ -73,7 +73,8 @@ def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD:
 def base_scores(raw_ptr, offsets, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
                 HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
     """``z' = raw * row_scale * col_scale + col_shift`` in fp32 (the row-kernel contract of
-    ``fused_margin.fused``); masked lanes hold 0."""
+    ``fused_margin.fused``); masked lanes hold 0. ``offsets`` are int64 (``cols * stride`` overflows
+    int32 on a transposed ``raw`` once B C > 2^31)."""
     z = tl.load(raw_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * row_scale
     if HAS_COL_SCALE:
         z = z * tl.load(col_scale_ptr + cols, mask=mask, other=1.0).to(tl.float32)
@@ -85,9 +86,49 @@ def base_scores(raw_ptr, offsets, mask, row_scale, col_scale_ptr, col_shift_ptr,
 @triton.jit
 def online_max(run_max, block_max):
     """The running maximum of an online logsumexp and the shift to subtract before ``exp``: the new
-    maximum, or 0 while every logit so far is -inf (so ``exp(-inf - shift)`` is 0, not NaN)."""
+    maximum where it is finite, else 0 (torch.logsumexp's rule): while every logit so far is -inf
+    (``exp(-inf - 0)`` is 0, not NaN) and once one is +inf (``exp(inf - 0)`` is inf, so ``lse`` is +inf as
+    ``torch.logsumexp`` gives, not ``exp(inf - inf)`` = NaN)."""
     new_max = tl.maximum(run_max, block_max)
-    return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, tl.where(tl.abs(new_max) < float("inf"), new_max, 0.0)
+
+
+@triton.jit
+def log1p(x):
+    """``log(1 + x)`` for ``x >= 0`` in fp32 to a few ulp (``tl.log`` of ``1 + x`` would lose all of a
+    small ``x``): below 0.5, ``2 atanh(r) = 2 (r + r^3/3 + ... + r^11/11)`` with ``r = x / (2 + x)``
+    (``r <= 0.2``, the next term is below 1e-9 relative); from 0.5 on, ``log(1 + x)``. NaN and +inf
+    pass through."""
+    small = x < 0.5
+    xs = tl.where(small, x, 0.0)
+    r = tl.div_rn(xs, 2.0 + xs)
+    r2 = r * r
+    poly = 1.0 / 11.0
+    poly = poly * r2 + 1.0 / 9.0
+    poly = poly * r2 + 1.0 / 7.0
+    poly = poly * r2 + 1.0 / 5.0
+    poly = poly * r2 + 1.0 / 3.0
+    series = 2.0 * (r + r * (r2 * poly))
+    return tl.where(small, series, tl.log(1.0 + x))
+
+
+@triton.jit
+def expm1(x):
+    """``exp(x) - 1`` in fp32 to a few ulp: for ``|x| < 0.5`` the Taylor series to ``x^9 / 9!`` (the next
+    term is below 1e-9 relative), else ``exp(x) - 1`` (no cancellation there: ``|expm1(x)| > 0.39``).
+    ``expm1(-inf) = -1``; NaN passes through."""
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    poly = 1.0 / 362880.0
+    poly = poly * xs + 1.0 / 40320.0
+    poly = poly * xs + 1.0 / 5040.0
+    poly = poly * xs + 1.0 / 720.0
+    poly = poly * xs + 1.0 / 120.0
+    poly = poly * xs + 1.0 / 24.0
+    poly = poly * xs + 1.0 / 6.0
+    poly = poly * xs + 0.5
+    series = xs + xs * (xs * poly)
+    return tl.where(small, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -95,10 +136,13 @@ def round_to(x, DTYPE: tl.constexpr):
     """fp32 ``x`` cast to ``DTYPE`` with round-to-nearest-even. For bfloat16 the rounding is done on the
     fp32 bits first (``bits + 0x7FFF + lsb``, then drop the low half), so the cast itself is exact:
     the GPU's ``cvt.rn.bf16.f32`` gives the same result, and Triton 3.6's interpreter, whose fp32 ->
-    bf16 cast truncates, then agrees with it."""
+    bf16 cast truncates, then agrees with it. NaN becomes the quiet NaN ``0x7FC00000`` first: the
+    rounding add would carry a NaN such as ``0x7FFFFFFF`` or ``0xFFFFFFFF`` out of its exponent (to
+    -0.0 / +0.0), and truncating ``0x7F800001`` would give inf."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        bits = tl.where(x != x, 0x7FC00000, bits).to(tl.uint32)
         x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
 
@@ -132,6 +176,12 @@ def block_config(num_classes: int, cap: int):
     if _max_block is not None:
         block = min(block, _max_block)
     return block, max(1, min(8, block // 256))
+
+
+#: keyword arguments of every launch: no contraction of ``a * b + c`` into FMAs, so ``z'`` and the logits
+#: round as eager torch's separate ops and as the C++ (``-ffp-contract=off``) and CUDA (``--fmad=false``)
+#: kernels (the interpreter ignores it: NumPy does not contract)
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 
 def launch_device(tensor: torch.Tensor):

@@ -7,14 +7,17 @@ eager torch by ``fused_margin.row_torch.row_forward``), looping over the classes
 * running max and first-index argmax of ``z'`` (``pred``; the first NaN wins, as ``torch.argmax``),
   and of ``z'`` over ``j != y`` (ELM's strongest wrong class ``c*``);
 * an online logsumexp of the non-target logits ``l_ij = s z'_ij + a_j + P_ij``;
-* for label smoothing, ``sum_{j != y} w_j (l_ij - r)`` and ``sum_j w_j``, with ``r = s z'_iy`` a shift
-  that keeps ``sum_j w_j (lse - l_ij) = W (lse - r) - sum_j w_j (l_ij - r)`` free of cancellation.
+* for label smoothing, ``sum_{j != y} w_j (l_ij - r)`` and ``W' = sum_{j != y} w_j``, with ``r = s z'_iy``
+  a shift that keeps ``sum_{j != y} w_j (lse - l_ij) = W' (lse - r) - sum_{j != y} w_j (l_ij - r)`` free
+  of cancellation.
 
 Then the margin ``M = m_y (1 + lambda_inst h (1 - z'_y) / 2) - lambda_elm m_{c*}`` (DBM, AAAI'25; ELM,
 Kato & Hotta), the target logit ``t = s psi(z'_y, M) + a_y`` and ``dt/dz'_y``, ``lse`` (the target merged
-into the online sum) and the loss row
-``(1 - eps) w_y (lse - t) + eps / C sum_j w_j (lse - l_ij)`` (``F.cross_entropy``'s smoothing).
-Ignored rows: loss, target logit and gradient 0, ``hard`` False, ``lse`` of the unmargined logits.
+into the online sum), ``nll = lse - t`` relative to the non-target maximum ``M`` (``log1p(S e^{M - t})``
+where ``t >= M``, ``(M - t) + log(S + e^{t - M})`` otherwise; ``lse - t`` where ``t`` or ``M`` is not
+finite) and the loss row ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_ij) + w_y nll)``
+(``F.cross_entropy``'s smoothing). Ignored rows: loss, ``nll`` and gradient 0, ``hard`` False, ``lse`` of
+the unmargined logits.
 """
 from typing import Optional, Tuple
 
@@ -22,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import base_scores, block_config, launch_device, online_max, or_dummy, target_margin
+from ._common import LAUNCH_OPTIONS, base_scores, block_config, launch_device, log1p, online_max, or_dummy, target_margin
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,7 +34,7 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _row_forward_kernel(
         raw_ptr, stride_raw_row, stride_raw_col, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr,
         margins_ptr, offset_ptr, pair_ptr, stride_pair_row, stride_pair_col, weight_ptr,
-        loss_ptr, lse_ptr, pred_ptr, hard_ptr, target_logit_ptr, target_grad_ptr,
+        loss_ptr, lse_ptr, pred_ptr, hard_ptr, nll_ptr, target_grad_ptr,
         num_classes, scale, lambda_inst, lambda_elm, label_smoothing, ignore_index,
         HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
         HAS_MARGINS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr,
@@ -63,7 +66,7 @@ def _row_forward_kernel(
     wrong_nan = num_classes
     run_max = float("-inf")     # online logsumexp of the non-target logits
     run_sum = 0.0
-    smooth_sum = 0.0            # sum_{j != y} w_j (l_j - r) and sum_j w_j
+    smooth_sum = 0.0            # sum_{j != y} w_j (l_j - r) and sum_{j != y} w_j
     weight_sum = 0.0
     # a while loop, not range(0, num_classes, BLOCK): Triton 3.6's interpreter cannot take a runtime
     # bound in range() under NumPy >= 2.4 (it calls int() on a 1-element array); on the GPU the loop
@@ -72,7 +75,8 @@ def _row_forward_kernel(
     while start < num_classes:
         cols = start + tl.arange(0, BLOCK)
         mask = cols < num_classes
-        z = base_scores(raw_row, cols * stride_raw_col, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
+        cols64 = cols.to(tl.int64)
+        z = base_scores(raw_row, cols64 * stride_raw_col, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
                         HAS_COL_SCALE, HAS_COL_SHIFT)
         is_nan = z != z
         clean = tl.where(mask & ~is_nan, z, float("-inf"))
@@ -94,7 +98,7 @@ def _row_forward_kernel(
         if HAS_OFFSET:
             logits += tl.load(offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_PAIR:
-            logits += tl.load(pair_row + cols * stride_pair_col, mask=mask, other=0.0).to(tl.float32)
+            logits += tl.load(pair_row + cols64 * stride_pair_col, mask=mask, other=0.0).to(tl.float32)
         other = mask & ~(is_label & kept)
         logits = tl.where(other, logits, float("-inf"))
         run_max_new, shift = online_max(run_max, tl.max(logits, 0))
@@ -103,7 +107,7 @@ def _row_forward_kernel(
         if SMOOTHING:
             centred = tl.where(other, logits - smooth_shift, 0.0)
             if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(weight_ptr + cols, mask=other, other=0.0).to(tl.float32)
                 smooth_sum += tl.sum(w * centred, 0)
                 weight_sum += tl.sum(w, 0)
             else:
@@ -137,24 +141,35 @@ def _row_forward_kernel(
     merged = shift + tl.log(run_sum * tl.exp(run_max - shift) + tl.exp(target_logit - shift))
     lse = tl.where(kept, merged, run_max + tl.log(run_sum))
 
+    # nll = lse - t relative to M = run_max (the non-target logits' max; run_sum = sum_{j != y} e^{l_j - M}
+    # where M is finite): log1p(S e^{M - t}) where t >= M, (M - t) + log(S + e^{t - M}) (>= log 2) where
+    # t < M, lse - t where t or M is not finite (SPEC.md section 8: confident rows)
+    finite = (tl.abs(target_logit) < float("inf")) & (tl.abs(run_max) < float("inf"))
+    gap = tl.where(finite, run_max - target_logit, 0.0)
+    top = gap <= 0.0
+    nll_top = log1p(run_sum * tl.exp(tl.where(top, gap, 0.0)))
+    nll_low = gap + tl.log(run_sum + tl.exp(tl.where(top, 0.0, -gap)))
+    nll = tl.where(finite, tl.where(top, nll_top, nll_low), lse - target_logit)
+
     if HAS_WEIGHT:
         weight_y = tl.load(weight_ptr + y).to(tl.float32)
     else:
         weight_y = 1.0
-    loss = (1.0 - label_smoothing) * weight_y * (lse - target_logit)
+    loss = (1.0 - label_smoothing) * weight_y * nll
     if SMOOTHING:
         if HAS_WEIGHT:
-            total_weight = weight_sum
+            other_weight = weight_sum
         else:
-            total_weight = num_classes * 1.0
-        smooth_sum += weight_y * (target_logit - smooth_shift)
-        loss += label_smoothing / num_classes * (total_weight * (lse - smooth_shift) - smooth_sum)
+            other_weight = num_classes - 1.0
+        # sum_j w_j (lse - l_j) = sum_{j != y} w_j (lse - r - (l_j - r)) + w_y nll
+        smooth = other_weight * (lse - smooth_shift) - smooth_sum + weight_y * nll
+        loss += label_smoothing / num_classes * smooth
 
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
     tl.store(lse_ptr + row, lse)
     tl.store(pred_ptr + row, pred.to(tl.int64))
     tl.store(hard_ptr + row, hard)
-    tl.store(target_logit_ptr + row, tl.where(kept, target_logit, 0.0))
+    tl.store(nll_ptr + row, tl.where(kept, nll, 0.0))
     tl.store(target_grad_ptr + row, tl.where(kept, target_grad, 0.0))
 
 
@@ -184,14 +199,14 @@ def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[tor
                 fold: int, straight_through: bool, label_smoothing: float,
                 ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                             torch.Tensor, torch.Tensor]:
-    """Launch the forward row kernel; returns ``(loss_rows, lse, pred, hard, target_logit, target_grad)``
+    """Launch the forward row kernel; returns ``(loss_rows, lse, pred, hard, nll, target_grad)``
     (the contract of :mod:`fused_margin.fused`)."""
     _check(raw, target)
     outputs = _empty_outputs(raw)
     rows, num_classes = raw.shape
     if rows == 0:
         return outputs
-    loss, lse, pred, hard, target_logit, target_grad = outputs
+    loss, lse, pred, hard, nll, target_grad = outputs
     target = target.contiguous()
     pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
     block, num_warps = block_config(num_classes, 2048)
@@ -200,7 +215,7 @@ def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[tor
             raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
             or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
             pair, pair.stride(0), pair.stride(1), or_dummy(class_weight, raw),
-            loss, lse, pred, hard, target_logit, target_grad,
+            loss, lse, pred, hard, nll, target_grad,
             num_classes, float(scale), float(lambda_inst), float(lambda_elm), float(label_smoothing),
             int(ignore_index),
             HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
@@ -209,7 +224,7 @@ def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[tor
             HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
             ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
             STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=label_smoothing != 0.0,
-            BLOCK=block, num_warps=num_warps)
+            BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
     return outputs
 
 
