@@ -46,6 +46,14 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=1, dtype=compute_dtype(v.dtype))
 
 
+def _project_scaled(grad: torch.Tensor, rows: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``g - (w_hat . g) w_hat`` row by row where ``|w| >= eps`` (``g`` elsewhere), ``w_hat = w / |w|``: the
+    normalisation's projection for a ``grad`` that already carries ``1 / max(|w|, eps)``."""
+    unit = rows.to(grad.dtype) / norm.clamp_min(NORM_EPS)[:, None]
+    radial = (unit * grad).sum(1, keepdim=True) * unit
+    return grad - torch.where((norm >= NORM_EPS)[:, None], radial, torch.zeros_like(radial))
+
+
 def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """``(g - (u . g) u) / max(|v|, eps)`` row by row (``g / eps`` where ``|v| < eps``): the Jacobian of
     ``F.normalize`` applied to ``g``; ``grad`` and ``unit`` in the compute dtype."""
@@ -64,16 +72,19 @@ class ClassBlock:
     """
 
     def __init__(self, spec: MarginLossSpec, input, weight, bias, tables: LossTables, *, start=0, count=None,
-                 chunk: int):
+                 chunk: int, kernel: str = "torch"):
         self.spec, self.input, self.weight, self.bias, self.tables = spec, input, weight, bias, tables
+        self.kernel = kernel
         self.start = start
         self.count = (input.shape[1] if spec.head == "logits" else weight.shape[0]) if count is None else count
         self.chunk = chunk
         self.cd = compute_dtype(input.dtype)
-        self.x_norm = self.x_hat = None
+        self.x_norm = self.x_hat = self.w_norm = None
         if spec.head == "cosine":
             self.x_norm = _norm(input)
             self.x_hat = F.normalize(input.to(self.cd), dim=1, eps=NORM_EPS).to(input.dtype)
+        if spec.head == "cosine" or (tables.beta is not None and weight is not None):
+            self.w_norm = _norm(weight)
 
     def ranges(self):
         """``(c0, c1)`` global class ranges of the chunks, in order."""
@@ -84,22 +95,21 @@ class ClassBlock:
         return None if table is None else table[c0:c1].to(self.cd)
 
     def scores(self, c0, c1):
-        """``(z, z', w_hat, w_norm)`` of classes ``[c0, c1)``: the head's scores ``z`` and ``z'`` after
-        MARC (compute dtype), the chunk's normalised weights (cosine head) and row norms (where used)."""
+        """``(z, z', inv_norm, w_norm)`` of classes ``[c0, c1)``: the head's scores ``z`` and ``z'`` after
+        MARC (compute dtype), and the chunk's inverse weight norms (cosine head) and norms (where used).
+        The cosine head's GEMM runs on the normalised features and the raw weight,
+        ``z_ij = (x_hat_i . W_j) / max(|W_j|, eps)``, as the Triton kernels compute it."""
         spec, t, cd = self.spec, self.tables, self.cd
         l0, l1 = c0 - self.start, c1 - self.start
-        w_hat = w_norm = None
+        w_norm = None if self.w_norm is None else self.w_norm[l0:l1]
+        inv_norm = None
         if spec.head == "cosine":
-            w = self.weight[l0:l1]
-            w_norm = _norm(w)
-            w_hat = F.normalize(w.to(cd), dim=1, eps=NORM_EPS).to(w.dtype)
-            z = (self.x_hat @ w_hat.t()).to(cd)
+            inv_norm = 1.0 / w_norm.clamp_min(NORM_EPS)
+            z = (self.x_hat @ self.weight[l0:l1].t()).to(cd) * inv_norm
         elif spec.head == "linear":
             z = (self.input @ self.weight[l0:l1].t()).to(cd)
             if self.bias is not None:
                 z = z + self.bias[l0:l1].to(cd)
-            if t.beta is not None:
-                w_norm = _norm(self.weight[l0:l1])
         else:
             z = self.input[:, l0:l1].to(cd)
         z_prime = z
@@ -108,9 +118,130 @@ class ClassBlock:
         if t.beta is not None:
             norms = w_norm if self.weight is not None else t.class_norms[c0:c1].to(cd)
             z_prime = z_prime + t.beta[c0:c1].to(cd) * norms
-        return z, z_prime, w_hat, w_norm
+        return z, z_prime, inv_norm, w_norm
+
+    # ---- the Triton kernels' path: the GEMM on the raw weight, the scales and shifts in the kernels
+
+    def _column_tables(self):
+        """``(col_scale, col_shift)`` of the block's classes (local indexing, fp32) for
+        ``z' = raw col_scale + col_shift`` with ``raw = x_hat . W_j`` (cosine), ``X . W_j`` (linear) or the
+        logits; also the weight norms where used."""
+        spec, t, cd = self.spec, self.tables, self.cd
+        sl = slice(self.start, self.start + self.count)
+        w_norm = self.w_norm
+        scale = 1.0 / w_norm.clamp_min(NORM_EPS) if spec.head == "cosine" else None
+        shift = self.bias.to(cd) if self.bias is not None else None
+        if t.omega is not None:
+            omega = t.omega[sl].to(cd)
+            scale = omega if scale is None else scale * omega
+            shift = None if shift is None else shift * omega
+        if t.beta is not None:
+            norms = w_norm if self.weight is not None else t.class_norms[sl].to(cd)
+            shift = t.beta[sl].to(cd) * norms if shift is None else shift + t.beta[sl].to(cd) * norms
+        return scale, shift, w_norm
+
+    def _raw(self, l0, l1):
+        if self.spec.head == "cosine":
+            return self.x_hat @ self.weight[l0:l1].t()
+        if self.spec.head == "linear":
+            return self.input @ self.weight[l0:l1].t()
+        return self.input[:, l0:l1]
+
+    def _labels(self, y, kept):
+        return torch.where(kept, y, torch.full_like(y, self.spec.ignore_index))
+
+    def _partials_triton(self, y, kept) -> Partials:
+        from .triton import class_block
+        spec, t, cd = self.spec, self.tables, self.cd
+        labels = self._labels(y, kept)
+        col_scale, col_shift, _ = self._column_tables()
+        buffers = class_block.PartialBuffers(y.shape[0], y.device)
+        for i, (c0, c1) in enumerate(self.ranges()):
+            l0 = c0 - self.start
+            class_block.block_partials(
+                buffers, self._raw(l0, c1 - self.start), c0, labels, first=i == 0, scale=spec.scale,
+                ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale, col_shift=col_shift,
+                offset=None if t.logit_offset is None else t.logit_offset.to(cd),
+                pair=t.pair_perturbation, class_weight=None if t.class_weight is None else t.class_weight.to(cd),
+                track_wrong=t.class_margins is not None and spec.lambda_elm != 0.0,
+                smoothing=spec.label_smoothing != 0.0)
+        b = buffers
+        return Partials(b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y != 0, b.l_max, b.l_sum, b.dev,
+                        b.weight)
+
+    def _backward_triton(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+        from .triton import class_block
+        spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
+        eps = spec.label_smoothing
+        if t.class_weight is not None:
+            w_all = t.class_weight.to(cd)
+            w_y, w_sum = w_all[y], w_all.sum()
+        else:
+            w_all, w_y, w_sum = None, torch.ones_like(lse), float(num_classes)
+        dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * torch.exp(-nll) - w_y))
+        row_coef = g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)
+        smooth = g * (eps / num_classes) if eps != 0.0 else None
+        target_value = dl_target * target_grad
+        labels = self._labels(y, kept)
+        col_scale, col_shift, w_norm = self._column_tables()
+        out = {}
+        x_acc = None
+        if "input" in need:
+            if spec.head == "logits":
+                out["input"] = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+            else:
+                x_acc = torch.zeros(input.shape, dtype=cd, device=input.device)
+        if "weight" in need:
+            out["weight"] = torch.empty(weight.shape, dtype=cd, device=input.device)
+        for c0, c1 in self.ranges():
+            l0, l1 = c0 - self.start, c1 - self.start
+            raw = self._raw(l0, l1)
+            if spec.head == "logits":
+                if "input" not in out:
+                    continue
+                grad_raw = out["input"][:, l0:l1]
+            else:
+                grad_raw = torch.empty(raw.shape, dtype=input.dtype, device=input.device)
+            class_block.block_grad(raw, c0, labels, lse, row_coef, smooth, target_value, grad_raw,
+                                   scale=spec.scale, ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale,
+                                   col_shift=col_shift, offset=None if t.logit_offset is None else t.logit_offset.to(cd),
+                                   pair=t.pair_perturbation, class_weight=w_all)
+            if spec.head == "logits":
+                continue
+            w_chunk = weight[l0:l1]
+            if x_acc is not None:
+                if grad_raw.dtype == cd:
+                    x_acc.addmm_(grad_raw, w_chunk)
+                else:
+                    x_acc += (grad_raw @ w_chunk).to(cd)
+            if "weight" in out:
+                gw = (grad_raw.t() @ (self.x_hat if spec.head == "cosine" else input)).to(cd)
+                if spec.head == "cosine":
+                    gw = _project_scaled(gw, w_chunk, w_norm[l0:l1])
+                out["weight"][l0:l1] = gw
+        if x_acc is not None:
+            out["input"] = _project(x_acc, self.x_hat.to(cd), self.x_norm) if spec.head == "cosine" else x_acc
+        return out
+
+    # ---- both paths
 
     def partials(self, y, kept) -> Partials:
+        if self.kernel == "triton":
+            return self._partials_triton(y, kept)
+        return self._partials_torch(y, kept)
+
+    def backward(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+        """The gradients of the block for upstream row gradients ``g`` (0 on ignored rows), from the
+        finished rows' ``nll``, ``dt/dz'_y`` and ``lse``. ``need``: names among ``input``, ``weight``,
+        ``bias``, ``logit_offset``, ``pair_perturbation``, ``omega``, ``beta``. Returns a dict: ``input``
+        (fp32/fp64, B x D or the B x block logits), ``weight`` and ``bias`` (this block's rows), and the
+        tables' gradients over the global C classes (zero outside the block). The Triton kernels serve
+        the gradients of ``input`` and ``weight``; the tables' gradients take the eager path."""
+        if self.kernel == "triton" and need <= {"input", "weight"}:
+            return self._backward_triton(y, kept, g, nll, target_grad, lse, num_classes, need)
+        return self._backward_torch(y, kept, g, nll, target_grad, lse, num_classes, need)
+
+    def _partials_torch(self, y, kept) -> Partials:
         """The block's partial statistics, chunk by chunk (``y``: labels with ignored rows set to 0)."""
         t, cd = self.tables, self.cd
         track_wrong = t.class_margins is not None and self.spec.lambda_elm != 0.0
@@ -124,12 +255,7 @@ class ClassBlock:
             merged = part if merged is None else combine(merged, part)
         return merged
 
-    def backward(self, y, kept, g, nll, target_grad, lse, num_classes, need):
-        """The gradients of the block for upstream row gradients ``g`` (0 on ignored rows), from the
-        finished rows' ``nll``, ``dt/dz'_y`` and ``lse``. ``need``: names among ``input``, ``weight``,
-        ``bias``, ``logit_offset``, ``pair_perturbation``, ``omega``, ``beta``. Returns a dict: ``input``
-        (fp32/fp64, B x D or the B x block logits), ``weight`` and ``bias`` (this block's rows), and the
-        tables' gradients over the global C classes (zero outside the block)."""
+    def _backward_torch(self, y, kept, g, nll, target_grad, lse, num_classes, need):
         spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
         device, count = input.device, self.count
         eps = spec.label_smoothing
@@ -161,7 +287,7 @@ class ClassBlock:
 
         for c0, c1 in self.ranges():
             l0, l1 = c0 - self.start, c1 - self.start
-            z, z_prime, w_hat, w_norm = self.scores(c0, c1)
+            z, z_prime, inv_norm, w_norm = self.scores(c0, c1)
             local_y = y - c0
             own = kept & (local_y >= 0) & (local_y < c1 - c0)   # rows whose target column is in the chunk
             index = local_y.clamp(0, c1 - c0 - 1)[:, None]
@@ -199,20 +325,20 @@ class ClassBlock:
                 if "input" in out:
                     out["input"][:, l0:l1] = grad_z
                 continue
-            gz = grad_z.to(input.dtype)
-            rhs = w_hat if spec.head == "cosine" else weight[l0:l1]
+            w_chunk = weight[l0:l1]
+            gz = (grad_z * inv_norm if spec.head == "cosine" else grad_z).to(input.dtype)    # dL/draw
             if x_acc is not None:
                 if gz.dtype == cd:
-                    x_acc.addmm_(gz, rhs)
+                    x_acc.addmm_(gz, w_chunk)
                 else:
-                    x_acc += (gz @ rhs).to(cd)
+                    x_acc += (gz @ w_chunk).to(cd)
             if "weight" in out:
                 gw = (gz.t() @ (self.x_hat if spec.head == "cosine" else input)).to(cd)
                 if spec.head == "cosine":
-                    gw = _project(gw, w_hat.to(cd), w_norm)
+                    gw = _project_scaled(gw, w_chunk, w_norm)
                 if t.beta is not None:  # d(beta_j |W_j|)/dW_j = beta_j W_j / |W_j| (0 at W_j = 0)
                     coef = torch.where(w_norm > 0, t.beta[c0:c1].to(cd) * col_sum / w_norm.clamp_min(NORM_EPS), 0.0)
-                    gw = gw + coef[:, None] * weight[l0:l1].to(cd)
+                    gw = gw + coef[:, None] * w_chunk.to(cd)
                 out["weight"][l0:l1] = gw
         if x_acc is not None:
             out["input"] = _project(x_acc, self.x_hat.to(cd), self.x_norm) if spec.head == "cosine" else x_acc
@@ -247,17 +373,17 @@ _GRAD_ORDER = ("input", None, "weight", "bias", None, "logit_offset", "pair_pert
 
 class _LeanMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: MarginLossSpec, chunk: int, input, target, weight, bias, class_margins, logit_offset,
-                pair_perturbation, class_weight, omega, beta, class_norms):
+    def forward(ctx, spec: MarginLossSpec, chunk: int, kernel: str, input, target, weight, bias, class_margins,
+                logit_offset, pair_perturbation, class_weight, omega, beta, class_norms):
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
-        block = ClassBlock(spec, input, weight, bias, tables, chunk=chunk)
+        block = ClassBlock(spec, input, weight, bias, tables, chunk=chunk, kernel=kernel)
         num_classes = block.count
         kept = target != spec.ignore_index
         y = torch.where(kept, target, torch.zeros_like(target))
         rows = finish(block.partials(y, kept), y, kept, spec, num_classes, class_margins=class_margins,
                       logit_offset=logit_offset, class_weight=None if class_weight is None else class_weight.to(block.cd))
         loss, denom = reduce_rows(rows.loss, y, kept, class_weight, spec.reduction)
-        ctx.spec, ctx.chunk = spec, chunk
+        ctx.spec, ctx.chunk, ctx.kernel = spec, chunk, kernel
         ctx.save_for_backward(input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight,
                               omega, beta, class_norms, rows.lse, rows.nll, rows.target_grad, denom)
         ctx.mark_non_differentiable(rows.lse, rows.pred, rows.hard)
@@ -272,26 +398,32 @@ class _LeanMarginCE(torch.autograd.Function):
                                "(double backward, meta-learning) use backend='reference'")
         spec = ctx.spec
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
-        block = ClassBlock(spec, input, weight, bias, tables, chunk=ctx.chunk)
+        block = ClassBlock(spec, input, weight, bias, tables, chunk=ctx.chunk, kernel=ctx.kernel)
         kept = target != spec.ignore_index
         y = torch.where(kept, target, torch.zeros_like(target))
         g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)
         inputs = dict(input=input, weight=weight, bias=bias, logit_offset=logit_offset,
                       pair_perturbation=pair_perturbation, omega=omega, beta=beta)
-        need = {name for name, flag in zip(_GRAD_ORDER, ctx.needs_input_grad[2:]) if name is not None and flag}
+        need = {name for name, flag in zip(_GRAD_ORDER, ctx.needs_input_grad[3:]) if name is not None and flag}
         grads = block.backward(y, kept, g, nll, target_grad, lse, block.count, need)
-        return (None, None) + tuple(None if name is None or name not in grads else grads[name].to(inputs[name].dtype)
+        return (None, None, None) + tuple(None if name is None or name not in grads else grads[name].to(inputs[name].dtype)
                                     for name in _GRAD_ORDER)
 
 
 def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                               bias: Optional[torch.Tensor], spec: MarginLossSpec, tables: LossTables,
-                              chunk: Optional[int] = None):
+                              chunk: Optional[int] = None, kernel: str = "torch"):
     """The loss over class chunks of ``chunk`` classes (:func:`auto_chunk` when None); returns
-    ``(loss, lse, pred, hard)`` like the fused path. Inputs must be validated already."""
+    ``(loss, lse, pred, hard)`` like the fused path. Inputs must be validated already.
+
+    ``kernel``: ``"torch"`` (eager partials and gradients; any device and dtype) or ``"triton"`` (one
+    Triton launch per chunk for the partials and one for ``dL/draw``; CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``; fp16/bf16/fp32)."""
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
     num_classes = input.shape[1] if spec.head == "logits" else weight.shape[0]
     if chunk is None:
         chunk = auto_chunk(input.shape[0], num_classes)
-    return _LeanMarginCE.apply(spec, int(chunk), input, target, weight, bias, tables.class_margins,
+    return _LeanMarginCE.apply(spec, int(chunk), kernel, input, target, weight, bias, tables.class_margins,
                                tables.logit_offset, tables.pair_perturbation, tables.class_weight, tables.omega,
                                tables.beta, tables.class_norms)

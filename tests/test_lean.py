@@ -5,20 +5,37 @@ Chunks of 7 classes put argmax ties, labels, ELM's strongest wrong class and NaN
 and in the last, partial chunk; float64 runs must match the reference to rounding, fp32 and bf16 runs are
 judged against the float64 truth as the fused kernels are (``kernel_cases``).
 """
+import importlib.util
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernel_cases as kc
-from fused_margin import class_split
+from fused_margin import class_split, reference
 from fused_margin.lean import auto_chunk, lean_margin_cross_entropy
 from fused_margin.reference import margin_cross_entropy_reference
 from fused_margin.spec import LossTables, MarginLossSpec
 
 
-def _run(case, impl, dtype, chunk=7, run_dtype=None):
+TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+#: the lean path's kernels: eager torch everywhere; Triton where it runs (here: CPU tensors under the
+#: interpreter; the device follows the tensors, so a GPU run tests the compiled kernels on CUDA tensors)
+KERNELS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_RUNS, reason="Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU"))]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    return request.param
+
+
+def _run(case, impl, dtype, chunk=7, run_dtype=None, kernel="torch"):
     """Loss, lse and the gradients of ``case`` (a ``kernel_cases.make_case``) through ``impl`` ("lean" or
-    "reference"), model tensors rounded to ``run_dtype`` (default ``dtype``) and run in ``dtype``."""
+    "reference"), model tensors rounded to ``run_dtype`` (default ``dtype``) and run in ``dtype``; the
+    lean path with ``kernel``."""
     run_dtype = dtype if run_dtype is None else run_dtype
     leaves = {}
     for name, master in case["tensors"].items():
@@ -34,7 +51,7 @@ def _run(case, impl, dtype, chunk=7, run_dtype=None):
     if impl == "reference":
         loss, (lse, pred, hard) = margin_cross_entropy_reference(x, case["target"], w, b, spec, tables)
     else:
-        loss, lse, pred, hard = lean_margin_cross_entropy(x, case["target"], w, b, spec, tables, chunk)
+        loss, lse, pred, hard = lean_margin_cross_entropy(x, case["target"], w, b, spec, tables, chunk, kernel=kernel)
     upstream = torch.ones_like(loss) if loss.dim() == 0 else kc._upstream(loss.shape[0]).to(loss)
     grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
     out = {"loss": loss.detach(), "lse": lse, "pred": pred, "hard": hard}
@@ -62,24 +79,42 @@ def test_float64_matches_reference(name, chunk):
 
 
 @pytest.mark.parametrize("name", sorted(kc.CASES))
-def test_float32_within_tolerance(name):
+def test_float32_within_tolerance(name, kernel):
     case = _case(name)
     truth = _run(case, "reference", torch.float64, run_dtype=torch.float32)
-    got = _run(case, "lean", torch.float32)
+    got = _run(case, "lean", torch.float32, kernel=kernel)
     for key in _numeric_keys(truth):
         kc.assert_fp32_close(key, got[key], truth[key])
+    kc.assert_pred_hard(got, {**truth, "z": _base_scores(case)}, case, gap=1e-5)
 
 
 @pytest.mark.parametrize("name", kc.LOW_PRECISION_CASES)
-def test_bfloat16_within_reference_error(name):
+def test_bfloat16_within_reference_error(name, kernel):
     opts = dict(kc.CASES[name], B=24, reduction="none")
     case = kc.make_case(**opts, seed=kc._seed(name, 1000))
     truth = _run(case, "reference", torch.float64, run_dtype=torch.bfloat16)
     ref = _run(case, "reference", torch.bfloat16)
-    got = _run(case, "lean", torch.bfloat16)
+    got = _run(case, "lean", torch.bfloat16, kernel=kernel)
     for key in _numeric_keys(truth):
         assert got[key].dtype == ref[key].dtype, key
         kc.assert_within_reference_error(key, got[key], ref[key], truth[key], factor=2.0)
+
+
+def _assert_close(got, truth, dtype, key):
+    """float64 runs to rounding; fp32 runs per docs/loss.md section 8 (NaN and infinities equal)."""
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, truth, rtol=1e-11, atol=1e-13, equal_nan=True, msg=key)
+    else:
+        kc.assert_fp32_close(key, got, truth)
+
+
+def _base_scores(case):
+    leaves = {k: v.double() for k, v in case["tensors"].items()}
+    options = dict(case["options"])
+    options.setdefault("head", "logits")
+    spec = MarginLossSpec(head=options["head"], input_is_cosine=options.get("input_is_cosine", False))
+    tables = LossTables(omega=leaves.get("omega"), beta=leaves.get("beta"), class_norms=leaves.get("class_norms"))
+    return reference.base_scores(leaves["input"], leaves.get("weight"), leaves.get("bias"), spec, tables)
 
 
 def _logits_case(z, target, **options):
@@ -87,7 +122,7 @@ def _logits_case(z, target, **options):
             "options": dict(head="logits", input_is_cosine=True, scale=10.0, reduction="none", **options)}
 
 
-def test_ties_labels_and_nans_on_chunk_boundaries():
+def test_ties_labels_and_nans_on_chunk_boundaries(kernel):
     """C = 50 in chunks of 7 (the last holds one class): the maximum tied across a boundary (columns 6 and
     7, 13 and 14), the label on a chunk's last or first column, a NaN in the last chunk, ELM's ``c*`` tied
     across chunks, all against the reference's ``torch.argmax`` order."""
@@ -104,16 +139,17 @@ def test_ties_labels_and_nans_on_chunk_boundaries():
     options = dict(class_margins=None, margin_type="additive_angular", lambda_inst=1.0, lambda_elm=0.5)
     case = _logits_case(z, target, **{k: v for k, v in options.items() if k != "class_margins"})
     case["tensors"]["class_margins"] = 0.05 + 0.3 * torch.rand(50, generator=g, dtype=torch.float64)
-    truth = _run(case, "reference", torch.float64)
-    got = _run(case, "lean", torch.float64, chunk=7)
+    dtype = torch.float64 if kernel == "torch" else torch.float32   # the Triton kernels take fp32 at most
+    truth = _run(case, "reference", torch.float64, run_dtype=dtype)
+    got = _run(case, "lean", dtype, chunk=7, kernel=kernel)
     assert got["pred"].tolist() == truth["pred"].tolist() == [6, 13, 20, 49, 0, 0]
     assert torch.equal(got["hard"], truth["hard"])
     for key in _numeric_keys(truth):
-        torch.testing.assert_close(got[key], truth[key], rtol=1e-11, atol=1e-13, equal_nan=True, msg=key)
+        _assert_close(got[key], truth[key], dtype, key)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-def test_non_finite_inputs_follow_the_reference(value):
+def test_non_finite_inputs_follow_the_reference(value, kernel):
     """A non-finite score in various places: the same ``lse``, ``pred``, loss and gradient NaN pattern
     as the reference (torch.logsumexp / torch.argmax semantics)."""
     g = torch.Generator().manual_seed(9)
@@ -125,15 +161,16 @@ def test_non_finite_inputs_follow_the_reference(value):
     target = torch.tensor([1, 5, 0, 2, 22])
     case = _logits_case(z, target)
     case["options"].update(input_is_cosine=False, scale=1.0)
-    truth = _run(case, "reference", torch.float64)
-    got = _run(case, "lean", torch.float64, chunk=7)
+    dtype = torch.float64 if kernel == "torch" else torch.float32
+    truth = _run(case, "reference", torch.float64, run_dtype=dtype)
+    got = _run(case, "lean", dtype, chunk=7, kernel=kernel)
     assert torch.equal(got["pred"], truth["pred"])
     for key in _numeric_keys(truth):
-        torch.testing.assert_close(got[key], truth[key], rtol=1e-11, atol=1e-13, equal_nan=True, msg=key)
+        _assert_close(got[key], truth[key], dtype, key)
 
 
 @pytest.mark.parametrize("margins", [False, True])
-def test_confident_rows_as_precise_as_cross_entropy(margins):
+def test_confident_rows_as_precise_as_cross_entropy(margins, kernel):
     """Rows whose loss runs from 1e-8 to 1e-2 (docs/loss.md section 8): the fp32 loss and target-column
     gradient no further from the float64 truth than twice ``F.cross_entropy``'s own fp32 error on the
     same final logits, plus 1e-9."""
@@ -153,7 +190,7 @@ def test_confident_rows_as_precise_as_cross_entropy(margins):
     if margins:
         case["tensors"]["class_margins"] = torch.full((C,), m, dtype=torch.float64)
     truth = _run(case, "reference", torch.float64, run_dtype=torch.float32)
-    got = _run(case, "lean", torch.float32)
+    got = _run(case, "lean", torch.float32, kernel=kernel)
     # F.cross_entropy on the same fp32 final logits
     logits32 = (s * z.float()).scatter(1, target[:, None], (s * (z.float().gather(1, target[:, None]) - m)))
     logits32.requires_grad_(True)
@@ -171,7 +208,7 @@ def test_confident_rows_as_precise_as_cross_entropy(margins):
     assert (got["loss"] > 0).all()
 
 
-def test_no_batch_by_class_tensor_is_allocated():
+def test_no_batch_by_class_tensor_is_allocated(kernel):
     """Forward and backward of a cosine-head DBM-BS case in chunks of 16 classes allocate no tensor of
     B x C elements or more (the gradients themselves are C x D and B x D, below that here)."""
     B, C, D = 32, 300, 8
@@ -197,7 +234,7 @@ def test_no_batch_by_class_tensor_is_allocated():
     tables = LossTables(class_margins=torch.rand(C, generator=g) * 0.3, logit_offset=torch.randn(C, generator=g),
                         class_weight=torch.rand(C, generator=g) + 0.5)
     with Sizes() as sizes:
-        loss, *_ = lean_margin_cross_entropy(x, target, w, None, spec, tables, chunk=16)
+        loss, *_ = lean_margin_cross_entropy(x, target, w, None, spec, tables, chunk=16, kernel=kernel)
         loss.backward()
     assert sizes.largest[0] < B * C, sizes.largest
     # and the same case unchunked does allocate B x C (the check can fail)
