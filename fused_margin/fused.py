@@ -200,17 +200,18 @@ class _FusedMarginCE(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_outputs):
         spec, kernel = ctx.spec, ctx.kernel
         if torch.is_grad_enabled():
-            # a create_graph backward: refused outright, except for a torch.func.grad transform, which
-            # always asks for one; there the gradients are returned as first-order only (differentiating
-            # them again raises)
-            if torch._C._functorch.maybe_current_level() is None:
+            # a create_graph backward: refused outright (a plain create_graph=True, nested torch.func.grad),
+            # except under one torch.func.grad transform, which always asks for one; there the gradients
+            # are returned as first-order only (differentiating them again raises)
+            if torch._C._functorch.get_dynamic_layer_stack_depth() != 1:  # not one torch.func.grad
                 raise RuntimeError(_first_order_error(kernel.name))
             with torch.no_grad():
                 grads = _FusedMarginCE._backward(ctx, grad_loss)
             present = [g for g in grads if g is not None]
             if present:
-                wrapped = iter(torch._C._functions.DelayedError(_first_order_error(kernel.name).encode(),
-                                                                len(present))(*present))
+                wrapped = torch._C._functions.DelayedError(_first_order_error(kernel.name).encode(),
+                                                           len(present))(*present)
+                wrapped = iter((wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped)
                 grads = tuple(None if g is None else next(wrapped) for g in grads)
             return grads
         return _FusedMarginCE._backward(ctx, grad_loss)

@@ -57,6 +57,12 @@ def psi(c: torch.Tensor, margin: torch.Tensor, spec: MarginLossSpec) -> torch.Te
     return value
 
 
+def _no_grad_rows(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``values`` with the rows where ``kept`` is False detached (same values, no gradient path)."""
+    mask = kept if values.dim() == 1 else kept[:, None]
+    return torch.where(mask, values, values.detach())
+
+
 def precise_nll(logits: torch.Tensor, target_logit: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """``nll_i = lse_i - t_i`` (``t`` the target logit, also at ``logits[i, y_i]``) formed relative to the
     row's largest logit, so that confident rows keep full precision (SPEC.md section 8), and
@@ -101,6 +107,9 @@ def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
     kept = target != spec.ignore_index
     y = torch.where(kept, target, torch.zeros_like(target))
     onehot = F.one_hot(y, num_classes).bool() & kept[:, None]
+    # ignored rows keep their values (for lse, pred) but no gradient path: their gradient is exactly 0, not
+    # 0 times a NaN or inf derivative where their scores are not finite (as the kernels give)
+    z = _no_grad_rows(z, kept)
 
     pred = z.detach().argmax(dim=1)
     z_y = z.gather(1, y[:, None]).squeeze(1)
@@ -123,7 +132,8 @@ def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
         target_logit = target_logit + offset[y]
     if tables.pair_perturbation is not None:
         logits = logits + tables.pair_perturbation.to(cd).masked_fill(onehot, 0.0)
-    logits = torch.where(onehot, target_logit[:, None], logits)
+    logits = _no_grad_rows(torch.where(onehot, target_logit[:, None], logits), kept)
+    target_logit = _no_grad_rows(target_logit, kept)
 
     lse = torch.logsumexp(logits, dim=1)
     nll = precise_nll(logits, target_logit, onehot)
