@@ -1,0 +1,242 @@
+"""A differential fuzz that stays in CI (issue 14): hypothesis draws the loss options, shapes, dtypes,
+ignored rows and memory layouts, and every fused backend that runs on the CPU (``cpu``; ``triton`` under
+``TRITON_INTERPRET=1`` with a small forced column block) is judged against the float64 reference with
+the tolerances of docs/loss.md section 8, through the harness of the kernel tests
+(``kernel_cases``; the tolerances for random draws are in :func:`check`).
+
+Drawn: heads cosine (D >= 2, see the strategy), linear, logits and cosine logits; C from 2 up, not a multiple of the block; B from
+1; additive cosine and angular margins with DBM's instance margin (both hard modes), ELM, both angular
+folds and straight-through gradients; logit offset, pair perturbation, class weights, bias and MARC's
+omega/beta (with their gradients), label smoothing, every reduction, ``ignore_index`` (-100 or a class
+index) on some rows; fp32 and bf16; contiguous inputs or strided views (every other column of a wider
+buffer, or the transpose of a column-major copy).
+
+Excluded, on purpose: bf16 on the cosine head. There the fused backward (``fused.py``: ``dL/draw``
+rounded to bf16, the backward GEMMs' outputs in bf16 and the normalisation projection
+``g - (v_hat . g) v_hat`` done in place in bf16) cancels a mostly radial gradient in bf16, where the
+reference projects in fp32: e.g. ``x = [[1.541, -0.2934]]``, an 18 x 2 ``W``, target 16, ``scale=1``:
+grad_x 1.9% and grad_W 1.8% off on ``cpu`` against 0.39% / 0.45% for the reference in bf16 (4-5x, above
+the 2x that docs/loss.md section 8 allows the feature heads); reported for the kernel side to fix.
+
+Bounded and reproducible: ``derandomize=True`` (the same examples on every run) and a fixed number of
+examples per backend, about a minute in all on two cores. Set ``FUSED_MARGIN_FUZZ_EXAMPLES`` to run more
+(for a longer local fuzz, e.g. 2000).
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+pytest.register_assert_rewrite("kernel_cases")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fused_margin as fm  # noqa: E402
+import kernel_cases  # noqa: E402
+from kernel_cases import (MODEL_TENSORS, assert_pred_hard, assert_within_reference_error,  # noqa: E402
+                          make_case)
+
+EXTRA = int(os.environ.get("FUSED_MARGIN_FUZZ_EXAMPLES", "0"))
+EXAMPLES = {"cpu": EXTRA or 1500, "triton": EXTRA or 70}
+
+
+def _settings(backend):
+    return settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def fuzz_cases(draw, max_classes=40):
+    head = draw(st.sampled_from(["cosine", "linear", "logits", "logits_cosine"]))
+    cosine = head in ("cosine", "logits_cosine")
+    B = draw(st.integers(1, 7))
+    C = draw(st.one_of(st.sampled_from([2, 3, 7, 9, 17, 33]), st.integers(2, max_classes)))
+    # D = 1 on the cosine head: x_hat = +-1 whatever x, so dL/dx is identically 0 and both sides return
+    # rounding residue (1e-10) that a tolerance relative to max |truth| = 0 cannot judge
+    D = draw(st.integers(2 if head == "cosine" else 1, 9))
+    options = {}
+    margin_type = draw(st.sampled_from(["additive_cosine", "additive_angular"])) if cosine else "additive_cosine"
+    options["margin_type"] = margin_type
+    if cosine:
+        scale = draw(st.sampled_from([1.0, 4.0, 16.0, 30.0, 64.0]))
+    else:
+        scale = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    margins = draw(st.sampled_from([None, (0.0, 0.0), (0.05, 0.4), (0.3, 0.6), (0.5, 0.5)]))
+    if margin_type == "additive_angular" and margins is not None and draw(st.booleans()):
+        margins = (0.8, 2.6)  # wide margins: past the fold's threshold
+    if margins is not None:
+        options["lambda_inst"] = draw(st.sampled_from([0.0, 0.5, 1.0])) if cosine else 0.0
+        options["hard_mode"] = draw(st.sampled_from(["hard", "all"]))
+        options["lambda_elm"] = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    if margin_type == "additive_angular":
+        options["angular_fold"] = draw(st.sampled_from([None, "threshold", "easy"]))
+        options["margin_grad"] = draw(st.sampled_from(["exact", "straight_through"]))
+    options["label_smoothing"] = draw(st.sampled_from([0.0, 0.0, 0.1, 0.3]))
+    options["reduction"] = draw(st.sampled_from(["mean", "sum", "none"]))
+    offset, pair, weights = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+    bias = head == "linear" and draw(st.booleans())
+    marc = draw(st.integers(0, 3)) == 0
+    grads = []
+    for name, present in (("logit_offset", offset), ("pair_perturbation", pair), ("bias", bias),
+                          ("omega", marc), ("beta", marc)):
+        if present and draw(st.booleans()):
+            grads.append(name)
+    ignore_index = draw(st.sampled_from([-100, -100, 1]))
+    if ignore_index != -100:
+        options["ignore_index"] = ignore_index = min(ignore_index, C - 1)
+    ignored = draw(st.sets(st.integers(0, B - 1), max_size=B))
+    if options["reduction"] == "mean" and len(ignored) == B:
+        # every row ignored with reduction="mean" is 0/0, NaN in both (PyTorch's convention); the rows
+        # still count in "sum"/"none". Keep one row so that "mean" also compares numbers.
+        ignored = ignored - {0}
+    seed = draw(st.integers(0, 2 ** 20))
+    case = make_case("logits" if head == "logits_cosine" else head, B=B, C=C, D=D, seed=seed, scale=scale,
+                     margins=margins, offset=offset, pair=pair, weights=weights, bias=bias, marc=marc,
+                     ignored=sorted(ignored), grads=tuple(grads),
+                     **({"input_is_cosine": True} if head == "logits_cosine" else {}), **options)
+    if ignore_index != -100:
+        # make_case drew labels in [0, C): the label ignore_index now means "ignored" wherever it fell
+        case["target"][sorted(ignored)] = ignore_index
+    layout = draw(st.sampled_from(["contiguous", "strided", "transposed"]))
+    # bf16 is drawn on the linear and logits heads only: on the cosine head the fused backward loses bf16
+    # precision where the gradient is mostly radial (see the module docstring), a known finding that
+    # would fail every run; the cosine head is fuzzed in fp32
+    dtype = torch.float32 if head == "cosine" else draw(st.sampled_from([torch.float32, torch.float32,
+                                                                         torch.bfloat16]))
+    return case, layout, dtype
+
+
+def _layout(value, layout):
+    """``value`` with the same elements in another memory layout (2-D tensors only)."""
+    if value.dim() != 2 or layout == "contiguous":
+        return value
+    if layout == "strided":  # every other column of a buffer twice as wide
+        wide = torch.zeros(value.shape[0], 2 * value.shape[1], dtype=value.dtype)
+        wide[:, ::2] = value
+        view = wide[:, ::2]
+    else:  # the transpose of a column-major copy
+        view = value.t().contiguous().t()
+    assert torch.equal(view, value) and (view.numel() <= 1 or not view.is_contiguous() or value.shape[1] == 1
+                                         or value.shape[0] == 1)
+    return view
+
+
+def evaluate(case, backend, dtype, layout, run_dtype=None, context=contextlib.nullcontext):
+    """kernel_cases.evaluate with the 2-D inputs (features/logits, class weights, pair perturbation) in
+    ``layout``; the truth (``dtype`` float64) is run contiguous."""
+    run_dtype = dtype if run_dtype is None else run_dtype
+    leaves, args = {}, {}
+    for name, master in case["tensors"].items():
+        value = master.to(run_dtype) if name in MODEL_TENSORS else master.float()
+        if dtype == torch.float64:
+            value = value.double()
+        leaf = value.requires_grad_(name in case["grads"])
+        leaves[name] = leaf
+        args[name] = leaf if dtype == torch.float64 else _layout(leaf, layout)
+    input_, weight = args.pop("input"), args.pop("weight", None)
+    with context():
+        loss, aux = fm.margin_cross_entropy(input_, case["target"], weight, **args, **case["options"],
+                                            backend=backend, return_aux=True)
+        upstream = torch.ones_like(loss) if loss.dim() == 0 else kernel_cases._upstream(loss.shape[0]).to(loss)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
+    out = {"loss": loss.detach(), "lse": aux.lse, "pred": aux.pred, "hard": aux.hard}
+    out.update({f"grad_{n}": g for n, g in zip(case["grads"], grads)})
+    if dtype == torch.float64:
+        out["z"] = kernel_cases._base_scores(case, leaves)
+    return out
+
+
+def assert_lse_close(actual, truth, rtol=kernel_cases.FP32_RTOL):
+    """``lse = m + log(sum exp(l - m))`` is known to an absolute error of a few ulps of the logits, not
+    relative to its own value: where the two cancel (|lse| << 1, e.g. two cosines at scale 1) the
+    tolerance is ``rtol`` absolute (``rtol x max(max |truth|, 1)``)."""
+    actual, truth = kernel_cases._finite_parts("lse", actual, truth)
+    err, size = kernel_cases._max_err(actual, truth)
+    assert err <= rtol * max(size, 1.0), f"lse: max error {err:.3g} > {rtol:g} x max(max |truth| {size:.3g}, 1)"
+
+
+def check(case, backend, dtype, layout, context=contextlib.nullcontext):
+    """kernel_cases.compare with the layout, and tolerances for random draws (docs/loss.md section 8):
+
+    * fp32: within 1e-5 x max |truth| of the float64 truth, plus twice the fp32 reference's own error:
+      random draws reach ill-conditioned points (MARC's omega pushing z' near +-1 into acos, cancelling
+      logsumexps) where even the reference in fp32 misses 1e-5, by the same amount as the kernels;
+      ``lse`` passes also within 1e-5 absolute where it is small (:func:`assert_lse_close`);
+    * bf16: within the bf16 reference's own error (x2 on the feature heads, which round the GEMM output
+      where the reference rounds the normalised operands) plus one bf16 ulp of the largest |truth|: on
+      the few elements of a tiny draw (B = 1, C = 2, D = 2) the reference's own error can be fortuitously
+      small (0.04% where bf16 rounds at 0.4%), where the kernel harness's 2e-5 floor assumes its larger
+      fixed shapes. The fuzz looks for gross errors (NaN, a wrong branch, index or stride); the
+      tight per-dtype bounds stay in the kernel tests' fixed cases;
+    * pred/hard equal to the truth's on untied rows.
+    """
+    truth = evaluate(case, "reference", torch.float64, layout, run_dtype=dtype)
+    got = evaluate(case, backend, dtype, layout, context=context)
+    ref = evaluate(case, "reference", dtype, layout)
+    checked = [k for k in truth if k.startswith("grad_") or k in ("loss", "lse")]
+    if dtype == torch.float32:
+        for key in checked:
+            try:
+                assert_within_reference_error(key, got[key], ref[key], truth[key], 2.0,
+                                              floor=kernel_cases.FP32_RTOL)
+            except AssertionError:
+                if key != "lse":
+                    raise
+                assert_lse_close(got[key], truth[key])
+        assert_pred_hard(got, truth, case, gap=1e-5)
+    else:
+        factor = 1.0 if case["options"].get("head", "logits") == "logits" else 2.0
+        for key in checked:
+            assert_within_reference_error(key, got[key], ref[key], truth[key], factor,
+                                          floor=torch.finfo(dtype).eps)
+        assert_pred_hard(got, truth, case, gap=4 * torch.finfo(dtype).eps)
+
+
+def _skip_unless(backend):
+    status = fm.available_backends("cpu", torch.float32)[backend]
+    if status != "ok":
+        pytest.skip(status)
+
+
+@_settings("cpu")
+@given(fuzz_cases())
+def test_fuzz_cpu_backend_against_the_reference(drawn):
+    _skip_unless("cpu")
+    check(*drawn[:1], "cpu", *drawn[2:], drawn[1])
+
+
+@_settings("triton")
+@given(fuzz_cases(max_classes=24), st.sampled_from([4, 8, 16]))
+def test_fuzz_triton_backend_against_the_reference(drawn, block):
+    """Under the interpreter, with the column block capped so that the loop over blocks and the masked
+    tail of the last block run on small C."""
+    _skip_unless("triton")
+    from fused_margin.triton import max_block
+    check(*drawn[:1], "triton", *drawn[2:], drawn[1], context=lambda: max_block(block))
+
+
+def test_the_strategy_draws_the_edges():
+    """The strategy reaches what it promises (C = 2, B = 1, C not a multiple of the block, bf16, strided
+    and transposed inputs, ignored rows): drawn here deterministically from a fixed number of examples."""
+    seen = {"C2": False, "B1": False, "odd_C": False, "bf16": False, "strided": False, "transposed": False,
+            "ignored": False, "angular": False, "linear": False}
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(fuzz_cases())
+    def record(drawn):
+        case, layout, dtype = drawn
+        C = case["tensors"]["input"].shape[1] if "weight" not in case["tensors"] else case["tensors"]["weight"].shape[0]
+        seen["C2"] |= C == 2
+        seen["B1"] |= case["target"].shape[0] == 1
+        seen["odd_C"] |= C % 8 != 0 and C > 8
+        seen["bf16"] |= dtype == torch.bfloat16
+        seen[layout] = True
+        seen["ignored"] |= bool((case["target"] == case["options"].get("ignore_index", -100)).any())
+        seen["angular"] |= case["options"]["margin_type"] == "additive_angular"
+        seen["linear"] |= case["options"].get("head") == "linear"
+
+    record()
+    assert all(seen.values()), seen
