@@ -32,6 +32,10 @@ _MODULE_OPTIONS = ("feature_head", "cosine_input") + _TABLES
 
 
 def _check_options(options, owner, taken=()):
+    for name, ours in (("head", "feature_head"), ("input_is_cosine", "cosine_input")):
+        if name in options:
+            raise TypeError(f"{owner} takes {ours}= (the head when forward gets weight / whether logits are "
+                            f"cosines), not {name}=; forward(..., {name}=...) overrides it per call")
     check_option_names(options, owner, taken=tuple(taken) + ("head", "input_is_cosine"), extra=_MODULE_OPTIONS)
 
 

@@ -1,4 +1,4 @@
-"""The correctness gate run before a case is timed (SPEC.md section 8).
+"""The correctness gate run before a case is timed (docs/loss.md section 8).
 
 Every case computes the loss and its gradients to the features and the class weights on the first input
 set (its first ``check_rows`` rows), and so does the group's reference twice: in float64 (the truth) and
