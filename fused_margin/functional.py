@@ -7,13 +7,15 @@ cosine), logit offset, pair perturbation, class weights and label smoothing, wit
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+import numbers
+from typing import Optional, Union
 
 import torch
 
 from . import builders
 from .backends import resolve_backend
 from .fused import fused_margin_cross_entropy
+from .lean import BUDGET_BYTES, lean_margin_cross_entropy
 from .reference import compute_dtype, margin_cross_entropy_reference
 from .spec import LossTables, MarginAux, MarginLossSpec
 
@@ -171,7 +173,7 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
                          class_norms: Optional[torch.Tensor] = None,
                          class_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          ignore_index: int = -100, label_smoothing: float = 0.0, return_aux: bool = False,
-                         backend: str = "auto"):
+                         backend: str = "auto", class_chunk: Union[str, int] = "auto"):
     r"""Margin softmax cross-entropy (docs/loss.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
     softmax, logit adjustment, MARC and MetaLAD.
 
@@ -198,6 +200,13 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
         class_weight, reduction, ignore_index, label_smoothing: as ``F.cross_entropy``.
         return_aux: also return :class:`MarginAux` ``(lse, pred, hard)``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
+        class_chunk: the memory-lean path for large vocabularies (docs/loss.md section 9): ``"auto"``
+            takes it on a fused backend with a cosine or linear head when a B x C fp32 matrix would exceed
+            :data:`LEAN_THRESHOLD_BYTES` (64 MiB), with the chunk from the same budget; ``"off"`` never;
+            an int ``k >= 1`` always, with ``k`` classes per chunk (any backend and head; ``"reference"``
+            then runs the chunks in eager torch). The lean path never holds a B x C matrix: extra memory
+            about ``6 B k`` fp32 values plus O(B D + C), for a fourth GEMM (the backward recomputes
+            each chunk's scores). Same results as the other paths (docs/loss.md section 8).
 
     Scalar options take Python, NumPy or 0-d tensor numbers (a tensor that requires grad is refused:
     options get no gradient).
@@ -220,7 +229,9 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
                           label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
     _validate(input, target, weight, bias, spec, tables)
-    return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux)
+    class_chunk = check_class_chunk(class_chunk)
+    return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux,
+                      class_chunk=class_chunk)
 
 
 #: every keyword option of :func:`margin_cross_entropy` (what ``**options`` of the presets and modules may
@@ -262,11 +273,50 @@ def resolve_head(head: Optional[str], weight, default_feature_head: str) -> str:
     return "logits" if weight is None else default_feature_head
 
 
+#: ``class_chunk="auto"`` takes the memory-lean path when a B x C fp32 matrix would exceed this many bytes.
+LEAN_THRESHOLD_BYTES = BUDGET_BYTES
+
+#: the lean path's chunk kernel for each backend's row kernel (``None``: the reference).
+LEAN_KERNELS = {None: "torch", "torch": "torch", "triton": "triton", "cpu": "torch", "cuda": "torch"}
+
+
+def check_class_chunk(class_chunk) -> Union[str, int]:
+    """``class_chunk`` checked: ``"auto"``, ``"off"`` or a positive int (NumPy/0-d tensor ints taken)."""
+    if isinstance(class_chunk, str):
+        if class_chunk in ("auto", "off"):
+            return class_chunk
+    elif isinstance(class_chunk, torch.Tensor) and class_chunk.dim() == 0 and not class_chunk.is_floating_point() \
+            and class_chunk.dtype != torch.bool:
+        class_chunk = int(class_chunk)
+        if class_chunk >= 1:
+            return class_chunk
+    elif isinstance(class_chunk, numbers.Integral) and not isinstance(class_chunk, bool) and class_chunk >= 1:
+        return int(class_chunk)
+    raise ValueError(f"class_chunk must be 'auto', 'off' or a positive int (classes per chunk), got {class_chunk!r}")
+
+
+def uses_lean_path(class_chunk, kernel, spec: MarginLossSpec, rows: int, num_classes: int) -> bool:
+    """Whether :func:`apply_loss` takes the memory-lean path (see ``class_chunk`` of
+    :func:`margin_cross_entropy`)."""
+    if class_chunk == "off":
+        return False
+    if class_chunk != "auto":
+        return True
+    return kernel is not None and spec.head != "logits" and rows * num_classes * 4 > LEAN_THRESHOLD_BYTES
+
+
 def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables, *, backend="auto",
-               return_aux=False):
+               return_aux=False, class_chunk="auto"):
     """Run validated inputs through the chosen backend (no checks; see :func:`margin_cross_entropy`)."""
     kernel = resolve_backend(backend, input.device, input.dtype)
-    if kernel is None:
+    num_classes = _num_classes(input, weight)
+    if uses_lean_path(class_chunk, kernel, spec, input.shape[0], num_classes):
+        chunk = None if class_chunk == "auto" else min(class_chunk, num_classes)
+        loss, lse, pred, hard = lean_margin_cross_entropy(
+            input, target, weight, bias, spec, tables, chunk=chunk,
+            kernel=LEAN_KERNELS[None if kernel is None else kernel.name])
+        aux = MarginAux(lse, pred, hard)
+    elif kernel is None:
         loss, aux = margin_cross_entropy_reference(input, target, weight, bias, spec, tables)
     else:
         loss, lse, pred, hard = fused_margin_cross_entropy(kernel, input, target, weight, bias, spec, tables)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import builders
 from .backends import BACKENDS
-from .functional import check_option_names, dbm_tables, margin_cross_entropy
+from .functional import check_class_chunk, check_option_names, dbm_tables, margin_cross_entropy
 from .reference import compute_dtype
 from .spec import MarginLossSpec
 
@@ -80,6 +80,8 @@ class MarginLoss(nn.Module):
         spec_options = {k: v for k, v in options.items() if k in _SPEC_FIELDS}
         spec = MarginLossSpec(head=feature_head, **spec_options)  # every value checked now
         options.update({k: getattr(spec, k) for k in spec_options})  # as plain Python numbers
+        if "class_chunk" in options:  # the memory-lean path: "auto", "off" or classes per chunk
+            options["class_chunk"] = check_class_chunk(options["class_chunk"])
         options["backend"] = backend
         self._exact = {}
         for name in _TABLES:
