@@ -199,3 +199,24 @@ def test_cli_list_help_and_run(tmp_path, capsys, monkeypatch):
     assert {(r["backend"], r["mode"]) for r in rows} >= {("reference", "fwd"), ("reference", "bwd"),
                                                         ("floor", "fwd"), ("floor", "bwd")}
     assert all(r["check"] == "WRONG" for r in rows if r["backend"] == "row:wrong")
+
+
+def test_lean_row_and_class_chunk_option(tmp_path, capsys):
+    """The lean row runs, is checked and says its chunk; --class-chunk N puts the fused rows on the lean
+    path (their note says so); the face presets and the option are in --help/--list."""
+    helptext = build_parser().format_help()
+    assert "--class-chunk" in helptext and "lean" in helptext
+    assert main(["--list", "--device", "cpu"]) == 0
+    listed = capsys.readouterr().out
+    assert "face-1m" in listed and "lean" in listed
+    out = tmp_path / "lean"
+    argv = ["--device", "cpu", "--preset", "tiny", "--losses", "dbm-bs", "--heads", "cosine", "--mode", "fwdbwd",
+            "--backends", "reference,cpu,lean", "--class-chunk", "24", "--target-time", "0", "--min-reps", "1",
+            "--max-reps", "1", "--warmup", "1", "--threads", "1", "--quiet", "--no-plot", "--out", str(out)]
+    assert main(argv) == 0
+    rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["lean"]["check"] == "ok" and "class chunks of 64" in rows["lean"]["note"]
+    if rows["cpu"]["check"] != "skipped":
+        assert rows["cpu"]["check"] == "ok" and "lean path (class_chunk=24" in rows["cpu"]["note"]
+    with pytest.raises(SystemExit):
+        main(argv[:-2] + ["--class-chunk", "many", "--out", str(out)])

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
+from fused_margin.functional import LEAN_KERNELS, uses_lean_path
 from fused_margin.fused import RowKernel, fused_margin_cross_entropy
+from fused_margin.lean import auto_chunk
 from fused_margin.spec import LossTables, MarginLossSpec
 
 from .config import FUSED_BACKENDS, LOSSES, BenchConfig
@@ -83,12 +85,12 @@ def _on(device, tables: dict) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tables.items()}
 
 
-def _module_fns(module):
+def _module_fns(module, **options):
     def fn(X, W, y):
-        return module(X, y, W)
+        return module(X, y, W, **options)
 
     def fn_aux(X, W, y):
-        return module(X, y, W, return_aux=True)
+        return module(X, y, W, return_aux=True, **options)
     return fn, fn_aux
 
 
@@ -156,16 +158,38 @@ def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, c
         if status.get(name) != "ok":
             cases.append(Case(group, name, "margin", loss, head, skip=status.get(name, "unknown backend")))
             continue
-        fn, fn_aux = _module_fns(LOSSES[loss].module(counts, head, name).to(device))
-        note = ""
+        fn, fn_aux = _module_fns(LOSSES[loss].module(counts, head, name).to(device), class_chunk=cfg.class_chunk)
+        note = _lean_note(cfg, name)
         if name == "triton" and device.type == "cpu":
             note = "Triton interpreter (TRITON_INTERPRET=1): correct, but its time means nothing"
         cases.append(Case(group, name, "margin", loss, head, fn, fn_aux, note=note))
+    if "lean" in cfg.impls:
+        chunk = auto_chunk(cfg.B, cfg.C)
+        fn, fn_aux = _module_fns(LOSSES[loss].module(counts, head, "auto").to(device), class_chunk=chunk)
+        cases.append(Case(group, "lean", "margin", loss, head, fn, fn_aux,
+                          note=f"class chunks of {chunk} ({_lean_kernel(device)} kernel)"))
     for name, kernel in cfg.row_kernels.items():
         kwargs = _on(device, LOSSES[loss].kwargs(counts, cfg.C, head))
         fn, fn_aux = row_kernel_fns(kernel, kwargs)
         cases.append(Case(group, f"row:{name}", "margin", loss, head, fn, fn_aux, note="row kernel via fused.py"))
     return cases
+
+
+def _lean_kernel(device) -> str:
+    """The lean path's chunk kernel that backend='auto' picks on ``device``."""
+    from fused_margin.backends import resolve_backend
+    kernel = resolve_backend("auto", device, torch.float32)
+    return LEAN_KERNELS[None if kernel is None else kernel.name]
+
+
+def _lean_note(cfg: BenchConfig, name: str) -> str:
+    """Which path a fused backend row takes at this shape (``class_chunk`` of the run)."""
+    spec = MarginLossSpec(head="cosine")
+    kernel = RowKernel(name, None, None)
+    if uses_lean_path(cfg.class_chunk, kernel, spec, cfg.B, cfg.C):
+        chunk = auto_chunk(cfg.B, cfg.C) if cfg.class_chunk == "auto" else cfg.class_chunk
+        return f"lean path (class_chunk={cfg.class_chunk!r}: chunks of {chunk})"
+    return ""
 
 
 def installed(module: str) -> bool:

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--row-kernel", action="append", default=[], metavar="NAME=MODULE:ATTR",
                       help="also run a fused_margin.fused.RowKernel (e.g. one under development) through the "
                       "fused autograd plumbing; repeatable")
+    what.add_argument("--class-chunk", default="auto", metavar="auto|off|N",
+                      help="class_chunk of the fused backend rows: 'auto' takes the memory-lean path (class "
+                      "chunks, no B x C matrix) when a B x C fp32 matrix would exceed 64 MiB, 'off' never, N "
+                      "always with N classes per chunk; the 'lean' row forces it whatever this says [auto]")
     what.add_argument("--compile", choices=("all", "first", "none"),
                       help="which losses get a torch.compile case [all on a GPU, first on CPU]")
     what.add_argument("--imbalance", type=float, default=100.0, help="class-count imbalance n_max/n_min of the "
@@ -110,6 +114,16 @@ def _load_row_kernel(spec: str):
     return name, kernel
 
 
+def _class_chunk(value: str):
+    value = value.strip()
+    if value in ("auto", "off"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"--class-chunk must be auto, off or a positive integer, got {value!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` of parsed arguments, with the defaults of this machine filled in."""
     device = args.device
@@ -134,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed, input_sets=args.input_sets,
         target_time=args.target_time if args.target_time is not None else (0.5 if gpu else 1.0),
         min_reps=args.min_reps or (10 if gpu else 5), max_reps=args.max_reps or (200 if gpu else 50),
-        warmup=args.warmup, check_rows=args.check_rows, threads=args.threads, preset=preset if not (args.B or args.D or args.C) else None)
+        warmup=args.warmup, check_rows=args.check_rows, threads=args.threads,
+        class_chunk=_class_chunk(args.class_chunk), preset=preset if not (args.B or args.D or args.C) else None)
 
 
 def list_everything(device: str, dtype: str) -> str:

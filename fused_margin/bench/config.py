@@ -21,6 +21,8 @@ PRESETS: Dict[str, Tuple[Tuple[int, int, int], str]] = {
     "inat": ((512, 2048, 8142), "iNaturalist 2018: ResNet-50 features, 8,142 classes"),
     "imagenet-lt": ((256, 2048, 1000), "ImageNet-LT: ResNet features, 1,000 classes"),
     "face": ((1024, 512, 100000), "face recognition: 512-d embeddings, 100K identities"),
+    "face-1m": ((1024, 512, 1048576), "face recognition at 1M identities: a B x C fp32 matrix is 4 GiB, the "
+                "fused rows take the lean path (on CPU: --backends cpu,lean,floor --input-sets 1; --C to scale down)"),
     "vocab": ((8192, 4096, 128256), "large-vocabulary head (Llama-3 vocabulary)"),
     "cpu-small": ((256, 512, 8142), "the CPU default: iNat's classes, a small batch and feature size"),
     "tiny": ((16, 32, 64), "smoke tests"),
@@ -128,13 +130,15 @@ LOSSES: Dict[str, LossDef] = {
 #: implementations that are not fused_margin backends: the eager/compiled reference, plain-CE anchors, floor.
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 PLAIN_CE = ("torch-ce", "liger", "cce")
-ALL_IMPLS = ("reference", "compile") + FUSED_BACKENDS + PLAIN_CE + ("floor",)
+ALL_IMPLS = ("reference", "compile") + FUSED_BACKENDS + ("lean",) + PLAIN_CE + ("floor",)
 IMPL_HELP = {
     "reference": "the pure-PyTorch reference, eager (backend='reference'): the speed-up baseline",
     "compile": "torch.compile of the reference (compile time reported apart, not in the median)",
     "triton": "fused_margin Triton row kernels (backend='triton')",
     "cuda": "fused_margin C++/CUDA extension on CUDA tensors (backend='cuda')",
     "cpu": "fused_margin C++ CPU kernel (backend='cpu')",
+    "lean": "fused_margin's memory-lean path forced on (backend='auto', class_chunk from the 64 MiB budget): "
+            "class chunks, no B x C matrix, a fourth GEMM",
     "torch-ce": "plain CE anchor: F.cross_entropy(X @ W.T, y), eager (different loss: no margins)",
     "liger": "plain CE anchor: Liger-Kernel LigerFusedLinearCrossEntropyLoss (CUDA; different loss)",
     "cce": "plain CE anchor: Apple cut-cross-entropy linear_cross_entropy (CUDA; different loss)",
@@ -171,6 +175,7 @@ class BenchConfig:
     check_rows: Optional[int] = None  # rows of the correctness check (None: all rows up to 2**24 elements)
     preset: Optional[str] = None
     threads: Optional[int] = None     # torch.set_num_threads for the run (None: torch's default)
+    class_chunk: object = "auto"      # class_chunk of the fused backend rows: "auto", "off" or classes per chunk
 
     def validate(self) -> None:
         for name in ("B", "D", "C"):
@@ -193,6 +198,7 @@ class BenchConfig:
             raise ValueError(f"need 1 <= min_reps <= max_reps, got {self.min_reps}, {self.max_reps}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first call also measures compile time), got {self.warmup}")
+        fm.functional.check_class_chunk(self.class_chunk)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
