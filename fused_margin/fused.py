@@ -68,16 +68,37 @@ def base_scores(raw, row_scale, col_scale, col_shift):
     return z
 
 
+#: rows per block of :func:`_row_dots`' fp32 copies (bounds the temporary at this many rows of D fp32 values)
+_DOT_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_dots(rows: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rows_i . grad_i`` per row in ``dtype`` (fp32 or fp64) from the exact values of low-precision
+    operands: each block of rows is widened to ``dtype`` (the products exact, the sums in ``dtype``), so
+    no full ``dtype`` copy of a C x D operand is held (at most :data:`_DOT_BLOCK_ELEMENTS` values)."""
+    if rows.dtype == dtype and grad.dtype == dtype:
+        return torch.linalg.vecdot(rows, grad)
+    step = max(1, _DOT_BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    if rows.shape[0] <= step:
+        return torch.linalg.vecdot(rows.to(dtype), grad.to(dtype))
+    return torch.cat([torch.linalg.vecdot(rows[i:i + step].to(dtype), grad[i:i + step].to(dtype))
+                      for i in range(0, rows.shape[0], step)])
+
+
 def _project_out(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``grad_i - (v_hat_i . grad_i) v_hat_i`` for rows with ``||v_i|| >= eps``; ``grad_i`` elsewhere:
-    the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``).
+    the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``;
+    docs/loss.md section 5).
 
-    ``grad`` is a fresh GEMM output in the input dtype and is updated in place, in that dtype: the dot
-    products (fp32 accumulation) and the radial coefficient rounded to it err no more than the rounding
-    ``grad`` already carries (``|v_hat . grad| <= |grad|``), and no fp32 C x D copy is made."""
-    dots = torch.linalg.vecdot(rows, grad).to(norms.dtype)
+    ``grad`` is a fresh GEMM output in the input dtype and is updated in place. The radial coefficient
+    ``(v_i . grad_i) / ||v_i||^2`` is formed in ``norms``' dtype (fp32; fp64 for fp64) from the exact
+    values of ``grad`` and ``rows`` (:func:`_row_dots`), and ``grad + rows * (-coef)`` is one ``addcmul``
+    computed in that dtype and rounded once to ``grad``'s: a mostly radial gradient cancels in fp32, as the
+    reference's ``F.normalize`` backward does, not in bf16/fp16 (where the rounded coefficient and
+    product would each add an error of the radial part's size). No C x D fp32 copy is made."""
+    dots = _row_dots(rows, grad, norms.dtype)
     inv_sq = torch.where(norms >= NORM_EPS, norms.clamp_min(NORM_EPS).reciprocal().square(), 0.0)
-    return grad.addcmul_(rows, (dots * inv_sq).neg_().to(grad.dtype)[:, None])
+    return grad.addcmul_(rows, (dots * inv_sq).neg_()[:, None])
 
 
 def _pow2_scale(norms: torch.Tensor) -> torch.Tensor:

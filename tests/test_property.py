@@ -11,12 +11,10 @@ omega/beta (with their gradients), label smoothing, every reduction, ``ignore_in
 index) on some rows; fp32 and bf16; contiguous inputs or strided views (every other column of a wider
 buffer, or the transpose of a column-major copy).
 
-Excluded, on purpose: bf16 on the cosine head. There the fused backward (``fused.py``: ``dL/draw``
-rounded to bf16, the backward GEMMs' outputs in bf16 and the normalisation projection
-``g - (v_hat . g) v_hat`` done in place in bf16) cancels a mostly radial gradient in bf16, where the
-reference projects in fp32: e.g. ``x = [[1.541, -0.2934]]``, an 18 x 2 ``W``, target 16, ``scale=1``:
-grad_x 1.9% and grad_W 1.8% off on ``cpu`` against 0.39% / 0.45% for the reference in bf16 (4-5x, above
-the 2x that docs/loss.md section 8 allows the feature heads); reported for the kernel side to fix.
+bf16 on the cosine head is drawn too: the fused backward forms the normalisation projection
+``g - (v_hat . g) v_hat`` in fp32 (``fused._project_out``), as the reference does (it once ran in bf16
+in place, e.g. ``x = [[1.541, -0.2934]]``, an 18 x 2 ``W``, target 16, ``scale=1``: grad_x 1.9% off
+against 0.39% for the reference).
 
 Bounded and reproducible: ``derandomize=True`` (the same examples on every run) and a fixed number of
 examples per backend, about a minute in all on two cores. Set ``FUSED_MARGIN_FUZZ_EXAMPLES`` to run more
@@ -100,11 +98,7 @@ def fuzz_cases(draw, max_classes=40):
         # make_case drew labels in [0, C): the label ignore_index now means "ignored" wherever it fell
         case["target"][sorted(ignored)] = ignore_index
     layout = draw(st.sampled_from(["contiguous", "strided", "transposed"]))
-    # bf16 is drawn on the linear and logits heads only: on the cosine head the fused backward loses bf16
-    # precision where the gradient is mostly radial (see the module docstring), a known finding that
-    # would fail every run; the cosine head is fuzzed in fp32
-    dtype = torch.float32 if head == "cosine" else draw(st.sampled_from([torch.float32, torch.float32,
-                                                                         torch.bfloat16]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
     return case, layout, dtype
 
 
@@ -168,7 +162,13 @@ def check(case, backend, dtype, layout, context=contextlib.nullcontext):
       where the reference rounds the normalised operands) plus one bf16 ulp of the largest |truth|: on
       the few elements of a tiny draw (B = 1, C = 2, D = 2) the reference's own error can be fortuitously
       small (0.04% where bf16 rounds at 0.4%), where the kernel harness's 2e-5 floor assumes its larger
-      fixed shapes. The fuzz looks for gross errors (NaN, a wrong branch, index or stride); the
+      fixed shapes. On the cosine head the floor is two bf16 ulps: the fused path rounds the GEMM
+      output ``x . w_j`` where the reference rounds ``x_hat``, ``w_hat`` and ``x_hat . w_hat_j``, so at
+      ``scale=30`` the two carry independent noise of the same size, and a draw where the reference's is
+      fortuitously small (e.g. B = 4, D = 6, C = 18: grad_input 0.0747 against the reference's 0.0215,
+      one ulp of max |truth| 3.96 being 0.031) goes past 2x plus one ulp, while over 150 seeds of that
+      shape the summed max errors are 3.34 (``cpu``) against 4.28 (reference) for grad_input and 2.06
+      against 2.50 for grad_weight. The fuzz looks for gross errors (NaN, a wrong branch, index or stride); the
       tight per-dtype bounds stay in the kernel tests' fixed cases;
     * pred/hard equal to the truth's on untied rows.
     """
@@ -187,10 +187,12 @@ def check(case, backend, dtype, layout, context=contextlib.nullcontext):
                 assert_lse_close(got[key], truth[key])
         assert_pred_hard(got, truth, case, gap=1e-5)
     else:
-        factor = 1.0 if case["options"].get("head", "logits") == "logits" else 2.0
+        head = case["options"].get("head", "logits")
+        factor = 1.0 if head == "logits" else 2.0
+        # the cosine head: two bf16 ulps (see check's docstring)
+        floor = torch.finfo(dtype).eps * (2.0 if head == "cosine" else 1.0)
         for key in checked:
-            assert_within_reference_error(key, got[key], ref[key], truth[key], factor,
-                                          floor=torch.finfo(dtype).eps)
+            assert_within_reference_error(key, got[key], ref[key], truth[key], factor, floor=floor)
         assert_pred_hard(got, truth, case, gap=4 * torch.finfo(dtype).eps)
 
 
