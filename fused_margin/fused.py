@@ -39,6 +39,7 @@ separate ops; library functions (``exp``, ``log``, ``cos``) keep their own inter
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -131,9 +132,45 @@ def _first_order_error(kernel_name: str) -> str:
             "(double backward, meta-learning, nested torch.func.grad) use backend='reference'")
 
 
+class _Residuals(NamedTuple):
+    """What ``_FusedMarginCE.forward`` computes for ``backward`` (returned after ``(loss, lse, pred, hard)``
+    and dropped by the caller). ``None`` where absent, or where it would repeat an input or another
+    output (``setup_context`` restores those; ``torch.compile`` refuses an output returned twice)."""
+
+    raw: Optional[torch.Tensor]             # the GEMM output (None on the logits head: the input itself)
+    row_scale: Optional[torch.Tensor]       # 1 / max(||x_i||, eps) (over x_pow_i on the fp16 cosine head)
+    col_scale: Optional[torch.Tensor]       # the head's column scale times omega
+    col_shift: Optional[torch.Tensor]       # (bias times omega) + beta ||W|| (None when it is base_shift)
+    base_col_scale: Optional[torch.Tensor]  # the head's column scale alone (None when it is col_scale)
+    base_shift: Optional[torch.Tensor]      # the bias in the compute dtype
+    x_norm: Optional[torch.Tensor]
+    w_norm: Optional[torch.Tensor]
+    x_pow: Optional[torch.Tensor]           # the fp16 cosine head's power-of-two rescaling (_cosine_operands)
+    w_pow: Optional[torch.Tensor]
+    nll: torch.Tensor
+    target_grad: torch.Tensor
+    denom: Optional[torch.Tensor]           # the mean's denominator
+
+
+#: the outputs of ``_FusedMarginCE.forward``, in order
+_OUTPUTS = ("loss", "lse", "pred", "hard") + _Residuals._fields
+#: the inputs ``backward`` reads (saved by name; see :class:`_Saved`)
+_SAVED_INPUTS = ("input", "target", "weight", "logit_offset", "pair_perturbation", "class_weight", "omega", "beta",
+                 "class_norms")
+
+
+class _Saved(NamedTuple("_SavedBase", [(name, Optional[torch.Tensor])
+                                       for name in _SAVED_INPUTS + ("lse",) + _Residuals._fields])):
+    """``ctx.saved_tensors`` by name: the inputs of :data:`_SAVED_INPUTS`, ``lse`` and the residuals."""
+
+
 class _FusedMarginCE(torch.autograd.Function):
     """``forward`` + ``setup_context`` (what ``torch.func.grad`` needs); ``forward`` returns, after
-    ``(loss, lse, pred, hard)``, the tensors that ``backward`` needs, which the caller drops."""
+    ``(loss, lse, pred, hard)``, the :class:`_Residuals` that ``backward`` needs, which the caller drops.
+
+    Inputs, outputs, saved tensors and gradients are handled by name (:data:`INPUT_NAMES`, derived once
+    from ``forward``'s signature; :data:`_OUTPUTS`; :class:`_Saved`), so adding an argument shifts no
+    index."""
 
     @staticmethod
     def forward(kernel: RowKernel, spec: MarginLossSpec, input, target, weight, bias,
@@ -190,27 +227,26 @@ class _FusedMarginCE(torch.autograd.Function):
             loss = loss_rows.sum()
         else:
             loss = loss_rows
-        # returned for setup_context; None where it would repeat an input (the logits head's raw) or
-        # another output (setup_context restores those): torch.compile refuses an output returned twice
-        saved = (None if head == "logits" else raw, row_scale, col_scale,
-                 None if col_shift is base_shift else col_shift,
-                 None if base_col_scale is col_scale else base_col_scale, base_shift, x_norm, w_norm,
-                 x_pow, w_pow, nll, target_grad, denom)
-        return (loss, lse, pred, hard) + saved
+        residuals = _Residuals(
+            raw=None if head == "logits" else raw, row_scale=row_scale, col_scale=col_scale,
+            col_shift=None if col_shift is base_shift else col_shift,
+            base_col_scale=None if base_col_scale is col_scale else base_col_scale, base_shift=base_shift,
+            x_norm=x_norm, w_norm=w_norm, x_pow=x_pow, w_pow=w_pow, nll=nll, target_grad=target_grad,
+            denom=denom)
+        return (loss, lse, pred, hard) + tuple(residuals)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        (kernel, spec, input, target, weight, bias, _class_margins, logit_offset, pair_perturbation, class_weight,
-         omega, beta, class_norms) = inputs
-        ctx.kernel, ctx.spec = kernel, spec
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        raw, row_scale, col_scale, col_shift, base_col_scale, base_shift = output[4:10]
-        ctx.raw_is_input = raw is None
-        ctx.col_shift_is_base = col_shift is None and base_shift is not None
-        ctx.base_col_scale_is_col = base_col_scale is None and spec.head == "cosine"
-        ctx.save_for_backward(input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta,
-                              class_norms, output[1], *output[4:])
-        ctx.mark_non_differentiable(*[o for o in output[1:] if isinstance(o, torch.Tensor)])
+        args = dict(zip(INPUT_NAMES, inputs))
+        out = dict(zip(_OUTPUTS, output))
+        ctx.kernel, ctx.spec = args["kernel"], args["spec"]
+        ctx.dtypes = {name: value.dtype for name, value in args.items() if isinstance(value, torch.Tensor)}
+        ctx.raw_is_input = out["raw"] is None
+        ctx.col_shift_is_base = out["col_shift"] is None and out["base_shift"] is not None
+        ctx.base_col_scale_is_col = out["base_col_scale"] is None and ctx.spec.head == "cosine"
+        ctx.save_for_backward(*(args[name] for name in _SAVED_INPUTS), out["lse"],
+                              *(out[name] for name in _Residuals._fields))
+        ctx.mark_non_differentiable(*[out[name] for name in _OUTPUTS[1:] if isinstance(out[name], torch.Tensor)])
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -239,19 +275,21 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        (input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms, lse,
-         raw, row_scale, col_scale, col_shift, base_col_scale, base_shift, x_norm, w_norm, x_pow, w_pow,
-         nll, target_grad, denom) = ctx.saved_tensors
-        if ctx.raw_is_input:
-            raw = input
-        if ctx.col_shift_is_base:
-            col_shift = base_shift
-        if ctx.base_col_scale_is_col:
-            base_col_scale = col_scale
+        saved = _Saved(*ctx.saved_tensors)
+        (input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms) = (
+            getattr(saved, name) for name in _SAVED_INPUTS)
+        lse, nll, target_grad, denom = saved.lse, saved.nll, saved.target_grad, saved.denom
+        row_scale, col_scale, x_norm, w_norm, x_pow, w_pow = (
+            saved.row_scale, saved.col_scale, saved.x_norm, saved.w_norm, saved.x_pow, saved.w_pow)
+        raw = input if ctx.raw_is_input else saved.raw
+        base_shift = saved.base_shift
+        col_shift = base_shift if ctx.col_shift_is_base else saved.col_shift
+        base_col_scale = col_scale if ctx.base_col_scale_is_col else saved.base_col_scale
         spec, kernel = ctx.spec, ctx.kernel
-        need = ctx.needs_input_grad
-        need_input, need_weight, need_bias = need[2], need[4], need[5]
-        need_offset, need_pair, need_omega, need_beta = need[7], need[8], need[10], need[11]
+        need = dict(zip(INPUT_NAMES, ctx.needs_input_grad))
+        need_input, need_weight, need_bias = need["input"], need["weight"], need["bias"]
+        need_offset, need_pair = need["logit_offset"], need["pair_perturbation"]
+        need_omega, need_beta = need["omega"], need["beta"]
         kept = target != spec.ignore_index
         rows = raw.shape[0]
 
@@ -286,10 +324,10 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_raw = grad_raw * col_scale[None, :]
             grad_raw = grad_raw.to(raw.dtype)
 
-        grads = [None] * 13
+        grads = {}  # by input name
         if spec.head == "logits":
             if need_input:
-                grads[2] = grad_raw.to(input.dtype)
+                grads["input"] = grad_raw.to(input.dtype)
         else:
             x_op, w_op = input, weight
             x_op_norm, w_op_norm = x_norm, w_norm
@@ -303,7 +341,7 @@ class _FusedMarginCE(torch.autograd.Function):
                     grad_x = _project_out(grad_x, x_op, x_op_norm)
                     if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
                         grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
-                grads[2] = grad_x.to(input.dtype)
+                grads["input"] = grad_x.to(input.dtype)
             if need_weight:
                 grad_w = grad_raw.t() @ (x_op if spec.head == "cosine" else input)
                 if spec.head == "cosine":
@@ -314,13 +352,13 @@ class _FusedMarginCE(torch.autograd.Function):
                     coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * grad_z.sum(0)
                                        / w_norm.clamp_min(NORM_EPS), 0.0)
                     grad_w = grad_w.addcmul_(weight, coef.to(grad_w.dtype)[:, None])
-                grads[4] = grad_w.to(weight.dtype)
+                grads["weight"] = grad_w.to(weight.dtype)
             if need_bias:
                 if grad_z is not None:
                     col = grad_z.sum(0) * (omega.to(grad_z.dtype) if omega is not None else 1.0)
                 else:
                     col = grad_raw.sum(0, dtype=compute_dtype(raw.dtype))
-                grads[5] = col.to(ctx.bias_dtype)
+                grads["bias"] = col.to(ctx.dtypes["bias"])
         if need_offset or need_pair:
             safe = torch.where(kept, target, torch.zeros_like(target))
             target_dl = _target_logit_grad(nll, grad_rows, safe, class_weight, float(spec.label_smoothing),
@@ -328,16 +366,20 @@ class _FusedMarginCE(torch.autograd.Function):
             onehot = torch.nn.functional.one_hot(safe, raw.shape[1]).bool() & kept[:, None]
             grad_logits = torch.where(onehot, target_dl[:, None], grad_z / spec.scale)
             if need_offset:
-                grads[7] = grad_logits.sum(0).to(logit_offset.dtype)
+                grads["logit_offset"] = grad_logits.sum(0).to(logit_offset.dtype)
             if need_pair:
-                grads[8] = grad_logits.masked_fill(onehot, 0.0).to(pair_perturbation.dtype)
+                grads["pair_perturbation"] = grad_logits.masked_fill(onehot, 0.0).to(pair_perturbation.dtype)
         if need_omega:
             z = base_scores(raw, row_scale, base_col_scale, base_shift)
-            grads[10] = (grad_z * z).sum(0).to(omega.dtype)
+            grads["omega"] = (grad_z * z).sum(0).to(omega.dtype)
         if need_beta:
             norms = w_norm if weight is not None else class_norms.to(grad_z.dtype)
-            grads[11] = (grad_z.sum(0) * norms).to(beta.dtype)
-        return tuple(grads)
+            grads["beta"] = (grad_z.sum(0) * norms).to(beta.dtype)
+        return tuple(grads.get(name) for name in INPUT_NAMES)
+
+
+#: the arguments of ``_FusedMarginCE.forward`` in order (``needs_input_grad`` and the gradients by name)
+INPUT_NAMES = tuple(inspect.signature(_FusedMarginCE.forward).parameters)
 
 
 def _target_logit_grad(nll, grad_rows, safe_target, class_weight, label_smoothing, num_classes):
