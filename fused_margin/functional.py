@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from typing import Optional, Union
 
 import torch
 
 from . import builders
-from .backends import resolve_backend
+from .backends import BACKENDS, resolve_backend
 from .fused import fused_margin_cross_entropy
 from .lean import BUDGET_BYTES, lean_margin_cross_entropy
 from .reference import compute_dtype, margin_cross_entropy_reference
@@ -173,7 +174,8 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
                          class_norms: Optional[torch.Tensor] = None,
                          class_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          ignore_index: int = -100, label_smoothing: float = 0.0, return_aux: bool = False,
-                         backend: str = "auto", class_chunk: Union[str, int] = "auto"):
+                         backend: str = "auto", class_chunk: Union[str, int] = "auto",
+                         double_backward: bool = False):
     r"""Margin softmax cross-entropy (docs/loss.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
     softmax, logit adjustment, MARC and MetaLAD.
 
@@ -207,6 +209,25 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
             then runs the chunks in eager torch). The lean path never holds a B x C matrix: extra memory
             about ``6 B k`` fp32 values plus O(B D + C), for a fourth GEMM (the backward recomputes
             each chunk's scores). Same results as the other paths (docs/loss.md section 8).
+        double_backward: ``True`` when the loss will be differentiated twice (``create_graph=True``, e.g.
+            MetaLAD's virtual step): the fused backends and the lean path give first-order gradients only,
+            and which backward is asked for is not known at forward time, so say it here. It runs the
+            reference (with ``backend="auto"`` or ``"reference"``; a fused ``backend`` or an int
+            ``class_chunk`` is a ``ValueError`` now, before any work). Without it a ``create_graph``
+            backward through a fused backend raises, pointing here.
+
+    Mixed precision: inside a ``torch.autocast`` region (CPU or CUDA) the cosine and linear heads follow
+    ``F.linear``: ``input``, ``weight`` and ``bias`` (floating, not float64) are cast to the autocast
+    dtype for the GEMMs, the row math and the tables stay fp32, and each gradient comes back in its
+    tensor's own dtype (an fp32 ``weight`` gets an fp32 gradient). The logits head is not cast (no GEMM;
+    the row math reads any floating dtype in fp32). Outside autocast, ``weight`` and ``input`` of different
+    dtypes are a ``TypeError``.
+
+    Learnable tables: ``logit_offset``, ``pair_perturbation``, ``omega`` and ``beta`` get gradients on
+    every backend. ``class_margins``, ``class_weight`` and ``class_norms`` get one from the reference only:
+    when one requires grad (and grad mode is on), ``backend="auto"`` runs the reference (a one-time
+    ``RuntimeWarning`` names the table), a fused ``backend`` or an int ``class_chunk`` is a ``ValueError``
+    naming it, never a silently missing gradient.
 
     Scalar options take Python, NumPy or 0-d tensor numbers (a tensor that requires grad is refused:
     options get no gradient).
@@ -228,10 +249,75 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
                           angular_fold=angular_fold, margin_grad=margin_grad,
                           label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
+    autocast_device = autocast_device_of(input) if head != "logits" else None
+    if autocast_device is not None:
+        input, weight, bias = autocast_operands(autocast_device, input, weight, bias)
     _validate(input, target, weight, bias, spec, tables)
     class_chunk = check_class_chunk(class_chunk)
-    return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux,
-                      class_chunk=class_chunk)
+    backend, class_chunk = route_backend(backend, class_chunk, tables, double_backward)
+    if autocast_device is None:
+        return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux,
+                          class_chunk=class_chunk)
+    with torch.autocast(autocast_device, enabled=False):  # the row math in fp32, the GEMMs in the cast dtype
+        return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux,
+                          class_chunk=class_chunk)
+
+
+def autocast_device_of(input) -> Optional[str]:
+    """The device type of ``input`` when a ``torch.autocast`` region for it is active, else ``None``."""
+    if not isinstance(input, torch.Tensor):
+        return None
+    device_type = input.device.type
+    try:
+        return device_type if torch.is_autocast_enabled(device_type) else None
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        return None
+
+
+def autocast_operands(device_type: str, *tensors):
+    """``tensors`` as ``F.linear`` sees them under autocast: floating tensors other than float64 cast to
+    the region's dtype (differentiably: a gradient comes back in the tensor's own dtype); anything else
+    (None, float64, integer, non-tensors, left for the checks) unchanged."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
+#: tables whose gradient only the reference computes (see :func:`margin_cross_entropy`, "Learnable tables")
+REFERENCE_ONLY_GRADS = ("class_margins", "class_weight", "class_norms")
+_warned_learnable = set()
+
+
+def route_backend(backend, class_chunk, tables: LossTables, double_backward: bool):
+    """``(backend, class_chunk)`` for a call that needs the reference's autograd (``double_backward``, or a
+    learnable table of :data:`REFERENCE_ONLY_GRADS`): ``("reference", "off")`` from ``"auto"`` or
+    ``"reference"``; a ``ValueError`` naming the reason for a fused ``backend`` or an int ``class_chunk``.
+    Other calls pass through unchanged."""
+    if not isinstance(double_backward, bool):
+        raise TypeError(f"double_backward must be a bool, got {type(double_backward).__name__} {double_backward!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    learnable = []
+    if torch.is_grad_enabled():
+        learnable = [name for name in REFERENCE_ONLY_GRADS
+                     if isinstance(getattr(tables, name), torch.Tensor) and getattr(tables, name).requires_grad]
+    if not double_backward and not learnable:
+        return backend, class_chunk
+    if double_backward:
+        why = ("double_backward=True: the fused backends and the memory-lean path give first-order "
+               "gradients only, backend='reference' gives second derivatives")
+    else:
+        why = (f"{', '.join(learnable)} requires grad: the fused backends and the memory-lean path give "
+               f"{'it' if len(learnable) == 1 else 'them'} no gradient, backend='reference' computes "
+               f"{'its' if len(learnable) == 1 else 'their'} gradient")
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"{why}; got backend={backend!r}: pass backend='reference' (or 'auto')")
+    if class_chunk not in ("auto", "off"):
+        raise ValueError(f"{why}; got class_chunk={class_chunk!r}: pass class_chunk='off'")
+    if backend == "auto" and learnable and tuple(learnable) not in _warned_learnable:
+        _warned_learnable.add(tuple(learnable))
+        warnings.warn(f"fused_margin: {why}; backend='auto' runs the reference", RuntimeWarning, stacklevel=3)
+    return "reference", "off"
 
 
 #: every keyword option of :func:`margin_cross_entropy` (what ``**options`` of the presets and modules may

@@ -127,9 +127,18 @@ def _cosine_operands(input, weight, acc):
             x_norm, w_norm, x_pow, w_pow)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        return False
+
+
 def _first_order_error(kernel_name: str) -> str:
     return (f"the fused {kernel_name!r} backend gives first-order gradients only; for create_graph=True "
-            "(double backward, meta-learning, nested torch.func.grad) use backend='reference'")
+            "(double backward, meta-learning) pass double_backward=True to the loss (margin_cross_entropy, the "
+            "presets and the modules), which runs backend='reference'; nested torch.func.grad also needs "
+            "backend='reference'")
 
 
 class _Residuals(NamedTuple):
@@ -241,6 +250,7 @@ class _FusedMarginCE(torch.autograd.Function):
         out = dict(zip(_OUTPUTS, output))
         ctx.kernel, ctx.spec = args["kernel"], args["spec"]
         ctx.dtypes = {name: value.dtype for name, value in args.items() if isinstance(value, torch.Tensor)}
+        ctx.device_type = args["input"].device.type
         ctx.raw_is_input = out["raw"] is None
         ctx.col_shift_is_base = out["col_shift"] is None and out["base_shift"] is not None
         ctx.base_col_scale_is_col = out["base_col_scale"] is None and ctx.spec.head == "cosine"
@@ -255,6 +265,15 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_outputs):
+        if _autocast_enabled(ctx.device_type):
+            # a backward run inside an autocast region: as the forward, with autocast off (the GEMMs take
+            # the saved operands' dtype, the row math and the projection stay fp32)
+            with torch.autocast(ctx.device_type, enabled=False):
+                return _FusedMarginCE._first_order_backward(ctx, grad_loss)
+        return _FusedMarginCE._first_order_backward(ctx, grad_loss)
+
+    @staticmethod
+    def _first_order_backward(ctx, grad_loss):
         spec, kernel = ctx.spec, ctx.kernel
         if torch.is_grad_enabled():
             # a create_graph backward: refused outright (a plain create_graph=True, nested torch.func.grad),

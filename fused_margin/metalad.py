@@ -285,7 +285,9 @@ class MetaLAD(nn.Module):
         buffers = dict(model.named_buffers())
         features = functional_call(model, {**params, **buffers}, (x,))
         weight = params[self.weight_name]
-        train_loss = self.loss(features, target, weight, lam=lam, backend="reference")
+        # differentiated twice (eq. 36's gradient in lam): double_backward routes it to the reference
+        train_loss = self.loss(features, target, weight, lam=lam, double_backward=create_graph,
+                               backend="reference" if create_graph else None)
         names = list(params)
         grads = torch.autograd.grad(train_loss, [params[n] for n in names], create_graph=create_graph,
                                     allow_unused=True)
