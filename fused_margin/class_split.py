@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .row_torch import target_margin_and_grad
+from .row_torch import target_margin
 from .spec import MarginLossSpec
 
 
@@ -175,7 +175,7 @@ def finish(p: Partials, target: torch.Tensor, kept: torch.Tensor, spec: MarginLo
             margin = margin - spec.lambda_elm * m[p.wrong_arg]
     else:
         margin, dmargin_dc = zero, zero
-    t, t_grad = target_margin_and_grad(c, margin, dmargin_dc, spec.scale, spec.margin_code, spec.fold_code,
+    t, t_grad = target_margin(c, margin, dmargin_dc, spec.scale, spec.margin_code, spec.fold_code,
                                        spec.margin_grad == "straight_through")
     if logit_offset is not None:
         t = t + logit_offset.to(cd)[target]

@@ -2,7 +2,7 @@
 
 A fused backend supplies one *row kernel* (:class:`RowKernel`): two ops over the B x C matrix ``raw``
 of the GEMM (or the logits themselves). Everything around it, the GEMMs on raw inputs, the inverse norms
-and the normalisation Jacobian folded into row/column scalings (SPEC.md section 5, DESIGN.md), lives
+and the normalisation Jacobian folded into row/column scalings (docs/loss.md section 5, docs/design.md), lives
 here once.
 
 Row kernel contract (``z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j`` in fp32, a missing
@@ -12,10 +12,10 @@ scale is 1 and a missing shift 0):
 class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
 label_smoothing, ignore_index) -> (loss_rows, lse, pred, hard, nll, target_grad)``
 
-    per row: the loss of SPEC.md section 4 before the reduction (``w_y``-weighted, smoothed; 0 on
+    per row: the loss of docs/loss.md section 4 before the reduction (``w_y``-weighted, smoothed; 0 on
     ignored rows), ``lse``, ``pred = argmax z'`` (int64), ``hard`` (bool), ``nll = lse - t`` for the
     final target logit ``t = s psi(z'_y, M) + a_y``, and ``target_grad = dt / dz'_y``. ``nll`` is formed
-    relative to the non-target logits' maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (SPEC.md
+    relative to the non-target logits' maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (docs/loss.md
     section 8, confident rows): ``log1p(S exp(M - t))`` where ``t >= M``, ``(M - t) + log(S + exp(t - M))``
     where ``t < M``, and ``lse - t`` where ``t`` or ``M`` is not finite (as ``F.cross_entropy``). The loss
     row is ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)``. Ignored rows: loss 0,
@@ -56,9 +56,11 @@ class RowKernel(NamedTuple):
     backward: Callable
 
 
-def base_scores(raw, row_scale, col_scale, col_shift):
+def scaled_scores(raw, row_scale, col_scale, col_shift):
     """``z'_ij = raw_ij row_scale_i col_scale_j + col_shift_j`` in the compute dtype (fp32; fp64 for fp64
-    ``raw``); a missing scale is 1 and a missing shift 0."""
+    ``raw``); a missing scale is 1 and a missing shift 0. The row-kernel form of ``reference.base_scores``
+    (``z'`` from the inputs, docs/loss.md section 1); the Triton kernels load it with
+    ``load_scaled_scores``."""
     z = raw.to(compute_dtype(raw.dtype))
     if row_scale is not None:
         z = z * row_scale[:, None]
@@ -389,7 +391,7 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_pair:
                 grads["pair_perturbation"] = grad_logits.masked_fill(onehot, 0.0).to(pair_perturbation.dtype)
         if need_omega:
-            z = base_scores(raw, row_scale, base_col_scale, base_shift)
+            z = scaled_scores(raw, row_scale, base_col_scale, base_shift)
             grads["omega"] = (grad_z * z).sum(0).to(omega.dtype)
         if need_beta:
             norms = w_norm if weight is not None else class_norms.to(grad_z.dtype)
@@ -402,7 +404,7 @@ INPUT_NAMES = tuple(inspect.signature(_FusedMarginCE.forward).parameters)
 
 
 def _target_logit_grad(nll, grad_rows, safe_target, class_weight, label_smoothing, num_classes):
-    """``dL/dl_iy``, the softmax-CE derivative at the target logit (SPEC.md section 4), from the precise
+    """``dL/dl_iy``, the softmax-CE derivative at the target logit (docs/loss.md section 4), from the precise
     ``nll``: ``g ((1 - eps) w_y expm1(-nll) + eps / C ((W - w_y) + W expm1(-nll)))``
     (``p_y - 1 = expm1(-nll)``, ``W = sum_j w_j``)."""
     if class_weight is None:

@@ -1,5 +1,5 @@
 """MetaLAD: the logit-perturbation loss with meta-learned weights of Ou Wu, "Rethinking Class Imbalance in
-Machine Learning" (arXiv 2305.03900), SPEC.md section 7.
+Machine Learning" (arXiv 2305.03900), docs/loss.md section 7.
 
 For a row with label ``y`` the non-target logit of class ``c`` is raised by
 
@@ -7,7 +7,7 @@ For a row with label ``y`` the non-target logit of class ``c`` is raised by
 
 * proportion: ``pi`` the class proportions. The paper prints ``log(pi_y / pi_c)`` (eq. 30) but says the
   loss then reduces to logit adjustment, which needs ``log(pi_c / pi_y)``: with ``lam = 1`` only this sign
-  raises the loss of the tail classes, as its own guideline asks (SPEC.md section 7);
+  raises the loss of the tail classes, as its own guideline asks (docs/loss.md section 7);
 * variance: ``V(y, c) = (w_y - w_c)^T Sigma_y (w_y - w_c) / ||w_y - w_c||^2``, the spread of class ``y``'s
   features along the direction that separates it from ``c`` (``w`` the classifier rows, ``Sigma_y`` the
   running covariance of class ``y``, full or diagonal);
@@ -118,7 +118,7 @@ class ClassStatistics(nn.Module):
 def pair_perturbation_terms(rows: torch.Tensor, log_prior: torch.Tensor, classifier: torch.Tensor,
                             means: torch.Tensor, cov: torch.Tensor, seen: Optional[torch.Tensor] = None,
                             chunk_elements: int = 2 ** 24) -> torch.Tensor:
-    """The three terms of SPEC.md section 7 for the labels ``rows`` (R ints) against every class: R x C x 3.
+    """The three terms of docs/loss.md section 7 for the labels ``rows`` (R ints) against every class: R x C x 3.
 
     ``[..., 0] = log pi_c - log pi_y``, ``[..., 1] = V(y, c)``, ``[..., 2] = log(Dbar / Delta(y, c))`` with
     ``log_prior`` (C) = ``log pi``, ``classifier`` (C x D) the rows ``w``, ``means`` (C x D), ``cov`` (C x D x D

@@ -1,6 +1,6 @@
-"""The pure-PyTorch loss of SPEC.md: the oracle every kernel is judged against, and the fallback.
+"""The pure-PyTorch loss of docs/loss.md: the oracle every kernel is judged against, and the fallback.
 
-Written for clarity, not speed: autograd derives every gradient (SPEC.md section 5), so this file is
+Written for clarity, not speed: autograd derives every gradient (docs/loss.md section 5), so this file is
 the contract in code. The row math runs in float32 (float64 for float64 inputs) whatever the input
 dtype; the cosine and linear heads' GEMM runs in the input dtype as an eager user's model would.
 """
@@ -21,7 +21,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def base_scores(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 spec: MarginLossSpec, tables: LossTables) -> torch.Tensor:
-    """``z'`` of SPEC.md section 1: the head's scores, then MARC's ``omega_j z + beta_j ||W_j||``."""
+    """``z'`` of docs/loss.md section 1: the head's scores, then MARC's ``omega_j z + beta_j ||W_j||``."""
     cd = compute_dtype(input.dtype)
     if spec.head == "cosine":
         x_hat = F.normalize(input.to(cd), dim=1, eps=NORM_EPS).to(input.dtype)
@@ -41,8 +41,10 @@ def base_scores(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     return z
 
 
-def psi(c: torch.Tensor, margin: torch.Tensor, spec: MarginLossSpec) -> torch.Tensor:
-    """The margined target score ``psi(c, M)`` with the fold and gradient options of SPEC.md section 3."""
+def target_margin(c: torch.Tensor, margin: torch.Tensor, spec: MarginLossSpec) -> torch.Tensor:
+    """The margined target score ``psi(c, M)`` with the fold and gradient options of docs/loss.md section 3
+    (autograd gives ``dpsi/dc``). One function under one name: ``row_torch.target_margin`` and the Triton
+    kernels' ``target_margin`` compute it too, returning ``(s psi, s dpsi/dc)``."""
     if spec.margin_type == "additive_cosine":
         value = c - margin
     else:
@@ -65,7 +67,7 @@ def _no_grad_rows(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def precise_nll(logits: torch.Tensor, target_logit: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """``nll_i = lse_i - t_i`` (``t`` the target logit, also at ``logits[i, y_i]``) formed relative to the
-    row's largest logit, so that confident rows keep full precision (SPEC.md section 8), and
+    row's largest logit, so that confident rows keep full precision (docs/loss.md section 8), and
     differentiable by autograd with the same precision.
 
     With ``M = max_{j != y} l_j``: ``nll = log1p(sum_{j != y} e^{l_j - t})`` where ``t >= M`` (the
@@ -96,7 +98,7 @@ def precise_nll(logits: torch.Tensor, target_logit: torch.Tensor, onehot: torch.
 def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
                                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                    spec: MarginLossSpec, tables: LossTables):
-    """SPEC.md sections 1-4 in eager PyTorch. Returns ``(loss, MarginAux(lse, pred, hard))``.
+    """docs/loss.md sections 1-4 in eager PyTorch. Returns ``(loss, MarginAux(lse, pred, hard))``.
 
     Ignored rows have loss 0 and gradient 0; their ``lse`` is that of the unmargined logits
     ``s z' + a + P``, ``pred`` the argmax of ``z'`` and ``hard`` False.
@@ -125,7 +127,7 @@ def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
         margin = torch.zeros_like(z_y)
 
     logits = spec.scale * z
-    target_logit = spec.scale * psi(z_y, margin, spec)
+    target_logit = spec.scale * target_margin(z_y, margin, spec)
     if tables.logit_offset is not None:
         offset = tables.logit_offset.to(cd)
         logits = logits + offset

@@ -10,11 +10,11 @@ import math
 
 import torch
 
-from .fused import RowKernel, base_scores
+from .fused import RowKernel, scaled_scores
 from .spec import ACOS_CLAMP
 
 
-def target_margin_and_grad(c, margin, dmargin_dc, scale, margin_type, fold, straight_through):
+def target_margin(c, margin, dmargin_dc, scale, margin_type, fold, straight_through):
     """``(s psi(c, M), s dpsi/dc)`` with ``dM/dc = dmargin_dc`` (the DBM instance-margin path).
 
     additive_cosine: ``psi = c - M``, ``dpsi/dc = 1 - dM/dc``.
@@ -51,7 +51,7 @@ def target_margin_and_grad(c, margin, dmargin_dc, scale, margin_type, fold, stra
 def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
                 pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
                 fold, straight_through, label_smoothing, ignore_index):
-    z = base_scores(raw, row_scale, col_scale, col_shift)
+    z = scaled_scores(raw, row_scale, col_scale, col_shift)
     rows, num_classes = z.shape
     kept = target != ignore_index
     y = torch.where(kept, target, torch.zeros_like(target))
@@ -72,7 +72,7 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
     else:
         margin = torch.zeros_like(c)
         dmargin_dc = torch.zeros_like(c)
-    target_logit, target_grad = target_margin_and_grad(c, margin, dmargin_dc, scale, margin_type, fold,
+    target_logit, target_grad = target_margin(c, margin, dmargin_dc, scale, margin_type, fold,
                                                        straight_through)
     logits = scale * z
     if logit_offset is not None:
@@ -98,7 +98,7 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
 
 def nll_from_others(others, target_logit, lse):
     """``nll = lse - t`` from the non-target logits ``others`` (the target's column at -inf), relative to
-    their maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (SPEC.md section 8, confident rows):
+    their maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (docs/loss.md section 8, confident rows):
     ``log1p(S exp(M - t))`` where ``t >= M``, ``(M - t) + log(S + exp(t - M))`` where ``t < M`` (then
     ``nll >= log 2``); ``lse - t`` where ``t`` or ``M`` is not finite (as ``F.cross_entropy``)."""
     m = others.max(1).values
@@ -124,7 +124,7 @@ def target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes):
 def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
                  class_weight, lse, nll, target_grad, grad_rows, scale, label_smoothing,
                  ignore_index, scale_grad):
-    z = base_scores(raw, row_scale, col_scale, col_shift)
+    z = scaled_scores(raw, row_scale, col_scale, col_shift)
     num_classes = z.shape[1]
     kept = target != ignore_index
     y = torch.where(kept, target, torch.zeros_like(target))

@@ -2,7 +2,7 @@
 
 A *case* is a set of float64 master tensors, labels and loss options (:func:`make_case`, the named
 ``CASES``). :func:`compare` runs it through the public API (``margin_cross_entropy``) on a fused backend
-and judges it against the float64 reference run on the same rounded inputs (SPEC.md section 8):
+and judges it against the float64 reference run on the same rounded inputs (docs/loss.md section 8):
 
 - fp32: every output (loss, lse, gradients) within ``FP32_RTOL`` x its largest |truth| (inf-norm);
 - bf16/fp16: no further from the truth than the reference run in that dtype (twice that for the cosine
@@ -156,7 +156,7 @@ def assert_fp32_close(name, actual, truth, rtol=FP32_RTOL):
 
 
 def assert_within_reference_error(name, actual, ref_same_dtype, truth, factor=1.0, floor=2e-5):
-    """SPEC.md section 8: no larger than ``factor`` x the reference's error in the same dtype (inf-norm),
+    """docs/loss.md section 8: no larger than ``factor`` x the reference's error in the same dtype (inf-norm),
     plus ``floor`` x max |truth|."""
     actual, truth_a = _finite_parts(name, actual, truth)
     ref, truth_r = _finite_parts(name + " (reference)", ref_same_dtype, truth)
@@ -184,7 +184,7 @@ def assert_pred_hard(got, truth, case, gap):
 
 def compare(case, backend, dtype=torch.float32, device="cpu", context=contextlib.nullcontext):
     """Run ``case`` on ``backend`` with its model tensors in ``dtype`` and judge it against the float64
-    truth (SPEC.md section 8, as the module docstring states); returns ``(got, truth)``."""
+    truth (docs/loss.md section 8, as the module docstring states); returns ``(got, truth)``."""
     truth = evaluate(case, "reference", torch.float64, device, run_dtype=dtype, context=context)
     got = evaluate(case, backend, dtype, device, context=context)
     assert got["loss"].dtype == torch.float32 and got["lse"].dtype == torch.float32

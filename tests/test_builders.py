@@ -1,4 +1,4 @@
-"""Tables built from class counts (SPEC.md section 6), each against an independent math/numpy computation."""
+"""Tables built from class counts (docs/loss.md section 6), each against an independent math/numpy computation."""
 import math
 
 import numpy as np

@@ -2,7 +2,7 @@
 
 Through the public API (``margin_cross_entropy``, the loss modules) with ``backend="cpu"`` (and
 ``backend="cuda"`` in the tests marked ``cuda``), every option is compared with the float64 reference
-run on the same rounded inputs (SPEC.md section 8): fp32 to 1e-5 of the largest |truth| (inf-norm, per
+run on the same rounded inputs (docs/loss.md section 8): fp32 to 1e-5 of the largest |truth| (inf-norm, per
 output); bf16/fp16 no further from the truth than the reference run in that dtype (twice that for the
 cosine and linear heads, which round the GEMM output and dL/draw where the reference rounds elsewhere),
 plus a small floor. ``pred``/``hard`` must match wherever the top two base scores are not tied at the

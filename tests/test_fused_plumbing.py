@@ -303,7 +303,7 @@ def test_exact_ties_go_to_the_first_index(head):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
-    """SPEC.md section 8: fp16/bf16 inputs compute in fp32 (fp32 loss and lse, gradients in the input dtype)
+    """docs/loss.md section 8: fp16/bf16 inputs compute in fp32 (fp32 loss and lse, gradients in the input dtype)
     and land no further from the float64 truth (on the same rounded inputs) than the reference run in that
     dtype, up to a few units in the last place of the largest entry. Seeds whose rounded cosines come
     within 0.02 of a tie are skipped over: there a flipped argmax is a legitimate difference."""

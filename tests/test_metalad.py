@@ -51,7 +51,7 @@ def test_statistics_auto_mode(monkeypatch):
 
 # ----- the perturbation terms -----------------------------------------------------------------------------
 def _direct_terms(rows, counts, W, means, cov, seen):
-    """SPEC.md section 7, pair by pair, in numpy."""
+    """docs/loss.md section 7, pair by pair, in numpy."""
     C = len(counts)
     pi = np.asarray(counts, dtype=np.float64) / np.sum(counts)
     pairs = [(a, b) for a in range(C) for b in range(C) if a != b and seen[a] and seen[b]]
@@ -143,7 +143,7 @@ def test_perturbation_and_loss_match_a_direct_computation():
 
 
 def test_proportion_term_raises_the_tail_loss():
-    """With lam = 1, log(pi_c / pi_y) raises a tail example's loss and lowers a head example's (SPEC.md 7)."""
+    """With lam = 1, log(pi_c / pi_y) raises a tail example's loss and lowers a head example's (docs/loss.md section 7)."""
     lad = MetaLAD(COUNTS, 3, scale=1.0).double()
     with torch.no_grad():
         lad.lam.copy_(torch.tensor([[1.0, 0.0, 0.0]] * 4))

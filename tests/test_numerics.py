@@ -1,4 +1,4 @@
-"""Numerics every backend must share (SPEC.md section 8; issues 9 and 14).
+"""Numerics every backend must share (docs/loss.md section 8; issues 9 and 14).
 
 * Confident rows: per-row losses from 1e-8 to 1e-2 keep full precision. The loss and the gradient are
   judged against the float64 truth computed from the same (dtype-rounded) inputs, and must err no more
@@ -58,7 +58,7 @@ def _gen(seed):
 # ---------------------------------------------------------------------------------------------------
 # confident rows
 
-LOSS_RTOL = 1e-5  # SPEC.md section 8's fp32 rule, per row
+LOSS_RTOL = 1e-5  # docs/loss.md section 8's fp32 rule, per row
 CONFIDENT_VARIANTS = {
     # plain softmax CE on scaled logits
     "plain": dict(scale=32.0),

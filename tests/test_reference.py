@@ -1,10 +1,10 @@
-"""The pure-PyTorch reference loss against SPEC.md sections 1-5.
+"""The pure-PyTorch reference loss against docs/loss.md sections 1-5.
 
 * margins, offsets and weights off: ``F.cross_entropy`` exactly (every reduction, ignore_index, label
   smoothing, class weights and their combinations), logits, linear and cosine heads;
 * hand-derived values for every method, computed here with ``math`` from the papers' formulas;
 * float64 ``gradcheck`` for every option (the straight-through estimator is checked by its definition);
-* the published-code semantics SPEC.md pins down (hard-positive argmax, ties, ELM's ``c*``, the prior
+* the published-code semantics docs/loss.md pins down (hard-positive argmax, ties, ELM's ``c*``, the prior
   after the scale, DRW's weighted-mean divisor);
 * no NaN/inf at cosines of exactly +-1 or on an all-zero feature row.
 """
@@ -687,10 +687,10 @@ def test_straight_through_psi_has_unit_derivative():
     for fold in (None, "threshold", "easy"):
         spec = MarginLossSpec(head="logits", input_is_cosine=True, margin_type="additive_angular",
                               angular_fold=fold, margin_grad="straight_through")
-        value = reference.psi(c, M, spec)
+        value = reference.target_margin(c, M, spec)
         (d,) = torch.autograd.grad(value.sum(), c)
         assert torch.equal(d, torch.ones_like(d))
-        exact = reference.psi(c, M, MarginLossSpec(head="logits", input_is_cosine=True,
+        exact = reference.target_margin(c, M, MarginLossSpec(head="logits", input_is_cosine=True,
                                                    margin_type="additive_angular", angular_fold=fold))
         assert_close(value, exact, rtol=0, atol=1e-15)
 

@@ -1,4 +1,4 @@
-"""The Triton backend against the reference (SPEC.md section 8).
+"""The Triton backend against the reference (docs/loss.md section 8).
 
 Every comparison goes through the public API (``margin_cross_entropy``, the loss modules) with
 ``backend="triton"``, against the float64 reference on the same (rounded) inputs: fp32 runs agree to
@@ -293,7 +293,7 @@ def _psi_kernel(c_ptr, m_ptr, dm_ptr, value_ptr, grad_ptr, n, MARGIN_TYPE: tl.co
 
 
 def _psi_truth(c, m, dm, fold):
-    """float64 ``cos(acos(clamp(c)) + M)`` and its derivative, as reference.psi and row_torch state it."""
+    """float64 ``cos(acos(clamp(c)) + M)`` and its derivative, as reference.target_margin and row_torch state it."""
     lo, hi = -1.0 + 1e-7, 1.0 - 1e-7
     theta = torch.acos(c.clamp(lo, hi))
     value = torch.cos(theta + m)
@@ -324,7 +324,7 @@ def test_angular_margin_accuracy(fold):
     _psi_kernel[(triton.cdiv(c.numel(), 1024),)](c, m, dm, value, grad, c.numel(), MARGIN_TYPE=1, FOLD=fold,
                                                  STRAIGHT_THROUGH=False, BLOCK=1024)
     want_value, want_grad = _psi_truth(c.double(), m.double(), dm.double(), fold)
-    eager_value, eager_grad = row_torch.target_margin_and_grad(c, m, dm, 1.0, 1, fold, False)
+    eager_value, eager_grad = row_torch.target_margin(c, m, dm, 1.0, 1, fold, False)
     # away from the fold boundary, where fp32 and fp64 may take different branches
     if fold == 1:
         check = (c.double() - torch.cos(torch.pi - m.double())).abs() > 1e-6

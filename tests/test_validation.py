@@ -1,4 +1,4 @@
-"""Bad input (SPEC.md section 6) raises a clear ValueError/TypeError naming the bad argument: one test per case."""
+"""Bad input (docs/loss.md section 6) raises a clear ValueError/TypeError naming the bad argument: one test per case."""
 import math
 
 import pytest

@@ -2,7 +2,7 @@
 online-logsumexp merge, and the launch configuration (block size and warps chosen from ``C``).
 
 The angular margin (ArcFace, Deng et al. CVPR 2019; DBM, AAAI'25) is ``psi(c, M) = cos(acos(c') + M)``
-with ``c' = clamp(c, -1 + 1e-7, 1 - 1e-7)`` (SPEC.md section 3). Triton has no ``acos`` the interpreter
+with ``c' = clamp(c, -1 + 1e-7, 1 - 1e-7)`` (docs/loss.md section 3). Triton has no ``acos`` the interpreter
 can run (``libdevice.acos`` is an extern call, which ``TRITON_INTERPRET=1`` does not support), and none
 is needed: with ``theta = acos(c')``, ``cos(theta) = c'`` and ``sin(theta) = sqrt((1 - c')(1 + c'))``
 exactly, so the angle-addition formulas give
@@ -36,7 +36,7 @@ FOLD_EASY = tl.constexpr(2)
 def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD: tl.constexpr,
                   STRAIGHT_THROUGH: tl.constexpr):
     """``(s psi(c, M), s dpsi/dc)`` for the target score ``c`` with margin ``M`` and ``dM/dc``
-    (the DBM instance-margin path), all fp32 (SPEC.md section 3, ``fused_margin.row_torch``).
+    (the DBM instance-margin path), all fp32 (docs/loss.md section 3, ``fused_margin.row_torch``).
 
     additive_cosine (CosFace, LDAM, ELM): ``psi = c - M``, ``dpsi/dc = 1 - dM/dc``.
     additive_angular: ``psi = cos(theta + M)``, ``dpsi/dc = sin(theta + M) / sin(theta)`` where ``c`` is
@@ -70,7 +70,7 @@ def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD:
 
 
 @triton.jit
-def base_scores(raw_ptr, offsets, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
+def load_scaled_scores(raw_ptr, offsets, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
                 HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
     """``z' = raw * row_scale * col_scale + col_shift`` in fp32 (the row-kernel contract of
     ``fused_margin.fused``); masked lanes hold 0. ``offsets`` are int64 (``cols * stride`` overflows

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, base_scores, block_config, expm1, launch_device, or_dummy, round_to
+from ._common import LAUNCH_OPTIONS, load_scaled_scores, block_config, expm1, launch_device, or_dummy, round_to
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _row_backward_kernel(
         row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
     else:
         row_scale = 1.0
-    z = base_scores(raw_ptr + row * stride_raw_row, cols64 * stride_raw_col, mask, row_scale, col_scale_ptr,
+    z = load_scaled_scores(raw_ptr + row * stride_raw_row, cols64 * stride_raw_col, mask, row_scale, col_scale_ptr,
                     col_shift_ptr, cols, HAS_COL_SCALE, HAS_COL_SHIFT)
     logits = scale * z
     if HAS_OFFSET:

@@ -1,6 +1,6 @@
 """The forward row kernel in Triton: one program per row, one pass over the row of ``raw``.
 
-For row ``i`` with label ``y`` (SPEC.md sections 2-4; the contract of ``fused_margin.fused``, stated in
+For row ``i`` with label ``y`` (docs/loss.md sections 2-4; the contract of ``fused_margin.fused``, stated in
 eager torch by ``fused_margin.row_torch.row_forward``), looping over the classes in blocks:
 
 * ``z'_ij = raw_ij row_scale_i col_scale_j + col_shift_j`` in fp32;
@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, base_scores, block_config, launch_device, log1p, online_max, or_dummy, target_margin
+from ._common import (LAUNCH_OPTIONS, block_config, launch_device, load_scaled_scores, log1p, online_max, or_dummy,
+                      target_margin)
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -53,7 +54,7 @@ def _row_forward_kernel(
     else:
         row_scale = 1.0
     # the target's base score, read once (the same fp32 expression as in the loop)
-    z_y = base_scores(raw_row, y * stride_raw_col, True, row_scale, col_scale_ptr, col_shift_ptr, y,
+    z_y = load_scaled_scores(raw_row, y * stride_raw_col, True, row_scale, col_scale_ptr, col_shift_ptr, y,
                       HAS_COL_SCALE, HAS_COL_SHIFT)
     smooth_shift = scale * z_y
     smooth_shift = tl.where(tl.abs(smooth_shift) < float("inf"), smooth_shift, 0.0)
@@ -76,7 +77,7 @@ def _row_forward_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < num_classes
         cols64 = cols.to(tl.int64)
-        z = base_scores(raw_row, cols64 * stride_raw_col, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
+        z = load_scaled_scores(raw_row, cols64 * stride_raw_col, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
                         HAS_COL_SCALE, HAS_COL_SHIFT)
         is_nan = z != z
         clean = tl.where(mask & ~is_nan, z, float("-inf"))
@@ -143,7 +144,7 @@ def _row_forward_kernel(
 
     # nll = lse - t relative to M = run_max (the non-target logits' max; run_sum = sum_{j != y} e^{l_j - M}
     # where M is finite): log1p(S e^{M - t}) where t >= M, (M - t) + log(S + e^{t - M}) (>= log 2) where
-    # t < M, lse - t where t or M is not finite (SPEC.md section 8: confident rows)
+    # t < M, lse - t where t or M is not finite (docs/loss.md section 8: confident rows)
     finite = (tl.abs(target_logit) < float("inf")) & (tl.abs(run_max) < float("inf"))
     gap = tl.where(finite, run_max - target_logit, 0.0)
     top = gap <= 0.0
