@@ -7,11 +7,9 @@ from .functional import (arcface_loss, balanced_softmax_loss, cosface_loss, dbm_
 from .modules import (ArcFaceLoss, BalancedSoftmaxLoss, CosFaceLoss, CosineClassifier, DBMLoss, ELMLoss,
                       LDAMLoss, LogitAdjustedLoss, MarginLoss)
 from .spec import LossTables, MarginAux, MarginLossSpec
-from .drw import DRWSchedule
-from .marc import MARC
-from .metalad import ClassStatistics, MetaLAD, pair_perturbation_terms
-from .data import (balanced_indices, class_counts_of, dataset_labels, long_tailed_indices, long_tailed_subset,
-                   shot_accuracy, shot_groups)
+from .training import (MARC, ClassStatistics, DRWSchedule, MetaLAD, balanced_indices, class_counts_of,
+                       dataset_labels, long_tailed_indices, long_tailed_subset, pair_perturbation_terms, shot_accuracy,
+                       shot_groups)
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin.data import (balanced_indices, class_counts_of, dataset_labels, long_tailed_indices,
+from fused_margin.training.data import (balanced_indices, class_counts_of, dataset_labels, long_tailed_indices,
                                long_tailed_subset, shot_accuracy, shot_groups)
 
 

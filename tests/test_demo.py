@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fused_margin as fm
-from fused_margin import demo
+from fused_margin.training import demo
 
 
 def test_split_is_balanced_long_tailed_and_disjoint():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
-from fused_margin.drw import DRWSchedule
+from fused_margin.training.drw import DRWSchedule
 
 COUNTS = [500, 120, 30, 7]
 

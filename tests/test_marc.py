@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_margin.marc import MARC
+from fused_margin.training.marc import MARC
 
 COUNTS = [300, 80, 20, 5]
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
-from fused_margin import metalad as metalad_module
-from fused_margin.metalad import ClassStatistics, MetaLAD, pair_perturbation_terms
+from fused_margin.training import metalad as metalad_module
+from fused_margin.training.metalad import ClassStatistics, MetaLAD, pair_perturbation_terms
 
 COUNTS = [40, 16, 6, 2]
 

@@ -1,4 +1,4 @@
-"""A real long-tailed run on CPU: ``python -m fused_margin.demo [--quick] [--seeds 0 1 2] [--out table.md]``.
+"""A real long-tailed run on CPU: ``python -m fused_margin.training.demo [--quick] [--seeds 0 1 2] [--out table.md]``.
 
 scikit-learn's bundled digits (8x8 images, 10 classes, 1,797 examples; no download) are split into a
 balanced test set (``--test-per-class`` per class) and a pool from which a long-tailed training set is
@@ -6,12 +6,12 @@ drawn (exponential profile, head class = class 0, ``--imbalance`` = n_max / n_mi
 cosine classifier head (:class:`fused_margin.CosineClassifier`, scale 30) is trained with each method:
 
 * ``CE``: softmax cross-entropy on ``30 cos``;
-* ``LDAM-DRW``: :class:`fused_margin.LDAMLoss` (max margin 0.5) with :class:`fused_margin.drw.DRWSchedule`
+* ``LDAM-DRW``: :class:`fused_margin.LDAMLoss` (max margin 0.5) with :class:`fused_margin.training.drw.DRWSchedule`
   switching the class-balanced weights on at 80% of the epochs (Cao et al. 2019);
 * ``DBM-CE``, ``DBM-BS``: :class:`fused_margin.DBMLoss`, plain and with the balanced-softmax offset (AAAI'25);
 * ``ELM``: :class:`fused_margin.ELMLoss` (Kato & Hotta);
-* ``MARC``: the ``CE`` model, frozen, calibrated by :class:`fused_margin.marc.MARC` (Wang et al. ACML'23);
-* ``MetaLAD``: :class:`fused_margin.metalad.MetaLAD` with a balanced meta set drawn from the training set
+* ``MARC``: the ``CE`` model, frozen, calibrated by :class:`fused_margin.training.marc.MARC` (Wang et al. ACML'23);
+* ``MetaLAD``: :class:`fused_margin.training.metalad.MetaLAD` with a balanced meta set drawn from the training set
   (Wu, "Rethinking Class Imbalance in Machine Learning").
 
 Every method starts from the same initial weights for a given seed and sees the same batches' order
@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 import fused_margin as fm
-from fused_margin.data import balanced_indices, long_tailed_indices, shot_accuracy, shot_groups
-from fused_margin.drw import DRWSchedule
-from fused_margin.marc import MARC, progress_bar
-from fused_margin.metalad import MetaLAD
+from fused_margin.training.data import balanced_indices, long_tailed_indices, shot_accuracy, shot_groups
+from fused_margin.training.drw import DRWSchedule
+from fused_margin.training.marc import MARC, progress_bar
+from fused_margin.training.metalad import MetaLAD
 
 METHODS = ("CE", "LDAM-DRW", "DBM-CE", "DBM-BS", "ELM", "MARC", "MetaLAD")
 COLUMNS = ("overall", "many", "medium", "few")
@@ -258,7 +258,7 @@ def _thresholds(text: str):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fused_margin.demo", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m fused_margin.training.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about a minute: seeds 0 1 2, imbalance 100")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2 3 4; quick: 0 1 2)")
