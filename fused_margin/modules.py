@@ -82,6 +82,8 @@ class MarginLoss(nn.Module):
         options.update({k: getattr(spec, k) for k in spec_options})  # as plain Python numbers
         if "class_chunk" in options:  # the memory-lean path: "auto", "off" or classes per chunk
             options["class_chunk"] = check_class_chunk(options["class_chunk"])
+        if not isinstance(options.get("double_backward", False), bool):  # the reference for create_graph
+            raise TypeError(f"double_backward must be a bool, got {options['double_backward']!r}")
         options["backend"] = backend
         self._exact = {}
         for name in _TABLES:

@@ -251,3 +251,9 @@ def test_module_option_and_metalad_virtual_step_on_a_fused_backend():
     meta = lad.virtual_meta_loss(net, x.detach(), y, x.detach().flip(0), y.flip(0), 0.3, lam=lam)
     (grad,) = torch.autograd.grad(meta, lam)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_module_double_backward_checked_at_construction():
+    with pytest.raises(TypeError, match="double_backward must be a bool"):
+        fm.CosFaceLoss(double_backward=1)
+    assert fm.LDAMLoss([5, 3, 2], double_backward=True).options["double_backward"] is True
