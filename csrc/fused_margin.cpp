@@ -1,12 +1,12 @@
 // The fused_margin C++ extension: the row ops of the fused margin loss (the contract of
 // fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py), their schema, and their CPU
 // implementation. The CUDA implementation is in fused_margin_cuda.cu (built when CUDA is present);
-// the fake (meta) kernels that torch.compile traces are registered in Python by fused_margin/cuda.py.
+// the fake (meta) kernels that torch.compile traces are registered in Python by fused_margin/extension.py.
 //
 //   row_forward  -> (loss_rows, lse, pred, hard, nll, target_grad)
 //   row_backward -> G = dL/dz' (fp32), or dL/draw in raw's dtype with scale_grad
 //
-// The loss is SPEC.md's: DBM (AAAI'25) instance margins, LDAM (Cao et al. 2019), ELM (Kato & Hotta),
+// The loss is docs/loss.md's: DBM (AAAI'25) instance margins, LDAM (Cao et al. 2019), ELM (Kato & Hotta),
 // ArcFace/CosFace margins, logit offsets (balanced softmax, logit adjustment), MetaLAD pair
 // perturbations, class weights and label smoothing as F.cross_entropy.
 
@@ -21,10 +21,12 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "class_block.h"
 #include "ops_common.h"
 #include "row_kernel.h"
 
@@ -134,9 +136,9 @@ Tensor row_backward_cpu(const Tensor& raw_in, const Tensor& target_in, const Opt
 TORCH_LIBRARY(fused_margin, m) {
   // the fake kernels that torch.compile needs live in this Python module
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-  m.set_python_module("fused_margin.cuda");
+  m.set_python_module("fused_margin.extension");
 #else
-  m.impl_abstract_pystub("fused_margin.cuda");
+  m.impl_abstract_pystub("fused_margin.extension");
 #endif
   m.def(
       "row_forward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
@@ -149,16 +151,30 @@ TORCH_LIBRARY(fused_margin, m) {
       "Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, Tensor lse, "
       "Tensor nll, Tensor target_grad, Tensor grad_rows, float scale, float label_smoothing, "
       "int ignore_index, bool scale_grad) -> Tensor");
+  // the memory-lean loss's class-block kernels (class_block.h): one chunk's partials merged into the
+  // running per-row buffers in place, and one chunk's dL/draw written into `out`
+  m.def(
+      "block_partials_(Tensor raw, int c0, Tensor target, Tensor(a!) z_max, Tensor(b!) z_arg, "
+      "Tensor(c!) wrong_max, Tensor(d!) wrong_arg, Tensor(e!) z_y, Tensor(f!) has_y, Tensor(g!) l_max, "
+      "Tensor(h!) l_sum, Tensor(i!) dev, Tensor(j!) weight, bool first, float scale, int ignore_index, "
+      "int col0, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, Tensor? offset, Tensor? pair, "
+      "Tensor? class_weight, bool track_wrong, bool smoothing) -> ()");
+  m.def(
+      "block_grad(Tensor raw, int c0, Tensor target, Tensor lse, Tensor coef, Tensor? smooth, "
+      "Tensor target_value, Tensor(a!) out, float scale, int ignore_index, int col0, Tensor? row_scale, "
+      "Tensor? col_scale, Tensor? col_shift, Tensor? offset, Tensor? pair, Tensor? class_weight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
   m.impl("row_forward", &fused_margin::row_forward_cpu);
   m.impl("row_backward", &fused_margin::row_backward_cpu);
+  m.impl("block_partials_", &fused_margin::block::block_partials_cpu);
+  m.impl("block_grad", &fused_margin::block::block_grad_cpu);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The Python module fused_margin._C: importing it registers the ops above; its attributes say what
-// was built (fused_margin/cuda.py reads them).
+// was built (fused_margin/extension.py reads them).
 
 #ifdef FUSED_MARGIN_WITH_CUDA
 #define FUSED_MARGIN_CUDA_BUILT 1
@@ -172,9 +188,48 @@ PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fused_margin::cpu_kernels().name);
 }
 
+PyObject* class_block_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_margin::block::class_block_isa());
+}
+
+// {name: code} of one of row_kernel.h's code tables (a nullptr name is None).
+template <size_t N>
+PyObject* code_dict(const fused_margin::NamedCode (&table)[N]) {
+  PyObject* dict = PyDict_New();
+  if (dict == nullptr) return nullptr;
+  for (size_t k = 0; k < N; ++k) {
+    PyObject* key = table[k].name ? PyUnicode_FromString(table[k].name) : (Py_INCREF(Py_None), Py_None);
+    PyObject* value = PyLong_FromLong(table[k].code);
+    const int failed = key == nullptr || value == nullptr || PyDict_SetItem(dict, key, value) != 0;
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    if (failed) {
+      Py_DECREF(dict);
+      return nullptr;
+    }
+  }
+  return dict;
+}
+
+// The C++ side of the row-op contract: {"margin_type": {...}, "fold": {...}}, the codes the kernels
+// read (row_kernel.h), for tests/test_contract.py to compare with fused_margin/spec.py.
+PyObject* contract(PyObject*, PyObject*) {
+  PyObject* margin_types = code_dict(fused_margin::kMarginTypeNames);
+  PyObject* folds = code_dict(fused_margin::kFoldNames);
+  PyObject* out = (margin_types && folds) ? Py_BuildValue("{s:O,s:O}", "margin_type", margin_types, "fold", folds)
+                                          : nullptr;
+  Py_XDECREF(margin_types);
+  Py_XDECREF(folds);
+  return out;
+}
+
 PyMethodDef module_methods[] = {
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
      "The instruction set of the CPU row kernels in use: AVX512, AVX2 or DEFAULT."},
+    {"class_block_isa", class_block_isa, METH_NOARGS,
+     "The instruction set of the CPU class-block loops (the memory-lean path) in use: AVX512, AVX2 or DEFAULT."},
+    {"contract", contract, METH_NOARGS,
+     "The integer codes the row kernels read: {'margin_type': {name: code}, 'fold': {name: code}}."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

@@ -1,5 +1,5 @@
 // CUDA implementation of the fused_margin row ops (schema in fused_margin.cpp; contract in
-// fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py; the loss of SPEC.md).
+// fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py; the loss of docs/loss.md).
 //
 // forward: one block per row. Each thread reads its share of the row with 16-byte vector loads
 // (after a scalar head up to the first aligned element), computes z'_j = raw_j row_scale col_scale_j
@@ -15,7 +15,7 @@
 // dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((sum(w) - w_y) + sum(w) expm1(-nll))) on it,
 // G_j = s dl_j off the target, G_y = (dt/dz'_y) dl_y, times row_scale col_scale_j with scale_grad.
 //
-// All math is fp32 (SPEC.md section 5). No contraction into FMAs, as the other backends: setup.py
+// All math is fp32 (docs/loss.md section 5). No contraction into FMAs, as the other backends: setup.py
 // compiles this file with --fmad=false, and the products and sums that form z' and the logits use the
 // _rn intrinsics besides, so they round as torch's eager ops whatever the flags.
 
@@ -34,6 +34,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "class_block.h"
 #include "ops_common.h"
 #include "row_kernel.h"
 #include "row_math.h"
@@ -387,9 +388,148 @@ Tensor row_backward_cuda(const Tensor& raw_in, const Tensor& target_in, const Op
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The memory-lean loss's class-block ops (contract and shared math in class_block.h).
+//
+// block_partials_: one block of kBlockThreads threads per row. Each thread walks its strided share of the
+// chunk's columns with the one-pass forms of class_block.h (argmax adds, the online logsumexp lse_add),
+// the block merges the threads' RowPartials in shared memory by a tree of row_partial_merge (the argmax
+// rule is order-free: NaN first, larger, then the lower index; the logsumexp merge is class_split.combine's)
+// and thread 0 merges the row into the running buffers (merge_row). block_grad: one thread per element,
+// grad_element of class_block.h, stored in raw's dtype.
+namespace block_kernels {
+
+using block::ChunkTables;
+using block::GradArgs;
+using block::PartialsArgs;
+using block::RowLabel;
+using block::RowPartial;
+
+constexpr int kBlockThreads = 256;
+
+template <typename T, typename A>
+__device__ __forceinline__ A load_raw(const T* p, int64_t j) {
+  return static_cast<A>(static_cast<float>(p[j]));
+}
+template <>
+__device__ __forceinline__ double load_raw<double, double>(const double* p, int64_t j) {
+  return p[j];
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kBlockThreads) block_partials_kernel(PartialsArgs<A> a) {
+  const ChunkTables<A>& t = a.t;
+  const int64_t i = blockIdx.x;
+  const RowLabel y = block::row_label(t, i);
+  const A row_scale = t.row_scale ? t.row_scale[i] : A(1);
+  const T* raw = static_cast<const T*>(t.raw) + i * t.raw_stride;
+  RowPartial<A> p = block::row_partial_empty<A>();
+  for (int64_t j = threadIdx.x; j < t.width; j += kBlockThreads) {
+    const A z = block::base_score(t, load_raw<T, A>(raw, j), row_scale, j);
+    block::partial_scores(p, z, j, y, a.track_wrong);
+    if (block::non_target(j, y)) {
+      block::lse_add(p.lse, block::logit(t, z, i, j), t.class_weight ? t.class_weight[j] : A(1), a.smoothing);
+    }
+  }
+  __shared__ RowPartial<A> parts[kBlockThreads];
+  parts[threadIdx.x] = p;
+  __syncthreads();
+  for (int half = kBlockThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) block::row_partial_merge(parts[threadIdx.x], parts[threadIdx.x + half]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) block::merge_row(a, i, y, parts[0]);
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kBlockThreads) block_grad_kernel(GradArgs<A> a) {
+  const int64_t i = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x;
+  if (j >= a.t.width) return;
+  const T* raw = static_cast<const T*>(a.t.raw) + i * a.t.raw_stride;
+  T* out = static_cast<T*>(a.out) + i * a.out_stride;
+  const block::GradRow<A> row = block::grad_row(a, i);
+  const A g = block::grad_element(a, row, i, j, load_raw<T, A>(raw, j));
+  if constexpr (std::is_same<T, double>::value) {
+    out[j] = g;
+  } else {
+    out[j] = static_cast<T>(static_cast<float>(g));
+  }
+}
+
+template <typename F>
+void dispatch_block_raw(const at::Tensor& raw, F&& f) {
+  switch (raw.scalar_type()) {
+    case at::kFloat: f(float(), float()); break;
+    case at::kDouble: f(double(), double()); break;
+    case at::kBFloat16: f(c10::BFloat16(), float()); break;
+    case at::kHalf: f(c10::Half(), float()); break;
+    default: TORCH_CHECK(false, "fused_margin class-block ops: unsupported raw dtype ", raw.scalar_type());
+  }
+}
+
+}  // namespace block_kernels
+
+namespace {
+
+void block_partials_cuda(const Tensor& raw_in, int64_t c0, const Tensor& target_in, const Tensor& z_max,
+                         const Tensor& z_arg, const Tensor& wrong_max, const Tensor& wrong_arg, const Tensor& z_y,
+                         const Tensor& has_y, const Tensor& l_max, const Tensor& l_sum, const Tensor& dev,
+                         const Tensor& weight, bool first, double scale, int64_t ignore_index, int64_t col0,
+                         const OptTensor& row_scale, const OptTensor& col_scale, const OptTensor& col_shift,
+                         const OptTensor& offset, const OptTensor& pair, const OptTensor& class_weight,
+                         bool track_wrong, bool smoothing) {
+  const c10::cuda::CUDAGuard guard(raw_in.device());
+  block::ChunkInputs in(raw_in, target_in, "block_partials_");
+  block_kernels::dispatch_block_raw(in.raw, [&](auto raw_tag, auto acc_tag) {
+    using T = decltype(raw_tag);
+    using A = decltype(acc_tag);
+    const block::PartialsArgs<A> a = block::partials_args<A>(
+        in, c0, z_max, z_arg, wrong_max, wrong_arg, z_y, has_y, l_max, l_sum, dev, weight, first, scale,
+        ignore_index, col0, row_scale, col_scale, col_shift, offset, pair, class_weight, track_wrong, smoothing);
+    if (a.t.rows == 0) return;
+    TORCH_CHECK(a.t.width > 0, "fused_margin block_partials_: raw must have at least one column");
+    TORCH_CHECK(a.t.rows <= std::numeric_limits<int32_t>::max(), "fused_margin block_partials_: too many rows (",
+                a.t.rows, ")");
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    block_kernels::block_partials_kernel<T, A>
+        <<<static_cast<unsigned>(a.t.rows), block_kernels::kBlockThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void block_grad_cuda(const Tensor& raw_in, int64_t c0, const Tensor& target_in, const Tensor& lse,
+                     const Tensor& coef, const OptTensor& smooth, const Tensor& target_value, const Tensor& out,
+                     double scale, int64_t ignore_index, int64_t col0, const OptTensor& row_scale,
+                     const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& offset,
+                     const OptTensor& pair, const OptTensor& class_weight) {
+  const c10::cuda::CUDAGuard guard(raw_in.device());
+  block::ChunkInputs in(raw_in, target_in, "block_grad");
+  block_kernels::dispatch_block_raw(in.raw, [&](auto raw_tag, auto acc_tag) {
+    using T = decltype(raw_tag);
+    using A = decltype(acc_tag);
+    const block::GradArgs<A> a = block::grad_args<A>(in, c0, lse, coef, smooth, target_value, out, scale,
+                                                     ignore_index, col0, row_scale, col_scale, col_shift, offset,
+                                                     pair, class_weight);
+    if (a.t.rows == 0 || a.t.width == 0) return;
+    TORCH_CHECK(a.t.rows <= 65535, "fused_margin block_grad: at most 65535 rows per call on CUDA, got ", a.t.rows);
+    const int64_t col_blocks = (a.t.width + block_kernels::kBlockThreads - 1) / block_kernels::kBlockThreads;
+    TORCH_CHECK(col_blocks <= std::numeric_limits<int32_t>::max(), "fused_margin block_grad: chunk too wide (",
+                a.t.width, " columns)");
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(a.t.rows));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    block_kernels::block_grad_kernel<T, A><<<grid, block_kernels::kBlockThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
 }  // namespace fused_margin
 
 TORCH_LIBRARY_IMPL(fused_margin, CUDA, m) {
   m.impl("row_forward", &fused_margin::row_forward_cuda);
   m.impl("row_backward", &fused_margin::row_backward_cuda);
+  m.impl("block_partials_", &fused_margin::block_partials_cuda);
+  m.impl("block_grad", &fused_margin::block_grad_cuda);
 }

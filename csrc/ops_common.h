@@ -6,7 +6,9 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <cstddef>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "row_kernel.h"
@@ -39,12 +41,31 @@ inline void check_raw_and_target(const at::Tensor& raw, const at::Tensor& target
               " but raw is on ", raw.device());
 }
 
+// Whether `code` is one of `table`'s codes.
+template <size_t N>
+bool known_code(const NamedCode (&table)[N], int64_t code) {
+  for (size_t k = 0; k < N; ++k) {
+    if (table[k].code == code) return true;
+  }
+  return false;
+}
+
+// `table`'s codes as "0 (name), 1 (name) or 2 (name)", for an error message.
+template <size_t N>
+std::string list_codes(const NamedCode (&table)[N]) {
+  std::string out;
+  for (size_t k = 0; k < N; ++k) {
+    out += (k == 0 ? "" : (k + 1 == N ? " or " : ", "));
+    out += std::to_string(table[k].code) + " (" + (table[k].name ? table[k].name : "None") + ")";
+  }
+  return out;
+}
+
 inline void check_codes(int64_t margin_type, int64_t fold) {
-  TORCH_CHECK(margin_type == 0 || margin_type == 1,
-              "fused_margin row_forward: margin_type must be 0 (additive_cosine) or 1 (additive_angular), got ",
-              margin_type);
-  TORCH_CHECK(fold >= 0 && fold <= 2, "fused_margin row_forward: fold must be 0 (none), 1 (threshold) or 2 (easy), got ",
-              fold);
+  TORCH_CHECK(known_code(kMarginTypeNames, margin_type), "fused_margin row_forward: margin_type must be ",
+              list_codes(kMarginTypeNames), ", got ", margin_type);
+  TORCH_CHECK(known_code(kFoldNames, fold), "fused_margin row_forward: fold must be ", list_codes(kFoldNames),
+              ", got ", fold);
 }
 
 // The float32 contiguous form (the tensor itself when it already is) of an optional table; an
@@ -149,8 +170,8 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
   args.lambda_inst = static_cast<float>(lambda_inst);
   args.lambda_elm = static_cast<float>(lambda_elm);
   args.label_smoothing = static_cast<float>(label_smoothing);
-  args.margin_type = static_cast<int>(margin_type);
-  args.fold = static_cast<int>(fold);
+  args.margin_type = static_cast<MarginType>(margin_type);
+  args.fold = static_cast<AngularFold>(fold);
   args.hard_all = hard_all;
   args.straight_through = straight_through;
   args.ignore_index = ignore_index;

@@ -8,6 +8,28 @@ namespace fused_margin {
 
 enum class RawType : int { Float = 0, BFloat16 = 1, Half = 2 };
 
+// The integer codes of the row_forward op's `margin_type` and `fold` arguments. The Python side's table
+// is fused_margin/spec.py (MARGIN_TYPE_CODES, FOLD_CODES); kMarginTypeNames / kFoldNames below name
+// each code, the extension returns them from fused_margin._C.contract(), and tests/test_contract.py
+// fails when the two sides (or the Triton kernels' constexpr codes) disagree.
+enum class MarginType : int { AdditiveCosine = 0, AdditiveAngular = 1 };
+enum class AngularFold : int { NoFold = 0, Threshold = 1, Easy = 2 };
+
+struct NamedCode {
+  const char* name;  // the Python option's value; nullptr for Python's None
+  int code;
+};
+
+inline constexpr NamedCode kMarginTypeNames[] = {
+    {"additive_cosine", static_cast<int>(MarginType::AdditiveCosine)},
+    {"additive_angular", static_cast<int>(MarginType::AdditiveAngular)},
+};
+inline constexpr NamedCode kFoldNames[] = {
+    {nullptr, static_cast<int>(AngularFold::NoFold)},
+    {"threshold", static_cast<int>(AngularFold::Threshold)},
+    {"easy", static_cast<int>(AngularFold::Easy)},
+};
+
 // z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j (fp32); a null table is absent.
 struct RowForwardArgs {
   const void* raw;  // rows x cols, row-major contiguous
@@ -22,7 +44,8 @@ struct RowForwardArgs {
   const float* pair_perturbation;  // rows x cols
   const float* class_weight;       // cols
   float scale, lambda_inst, lambda_elm, label_smoothing;
-  int margin_type, fold;
+  MarginType margin_type;
+  AngularFold fold;
   bool hard_all, straight_through;
   int64_t ignore_index;
   // outputs, one per row

@@ -12,14 +12,18 @@
 //   an online logsumexp of the non-target l_j (torch's shift rule) with the label-smoothing sum;
 //   then M, the target logit t = s psi(c, M) + a_y and dt/dc (row_math.h), lse over {l_j, t},
 //   nll = lse - t relative to the row maximum (row_math.h precise_nll) and
-//   loss = (1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)    (SPEC.md sections 2-4).
+//   loss = (1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)    (docs/loss.md sections 2-4).
 // backward, elementwise from the saved row statistics:
 //   p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y p_j + eps / C (sum(w) p_j - w_j)) off the target,
 //   dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((sum(w) - w_y) + sum(w) expm1(-nll))) on it,
 //   G_j = s dl_j off the target, G_y = (dt/dc) dl_y; times row_scale col_scale_j with scale_grad.
 //
 // Not a header to include anywhere else: each including translation unit defines the kernels of
-// one instruction set in namespace fused_margin::cpu::CPU_CAPABILITY.
+// one instruction set in namespace fused_margin::cpu::CPU_CAPABILITY, and gets its own copy of
+// row_math.h's inline functions (inline namespace fused_margin::row_math_<CPU_CAPABILITY>) and of
+// at::vec's (inline namespace at::vec::CPU_CAPABILITY): no inline function or template of fused_margin
+// or at::vec is one entity across the instruction sets, so the linker cannot hand one unit's AVX-512
+// copy to another (one-definition rule; tests/test_contract.py checks the built extension).
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including row_kernel_cpu.h"

@@ -1,8 +1,17 @@
 // Scalar math of the fused row loss shared by the CPU and CUDA kernels (host and device).
 //
 // The row-kernel contract is stated in fused_margin/fused.py and executed eagerly in
-// fused_margin/row_torch.py; SPEC.md sections 2-5 give the loss. Everything here is fp32 whatever the
-// input dtype (SPEC.md section 5: the angular math is always fp32).
+// fused_margin/row_torch.py; docs/loss.md sections 2-5 give the loss. Everything here is fp32 whatever
+// the input dtype (docs/loss.md section 5: the angular math is always fp32).
+//
+// One-definition rule: the CPU kernels include this file from three translation units compiled for
+// different instruction sets (row_kernel_cpu.cpp, _avx2.cpp, _avx512.cpp, each under its own
+// `#pragma GCC target`), and the CUDA source includes it too. Were these inline functions one entity
+// (one mangled name) in all of them, the linker would keep any one copy for every caller, possibly the
+// AVX-512 one for the baseline kernels (SIGILL on a CPU without AVX-512). So everything here lives in
+// an inline namespace named after the including unit's instruction set (CPU_CAPABILITY) or CUDA:
+// callers still write fused_margin::nan_max, and each object holds its own, differently mangled, copy.
+// tests/test_contract.py checks the built extension's symbols.
 #pragma once
 
 #include <cmath>
@@ -16,14 +25,18 @@
 #define FM_HOST_DEVICE inline
 #endif
 
-namespace fused_margin {
+#define FUSED_MARGIN_CAT_(a, b) a##b
+#define FUSED_MARGIN_CAT(a, b) FUSED_MARGIN_CAT_(a, b)
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSED_MARGIN_ROW_MATH_NS row_math_cuda
+#elif defined(CPU_CAPABILITY)
+#define FUSED_MARGIN_ROW_MATH_NS FUSED_MARGIN_CAT(row_math_, CPU_CAPABILITY)
+#else
+#error "row_math.h: define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including it, or compile as CUDA"
+#endif
 
-// margin_type codes (MarginLossSpec.margin_code) and angular_fold codes (MarginLossSpec.fold_code)
-constexpr int kAdditiveCosine = 0;
-constexpr int kAdditiveAngular = 1;
-constexpr int kFoldNone = 0;
-constexpr int kFoldThreshold = 1;
-constexpr int kFoldEasy = 2;
+namespace fused_margin {
+inline namespace FUSED_MARGIN_ROW_MATH_NS {
 
 // The clamp before acos, spec.ACOS_CLAMP = 1e-7, rounded to fp32 as torch.clamp rounds its bounds.
 constexpr float kAcosLow = static_cast<float>(-1.0 + 1e-7);
@@ -62,7 +75,7 @@ struct TargetLogit {
   float grad;   // s dpsi/dc (including the instance-margin path dM/dc)
 };
 
-// The margined target logit of SPEC.md section 3, as row_torch.target_margin_and_grad:
+// The margined target logit of docs/loss.md section 3, as row_torch.target_margin_and_grad:
 //   additive_cosine (CosFace, LDAM, ELM): psi = c - M, dpsi/dc = 1 - dM/dc;
 //   additive_angular (ArcFace, DBM): psi = cos(theta + M), theta = acos(clamp(c, -1 + 1e-7, 1 - 1e-7)),
 //     dpsi/dc = sin(theta + M) / sin(theta) [c inside the clamp] - sin(theta + M) dM/dc;
@@ -70,9 +83,9 @@ struct TargetLogit {
 //     fold "easy" (where c <= 0): psi = c;
 //   straight_through (insightface arcface_torch): dpsi/dc = 1.
 FM_HOST_DEVICE TargetLogit target_logit(float c, float margin, float dmargin_dc, float scale,
-                                        int margin_type, int fold, bool straight_through) {
+                                        MarginType margin_type, AngularFold fold, bool straight_through) {
   float value, grad;
-  if (margin_type == kAdditiveCosine) {
+  if (margin_type == MarginType::AdditiveCosine) {
     value = c - margin;
     grad = 1.f - dmargin_dc;
   } else {
@@ -82,12 +95,12 @@ FM_HOST_DEVICE TargetLogit target_logit(float c, float margin, float dmargin_dc,
     const float sin_shift = sinf(theta + margin);
     value = cosf(theta + margin);
     grad = sin_shift / sinf(theta) * inside - sin_shift * dmargin_dc;
-    if (fold == kFoldThreshold) {
+    if (fold == AngularFold::Threshold) {
       if (c <= cosf(kPi - margin)) {
         value = c - margin * sinf(margin);
         grad = 1.f - (sinf(margin) + margin * cosf(margin)) * dmargin_dc;
       }
-    } else if (fold == kFoldEasy) {
+    } else if (fold == AngularFold::Easy) {
       if (c <= 0.f) {
         value = c;
         grad = 1.f;
@@ -98,7 +111,7 @@ FM_HOST_DEVICE TargetLogit target_logit(float c, float margin, float dmargin_dc,
   return {scale * value, scale * grad};
 }
 
-// The margin of a kept row (SPEC.md section 2): M = m_y (1 + lambda_inst h (1 - c) / 2)
+// The margin of a kept row (docs/loss.md section 2): M = m_y (1 + lambda_inst h (1 - c) / 2)
 // - lambda_elm m_{c*} (DBM instance margin, ELM), and dM/dc = -m_y lambda_inst h / 2.
 struct RowMargin {
   float margin;
@@ -144,14 +157,14 @@ FM_HOST_DEVICE LseState lse_merge(const LseState& a, const LseState& b) {
 
 FM_HOST_DEVICE float lse_value(const LseState& s) { return logf(s.sum) + lse_shift(s.max); }
 
-// sum_j w_j (lse - l_j) of the logits held by s, for the final lse of the row (SPEC.md section 4)
+// sum_j w_j (lse - l_j) of the logits held by s, for the final lse of the row (docs/loss.md section 4)
 FM_HOST_DEVICE float smoothing_sum(const LseState& s, float lse) {
   return s.weight == 0.f ? s.dev : s.weight * (lse - lse_shift(s.max)) + s.dev;
 }
 
 // nll = lse - t for the target logit t and the non-target logits' state s (max M, sum S of
 // exp(l_j - M)), formed relative to the larger of t and M so that confident rows keep full precision
-// (SPEC.md section 8): log1p(S e^{M - t}) where t >= M; (M - t) + log(S + e^{t - M}) where t < M (then
+// (docs/loss.md section 8): log1p(S e^{M - t}) where t >= M; (M - t) + log(S + e^{t - M}) where t < M (then
 // nll >= log 2); lse - t where t or M is not finite (as F.cross_entropy: NaN for t = +inf).
 FM_HOST_DEVICE float precise_nll(const LseState& s, float t, float lse) {
   if (!is_finite(t) || !is_finite(s.max)) return lse - t;
@@ -201,4 +214,5 @@ FM_HOST_DEVICE void finish_forward_row(const RowForwardArgs& a, int64_t i, bool 
   a.target_grad[i] = t.grad;
 }
 
+}  // inline namespace FUSED_MARGIN_ROW_MATH_NS
 }  // namespace fused_margin

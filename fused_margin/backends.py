@@ -29,7 +29,7 @@ def _load_triton() -> Optional[RowKernel]:
 
 def _load_extension(device_type: str) -> Optional[RowKernel]:
     try:
-        from . import cuda as extension
+        from . import extension
     except ImportError:
         return None
     return extension.row_kernel(device_type)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .class_split import Partials, combine, finish
-from .lean import BUDGET_BYTES, ClassBlock, auto_chunk, reduce_rows, row_grads
+from .lean import BUDGET_BYTES, ClassBlock, auto_chunk, default_kernel, reduce_rows, row_grads
 from .reference import compute_dtype
 from .spec import LossTables, MarginAux, MarginLossSpec
 
@@ -184,8 +184,9 @@ class _ShardedMarginCE(torch.autograd.Function):
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
         if chunk is None:
             chunk = auto_chunk(features.shape[0], weight_shard.shape[0], BUDGET_BYTES)
+        kernel = default_kernel(features.device, features.dtype)
         block = ClassBlock(spec, features, weight_shard, None, tables, start=class_start,
-                           count=weight_shard.shape[0], chunk=chunk)
+                           count=weight_shard.shape[0], chunk=chunk, kernel=kernel)
         kept = labels != spec.ignore_index
         y = torch.where(kept, labels, torch.zeros_like(labels))
         local = block.partials(y, kept)
@@ -204,6 +205,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         loss, denom = reduce_rows(result.loss, y, kept, class_weight, spec.reduction)
 
         ctx.spec, ctx.group, ctx.class_start, ctx.num_classes, ctx.chunk = spec, group, class_start, num_classes, chunk
+        ctx.kernel = kernel
         ctx.rows, ctx.rank, ctx.input_grad_scale = rows, rank, input_grad_scale
         ctx.save_for_backward(features, labels, weight_shard, class_margins, logit_offset, class_weight, result.lse,
                               result.nll, result.target_grad, denom)
@@ -219,7 +221,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         spec, group = ctx.spec, ctx.group
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
         block = ClassBlock(spec, features, weight_shard, None, tables, start=ctx.class_start,
-                           count=weight_shard.shape[0], chunk=ctx.chunk)
+                           count=weight_shard.shape[0], chunk=ctx.chunk, kernel=ctx.kernel)
         kept = labels != spec.ignore_index
         y = torch.where(kept, labels, torch.zeros_like(labels))
         g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)

@@ -363,7 +363,7 @@ def resolve_head(head: Optional[str], weight, default_feature_head: str) -> str:
 LEAN_THRESHOLD_BYTES = BUDGET_BYTES
 
 #: the lean path's chunk kernel for each backend's row kernel (``None``: the reference).
-LEAN_KERNELS = {None: "torch", "torch": "torch", "triton": "triton", "cpu": "torch", "cuda": "torch"}
+LEAN_KERNELS = {None: "torch", "torch": "torch", "triton": "triton", "cpu": "cpu", "cuda": "cuda"}
 
 
 def check_class_chunk(class_chunk) -> Union[str, int]:

@@ -45,7 +45,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .reference import compute_dtype
-from .spec import NORM_EPS, LossTables, MarginLossSpec
+from .spec import NORM_EPS, LossTables, MarginLossSpec, row_backward_args, row_forward_args
 
 
 class RowKernel(NamedTuple):
@@ -218,11 +218,10 @@ class _FusedMarginCE(torch.autograd.Function):
         if col_scale is not None:
             col_scale = col_scale.contiguous()
 
-        loss_rows, lse, pred, hard, nll, target_grad = kernel.forward(
-            raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
-            class_weight, float(spec.scale), spec.margin_code, float(spec.lambda_inst),
-            spec.hard_mode == "all", float(spec.lambda_elm), spec.fold_code,
-            spec.margin_grad == "straight_through", float(spec.label_smoothing), int(spec.ignore_index))
+        loss_rows, lse, pred, hard, nll, target_grad = kernel.forward(*row_forward_args(
+            raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
+            class_margins=class_margins, logit_offset=logit_offset, pair_perturbation=pair_perturbation,
+            class_weight=class_weight, **spec.row_options()))
 
         kept = target != spec.ignore_index
         denom = None
@@ -325,19 +324,20 @@ class _FusedMarginCE(torch.autograd.Function):
             grad_rows = grad_loss
         grad_rows = torch.where(kept, grad_rows, torch.zeros_like(grad_rows)).contiguous()
 
-        args = (raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight,
-                lse, nll, target_grad, grad_rows, float(spec.scale), float(spec.label_smoothing),
-                int(spec.ignore_index))
+        args = dict(raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
+                    logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight,
+                    lse=lse, nll=nll, target_grad=target_grad, grad_rows=grad_rows, scale=float(spec.scale),
+                    label_smoothing=float(spec.label_smoothing), ignore_index=int(spec.ignore_index))
         # the eager path materialises the fp32 G = dL/dz': for the tables' gradients, for beta's norm
         # term, and for a low-precision bias gradient (a column sum of G, not of a rounded dL/draw)
         low_precision_bias = need_bias and compute_dtype(raw.dtype) != raw.dtype
         eager_tables = (need_offset or need_pair or need_omega or need_beta or low_precision_bias
                         or (beta is not None and need_weight))
         if not eager_tables:
-            grad_raw = kernel.backward(*args, True)
+            grad_raw = kernel.backward(*row_backward_args(**args, scale_grad=True))
             grad_z = None
         else:
-            grad_z = kernel.backward(*args, False)
+            grad_z = kernel.backward(*row_backward_args(**args, scale_grad=False))
             grad_raw = grad_z
             if row_scale is not None:
                 grad_raw = grad_raw * row_scale[:, None]

@@ -62,6 +62,66 @@ def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torc
     return (grad - radial) / norm.clamp_min(NORM_EPS)[:, None]
 
 
+class CppBlockOps:
+    """The C++ class-block ops of the extension (``torch.ops.fused_margin.block_partials_`` and
+    ``block_grad``; csrc/class_block.h states their contract, csrc/class_block_cpu.cpp the CPU kernels)
+    behind the interface of :mod:`fused_margin.triton.class_block`: CPU tensors (class_block_cpu.cpp), or
+    CUDA tensors when the extension was built with CUDA (fused_margin_cuda.cu); raw in fp32, bf16, fp16
+    (fp32 math) or fp64 (fp64 math)."""
+
+    class PartialBuffers:
+        """Running per-row partials in the accumulation dtype ``dtype`` (fp32, or fp64 for fp64 raw)."""
+
+        def __init__(self, rows: int, device, dtype=torch.float32):
+            acc = dict(dtype=dtype, device=device)
+            self.z_max, self.wrong_max, self.z_y = (torch.empty(rows, **acc) for _ in range(3))
+            self.l_max, self.l_sum, self.dev, self.weight = (torch.empty(rows, **acc) for _ in range(4))
+            self.z_arg = torch.empty(rows, dtype=torch.int64, device=device)
+            self.wrong_arg = torch.empty(rows, dtype=torch.int64, device=device)
+            self.has_y = torch.empty(rows, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def block_partials(buffers, raw, c0, target, *, first, scale, ignore_index, col0=0, row_scale=None,
+                       col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None,
+                       track_wrong=False, smoothing=False):
+        b = buffers
+        torch.ops.fused_margin.block_partials_(
+            raw, int(c0), target, b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y, b.l_max, b.l_sum,
+            b.dev, b.weight, bool(first), float(scale), int(ignore_index), int(col0), row_scale, col_scale,
+            col_shift, offset, pair, class_weight, bool(track_wrong), bool(smoothing))
+
+    @staticmethod
+    def block_grad(raw, c0, target, lse, coef, smooth, target_value, out, *, scale, ignore_index, col0=0,
+                   row_scale=None, col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None):
+        torch.ops.fused_margin.block_grad(
+            raw, int(c0), target, lse, coef, smooth, target_value, out, float(scale), int(ignore_index), int(col0),
+            row_scale, col_scale, col_shift, offset, pair, class_weight)
+        return out
+
+
+def cpp_block_ops_available(device_type: str = "cpu") -> bool:
+    """Whether the C++ extension's class-block ops are built for ``device_type`` ("cpu" or "cuda")."""
+    from . import extension
+    if not (extension.is_built() and hasattr(torch.ops.fused_margin, "block_grad")):
+        return False
+    return device_type == "cpu" or (device_type == "cuda" and extension.cuda_built())
+
+
+def default_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The chunk kernel for tensors on ``device`` in ``dtype`` when no backend chose one (the sharded
+    loss): the C++ ops where the extension is built for the device, else Triton on a GPU where it imports
+    (fp32 and below), else eager torch."""
+    if device.type == "cpu" and cpp_block_ops_available("cpu"):
+        return "cpu"
+    if device.type == "cuda" and cpp_block_ops_available("cuda"):
+        return "cuda"
+    if device.type == "cuda" and dtype != torch.float64:
+        from .backends import available_backends
+        if available_backends(device, dtype).get("triton") == "ok":
+            return "triton"
+    return "torch"
+
+
 class ClassBlock:
     """The classes ``[start, start + count)`` of a loss, computed in chunks of ``chunk`` classes.
 
@@ -150,27 +210,42 @@ class ClassBlock:
     def _labels(self, y, kept):
         return torch.where(kept, y, torch.full_like(y, self.spec.ignore_index))
 
-    def _partials_triton(self, y, kept) -> Partials:
-        from .triton import class_block
+    def _block_ops(self):
+        """The chunk kernels' module: ``triton.class_block`` or :class:`CppBlockOps` (same interface)."""
+        if self.kernel == "triton":
+            from .triton import class_block
+            return class_block
+        return CppBlockOps
+
+    def _kernel_pair(self):
+        """The B x C pair perturbation for the chunk kernels: as given for Triton (it loads any float
+        dtype); in the accumulation dtype for the C++ ops (converted once here, not once per chunk)."""
+        pair = self.tables.pair_perturbation
+        if pair is None or self.kernel not in ("cpu", "cuda") or pair.dtype == self.cd:
+            return pair
+        return pair.to(self.cd)
+
+    def _partials_kernel(self, y, kept) -> Partials:
+        class_block = self._block_ops()
         spec, t, cd = self.spec, self.tables, self.cd
         labels = self._labels(y, kept)
         col_scale, col_shift, _ = self._column_tables()
-        buffers = class_block.PartialBuffers(y.shape[0], y.device)
+        buffers = class_block.PartialBuffers(y.shape[0], y.device, cd)
         for i, (c0, c1) in enumerate(self.ranges()):
             l0 = c0 - self.start
             class_block.block_partials(
                 buffers, self._raw(l0, c1 - self.start), c0, labels, first=i == 0, scale=spec.scale,
                 ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale, col_shift=col_shift,
                 offset=None if t.logit_offset is None else t.logit_offset.to(cd),
-                pair=t.pair_perturbation, class_weight=None if t.class_weight is None else t.class_weight.to(cd),
+                pair=self._kernel_pair(), class_weight=None if t.class_weight is None else t.class_weight.to(cd),
                 track_wrong=t.class_margins is not None and spec.lambda_elm != 0.0,
                 smoothing=spec.label_smoothing != 0.0)
         b = buffers
         return Partials(b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y != 0, b.l_max, b.l_sum, b.dev,
                         b.weight)
 
-    def _backward_triton(self, y, kept, g, nll, target_grad, lse, num_classes, need):
-        from .triton import class_block
+    def _backward_kernel(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+        class_block = self._block_ops()
         spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
         eps = spec.label_smoothing
         if t.class_weight is not None:
@@ -205,7 +280,7 @@ class ClassBlock:
             class_block.block_grad(raw, c0, labels, lse, row_coef, smooth, target_value, grad_raw,
                                    scale=spec.scale, ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale,
                                    col_shift=col_shift, offset=None if t.logit_offset is None else t.logit_offset.to(cd),
-                                   pair=t.pair_perturbation, class_weight=w_all)
+                                   pair=self._kernel_pair(), class_weight=w_all)
             if spec.head == "logits":
                 continue
             w_chunk = weight[l0:l1]
@@ -226,8 +301,8 @@ class ClassBlock:
     # ---- both paths
 
     def partials(self, y, kept) -> Partials:
-        if self.kernel == "triton":
-            return self._partials_triton(y, kept)
+        if self.kernel != "torch":
+            return self._partials_kernel(y, kept)
         return self._partials_torch(y, kept)
 
     def backward(self, y, kept, g, nll, target_grad, lse, num_classes, need):
@@ -236,9 +311,10 @@ class ClassBlock:
         ``bias``, ``logit_offset``, ``pair_perturbation``, ``omega``, ``beta``. Returns a dict: ``input``
         (fp32/fp64, B x D or the B x block logits), ``weight`` and ``bias`` (this block's rows), and the
         tables' gradients over the global C classes (zero outside the block). The Triton kernels serve
-        the gradients of ``input`` and ``weight``; the tables' gradients take the eager path."""
-        if self.kernel == "triton" and need <= {"input", "weight"}:
-            return self._backward_triton(y, kept, g, nll, target_grad, lse, num_classes, need)
+        the gradients of ``input`` and ``weight`` (Triton or C++ kernels); the tables' gradients take the
+        eager path."""
+        if self.kernel != "torch" and need <= {"input", "weight"}:
+            return self._backward_kernel(y, kept, g, nll, target_grad, lse, num_classes, need)
         return self._backward_torch(y, kept, g, nll, target_grad, lse, num_classes, need)
 
     def _partials_torch(self, y, kept) -> Partials:
@@ -416,11 +492,17 @@ def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight:
     """The loss over class chunks of ``chunk`` classes (:func:`auto_chunk` when None); returns
     ``(loss, lse, pred, hard)`` like the fused path. Inputs must be validated already.
 
-    ``kernel``: ``"torch"`` (eager partials and gradients; any device and dtype) or ``"triton"`` (one
+    ``kernel``: ``"torch"`` (eager partials and gradients; any device and dtype), ``"triton"`` (one
     Triton launch per chunk for the partials and one for ``dL/draw``; CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``; fp16/bf16/fp32)."""
-    if kernel not in ("torch", "triton"):
-        raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
+    ``TRITON_INTERPRET=1``; fp16/bf16/fp32) or ``"cpu"`` (the C++ extension's class-block ops,
+    :class:`CppBlockOps`, one call each per chunk; CPU tensors, fp16/bf16/fp32/fp64) or ``"cuda"`` (the
+    same ops' CUDA kernels; CUDA tensors, an extension built with CUDA)."""
+    if kernel not in ("torch", "triton", "cpu", "cuda"):
+        raise ValueError(f"kernel must be 'torch', 'triton', 'cpu' or 'cuda', got {kernel!r}")
+    if kernel in ("cpu", "cuda") and not cpp_block_ops_available(kernel):
+        from . import extension
+        raise RuntimeError(f"kernel={kernel!r} needs the fused_margin C++ extension built for {kernel} "
+                           f"({extension.BUILD_ERROR or 'built without its CUDA kernels'})")
     num_classes = input.shape[1] if spec.head == "logits" else weight.shape[0]
     if chunk is None:
         chunk = auto_chunk(input.shape[0], num_classes)

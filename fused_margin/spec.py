@@ -14,9 +14,15 @@ from typing import NamedTuple, Optional
 import torch
 
 HEADS = ("cosine", "linear", "logits")
-MARGIN_TYPES = ("additive_cosine", "additive_angular")
+#: the integer code of each ``margin_type`` and ``angular_fold`` in the row kernels' ``margin_type`` and
+#: ``fold`` arguments: the one Python table of them. The C++ enums (csrc/row_kernel.h, returned by
+#: ``fused_margin._C.contract()``) and the Triton kernels' constexprs (``triton/_common.py``) are checked
+#: against it by tests/test_contract.py.
+MARGIN_TYPE_CODES = {"additive_cosine": 0, "additive_angular": 1}
+FOLD_CODES = {None: 0, "threshold": 1, "easy": 2}
+MARGIN_TYPES = tuple(MARGIN_TYPE_CODES)
 HARD_MODES = ("hard", "all")
-ANGULAR_FOLDS = (None, "threshold", "easy")
+ANGULAR_FOLDS = tuple(FOLD_CODES)
 MARGIN_GRADS = ("exact", "straight_through")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -129,11 +135,57 @@ class MarginLossSpec:
     # integer codes shared with the kernels
     @property
     def margin_code(self) -> int:
-        return MARGIN_TYPES.index(self.margin_type)
+        return MARGIN_TYPE_CODES[self.margin_type]
 
     @property
     def fold_code(self) -> int:
-        return ANGULAR_FOLDS.index(self.angular_fold)
+        return FOLD_CODES[self.angular_fold]
+
+    def row_options(self) -> dict:
+        """The scalar arguments of the row kernels' forward (:data:`ROW_FORWARD_ARGS`) that this spec
+        sets, by name: ``scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
+        label_smoothing, ignore_index``; the backward takes ``scale, label_smoothing, ignore_index`` of
+        them."""
+        return dict(scale=float(self.scale), margin_type=self.margin_code, lambda_inst=float(self.lambda_inst),
+                    hard_all=self.hard_mode == "all", lambda_elm=float(self.lambda_elm), fold=self.fold_code,
+                    straight_through=self.margin_grad == "straight_through",
+                    label_smoothing=float(self.label_smoothing), ignore_index=int(self.ignore_index))
+
+
+#: The arguments of the row kernels' forward, in the order every backend takes them (the op schema of
+#: ``torch.ops.fused_margin.row_forward`` in csrc/fused_margin.cpp, ``row_torch.row_forward``, the Triton
+#: and C++/CUDA ops; the contract is stated in :mod:`fused_margin.fused`). tests/test_contract.py checks
+#: each backend's signature and the C++ op schema against this table.
+ROW_FORWARD_ARGS = ("raw", "target", "row_scale", "col_scale", "col_shift", "class_margins", "logit_offset",
+                    "pair_perturbation", "class_weight", "scale", "margin_type", "lambda_inst", "hard_all",
+                    "lambda_elm", "fold", "straight_through", "label_smoothing", "ignore_index")
+#: what the forward returns, in order
+ROW_FORWARD_OUTPUTS = ("loss", "lse", "pred", "hard", "nll", "target_grad")
+#: the arguments of the row kernels' backward, in order (it returns one tensor, the gradient)
+ROW_BACKWARD_ARGS = ("raw", "target", "row_scale", "col_scale", "col_shift", "logit_offset", "pair_perturbation",
+                     "class_weight", "lse", "nll", "target_grad", "grad_rows", "scale", "label_smoothing",
+                     "ignore_index", "scale_grad")
+
+
+def _pack(op: str, names: tuple, values: dict) -> tuple:
+    missing = [name for name in names if name not in values]
+    unknown = [name for name in values if name not in names]
+    if missing or unknown:
+        raise TypeError(f"{op}: " + "; ".join(
+            part for part in (f"missing arguments {missing}" if missing else "",
+                              f"unknown arguments {unknown}" if unknown else "") if part))
+    return tuple(values[name] for name in names)
+
+
+def row_forward_args(**values) -> tuple:
+    """The positional arguments of a row kernel's forward from named ones (every name of
+    :data:`ROW_FORWARD_ARGS`, no other): a ``TypeError`` names a missing or unknown argument."""
+    return _pack("row_forward", ROW_FORWARD_ARGS, values)
+
+
+def row_backward_args(**values) -> tuple:
+    """The positional arguments of a row kernel's backward from named ones (:data:`ROW_BACKWARD_ARGS`)."""
+    return _pack("row_backward", ROW_BACKWARD_ARGS, values)
 
 
 class LossTables(NamedTuple):

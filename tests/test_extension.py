@@ -25,7 +25,7 @@ import fused_margin as fm
 from fused_margin import backends, row_torch
 from fused_margin.reference import margin_cross_entropy_reference
 from fused_margin.spec import LossTables, MarginLossSpec
-from fused_margin import cuda as extension
+from fused_margin import extension
 
 if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR}); build it with "
@@ -286,7 +286,7 @@ _ISA_SCRIPT = textwrap.dedent("""
     @torch.library.custom_op("fused_margin::_probe_before_extension", mutates_args=())
     def probe(x: torch.Tensor) -> torch.Tensor:
         return x + 1
-    from fused_margin import cuda as extension
+    from fused_margin import extension
     import test_extension as t
     if extension.cpu_kernel_isa() != {isa!r}:
         print("isa-mismatch", extension.cpu_kernel_isa())

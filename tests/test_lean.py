@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernel_cases as kc
 from fused_margin import class_split, reference
-from fused_margin.lean import auto_chunk, lean_margin_cross_entropy
+from fused_margin.lean import auto_chunk, cpp_block_ops_available, lean_margin_cross_entropy
 from fused_margin.reference import margin_cross_entropy_reference
 from fused_margin.spec import LossTables, MarginLossSpec
 
@@ -24,7 +24,20 @@ TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
 #: the lean path's kernels: eager torch everywhere; Triton where it runs (here: CPU tensors under the
 #: interpreter; the device follows the tensors, so a GPU run tests the compiled kernels on CUDA tensors)
 KERNELS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU"))]
+    not TRITON_RUNS, reason="Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not cpp_block_ops_available("cpu"), reason="the fused_margin C++ extension is not built")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not cpp_block_ops_available("cuda"), reason="the extension was built without its CUDA kernels")])]
+
+
+def _device(kernel):
+    """The device of a kernel's tensors: CUDA for the C++ CUDA ops, and for Triton on a GPU machine (not
+    under the interpreter); else the CPU."""
+    if kernel == "cuda" or (kernel == "triton" and torch.cuda.is_available()
+                            and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "cuda"
+    return "cpu"
 
 
 @pytest.fixture(params=KERNELS)
@@ -35,14 +48,15 @@ def kernel(request):
 def _run(case, impl, dtype, chunk=7, run_dtype=None, kernel="torch"):
     """Loss, lse and the gradients of ``case`` (a ``kernel_cases.make_case``) through ``impl`` ("lean" or
     "reference"), model tensors rounded to ``run_dtype`` (default ``dtype``) and run in ``dtype``; the
-    lean path with ``kernel``."""
+    lean path with ``kernel`` (on CUDA tensors for ``"cuda"``); the outputs come back on the CPU."""
     run_dtype = dtype if run_dtype is None else run_dtype
+    device = _device(kernel) if impl == "lean" else "cpu"
     leaves = {}
     for name, master in case["tensors"].items():
         value = master.to(run_dtype) if name in kc.MODEL_TENSORS else master.float()
         if dtype == torch.float64:
             value = value.double()
-        leaves[name] = value.requires_grad_(name in case["grads"])
+        leaves[name] = value.to(device).requires_grad_(name in case["grads"])
     kwargs = dict(leaves)
     x, w, b = kwargs.pop("input"), kwargs.pop("weight", None), kwargs.pop("bias", None)
     options = dict(case["options"])
@@ -51,12 +65,13 @@ def _run(case, impl, dtype, chunk=7, run_dtype=None, kernel="torch"):
     if impl == "reference":
         loss, (lse, pred, hard) = margin_cross_entropy_reference(x, case["target"], w, b, spec, tables)
     else:
-        loss, lse, pred, hard = lean_margin_cross_entropy(x, case["target"], w, b, spec, tables, chunk, kernel=kernel)
+        loss, lse, pred, hard = lean_margin_cross_entropy(x, case["target"].to(device), w, b, spec, tables, chunk,
+                                                          kernel=kernel)
     upstream = torch.ones_like(loss) if loss.dim() == 0 else kc._upstream(loss.shape[0]).to(loss)
     grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
     out = {"loss": loss.detach(), "lse": lse, "pred": pred, "hard": hard}
     out.update({f"grad_{n}": g for n, g in zip(case["grads"], grads)})
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def _case(name):
@@ -139,7 +154,7 @@ def test_ties_labels_and_nans_on_chunk_boundaries(kernel):
     options = dict(class_margins=None, margin_type="additive_angular", lambda_inst=1.0, lambda_elm=0.5)
     case = _logits_case(z, target, **{k: v for k, v in options.items() if k != "class_margins"})
     case["tensors"]["class_margins"] = 0.05 + 0.3 * torch.rand(50, generator=g, dtype=torch.float64)
-    dtype = torch.float64 if kernel == "torch" else torch.float32   # the Triton kernels take fp32 at most
+    dtype = torch.float32 if kernel == "triton" else torch.float64   # the Triton kernels take fp32 at most
     truth = _run(case, "reference", torch.float64, run_dtype=dtype)
     got = _run(case, "lean", dtype, chunk=7, kernel=kernel)
     assert got["pred"].tolist() == truth["pred"].tolist() == [6, 13, 20, 49, 0, 0]
@@ -161,7 +176,7 @@ def test_non_finite_inputs_follow_the_reference(value, kernel):
     target = torch.tensor([1, 5, 0, 2, 22])
     case = _logits_case(z, target)
     case["options"].update(input_is_cosine=False, scale=1.0)
-    dtype = torch.float64 if kernel == "torch" else torch.float32
+    dtype = torch.float32 if kernel == "triton" else torch.float64
     truth = _run(case, "reference", torch.float64, run_dtype=dtype)
     got = _run(case, "lean", dtype, chunk=7, kernel=kernel)
     assert torch.equal(got["pred"], truth["pred"])
@@ -226,13 +241,15 @@ def test_no_batch_by_class_tensor_is_allocated(kernel):
             return out
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, D, generator=g).requires_grad_()
-    w = torch.randn(C, D, generator=g).requires_grad_()
-    target = torch.randint(0, C, (B,), generator=g)
+    device = _device(kernel)
+    x = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    w = torch.randn(C, D, generator=g).to(device).requires_grad_()
+    target = torch.randint(0, C, (B,), generator=g).to(device)
     spec = MarginLossSpec(head="cosine", scale=30.0, margin_type="additive_angular", lambda_inst=1.0,
                           label_smoothing=0.1)
-    tables = LossTables(class_margins=torch.rand(C, generator=g) * 0.3, logit_offset=torch.randn(C, generator=g),
-                        class_weight=torch.rand(C, generator=g) + 0.5)
+    tables = LossTables(class_margins=(torch.rand(C, generator=g) * 0.3).to(device),
+                        logit_offset=torch.randn(C, generator=g).to(device),
+                        class_weight=(torch.rand(C, generator=g) + 0.5).to(device))
     with Sizes() as sizes:
         loss, *_ = lean_margin_cross_entropy(x, target, w, None, spec, tables, chunk=16, kernel=kernel)
         loss.backward()

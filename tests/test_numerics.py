@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
-from fused_margin import cuda as extension
+from fused_margin import extension
 
 HAVE_CUDA = torch.cuda.is_available()
 TRITON_RUNS = HAVE_CUDA or os.environ.get("TRITON_INTERPRET") == "1"

@@ -403,12 +403,12 @@ def test_ops_coexist_with_the_cxx_extension():
     module imported it), the extension first in a fresh interpreter."""
     import subprocess
     import sys
-    from fused_margin import cuda
-    if not cuda.is_built():
-        pytest.skip(f"the C++ extension is not built: {cuda.BUILD_ERROR}")
+    from fused_margin import extension
+    if not extension.is_built():
+        pytest.skip(f"the C++ extension is not built: {extension.BUILD_ERROR}")
     check = _COEXIST_CHECK.replace("{device}", DEVICE)
     exec(check, {})
-    code = "import fused_margin.cuda, fused_margin.triton\n" + check
+    code = "import fused_margin.extension, fused_margin.triton\n" + check
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -73,7 +73,7 @@ def machine_info(device: torch.device) -> dict:
         "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     try:
-        from fused_margin import cuda as extension
+        from fused_margin import extension
         info["cpu_kernel_isa"] = extension.cpu_kernel_isa()
     except (ImportError, AttributeError):
         info["cpu_kernel_isa"] = None

@@ -177,7 +177,9 @@ def _block_partials_kernel(
 class PartialBuffers:
     """Running per-row partials (fp32) that :func:`block_partials` merges chunks into."""
 
-    def __init__(self, rows: int, device):
+    def __init__(self, rows: int, device, dtype=torch.float32):
+        if dtype != torch.float32:
+            raise ValueError(f"the Triton class-block kernels accumulate in fp32, got dtype={dtype}")
         f32 = dict(dtype=torch.float32, device=device)
         self.z_max, self.wrong_max, self.z_y = (torch.empty(rows, **f32) for _ in range(3))
         self.l_max, self.l_sum, self.dev, self.weight = (torch.empty(rows, **f32) for _ in range(4))

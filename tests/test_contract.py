@@ -1,0 +1,226 @@
+"""One definition of the row-kernel contract (issue 10): the names and order of the row ops' arguments
+and the integer codes of ``margin_type`` / ``fold`` are tabled once in :mod:`fused_margin.spec`
+(``ROW_FORWARD_ARGS``, ``ROW_BACKWARD_ARGS``, ``MARGIN_TYPE_CODES``, ``FOLD_CODES``); these tests fail when
+another statement of them disagrees: the C++ op schema and the C++ enums (``fused_margin._C.contract()``),
+the eager contract (``row_torch``), the Triton ops and their constexpr codes, the fake kernels, and the
+way :mod:`fused_margin.fused` packs its arguments.
+"""
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from fused_margin import extension
+from fused_margin import fused, row_torch, spec
+from fused_margin.reference import margin_cross_entropy_reference
+from fused_margin.spec import (FOLD_CODES, MARGIN_TYPE_CODES, ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS,
+                               ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec)
+
+needs_extension = pytest.mark.skipif(not extension.is_built(), reason="the C++ extension is not built")
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from fused_margin import triton as fm_triton
+    from fused_margin.triton import _common
+    return fm_triton, _common
+
+
+# ---------------------------------------------------------------------------------------------------
+# the codes
+
+def test_python_codes_are_one_table():
+    assert spec.MARGIN_TYPES == tuple(MARGIN_TYPE_CODES) and spec.ANGULAR_FOLDS == tuple(FOLD_CODES)
+    assert sorted(MARGIN_TYPE_CODES.values()) == list(range(len(MARGIN_TYPE_CODES)))
+    assert sorted(FOLD_CODES.values()) == list(range(len(FOLD_CODES)))
+    for margin_type, code in MARGIN_TYPE_CODES.items():
+        head = "cosine" if margin_type == "additive_angular" else "linear"
+        assert MarginLossSpec(head=head, margin_type=margin_type).margin_code == code
+    for fold, code in FOLD_CODES.items():
+        assert MarginLossSpec(head="cosine", margin_type="additive_angular", angular_fold=fold).fold_code == code
+
+
+@needs_extension
+def test_cpp_codes_match_the_python_table():
+    assert extension.contract() == {"margin_type": MARGIN_TYPE_CODES, "fold": FOLD_CODES}
+
+
+@needs_extension
+def test_cpp_refuses_an_unknown_code_naming_the_codes():
+    raw, target = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    values = dict(raw=raw, target=target, row_scale=None, col_scale=None, col_shift=None, class_margins=None,
+                  logit_offset=None, pair_perturbation=None, class_weight=None, scale=1.0, margin_type=0,
+                  lambda_inst=0.0, hard_all=False, lambda_elm=0.0, fold=0, straight_through=False,
+                  label_smoothing=0.0, ignore_index=-100)
+    with pytest.raises(RuntimeError, match=r"margin_type must be 0 \(additive_cosine\) or 1 \(additive_angular\), "
+                                           r"got 2"):
+        torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, margin_type=2)))
+    with pytest.raises(RuntimeError, match=r"fold must be 0 \(None\), 1 \(threshold\) or 2 \(easy\), got 3"):
+        torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, fold=3)))
+
+
+def test_triton_constexpr_codes_match_the_python_table():
+    _, common = _triton()
+    assert common.MARGIN_ADDITIVE_COSINE.value == MARGIN_TYPE_CODES["additive_cosine"]
+    assert common.FOLD_THRESHOLD.value == FOLD_CODES["threshold"]
+    assert common.FOLD_EASY.value == FOLD_CODES["easy"]
+
+
+def _kernels():
+    kernels = [row_torch.ROW_KERNEL]
+    if extension.is_built():
+        kernels.append(extension.row_kernel("cpu"))
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return kernels
+    from fused_margin import triton as fm_triton
+    if fm_triton.INTERPRETED:
+        kernels.append(fm_triton.ROW_KERNEL)
+    return kernels
+
+
+@pytest.mark.parametrize("margin_type,fold", [("additive_cosine", None), ("additive_angular", None),
+                                              ("additive_angular", "threshold"), ("additive_angular", "easy")])
+def test_each_code_means_its_option_on_every_kernel(margin_type, fold):
+    """The code a kernel receives for an option computes that option: every row kernel (eager contract,
+    C++ CPU, Triton under the interpreter) against the float64 reference, on cosines spread over [-1, 1]
+    with margins large enough that both folds change rows."""
+    g = torch.Generator().manual_seed(5)
+    B, C = 16, 7
+    cosines = (2 * torch.rand(B, C, generator=g) - 1).clamp(-0.999, 0.999)
+    target = torch.randint(0, C, (B,), generator=g)
+    margins = 0.6 + 0.8 * torch.rand(C, generator=g)
+    loss_spec = MarginLossSpec(head="logits", input_is_cosine=True, scale=4.0, margin_type=margin_type,
+                               angular_fold=fold, reduction="none")
+    tables = LossTables(class_margins=margins)
+    want = margin_cross_entropy_reference(cosines.double(), target, None, None, loss_spec,
+                                          LossTables(class_margins=margins.double()))[0]
+    for kernel in _kernels():
+        got = fused.fused_margin_cross_entropy(kernel, cosines, target, None, None, loss_spec, tables)[0]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=kernel.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the arguments
+
+def _parameter_names(fn):
+    return tuple(inspect.signature(fn).parameters)
+
+
+@needs_extension
+def test_cpp_op_schemas_match_the_python_table():
+    forward = torch.ops.fused_margin.row_forward.default._schema
+    backward = torch.ops.fused_margin.row_backward.default._schema
+    assert tuple(a.name for a in forward.arguments) == ROW_FORWARD_ARGS
+    assert len(forward.returns) == len(ROW_FORWARD_OUTPUTS)
+    assert tuple(a.name for a in backward.arguments) == ROW_BACKWARD_ARGS
+    assert len(backward.returns) == 1
+
+
+def test_eager_contract_signatures_match_the_python_table():
+    assert _parameter_names(row_torch.row_forward) == ROW_FORWARD_ARGS
+    assert _parameter_names(row_torch.row_backward) == ROW_BACKWARD_ARGS
+
+
+def test_triton_signatures_and_schemas_match_the_python_table():
+    _triton()
+    row_forward = importlib.import_module("fused_margin.triton.row_forward")
+    row_backward = importlib.import_module("fused_margin.triton.row_backward")
+    assert _parameter_names(row_forward._row_forward_fake) == ROW_FORWARD_ARGS
+    assert _parameter_names(row_backward._row_backward_fake) == ROW_BACKWARD_ARGS
+    forward = torch.ops.fused_margin.triton_row_forward.default._schema
+    backward = torch.ops.fused_margin.triton_row_backward.default._schema
+    assert tuple(a.name for a in forward.arguments) == ROW_FORWARD_ARGS
+    assert tuple(a.name for a in backward.arguments) == ROW_BACKWARD_ARGS
+
+
+def test_packing_by_name():
+    values = {name: object() for name in ROW_FORWARD_ARGS}
+    packed = spec.row_forward_args(**values)
+    assert packed == tuple(values[name] for name in ROW_FORWARD_ARGS)
+    with pytest.raises(TypeError, match=r"missing arguments \['fold'\]"):
+        spec.row_forward_args(**{k: v for k, v in values.items() if k != "fold"})
+    with pytest.raises(TypeError, match=r"unknown arguments \['margin'\]"):
+        spec.row_forward_args(**values, margin=1)
+    backward = {name: object() for name in ROW_BACKWARD_ARGS}
+    assert spec.row_backward_args(**backward) == tuple(backward[name] for name in ROW_BACKWARD_ARGS)
+    with pytest.raises(TypeError, match="scale_grad"):
+        spec.row_backward_args(**{k: v for k, v in backward.items() if k != "scale_grad"})
+
+
+def test_row_options_name_the_forward_scalars():
+    options = MarginLossSpec(head="cosine", margin_type="additive_angular", scale=7.0, lambda_inst=0.25,
+                             hard_mode="all", lambda_elm=0.5, angular_fold="easy", margin_grad="straight_through",
+                             label_smoothing=0.125, ignore_index=-7).row_options()
+    assert set(options) <= set(ROW_FORWARD_ARGS)
+    assert options == dict(scale=7.0, margin_type=MARGIN_TYPE_CODES["additive_angular"], lambda_inst=0.25,
+                           hard_all=True, lambda_elm=0.5, fold=FOLD_CODES["easy"], straight_through=True,
+                           label_smoothing=0.125, ignore_index=-7)
+
+
+def _same(a, b):
+    """Both None, or the same values in the same memory (a saved tensor comes back as a new object)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+
+
+def test_fused_passes_each_argument_under_its_name():
+    """A spy kernel binds what :mod:`fused_margin.fused` passes to the table's names: every scalar option
+    (all different, so a swap of two positions shows) and every table arrives where its name says."""
+    g = torch.Generator().manual_seed(3)
+    B, C, D = 5, 6, 4
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    w = torch.randn(C, D, generator=g, requires_grad=True)
+    target = torch.tensor([0, 3, -7, 5, 1])
+    tables = LossTables(class_margins=0.1 + 0.1 * torch.rand(C, generator=g),
+                        logit_offset=torch.randn(C, generator=g).requires_grad_(),
+                        pair_perturbation=0.1 * torch.randn(B, C, generator=g),
+                        class_weight=0.5 + torch.rand(C, generator=g))
+    loss_spec = MarginLossSpec(head="cosine", margin_type="additive_angular", scale=7.0, lambda_inst=0.25,
+                               hard_mode="all", lambda_elm=0.5, angular_fold="threshold",
+                               margin_grad="straight_through", label_smoothing=0.125, ignore_index=-7)
+    seen = {}
+
+    def forward(*args):
+        assert len(args) == len(ROW_FORWARD_ARGS)
+        seen["forward"] = dict(zip(ROW_FORWARD_ARGS, args))
+        return row_torch.row_forward(*args)
+
+    def backward(*args):
+        assert len(args) == len(ROW_BACKWARD_ARGS)
+        seen.setdefault("backward", []).append(dict(zip(ROW_BACKWARD_ARGS, args)))
+        return row_torch.row_backward(*args)
+
+    kernel = fused.RowKernel("spy", forward, backward)
+    loss = fused.fused_margin_cross_entropy(kernel, x, target, w, None, loss_spec, tables)[0]
+    loss.backward()
+
+    f = seen["forward"]
+    for name, value in loss_spec.row_options().items():
+        assert f[name] == value and type(f[name]) is type(value), name
+    assert f["raw"].shape == (B, C) and _same(f["target"], target)
+    assert f["row_scale"].shape == (B,) and f["col_scale"].shape == (C,) and f["col_shift"] is None
+    for name in ("class_margins", "logit_offset", "pair_perturbation", "class_weight"):
+        assert _same(f[name], getattr(tables, name)), name
+    assert seen["backward"], "the backward was not called"
+    for b in seen["backward"]:
+        for name in ("scale", "label_smoothing", "ignore_index"):
+            assert b[name] == f[name] and type(b[name]) is type(f[name]), name
+        for name in ("raw", "target", "row_scale", "col_scale", "col_shift", "logit_offset", "pair_perturbation",
+                     "class_weight"):
+            assert _same(b[name], f[name]), name
+        assert b["lse"].shape == b["nll"].shape == b["target_grad"].shape == b["grad_rows"].shape == (B,)
+        assert isinstance(b["scale_grad"], bool)
+        assert b["grad_rows"][2] == 0  # the ignored row
+
+
+def test_the_former_module_name_is_the_extension_module():
+    """``fused_margin.cuda`` (the wrapper's old name) imports as the very module ``fused_margin.extension``:
+    old imports keep working and nothing registers twice."""
+    import fused_margin.cuda
+    import fused_margin.extension
+    assert fused_margin.cuda is fused_margin.extension
+    assert fused_margin.cuda.row_kernel is fused_margin.extension.row_kernel
