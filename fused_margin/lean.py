@@ -200,12 +200,28 @@ class ClassBlock:
             shift = t.beta[sl].to(cd) * norms if shift is None else shift + t.beta[sl].to(cd) * norms
         return scale, shift, w_norm
 
-    def _raw(self, l0, l1):
-        if self.spec.head == "cosine":
-            return self.x_hat @ self.weight[l0:l1].t()
-        if self.spec.head == "linear":
-            return self.input @ self.weight[l0:l1].t()
-        return self.input[:, l0:l1]
+    def _chunk_buffer(self):
+        """A flat buffer of B x chunk elements in the input dtype (None for the logits head), reused by
+        every chunk: chunk ``[l0, l1)``'s B x k matrix is its first B k elements, contiguous. One
+        allocation a pass instead of one a chunk."""
+        if self.spec.head == "logits":
+            return None
+        rows = self.input.shape[0]
+        return torch.empty(rows * min(self.chunk, self.count), dtype=self.input.dtype, device=self.input.device)
+
+    @staticmethod
+    def _view(buffer, rows, width):
+        return buffer[:rows * width].view(rows, width)
+
+    def _raw(self, l0, l1, buffer=None):
+        """The chunk's GEMM output (the logits head: its columns of the input), into ``buffer`` if given."""
+        if self.spec.head == "logits":
+            return self.input[:, l0:l1]
+        x = self.x_hat if self.spec.head == "cosine" else self.input
+        w = self.weight[l0:l1]
+        if buffer is None:
+            return x @ w.t()
+        return torch.mm(x, w.t(), out=self._view(buffer, x.shape[0], l1 - l0))
 
     def _labels(self, y, kept):
         return torch.where(kept, y, torch.full_like(y, self.spec.ignore_index))
@@ -231,10 +247,11 @@ class ClassBlock:
         labels = self._labels(y, kept)
         col_scale, col_shift, _ = self._column_tables()
         buffers = class_block.PartialBuffers(y.shape[0], y.device, cd)
+        raw_buffer = self._chunk_buffer()
         for i, (c0, c1) in enumerate(self.ranges()):
             l0 = c0 - self.start
             class_block.block_partials(
-                buffers, self._raw(l0, c1 - self.start), c0, labels, first=i == 0, scale=spec.scale,
+                buffers, self._raw(l0, c1 - self.start, raw_buffer), c0, labels, first=i == 0, scale=spec.scale,
                 ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale, col_shift=col_shift,
                 offset=None if t.logit_offset is None else t.logit_offset.to(cd),
                 pair=self._kernel_pair(), class_weight=None if t.class_weight is None else t.class_weight.to(cd),
@@ -268,15 +285,16 @@ class ClassBlock:
                 x_acc = torch.zeros(input.shape, dtype=cd, device=input.device)
         if "weight" in need:
             out["weight"] = torch.empty(weight.shape, dtype=cd, device=input.device)
+        raw_buffer, grad_buffer = self._chunk_buffer(), self._chunk_buffer()
         for c0, c1 in self.ranges():
             l0, l1 = c0 - self.start, c1 - self.start
-            raw = self._raw(l0, l1)
+            raw = self._raw(l0, l1, raw_buffer)
             if spec.head == "logits":
                 if "input" not in out:
                     continue
                 grad_raw = out["input"][:, l0:l1]
             else:
-                grad_raw = torch.empty(raw.shape, dtype=input.dtype, device=input.device)
+                grad_raw = self._view(grad_buffer, raw.shape[0], raw.shape[1])
             class_block.block_grad(raw, c0, labels, lse, row_coef, smooth, target_value, grad_raw,
                                    scale=spec.scale, ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale,
                                    col_shift=col_shift, offset=None if t.logit_offset is None else t.logit_offset.to(cd),

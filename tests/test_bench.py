@@ -220,3 +220,31 @@ def test_lean_row_and_class_chunk_option(tmp_path, capsys):
         assert rows["cpu"]["check"] == "ok" and "lean path (class_chunk=24" in rows["cpu"]["note"]
     with pytest.raises(SystemExit):
         main(argv[:-2] + ["--class-chunk", "many", "--out", str(out)])
+
+
+def test_large_vocabulary_check_takes_the_chunked_reference(monkeypatch):
+    """Past CHUNKED_TRUTH_BYTES of float64 class weights (face-1m) the check's references run the
+    reference backend over class chunks: the same verdicts (a right case ok, a wrong one WRONG), and
+    the float64 base scores built in class blocks equal the one-GEMM ones."""
+    from fused_margin.bench import cases as cases_mod
+    from fused_margin.bench.check import base_scores64
+    assert cases_mod.truth_class_chunk(64, 1 << 20, 512) is not None
+    assert cases_mod.truth_class_chunk(256, 8142, 512) is None
+    built = []
+    original = cases_mod._reference_module
+
+    def spy(loss, head, counts, device, class_chunk):
+        built.append(class_chunk)
+        return original(loss, head, counts, device, class_chunk)
+
+    monkeypatch.setattr(cases_mod, "CHUNKED_TRUTH_BYTES", 0)
+    monkeypatch.setattr(cases_mod, "_reference_module", spy)
+    cfg = BenchConfig(**QUICK, modes=("fwdbwd",), losses=("dbm-bs",), heads=("cosine",), impls=("floor",),
+                      row_kernels={"torch": ROW_KERNEL, "wrong-grad": WRONG["wrong-grad"]})
+    result = run_benchmark(cfg, progress=False, log=lambda _: None)
+    assert built and all(isinstance(k, int) and 1 <= k for k in built), built
+    assert _row(result, "row:torch")["check"] == "ok" and _row(result, "row:wrong-grad")["check"] == "WRONG"
+    g = torch.Generator().manual_seed(0)
+    X, W = torch.randn(5, 7, generator=g), torch.randn(3 * (1 << 24) // 7 // 1000 + 9, 7, generator=g)
+    plain = torch.nn.functional.normalize(X.double(), dim=1) @ torch.nn.functional.normalize(W.double(), dim=1).t()
+    assert torch.equal(base_scores64(X, W, "cosine"), plain)

@@ -108,14 +108,38 @@ def row_kernel_fns(kernel: RowKernel, kwargs: dict):
     return fn, fn_aux
 
 
-def reference_fn(loss: str, head: str, counts: torch.Tensor, device):
-    """The eager reference of a margin group (works in any dtype, float64 included): ``(fn, fn_aux)``."""
-    return _module_fns(LOSSES[loss].module(counts, head, "reference").to(device))
+#: the correctness check's references (float64 and the run dtype) walk the classes in chunks when the
+#: class weights in float64 exceed this many bytes (e.g. the face-1m preset: 4 GiB, where the eager
+#: reference's normalised copies and gradients of W in float64 would not fit a 24 GiB machine)
+CHUNKED_TRUTH_BYTES = 1 << 30
 
 
-def reference_rows_fn(loss: str, head: str, counts: torch.Tensor, device) -> Callable:
-    """Per-row losses of the reference (``reduction="none"``)."""
+def truth_class_chunk(rows: int, num_classes: int, dim: int) -> Optional[int]:
+    """``class_chunk`` of the check's references: None (the eager reference, one B x C pass) unless the
+    float64 class weights exceed :data:`CHUNKED_TRUTH_BYTES`; then the reference backend's own chunked
+    path (eager torch over class chunks, tested against the unchunked reference in tests/test_lean.py)."""
+    if num_classes * dim * 8 <= CHUNKED_TRUTH_BYTES:
+        return None
+    return auto_chunk(rows, num_classes)
+
+
+def _reference_module(loss, head, counts, device, class_chunk):
     module = LOSSES[loss].module(counts, head, "reference").to(device)
+    if class_chunk is not None:
+        module.options["class_chunk"] = int(class_chunk)
+    return module
+
+
+def reference_fn(loss: str, head: str, counts: torch.Tensor, device, class_chunk: Optional[int] = None):
+    """The eager reference of a margin group (works in any dtype, float64 included): ``(fn, fn_aux)``;
+    over chunks of ``class_chunk`` classes when given (:func:`truth_class_chunk`)."""
+    return _module_fns(_reference_module(loss, head, counts, device, class_chunk))
+
+
+def reference_rows_fn(loss: str, head: str, counts: torch.Tensor, device,
+                      class_chunk: Optional[int] = None) -> Callable:
+    """Per-row losses of the reference (``reduction="none"``)."""
+    module = _reference_module(loss, head, counts, device, class_chunk)
     return lambda X, W, y: module(X, y, W, reduction="none")
 
 

@@ -76,10 +76,18 @@ class Truth:
 
 def base_scores64(X: torch.Tensor, W: torch.Tensor, head: str) -> torch.Tensor:
     """The base scores in float64 (cosines for the cosine head, ``X W^T`` for the linear head)."""
-    X, W = X.detach().double(), W.detach().double()
+    X = X.detach().double()
     if head == "cosine":
-        X, W = F.normalize(X, dim=1, eps=NORM_EPS), F.normalize(W, dim=1, eps=NORM_EPS)
-    return X @ W.t()
+        X = F.normalize(X, dim=1, eps=NORM_EPS)
+    # W in blocks of classes: no float64 copy of the whole C x D weight (4 GiB at the face-1m preset)
+    out = torch.empty(X.shape[0], W.shape[0], dtype=torch.float64, device=X.device)
+    step = max(1, (1 << 24) // max(1, W.shape[1]))
+    for c0 in range(0, W.shape[0], step):
+        w = W[c0:c0 + step].detach().double()
+        if head == "cosine":
+            w = F.normalize(w, dim=1, eps=NORM_EPS)
+        out[:, c0:c0 + step] = X @ w.t()
+    return out
 
 
 def _top2_gap(z: torch.Tensor) -> torch.Tensor:

@@ -91,8 +91,9 @@ class _Runner:
             cases = cases_mod.margin_cases(cfg, loss, head, self.counts, compile_it, self.status)
 
             def make_truth(loss=loss, head=head):
-                fn, fn_aux = cases_mod.reference_fn(loss, head, self.counts, self.device)
-                rows = cases_mod.reference_rows_fn(loss, head, self.counts, self.device)
+                chunk = cases_mod.truth_class_chunk(self.check_rows, cfg.C, cfg.D)
+                fn, fn_aux = cases_mod.reference_fn(loss, head, self.counts, self.device, chunk)
+                rows = cases_mod.reference_rows_fn(loss, head, self.counts, self.device, chunk)
                 return build_truth(fn, fn_aux, rows, head, *self.check_inputs,
                                    **cases_mod.tie_options(loss, self.counts, cfg.C, head))
             out.append((cases, make_truth))
