@@ -351,7 +351,9 @@ FM_BLOCK_HD A grad_element(const GradArgs<A>& a, const GradRow<A>& row, int64_t 
 // The op arguments checked and converted (host code, shared by the CPU and CUDA wrappers).
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <optional>
 #include <vector>
@@ -470,6 +472,19 @@ struct ChunkInputs {
     return t;
   }
 };
+
+// Calls f(T(), A()) with raw's element type T and its accumulation type A (class_block_cpu.cpp and the
+// CUDA wrappers).
+template <typename F>
+void dispatch_raw(const at::Tensor& raw, F&& f) {
+  switch (raw.scalar_type()) {
+    case at::kFloat: f(float(), float()); break;
+    case at::kDouble: f(double(), double()); break;
+    case at::kBFloat16: f(c10::BFloat16(), float()); break;
+    case at::kHalf: f(c10::Half(), float()); break;
+    default: TORCH_CHECK(false, "fused_margin class-block ops: unsupported raw dtype ", raw.scalar_type());
+  }
+}
 
 // A running buffer of block_partials_: 1-D with B entries, contiguous, of the expected dtype.
 inline void check_buffer(const ChunkInputs& in, const at::Tensor& b, at::ScalarType dtype, const char* name) {

@@ -141,6 +141,38 @@ FM_HOT A lane_max(const A* __restrict__ v, int64_t n, bool& any_nan) {
   return best;
 }
 
+// The end of a lane argmax over v[0, n): the lanes' (value, first index) merged, ties to the lower
+// index; the tail [j, n) added; where a lane's poison (or the tail) saw a NaN or an infinity, the row
+// rescanned for its first NaN. Lanes, Index, Poison: arrays or vectors of `count` lanes.
+template <typename A, typename Lanes, typename Index, typename Poison>
+FM_HOT Argmax<A> finish_argmax(const A* v, int64_t n, int64_t j, const Lanes& lanes, const Index& index,
+                               const Poison& poison, int count) {
+  A best = -infinity<A>();
+  int64_t best_index = -1;
+  bool suspect = false;
+  for (int u = 0; u < count; ++u) {
+    suspect = suspect || nan(poison[u]);
+    if (index[u] >= 0 && (lanes[u] > best || (lanes[u] == best && (best_index < 0 || index[u] < best_index)))) {
+      best = lanes[u];
+      best_index = index[u];
+    }
+  }
+  for (int64_t k = j; k < n; ++k) {
+    suspect = suspect || nan(v[k]);
+    if (v[k] > best) {
+      best = v[k];
+      best_index = k;
+    }
+  }
+  if (suspect) {
+    for (int64_t k = 0; k < n; ++k) {
+      if (nan(v[k])) return {v[k], k};
+    }
+  }
+  if (best_index < 0) return {v[0], 0};  // every value -inf
+  return {best, best_index};
+}
+
 // torch.argmax of v[0, n) (n >= 1, n < 2^31): the first NaN, else the first index of the max. One pass
 // of lane maxima that keep their first index (a strict > per lane), then the lanes merged, ties to the
 // lower index; a row holding a NaN (poison as in lane_max) is rescanned for its first NaN.
@@ -164,30 +196,7 @@ FM_HOT Argmax<A> first_argmax(const A* __restrict__ v, int64_t n) {
       poison[u] = poison[u] + x * A(0);
     }
   }
-  A best = -infinity<A>();
-  int64_t best_index = -1;
-  bool suspect = false;
-  for (int u = 0; u < kLanes; ++u) {
-    suspect = suspect || nan(poison[u]);
-    if (index[u] >= 0 && (lanes[u] > best || (lanes[u] == best && (best_index < 0 || index[u] < best_index)))) {
-      best = lanes[u];
-      best_index = index[u];
-    }
-  }
-  for (int64_t k = j; k < n; ++k) {
-    suspect = suspect || nan(v[k]);
-    if (v[k] > best) {
-      best = v[k];
-      best_index = k;
-    }
-  }
-  if (suspect) {
-    for (int64_t k = 0; k < n; ++k) {
-      if (nan(v[k])) return {v[k], k};
-    }
-  }
-  if (best_index < 0) return {v[0], 0};  // every value -inf
-  return {best, best_index};
+  return finish_argmax<A>(v, n, j, lanes, index, poison, kLanes);
 }
 
 // ---- fp32 rows in explicit 16-lane vectors (GCC vector extensions). The generic loops above stay
@@ -285,30 +294,7 @@ FM_HOT Argmax<float> first_argmax(const float* __restrict__ v, int64_t n) {
     poison = poison + x * 0.f;
     at = at + kVec;
   }
-  float best = -infinity<float>();
-  int64_t best_index = -1;
-  bool suspect = false;
-  for (int u = 0; u < kVec; ++u) {
-    suspect = suspect || nan(poison[u]);
-    if (index[u] >= 0 && (lanes[u] > best || (lanes[u] == best && (best_index < 0 || index[u] < best_index)))) {
-      best = lanes[u];
-      best_index = index[u];
-    }
-  }
-  for (; j < n; ++j) {
-    suspect = suspect || nan(v[j]);
-    if (v[j] > best) {
-      best = v[j];
-      best_index = j;
-    }
-  }
-  if (suspect) {
-    for (int64_t k = 0; k < n; ++k) {
-      if (nan(v[k])) return {v[k], k};
-    }
-  }
-  if (best_index < 0) return {v[0], 0};  // every value -inf
-  return {best, best_index};
+  return finish_argmax<float>(v, n, j, lanes, index, poison, kVec);
 }
 
 template <typename T, typename A>
@@ -479,17 +465,6 @@ FM_BLOCK_ROW_LOOPS(c10::Half, float, f16)
 
 // Rows per task so that a task covers at least ~32K elements.
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
-
-template <typename F>
-void dispatch_raw(const at::Tensor& raw, F&& f) {
-  switch (raw.scalar_type()) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    default: TORCH_CHECK(false, "fused_margin class-block ops: unsupported raw dtype ", raw.scalar_type());
-  }
-}
 
 }  // namespace
 

@@ -458,17 +458,6 @@ __global__ void __launch_bounds__(kBlockThreads) block_grad_kernel(GradArgs<A> a
   }
 }
 
-template <typename F>
-void dispatch_block_raw(const at::Tensor& raw, F&& f) {
-  switch (raw.scalar_type()) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    default: TORCH_CHECK(false, "fused_margin class-block ops: unsupported raw dtype ", raw.scalar_type());
-  }
-}
-
 }  // namespace block_kernels
 
 namespace {
@@ -482,7 +471,7 @@ void block_partials_cuda(const Tensor& raw_in, int64_t c0, const Tensor& target_
                          bool track_wrong, bool smoothing) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
   block::ChunkInputs in(raw_in, target_in, "block_partials_");
-  block_kernels::dispatch_block_raw(in.raw, [&](auto raw_tag, auto acc_tag) {
+  block::dispatch_raw(in.raw, [&](auto raw_tag, auto acc_tag) {
     using T = decltype(raw_tag);
     using A = decltype(acc_tag);
     const block::PartialsArgs<A> a = block::partials_args<A>(
@@ -506,7 +495,7 @@ void block_grad_cuda(const Tensor& raw_in, int64_t c0, const Tensor& target_in, 
                      const OptTensor& pair, const OptTensor& class_weight) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
   block::ChunkInputs in(raw_in, target_in, "block_grad");
-  block_kernels::dispatch_block_raw(in.raw, [&](auto raw_tag, auto acc_tag) {
+  block::dispatch_raw(in.raw, [&](auto raw_tag, auto acc_tag) {
     using T = decltype(raw_tag);
     using A = decltype(acc_tag);
     const block::GradArgs<A> a = block::grad_args<A>(in, c0, lse, coef, smooth, target_value, out, scale,
