@@ -104,8 +104,14 @@ FM_BLOCK_HD bool nan(A v) { return v != v; }
 template <typename A>
 FM_BLOCK_HD bool finite(A v) { return v - v == A(0); }
 
+// +inf from <cmath>'s constants (std::numeric_limits<A>::infinity() is a host-only constexpr function
+// for nvcc without --expt-relaxed-constexpr)
 template <typename A>
-FM_BLOCK_HD A infinity() { return std::numeric_limits<A>::infinity(); }
+FM_BLOCK_HD A infinity();
+template <>
+FM_BLOCK_HD float infinity<float>() { return HUGE_VALF; }
+template <>
+FM_BLOCK_HD double infinity<double>() { return HUGE_VAL; }
 
 // max that propagates NaN, as torch.maximum
 template <typename A>
