@@ -444,8 +444,8 @@ __global__ void __launch_bounds__(kBlockThreads) block_partials_kernel(PartialsA
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlockThreads) block_grad_kernel(GradArgs<A> a) {
-  const int64_t i = blockIdx.y;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x;
+  const int64_t i = blockIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kBlockThreads + threadIdx.x;
   if (j >= a.t.width) return;
   const T* raw = static_cast<const T*>(a.t.raw) + i * a.t.raw_stride;
   T* out = static_cast<T*>(a.out) + i * a.out_stride;
@@ -502,11 +502,13 @@ void block_grad_cuda(const Tensor& raw_in, int64_t c0, const Tensor& target_in, 
                                                      ignore_index, col0, row_scale, col_scale, col_shift, offset,
                                                      pair, class_weight);
     if (a.t.rows == 0 || a.t.width == 0) return;
-    TORCH_CHECK(a.t.rows <= 65535, "fused_margin block_grad: at most 65535 rows per call on CUDA, got ", a.t.rows);
+    // rows on the grid's x dimension (up to 2^31 - 1), column blocks on y (up to 65535: 16.7M columns a chunk)
+    TORCH_CHECK(a.t.rows <= std::numeric_limits<int32_t>::max(), "fused_margin block_grad: too many rows (",
+                a.t.rows, ")");
     const int64_t col_blocks = (a.t.width + block_kernels::kBlockThreads - 1) / block_kernels::kBlockThreads;
-    TORCH_CHECK(col_blocks <= std::numeric_limits<int32_t>::max(), "fused_margin block_grad: chunk too wide (",
-                a.t.width, " columns)");
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(a.t.rows));
+    TORCH_CHECK(col_blocks <= 65535, "fused_margin block_grad: at most ", 65535 * block_kernels::kBlockThreads,
+                " columns a chunk on CUDA, got ", a.t.width);
+    const dim3 grid(static_cast<unsigned>(a.t.rows), static_cast<unsigned>(col_blocks));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     block_kernels::block_grad_kernel<T, A><<<grid, block_kernels::kBlockThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
