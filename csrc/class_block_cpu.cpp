@@ -109,6 +109,26 @@ FM_HOT bool has_nan(const A* v, int64_t n) {
   return false;
 }
 
+// The end of a lane max over v[0, n): the lanes merged, the tail [j, n) added; any_nan from a rescan
+// only where a lane's poison (or the tail) saw a NaN or an infinity. Lanes, Poison: arrays or vectors of
+// `count` lanes.
+template <typename A, typename Lanes, typename Poison>
+FM_HOT A finish_max(const A* v, int64_t n, int64_t j, const Lanes& lanes, const Poison& poison, int count,
+                    bool& any_nan) {
+  A best = -infinity<A>();
+  bool suspect = false;
+  for (int u = 0; u < count; ++u) {
+    best = lanes[u] > best ? lanes[u] : best;
+    suspect = suspect || nan(poison[u]);
+  }
+  for (int64_t k = j; k < n; ++k) {
+    best = v[k] > best ? v[k] : best;
+    suspect = suspect || nan(v[k]);
+  }
+  any_nan = suspect && has_nan(v, n);
+  return best;
+}
+
 // (max, any NaN) of v[0, n): lane maxima ((a > b) ? a : b is the vector max instruction). NaNs are
 // found through poison[u] += x * 0, NaN once a lane saw a NaN or an infinity (a float add, so the loop
 // vectorises, where a per-lane flag would not); only then is the row rescanned for a NaN.
@@ -127,18 +147,7 @@ FM_HOT A lane_max(const A* __restrict__ v, int64_t n, bool& any_nan) {
       poison[u] = poison[u] + x * A(0);
     }
   }
-  A best = -infinity<A>();
-  bool suspect = false;
-  for (int u = 0; u < kLanes; ++u) {
-    best = lanes[u] > best ? lanes[u] : best;
-    suspect = suspect || nan(poison[u]);
-  }
-  for (; j < n; ++j) {
-    best = v[j] > best ? v[j] : best;
-    suspect = suspect || nan(v[j]);
-  }
-  any_nan = suspect && has_nan(v, n);
-  return best;
+  return finish_max<A>(v, n, j, lanes, poison, kLanes, any_nan);
 }
 
 // The end of a lane argmax over v[0, n): the lanes' (value, first index) merged, ties to the lower
@@ -267,18 +276,7 @@ FM_HOT float lane_max(const float* __restrict__ v, int64_t n, bool& any_nan) {
     lanes = x > lanes ? x : lanes;
     poison = poison + x * 0.f;
   }
-  float best = -infinity<float>();
-  bool suspect = false;
-  for (int u = 0; u < kVec; ++u) {
-    best = lanes[u] > best ? lanes[u] : best;
-    suspect = suspect || nan(poison[u]);
-  }
-  for (; j < n; ++j) {
-    best = v[j] > best ? v[j] : best;
-    suspect = suspect || nan(v[j]);
-  }
-  any_nan = suspect && has_nan(v, n);
-  return best;
+  return finish_max<float>(v, n, j, lanes, poison, kVec, any_nan);
 }
 
 FM_HOT Argmax<float> first_argmax(const float* __restrict__ v, int64_t n) {

@@ -59,6 +59,19 @@ class RowResult(NamedTuple):
     target_grad: torch.Tensor
 
 
+
+def empty_partials(rows: int, device, dtype: torch.dtype, flag_dtype: torch.dtype = torch.bool) -> Partials:
+    """Uninitialised :class:`Partials` of ``rows`` rows: the running buffers the chunk kernels merge into
+    (values in ``dtype``, the argmax indices int64, ``has_y`` in ``flag_dtype``: bool for the C++ ops,
+    int8 for Triton's stores)."""
+    values = dict(dtype=dtype, device=device)
+    index = dict(dtype=torch.int64, device=device)
+    return Partials(z_max=torch.empty(rows, **values), z_arg=torch.empty(rows, **index),
+                    wrong_max=torch.empty(rows, **values), wrong_arg=torch.empty(rows, **index),
+                    z_y=torch.empty(rows, **values), has_y=torch.empty(rows, dtype=flag_dtype, device=device),
+                    l_max=torch.empty(rows, **values), l_sum=torch.empty(rows, **values),
+                    dev=torch.empty(rows, **values), weight=torch.empty(rows, **values))
+
 def lse_shift(m: torch.Tensor) -> torch.Tensor:
     """``torch.logsumexp``'s shift: ``m`` where finite, else 0."""
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))

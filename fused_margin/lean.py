@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .class_split import Partials, block_partials, combine, finish
+from .class_split import Partials, block_partials, combine, empty_partials, finish
 from .reference import compute_dtype
 from .spec import NORM_EPS, LossTables, MarginLossSpec
 
@@ -69,16 +69,8 @@ class CppBlockOps:
     CUDA tensors when the extension was built with CUDA (fused_margin_cuda.cu); raw in fp32, bf16, fp16
     (fp32 math) or fp64 (fp64 math)."""
 
-    class PartialBuffers:
-        """Running per-row partials in the accumulation dtype ``dtype`` (fp32, or fp64 for fp64 raw)."""
-
-        def __init__(self, rows: int, device, dtype=torch.float32):
-            acc = dict(dtype=dtype, device=device)
-            self.z_max, self.wrong_max, self.z_y = (torch.empty(rows, **acc) for _ in range(3))
-            self.l_max, self.l_sum, self.dev, self.weight = (torch.empty(rows, **acc) for _ in range(4))
-            self.z_arg = torch.empty(rows, dtype=torch.int64, device=device)
-            self.wrong_arg = torch.empty(rows, dtype=torch.int64, device=device)
-            self.has_y = torch.empty(rows, dtype=torch.bool, device=device)
+    #: the dtype of the ``has_y`` buffer the ops write (``class_split.empty_partials``)
+    FLAG_DTYPE = torch.bool
 
     @staticmethod
     def block_partials(buffers, raw, c0, target, *, first, scale, ignore_index, col0=0, row_scale=None,
@@ -233,49 +225,52 @@ class ClassBlock:
             return class_block
         return CppBlockOps
 
-    def _kernel_pair(self):
-        """The B x C pair perturbation for the chunk kernels: as given for Triton (it loads any float
-        dtype); in the accumulation dtype for the C++ ops (converted once here, not once per chunk)."""
-        pair = self.tables.pair_perturbation
-        if pair is None or self.kernel not in ("cpu", "cuda") or pair.dtype == self.cd:
-            return pair
-        return pair.to(self.cd)
+    def _kernel_tables(self) -> dict:
+        """The chunk kernels' table arguments, the same for every chunk of a pass, so formed once:
+        ``col_scale``/``col_shift`` (:meth:`_column_tables`), ``offset`` and ``class_weight`` in the
+        accumulation dtype, and the B x C ``pair`` as given for Triton (it loads any float dtype) or in
+        the accumulation dtype for the C++ ops."""
+        t, cd = self.tables, self.cd
+        col_scale, col_shift, _ = self._column_tables()
+        pair = t.pair_perturbation
+        if pair is not None and self.kernel in ("cpu", "cuda"):
+            pair = pair.to(cd)
+        return dict(col_scale=col_scale, col_shift=col_shift,
+                    offset=None if t.logit_offset is None else t.logit_offset.to(cd), pair=pair,
+                    class_weight=None if t.class_weight is None else t.class_weight.to(cd))
 
     def _partials_kernel(self, y, kept) -> Partials:
         class_block = self._block_ops()
-        spec, t, cd = self.spec, self.tables, self.cd
+        spec, t = self.spec, self.tables
         labels = self._labels(y, kept)
-        col_scale, col_shift, _ = self._column_tables()
-        buffers = class_block.PartialBuffers(y.shape[0], y.device, cd)
+        tables = self._kernel_tables()
+        buffers = empty_partials(y.shape[0], y.device, self.cd, class_block.FLAG_DTYPE)
         raw_buffer = self._chunk_buffer()
         for i, (c0, c1) in enumerate(self.ranges()):
             l0 = c0 - self.start
             class_block.block_partials(
                 buffers, self._raw(l0, c1 - self.start, raw_buffer), c0, labels, first=i == 0, scale=spec.scale,
-                ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale, col_shift=col_shift,
-                offset=None if t.logit_offset is None else t.logit_offset.to(cd),
-                pair=self._kernel_pair(), class_weight=None if t.class_weight is None else t.class_weight.to(cd),
+                ignore_index=spec.ignore_index, col0=l0, **tables,
                 track_wrong=t.class_margins is not None and spec.lambda_elm != 0.0,
                 smoothing=spec.label_smoothing != 0.0)
-        b = buffers
-        return Partials(b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y != 0, b.l_max, b.l_sum, b.dev,
-                        b.weight)
+        return buffers._replace(has_y=buffers.has_y != 0)
 
     def _backward_kernel(self, y, kept, g, nll, target_grad, lse, num_classes, need):
         class_block = self._block_ops()
-        spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
+        spec, cd, input, weight = self.spec, self.cd, self.input, self.weight
         eps = spec.label_smoothing
-        if t.class_weight is not None:
-            w_all = t.class_weight.to(cd)
+        tables = self._kernel_tables()
+        w_all = tables["class_weight"]
+        if w_all is not None:
             w_y, w_sum = w_all[y], w_all.sum()
         else:
-            w_all, w_y, w_sum = None, torch.ones_like(lse), float(num_classes)
+            w_y, w_sum = torch.ones_like(lse), float(num_classes)
         dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * torch.exp(-nll) - w_y))
         row_coef = g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)
         smooth = g * (eps / num_classes) if eps != 0.0 else None
         target_value = dl_target * target_grad
         labels = self._labels(y, kept)
-        col_scale, col_shift, w_norm = self._column_tables()
+        w_norm = self.w_norm
         out = {}
         x_acc = None
         if "input" in need:
@@ -296,9 +291,7 @@ class ClassBlock:
             else:
                 grad_raw = self._view(grad_buffer, raw.shape[0], raw.shape[1])
             class_block.block_grad(raw, c0, labels, lse, row_coef, smooth, target_value, grad_raw,
-                                   scale=spec.scale, ignore_index=spec.ignore_index, col0=l0, col_scale=col_scale,
-                                   col_shift=col_shift, offset=None if t.logit_offset is None else t.logit_offset.to(cd),
-                                   pair=self._kernel_pair(), class_weight=w_all)
+                                   scale=spec.scale, ignore_index=spec.ignore_index, col0=l0, **tables)
             if spec.head == "logits":
                 continue
             w_chunk = weight[l0:l1]
@@ -353,11 +346,12 @@ class ClassBlock:
         spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
         device, count = input.device, self.count
         eps = spec.label_smoothing
-        if t.class_weight is not None:
-            w_all = t.class_weight.to(cd)
+        tables = self._kernel_tables()
+        w_all = tables["class_weight"]
+        if w_all is not None:
             w_y, w_sum = w_all[y], w_all.sum()
         else:
-            w_all, w_y, w_sum = None, torch.ones_like(lse), float(num_classes)
+            w_y, w_sum = torch.ones_like(lse), float(num_classes)
         # dL/dt = g ((1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y)), p_y - 1 = expm1(-nll) kept precise
         dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * torch.exp(-nll) - w_y))
         row_coef = g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)

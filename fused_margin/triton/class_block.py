@@ -174,21 +174,11 @@ def _block_partials_kernel(
     tl.store(wsum_ptr + row, l_w)
 
 
-class PartialBuffers:
-    """Running per-row partials (fp32) that :func:`block_partials` merges chunks into."""
-
-    def __init__(self, rows: int, device, dtype=torch.float32):
-        if dtype != torch.float32:
-            raise ValueError(f"the Triton class-block kernels accumulate in fp32, got dtype={dtype}")
-        f32 = dict(dtype=torch.float32, device=device)
-        self.z_max, self.wrong_max, self.z_y = (torch.empty(rows, **f32) for _ in range(3))
-        self.l_max, self.l_sum, self.dev, self.weight = (torch.empty(rows, **f32) for _ in range(4))
-        self.z_arg = torch.empty(rows, dtype=torch.int64, device=device)
-        self.wrong_arg = torch.empty(rows, dtype=torch.int64, device=device)
-        self.has_y = torch.empty(rows, dtype=torch.int8, device=device)
+#: the dtype of the ``has_y`` buffer this module's kernels store (``class_split.empty_partials``)
+FLAG_DTYPE = torch.int8
 
 
-def block_partials(buffers: PartialBuffers, raw: torch.Tensor, c0: int, target: torch.Tensor, *, first: bool,
+def block_partials(buffers, raw: torch.Tensor, c0: int, target: torch.Tensor, *, first: bool,
                    scale: float, ignore_index: int, col0: int = 0, row_scale: Optional[torch.Tensor] = None,
                    col_scale: Optional[torch.Tensor] = None, col_shift: Optional[torch.Tensor] = None,
                    offset: Optional[torch.Tensor] = None, pair: Optional[torch.Tensor] = None,
