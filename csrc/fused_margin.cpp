@@ -16,12 +16,17 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -40,9 +45,11 @@ void check_labels(const Tensor& target, int64_t cols, int64_t ignore_index) {
   const int64_t* labels = target.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < target.numel(); ++i) {
     const int64_t y = labels[i];
-    TORCH_CHECK(y == ignore_index || (y >= 0 && y < cols), "fused_margin row kernels: target[", i, "] = ", y,
-                " is out of range: labels must be in [0, ", cols, ") or equal ignore_index (", ignore_index,
-                ")");
+    // a ValueError with the message of the Python check (fused_margin/functional.py _check_labels), which
+    // the cpu backend leaves to this one
+    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < cols), "target[", i, "] = ", y,
+                      " is out of range: labels must be in [0, ", cols, ") or equal ignore_index (",
+                      ignore_index, ")");
   }
 }
 
@@ -53,6 +60,7 @@ void check_labels(const Tensor& target, int64_t cols, int64_t ignore_index) {
 struct CpuKernels {
   cpu::RowForwardFn forward;
   cpu::RowBackwardFn backward;
+  cpu::RowNormsFn norms;
   const char* name;
 };
 
@@ -60,13 +68,13 @@ CpuKernels select_cpu_kernels() {
 #if defined(FUSED_MARGIN_HAVE_ISA_KERNELS)
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512" && cpu::AVX512::vector_width() > 0) {
-    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, "AVX512"};
+    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, cpu::AVX512::row_norms, "AVX512"};
   }
   if ((capability == "AVX512" || capability == "AVX2") && cpu::AVX2::vector_width() > 0) {
-    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, "AVX2"};
+    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, cpu::AVX2::row_norms, "AVX2"};
   }
 #endif
-  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, "DEFAULT"};
+  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, cpu::DEFAULT::row_norms, "DEFAULT"};
 }
 
 const CpuKernels& cpu_kernels() {
@@ -77,57 +85,158 @@ const CpuKernels& cpu_kernels() {
 // Rows per task so that a task touches at least ~32K elements (small problems stay on one thread).
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cpu(
+// The op's loss from the rows' (call.loss): their sum, or their mean over the kept rows' weights (their count
+// without class weights; 0 / 0 = NaN as F.cross_entropy), summed in double in row order; and that
+// denominator (written for every reduction).
+void reduce_loss_cpu(ForwardCall& call) {
+  const RowForwardArgs& a = call.args;
+  double total = 0.0, denom = 0.0;
+  for (int64_t i = 0; i < a.rows; ++i) {
+    total += a.loss[i];
+    const int64_t y = a.target[i];
+    if (y != a.ignore_index) denom += a.class_weight ? a.class_weight[y] : 1.f;
+  }
+  const float d = static_cast<float>(denom);
+  *call.denom.mutable_data_ptr<float>() = d;
+  const float sum = static_cast<float>(total);
+  *call.reduced.mutable_data_ptr<float>() =
+      call.reduction == Reduction::Mean ? (d != 0.f ? sum / d : std::nanf("")) : sum;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cpu(
     const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
     const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
     const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
     double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
-    double label_smoothing, int64_t ignore_index) {
+    double label_smoothing, int64_t ignore_index, int64_t reduction) {
   ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
                                      logit_offset, pair_perturbation, class_weight, scale, margin_type,
                                      lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
-                                     ignore_index);
+                                     ignore_index, reduction);
   const RowForwardArgs& args = call.args;
-  if (args.rows == 0) return call.outputs();
   check_labels(call.target, args.cols, ignore_index);
-
-  const cpu::RowForwardFn forward = cpu_kernels().forward;
-  at::parallel_for(0, args.rows, row_grain(args.cols),
-                   [&](int64_t begin, int64_t end) { forward(args, begin, end); });
+  if (args.rows > 0) {
+    const cpu::RowForwardFn forward = cpu_kernels().forward;
+    at::parallel_for(0, args.rows, row_grain(args.cols),
+                     [&](int64_t begin, int64_t end) { forward(args, begin, end); });
+  }
+  reduce_loss_cpu(call);
   return call.outputs();
 }
 
 // Columns per backward task: rows are split too so that a few long rows still use every thread.
 constexpr int64_t kBackwardColumnBlock = 4096;
+// Rows per row block of the backward's column partials (their memory: kNumColumnStats x C floats a block).
+constexpr int64_t kBackwardRowBlock = 32;
 
-Tensor row_backward_cpu(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
-                        const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
-                        const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse,
-                        const Tensor& nll, const Tensor& target_grad, const Tensor& grad_rows,
-                        double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
+    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
+    const OptTensor& col_shift, const OptTensor& logit_offset, const OptTensor& pair_perturbation,
+    const OptTensor& class_weight, const Tensor& lse, const Tensor& nll, const Tensor& target_grad,
+    const Tensor& grad_rows, const OptTensor& denom, double scale, double label_smoothing, int64_t ignore_index,
+    bool scale_grad, const OptTensor& row_proj, const OptTensor& col_proj, bool col_stats) {
   BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                       pair_perturbation, class_weight, lse, nll, target_grad,
-                                       grad_rows, scale, label_smoothing, ignore_index, scale_grad);
+                                       pair_perturbation, class_weight, lse, nll, target_grad, grad_rows, denom,
+                                       scale, label_smoothing, ignore_index, scale_grad, row_proj, col_proj,
+                                       col_stats);
   RowBackwardArgs& args = call.args;
   const int64_t rows = args.rows, cols = args.cols;
   check_labels(call.target, cols, ignore_index);
-  if (call.grad.numel() == 0) return call.grad;
   // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights); only label smoothing uses it
   if (call.class_weight.defined() && label_smoothing != 0.0) {
     args.weight_sum = call.class_weight.sum().item<float>();
   }
-
-  const cpu::RowBackwardFn backward = cpu_kernels().backward;
-  const int64_t blocks = (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock;
+  const bool row_sums = call.row_proj.defined() && rows > 0;
+  const bool col_sums = (call.col_proj.defined() || col_stats) && cols > 0;
+  const int64_t blocks = std::max<int64_t>(1, (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock);
   const int64_t block_cols = std::min(cols, kBackwardColumnBlock);
-  at::parallel_for(0, rows * blocks, std::max<int64_t>(1, 32768 / block_cols), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / blocks, block = task % blocks;
-      const int64_t c0 = block * kBackwardColumnBlock;
-      backward(args, i, i + 1, c0, std::min(cols, c0 + kBackwardColumnBlock));
+  // one row a task, or kBackwardRowBlock when the column sums are formed (each row block's partials are
+  // summed in a fixed order below: the result does not depend on the thread count)
+  const int64_t task_rows = col_sums ? kBackwardRowBlock : 1;
+  const int64_t row_blocks = (rows + task_rows - 1) / task_rows;
+  Tensor row_dot, col_partials;
+  const auto f32 = call.raw.options().dtype(at::kFloat);
+  if (row_sums) {
+    row_dot = at::empty({rows, blocks}, f32);
+    args.row_dot = row_dot.mutable_data_ptr<float>();
+  }
+  if (col_sums) {
+    col_partials = at::zeros({row_blocks, kNumColumnStats, cols}, f32);
+    args.col_partials = col_partials.mutable_data_ptr<float>();
+  }
+  args.col_blocks = blocks;
+  args.col_block_width = kBackwardColumnBlock;
+  args.row_block = task_rows;
+
+  if (call.grad.numel() > 0) {
+    const cpu::RowBackwardFn backward = cpu_kernels().backward;
+    const int64_t grain = std::max<int64_t>(1, 32768 / (block_cols * task_rows));
+    at::parallel_for(0, row_blocks * blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rb = task / blocks, block = task % blocks;
+        const int64_t r0 = rb * task_rows, c0 = block * kBackwardColumnBlock;
+        backward(args, r0, std::min(rows, r0 + task_rows), c0, std::min(cols, c0 + kBackwardColumnBlock));
+      }
+    });
+  }
+  // row_coef_i = -row_proj_i row_scale_i sum_j G_ij col_scale_j raw_ij
+  if (row_sums) {
+    const float* dot = args.row_dot;
+    const float* proj = call.row_proj.const_data_ptr<float>();
+    float* coef = call.row_coef.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < rows; ++i) {
+      float r = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) r += dot[i * blocks + b];
+      if (args.row_scale) r = r * args.row_scale[i];
+      coef[i] = -(proj[i] * r);
     }
-  });
-  return call.grad;
+  }
+  // the column sums over the row blocks, in order; col_coef_j = -col_proj_j col_scale_j sum_i G_ij rs_i raw_ij
+  if (col_sums) {
+    const float* partial = args.col_partials;
+    const float* proj = call.col_proj.defined() ? call.col_proj.const_data_ptr<float>() : nullptr;
+    float* coef = proj ? call.col_coef.mutable_data_ptr<float>() : nullptr;
+    float* stats = col_stats ? call.stats.mutable_data_ptr<float>() : nullptr;
+    const float scale_f = static_cast<float>(scale);
+    at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        float sum_g = 0.f, sum_graw = 0.f, sum_dl = 0.f;
+        for (int64_t rb = 0; rb < row_blocks; ++rb) {
+          const float* p = partial + rb * kNumColumnStats * cols;
+          sum_g += p[kSumG * cols + j];
+          sum_graw += p[kSumGRaw * cols + j];
+          sum_dl += p[kSumLogitGrad * cols + j];
+        }
+        if (coef) coef[j] = -(proj[j] * ((args.col_scale ? args.col_scale[j] : 1.f) * sum_graw));
+        if (stats) {
+          stats[kSumG * cols + j] = sum_g;
+          stats[kSumGRaw * cols + j] = sum_graw;
+          stats[kSumLogitGrad * cols + j] = sum_g / scale_f + sum_dl;
+        }
+      }
+    });
+  }
+  return call.outputs();
+}
+
+// Row norms for the cosine head: ||x_i|| (squares in fp32 as torch.linalg.vector_norm, so over- and
+// underflow as torch's; summed in double), 1 / max(||x_i||, eps) and the projection factor
+// 1 / ||x_i||^2 where ||x_i|| >= eps, else 0 (F.normalize's Jacobian is the identity over eps there).
+std::tuple<Tensor, Tensor, Tensor> row_norms_cpu(const Tensor& x_in, double eps) {
+  TORCH_CHECK(x_in.dim() == 2, "fused_margin row_norms: x must be 2-D, got ", x_in.dim(), "-D");
+  const Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor norm = at::empty({rows}, f32), inv = at::empty({rows}, f32), proj = at::empty({rows}, f32);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "fused_margin row_norms: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const cpu::RowNormsArgs args{x.const_data_ptr(), raw_type_of(x), cols, static_cast<float>(eps),
+                               norm.mutable_data_ptr<float>(), inv.mutable_data_ptr<float>(),
+                               proj.mutable_data_ptr<float>()};
+  const cpu::RowNormsFn kernel = cpu_kernels().norms;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  return {norm, inv, proj};
 }
 
 }  // namespace
@@ -144,13 +253,16 @@ TORCH_LIBRARY(fused_margin, m) {
       "row_forward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
       "Tensor? class_margins, Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, "
       "float scale, int margin_type, float lambda_inst, bool hard_all, float lambda_elm, int fold, "
-      "bool straight_through, float label_smoothing, int ignore_index) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool straight_through, float label_smoothing, int ignore_index, int reduction) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "row_backward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
       "Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, Tensor lse, "
-      "Tensor nll, Tensor target_grad, Tensor grad_rows, float scale, float label_smoothing, "
-      "int ignore_index, bool scale_grad) -> Tensor");
+      "Tensor nll, Tensor target_grad, Tensor grad_rows, Tensor? denom, float scale, float label_smoothing, "
+      "int ignore_index, bool scale_grad, Tensor? row_proj, Tensor? col_proj, bool col_stats) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // ||x_i||, 1 / max(||x_i||, eps) and the projection factor of the cosine head (fp32)
+  m.def("row_norms(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // the memory-lean loss's class-block kernels (class_block.h): one chunk's partials merged into the
   // running per-row buffers in place, and one chunk's dL/draw written into `out`
   m.def(
@@ -168,6 +280,7 @@ TORCH_LIBRARY(fused_margin, m) {
 TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
   m.impl("row_forward", &fused_margin::row_forward_cpu);
   m.impl("row_backward", &fused_margin::row_backward_cpu);
+  m.impl("row_norms", &fused_margin::row_norms_cpu);
   m.impl("block_partials_", &fused_margin::block::block_partials_cpu);
   m.impl("block_grad", &fused_margin::block::block_grad_cpu);
 }
@@ -211,15 +324,19 @@ PyObject* code_dict(const fused_margin::NamedCode (&table)[N]) {
   return dict;
 }
 
-// The C++ side of the row-op contract: {"margin_type": {...}, "fold": {...}}, the codes the kernels
+// The C++ side of the row-op contract: {"margin_type": {...}, "fold": {...}, "reduction": {...}}, the codes the kernels
 // read (row_kernel.h), for tests/test_contract.py to compare with fused_margin/spec.py.
 PyObject* contract(PyObject*, PyObject*) {
   PyObject* margin_types = code_dict(fused_margin::kMarginTypeNames);
   PyObject* folds = code_dict(fused_margin::kFoldNames);
-  PyObject* out = (margin_types && folds) ? Py_BuildValue("{s:O,s:O}", "margin_type", margin_types, "fold", folds)
-                                          : nullptr;
+  PyObject* reductions = code_dict(fused_margin::kReductionNames);
+  PyObject* out = (margin_types && folds && reductions)
+                      ? Py_BuildValue("{s:O,s:O,s:O}", "margin_type", margin_types, "fold", folds, "reduction",
+                                      reductions)
+                      : nullptr;
   Py_XDECREF(margin_types);
   Py_XDECREF(folds);
+  Py_XDECREF(reductions);
   return out;
 }
 
@@ -229,7 +346,7 @@ PyMethodDef module_methods[] = {
     {"class_block_isa", class_block_isa, METH_NOARGS,
      "The instruction set of the CPU class-block loops (the memory-lean path) in use: AVX512, AVX2 or DEFAULT."},
     {"contract", contract, METH_NOARGS,
-     "The integer codes the row kernels read: {'margin_type': {name: code}, 'fold': {name: code}}."},
+     "The integer codes the row kernels read: {'margin_type', 'fold', 'reduction': {name: code}}."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

@@ -10,10 +10,12 @@
 // writes the row's outputs. The full-mask shuffles need whole warps: the block size is a multiple of 32
 // (checked at compile time for every size forward_threads picks, and at launch).
 //
-// backward: a 2-D grid (column tiles x rows), elementwise from the saved row statistics:
+// backward: a 2-D grid (column tiles x blocks of rows), elementwise from the saved row statistics:
 // p_j = exp(l_j - lse), dl_j = g ((1 - eps) w_y p_j + eps / C (sum(w) p_j - w_j)) off the target,
 // dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((sum(w) - w_y) + sum(w) expm1(-nll))) on it,
-// G_j = s dl_j off the target, G_y = (dt/dz'_y) dl_y, times row_scale col_scale_j with scale_grad.
+// G_j = s dl_j off the target, G_y = (dt/dz'_y) dl_y, times row_scale col_scale_j with scale_grad;
+// the row and column sums of the contract as per-block partials (no float atomics), finished by
+// backward_sums_kernel. The forward's reduction and the norms of the cosine head: one small kernel each.
 //
 // All math is fp32 (docs/loss.md section 5). No contraction into FMAs, as the other backends: setup.py
 // compiles this file with --fmad=false, and the products and sums that form z' and the logits use the
@@ -150,7 +152,7 @@ __global__ void row_forward_kernel(const RowForwardArgs a) {
 
   const int64_t i = blockIdx.x;
   const int64_t cols = a.cols;
-  const T* __restrict__ row = static_cast<const T*>(a.raw) + i * cols;
+  const T* __restrict__ row = static_cast<const T*>(a.raw) + i * a.raw_stride;
   const float* __restrict__ col_scale = a.col_scale;
   const float* __restrict__ col_shift = a.col_shift;
   const float* __restrict__ offset = a.logit_offset;
@@ -212,10 +214,28 @@ __global__ void row_forward_kernel(const RowForwardArgs a) {
   finish_forward_row(a, i, kept, y, target_score, best.index, wrong.index, track_wrong, state, smoothing);
 }
 
-// grid: (column tiles of kBackwardThreads packs, rows in steps of gridDim.y)
-template <typename T, typename Out>
-__global__ void row_backward_kernel(const RowBackwardArgs a) {
+// The block-wide sum of one float per thread (blockDim.x a multiple of the warp size), in a fixed order:
+// the result, in every thread, does not depend on the timing.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  __syncthreads();  // shared is free (an earlier call's readers are done)
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += shared[w];
+  return total;
+}
+
+// grid: (column tiles of kBackwardThreads packs, blocks of rows): block y takes rows
+// [y rows_per_block, (y + 1) rows_per_block). With the sums of RowBackwardArgs, each block writes its
+// rows' row_dot over its column tile (row_dot[i * gridDim.x + blockIdx.x]) and each thread its columns'
+// partials over the block's rows (col_partials[blockIdx.y]); backward_sums_kernel finishes both.
+template <typename T, typename Out, bool kSums>
+__global__ void row_backward_kernel(const RowBackwardArgs a, int64_t rows_per_block) {
   constexpr int kPack = Pack<T>::kSize;
+  __shared__ float reduce_buffer[kMaxWarps];
   const int64_t cols = a.cols;
   const float* __restrict__ col_scale = a.col_scale;
   const float* __restrict__ col_shift = a.col_shift;
@@ -225,75 +245,213 @@ __global__ void row_backward_kernel(const RowBackwardArgs a) {
   const float eps_per_class = eps / static_cast<float>(cols);
   const float weight_sum = a.weight_sum_device ? *a.weight_sum_device : static_cast<float>(cols);
   const bool scale_cols = a.scale_grad && col_scale != nullptr;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // the partial sums of this thread's columns (with kSums): slots 0..kPack-1 its pack, slot kPack one scalar
+  // column of the rows' head or tail (vector layout only)
+  float sum_g[kPack + 1], sum_graw[kPack + 1], sum_dl[kPack + 1];
+#pragma unroll
+  for (int k = 0; k <= kPack; ++k) sum_g[k] = sum_graw[k] = sum_dl[k] = 0.f;
+  // Every row has the same alignment when the row stride is a multiple of the pack (the fused path pads the
+  // class stride to 16 elements): then the vector layout maps a thread's slots to the same columns in every
+  // row and serves the column sums too; otherwise the sums take a scalar layout (p kPack + k).
+  const bool vector_layout = !kSums || a.raw_stride % kPack == 0;
 
-  for (int64_t i = blockIdx.y; i < a.rows; i += gridDim.y) {
-    const T* __restrict__ row = static_cast<const T*>(a.raw) + i * cols;
-    Out* __restrict__ out = static_cast<Out*>(a.grad) + i * cols;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t r1 = r0 + rows_per_block < a.rows ? r0 + rows_per_block : a.rows;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* __restrict__ row = static_cast<const T*>(a.raw) + i * a.raw_stride;
+    Out* __restrict__ out = static_cast<Out*>(a.grad) + i * a.grad_stride;
     const int64_t label = a.target[i];
     const bool kept = label != a.ignore_index;
     CUDA_KERNEL_ASSERT(!kept || (label >= 0 && label < cols));
     const float* __restrict__ pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
     const bool has_row_scale = a.row_scale != nullptr;
     const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
-    const float g = kept ? a.grad_rows[i] : 0.f;
+    const float g = kept ? row_upstream_grad(a, i) : 0.f;
     const float lse = a.lse[i];
     const float w_y = (kept && weight) ? weight[label] : 1.f;
-    const float out_scale = (a.scale_grad && has_row_scale) ? a.scale * row_scale : a.scale;
-    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * weight_sum) * out_scale;
-    const float w_coef = g * eps_per_class * out_scale;
+    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * weight_sum) * a.scale;
+    const float w_coef = g * eps_per_class * a.scale;
+    const float dl_y = kept ? target_column_grad(a.nll[i], w_y, weight_sum, eps, eps_per_class) * g : 0.f;
+    const float g_y = kept ? dl_y * a.target_grad[i] : 0.f;
+    float dot = 0.f;
 
-    auto grad_at = [&](int64_t j, float r) -> float {
-      if (!kept) return 0.f;
-      if (j == label) {  // p_y - 1 = expm1(-nll) (saved nll), dt/dz'_y = target_grad
-        float grad = target_column_grad(a.nll[i], w_y, weight_sum, eps, eps_per_class) * g * a.target_grad[i];
-        if (a.scale_grad) {
-          if (has_row_scale) grad = grad * row_scale;
-          if (col_scale) grad = grad * col_scale[j];
+    // G_j (unscaled; p_y - 1 = expm1(-nll) and dt/dz'_y = target_grad on the target), the output
+    // (G row_scale col_scale_j with scale_grad), and the thread's sums for column slot k
+    auto element = [&](int64_t j, float r, int k) -> Out {
+      float grad = 0.f;
+      if (kept) {
+        if (j == label) {
+          grad = g_y;
+        } else {
+          float z = r;
+          if (has_row_scale) z = __fmul_rn(z, row_scale);
+          if (col_scale) z = __fmul_rn(z, col_scale[j]);
+          if (col_shift) z = __fadd_rn(z, col_shift[j]);
+          float l = __fmul_rn(z, a.scale);
+          if (offset) l = __fadd_rn(l, offset[j]);
+          if (pair) l = __fadd_rn(l, pair[j]);
+          grad = p_coef * expf(l - lse);
+          if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
         }
-        return grad;
       }
-      float z = r;
-      if (has_row_scale) z = __fmul_rn(z, row_scale);
-      if (col_scale) z = __fmul_rn(z, col_scale[j]);
-      if (col_shift) z = __fadd_rn(z, col_shift[j]);
-      float l = __fmul_rn(z, a.scale);
-      if (offset) l = __fadd_rn(l, offset[j]);
-      if (pair) l = __fadd_rn(l, pair[j]);
-      float grad = p_coef * expf(l - lse);
-      if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
-      if (scale_cols) grad = grad * col_scale[j];
-      return grad;
+      float o = grad;
+      if (a.scale_grad && has_row_scale) o = o * row_scale;
+      if (scale_cols) o = o * col_scale[j];
+      if constexpr (kSums) {
+        dot += (col_scale ? grad * col_scale[j] : grad) * r;
+        sum_g[k] += grad;
+        sum_graw[k] += (has_row_scale ? grad * row_scale : grad) * r;
+        if (kept && j == label) sum_dl[k] += dl_y - g_y / a.scale;
+      }
+      return static_cast<Out>(o);
     };
 
-    const int64_t head = row_head(row, cols);
-    const int64_t packs = (cols - head) / kPack;
-    const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (p < packs) {
-      const Pack<T> pack = reinterpret_cast<const Pack<T>*>(row + head)[p];
-      const int64_t j0 = head + p * kPack;
-      if constexpr (std::is_same<T, Out>::value) {
-        if (row_head(out, cols) == head) {
-          Pack<Out> result;
+    if (!vector_layout) {
+      // thread p's columns are [p kPack, (p + 1) kPack) in every row (scalar loads: the vector layout
+      // follows each row's alignment, which varies between rows here)
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) result.v[k] = static_cast<Out>(grad_at(j0 + k, to_float(pack.v[k])));
-          reinterpret_cast<Pack<Out>*>(out + head)[p] = result;
+      for (int k = 0; k < kPack; ++k) {
+        const int64_t j = p * kPack + k;
+        if (j < cols) out[j] = element(j, to_float(row[j]), k);
+      }
+    } else {
+      const int64_t head = row_head(row, cols);
+      const int64_t packs = (cols - head) / kPack;
+      if (p < packs) {
+        const Pack<T> pack = reinterpret_cast<const Pack<T>*>(row + head)[p];
+        const int64_t j0 = head + p * kPack;
+        if constexpr (std::is_same<T, Out>::value) {
+          if (row_head(out, cols) == head) {
+            Pack<Out> result;
+#pragma unroll
+            for (int k = 0; k < kPack; ++k) result.v[k] = element(j0 + k, to_float(pack.v[k]), k);
+            reinterpret_cast<Pack<Out>*>(out + head)[p] = result;
+          } else {
+#pragma unroll
+            for (int k = 0; k < kPack; ++k) out[j0 + k] = element(j0 + k, to_float(pack.v[k]), k);
+          }
         } else {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) out[j0 + k] = static_cast<Out>(grad_at(j0 + k, to_float(pack.v[k])));
+          for (int k = 0; k < kPack; ++k) out[j0 + k] = element(j0 + k, to_float(pack.v[k]), k);
         }
-      } else {
+      }
+      if (blockIdx.x == 0) {  // the scalar head and tail of the row (fewer than 2 kPack <= blockDim.x columns)
+        const int64_t tail = head + packs * kPack;
+        const int64_t extra = head + (cols - tail);
+        if (threadIdx.x < extra) {
+          const int64_t e = threadIdx.x;
+          const int64_t j = e < head ? e : tail + (e - head);
+          out[j] = element(j, to_float(row[j]), kPack);
+        }
+      }
+    }
+    if (kSums && a.row_dot != nullptr) {
+      const float total = block_sum(dot, reduce_buffer);
+      if (threadIdx.x == 0) a.row_dot[i * gridDim.x + blockIdx.x] = total;
+    }
+  }
+
+  if (kSums && a.col_partials != nullptr && r0 < r1) {
+    float* partial = a.col_partials + static_cast<int64_t>(blockIdx.y) * kNumColumnStats * cols;
+    auto write = [&](int64_t j, int k) {
+      partial[kSumG * cols + j] = sum_g[k];
+      partial[kSumGRaw * cols + j] = sum_graw[k];
+      partial[kSumLogitGrad * cols + j] = sum_dl[k];
+    };
+    if (!vector_layout) {
 #pragma unroll
-        for (int k = 0; k < kPack; ++k) out[j0 + k] = static_cast<Out>(grad_at(j0 + k, to_float(pack.v[k])));
+      for (int k = 0; k < kPack; ++k) {
+        if (p * kPack + k < cols) write(p * kPack + k, k);
+      }
+    } else {  // the layout of the loop above (the same in every row)
+      const T* row = static_cast<const T*>(a.raw) + r0 * a.raw_stride;
+      const int64_t head = row_head(row, cols);
+      const int64_t packs = (cols - head) / kPack;
+      if (p < packs) {
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) write(head + p * kPack + k, k);
+      }
+      if (blockIdx.x == 0) {
+        const int64_t tail = head + packs * kPack;
+        const int64_t extra = head + (cols - tail);
+        if (threadIdx.x < extra) {
+          const int64_t e = threadIdx.x;
+          write(e < head ? e : tail + (e - head), kPack);
+        }
       }
     }
-    if (blockIdx.x == 0) {  // the scalar head and tail of the row
-      const int64_t tail = head + packs * kPack;
-      const int64_t extra = head + (cols - tail);
-      for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
-        const int64_t j = e < head ? e : tail + (e - head);
-        out[j] = static_cast<Out>(grad_at(j, to_float(row[j])));
-      }
-    }
+  }
+}
+
+// Threads [0, rows): row_coef_i = -row_proj_i row_scale_i sum_b row_dot[i, b]; threads [rows, rows + cols):
+// the column sums over the row blocks, in order (col_coef, stats).
+__global__ void backward_sums_kernel(const RowBackwardArgs a, const float* row_proj, const float* col_proj,
+                                     float* row_coef, float* col_coef, float* stats, int64_t row_blocks) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cols = a.cols;
+  if (t < a.rows) {
+    if (row_coef == nullptr) return;
+    float r = 0.f;
+    for (int64_t b = 0; b < a.col_blocks; ++b) r += a.row_dot[t * a.col_blocks + b];
+    if (a.row_scale) r = r * a.row_scale[t];
+    row_coef[t] = -(row_proj[t] * r);
+    return;
+  }
+  const int64_t j = t - a.rows;
+  if (j >= cols || a.col_partials == nullptr) return;
+  float sum_g = 0.f, sum_graw = 0.f, sum_dl = 0.f;
+  for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    const float* partial = a.col_partials + rb * kNumColumnStats * cols;
+    sum_g += partial[kSumG * cols + j];
+    sum_graw += partial[kSumGRaw * cols + j];
+    sum_dl += partial[kSumLogitGrad * cols + j];
+  }
+  if (col_coef) col_coef[j] = -(col_proj[j] * ((a.col_scale ? a.col_scale[j] : 1.f) * sum_graw));
+  if (stats) {
+    stats[kSumG * cols + j] = sum_g;
+    stats[kSumGRaw * cols + j] = sum_graw;
+    stats[kSumLogitGrad * cols + j] = sum_g / a.scale + sum_dl;
+  }
+}
+
+// One block: the loss rows' sum (over the denominator for the mean; NaN where it is 0) and the
+// denominator (the kept rows' w_y, or their count), each summed in a fixed order.
+__global__ void reduce_rows_kernel(const RowForwardArgs a, float* out, float* denom_out, bool mean) {
+  __shared__ float buffer[kMaxWarps];
+  float total = 0.f, denom = 0.f;
+  for (int64_t i = threadIdx.x; i < a.rows; i += blockDim.x) {
+    total += a.loss[i];
+    const int64_t y = a.target[i];
+    if (y != a.ignore_index) denom += a.class_weight ? a.class_weight[y] : 1.f;
+  }
+  total = block_sum(total, buffer);
+  denom = block_sum(denom, buffer);
+  if (threadIdx.x == 0) {
+    *denom_out = denom;
+    *out = mean ? (denom != 0.f ? total / denom : NAN) : total;
+  }
+}
+
+// Row norms (the cosine head): one warp a row; squares and sums in fp32, as torch.linalg.vector_norm.
+template <typename T>
+__global__ void row_norms_kernel(const T* x, int64_t rows, int64_t cols, float eps, float* norm, float* inv,
+                                 float* proj) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (i >= rows) return;  // whole warps leave together (i is the same for a warp)
+  float sum = 0.f;
+  for (int64_t j = lane; j < cols; j += kWarpSize) {
+    const float v = static_cast<float>(x[i * cols + j]);
+    sum += v * v;
+  }
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
+  if (lane == 0) {
+    const float n = sqrtf(sum);
+    const float r = 1.f / (n < eps ? eps : n);  // NaN stays NaN
+    norm[i] = n;
+    inv[i] = r;
+    proj[i] = n >= eps ? r * r : 0.f;
   }
 }
 
@@ -311,12 +469,22 @@ void launch_forward(const RowForwardArgs& args, cudaStream_t stream) {
   row_forward_kernel<T><<<static_cast<unsigned>(args.rows), threads, 0, stream>>>(args);
 }
 
+// Column tiles of the backward's grid (the x dimension).
+template <typename T>
+int64_t backward_col_tiles(int64_t cols) {
+  const int64_t packs = cols / Pack<T>::kSize + 1;
+  return (packs + kBackwardThreads - 1) / kBackwardThreads;
+}
+
 template <typename T, typename Out>
-void launch_backward(const RowBackwardArgs& args, cudaStream_t stream) {
-  const int64_t packs = args.cols / Pack<T>::kSize + 1;
-  const dim3 grid(static_cast<unsigned>((packs + kBackwardThreads - 1) / kBackwardThreads),
-                  static_cast<unsigned>(args.rows < 65535 ? args.rows : 65535));
-  row_backward_kernel<T, Out><<<grid, kBackwardThreads, 0, stream>>>(args);
+void launch_backward(const RowBackwardArgs& args, int64_t rows_per_block, cudaStream_t stream) {
+  const int64_t row_blocks = (args.rows + rows_per_block - 1) / rows_per_block;
+  const dim3 grid(static_cast<unsigned>(backward_col_tiles<T>(args.cols)), static_cast<unsigned>(row_blocks));
+  if (args.row_dot != nullptr || args.col_partials != nullptr) {
+    row_backward_kernel<T, Out, true><<<grid, kBackwardThreads, 0, stream>>>(args, rows_per_block);
+  } else {
+    row_backward_kernel<T, Out, false><<<grid, kBackwardThreads, 0, stream>>>(args, rows_per_block);
+  }
 }
 
 }  // namespace cuda_kernels
@@ -325,66 +493,142 @@ namespace {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cuda(
     const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
     const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
     const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
     double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
-    double label_smoothing, int64_t ignore_index) {
+    double label_smoothing, int64_t ignore_index, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
-  const ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
-                                           logit_offset, pair_perturbation, class_weight, scale, margin_type,
-                                           lambda_inst, hard_all, lambda_elm, fold, straight_through,
-                                           label_smoothing, ignore_index);
+  ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
+                                     logit_offset, pair_perturbation, class_weight, scale, margin_type,
+                                     lambda_inst, hard_all, lambda_elm, fold, straight_through,
+                                     label_smoothing, ignore_index, reduction);
   const RowForwardArgs& args = call.args;
   TORCH_CHECK(args.rows <= std::numeric_limits<int32_t>::max(), "fused_margin row_forward: too many rows (",
               args.rows, ")");
-  if (args.rows == 0) return call.outputs();
-
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (args.raw_type) {
-    case RawType::Float: cuda_kernels::launch_forward<float>(args, stream); break;
-    case RawType::BFloat16: cuda_kernels::launch_forward<c10::BFloat16>(args, stream); break;
-    case RawType::Half: cuda_kernels::launch_forward<c10::Half>(args, stream); break;
+  if (args.rows > 0) {
+    switch (args.raw_type) {
+      case RawType::Float: cuda_kernels::launch_forward<float>(args, stream); break;
+      case RawType::BFloat16: cuda_kernels::launch_forward<c10::BFloat16>(args, stream); break;
+      case RawType::Half: cuda_kernels::launch_forward<c10::Half>(args, stream); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  cuda_kernels::reduce_rows_kernel<<<1, 1024, 0, stream>>>(args, call.reduced.mutable_data_ptr<float>(),
+                                                           call.denom.mutable_data_ptr<float>(),
+                                                           call.reduction == Reduction::Mean);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return call.outputs();
 }
 
+// Rows per block of the backward's grid when the column sums are formed (their partials: kNumColumnStats x C
+// floats a block of rows), as the CPU kernels' row blocks.
+constexpr int64_t kBackwardRowBlock = 32;
+
 template <typename T>
-void launch_backward_typed(const RowBackwardArgs& args, cudaStream_t stream) {
+void launch_backward_typed(const RowBackwardArgs& args, int64_t rows_per_block, cudaStream_t stream) {
   if (args.scale_grad) {
-    cuda_kernels::launch_backward<T, T>(args, stream);
+    cuda_kernels::launch_backward<T, T>(args, rows_per_block, stream);
   } else {
-    cuda_kernels::launch_backward<T, float>(args, stream);
+    cuda_kernels::launch_backward<T, float>(args, rows_per_block, stream);
   }
 }
 
-Tensor row_backward_cuda(const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale,
-                         const OptTensor& col_scale, const OptTensor& col_shift, const OptTensor& logit_offset,
-                         const OptTensor& pair_perturbation, const OptTensor& class_weight, const Tensor& lse,
-                         const Tensor& nll, const Tensor& target_grad, const Tensor& grad_rows,
-                         double scale, double label_smoothing, int64_t ignore_index, bool scale_grad) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cuda(
+    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
+    const OptTensor& col_shift, const OptTensor& logit_offset, const OptTensor& pair_perturbation,
+    const OptTensor& class_weight, const Tensor& lse, const Tensor& nll, const Tensor& target_grad,
+    const Tensor& grad_rows, const OptTensor& denom, double scale, double label_smoothing, int64_t ignore_index,
+    bool scale_grad, const OptTensor& row_proj, const OptTensor& col_proj, bool col_stats) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
   BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                       pair_perturbation, class_weight, lse, nll, target_grad,
-                                       grad_rows, scale, label_smoothing, ignore_index, scale_grad);
-  if (call.grad.numel() == 0) return call.grad;
+                                       pair_perturbation, class_weight, lse, nll, target_grad, grad_rows, denom,
+                                       scale, label_smoothing, ignore_index, scale_grad, row_proj, col_proj,
+                                       col_stats);
   RowBackwardArgs& args = call.args;
+  const int64_t rows = args.rows, cols = args.cols;
+  const bool col_sums = call.col_proj.defined() || col_stats;
+  if (rows == 0) {
+    call.col_coef.zero_();
+    call.stats.zero_();
+    return call.outputs();
+  }
   // sum(w) stays on the device: no host sync; only label smoothing uses it
   if (call.class_weight.defined() && label_smoothing != 0.0) {
     call.weight_sum = call.class_weight.sum();
     args.weight_sum_device = call.weight_sum.const_data_ptr<float>();
   }
+  // one row a block of the grid (up to 65535 rows a block), or kBackwardRowBlock with the column sums
+  const int64_t rows_per_block = col_sums ? kBackwardRowBlock : (rows + 65534) / 65535;
+  const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(row_blocks <= 65535, "fused_margin row_backward (CUDA): too many rows (", rows, ")");
+  int64_t tiles = 0;
+  switch (args.raw_type) {
+    case RawType::Float: tiles = cuda_kernels::backward_col_tiles<float>(cols); break;
+    case RawType::BFloat16: tiles = cuda_kernels::backward_col_tiles<c10::BFloat16>(cols); break;
+    case RawType::Half: tiles = cuda_kernels::backward_col_tiles<c10::Half>(cols); break;
+  }
+  const auto f32 = call.raw.options().dtype(at::kFloat);
+  Tensor row_dot, col_partials;
+  if (call.row_proj.defined()) {
+    row_dot = at::empty({rows, tiles}, f32);
+    args.row_dot = row_dot.mutable_data_ptr<float>();
+  }
+  if (col_sums) {
+    col_partials = at::empty({row_blocks, kNumColumnStats, cols}, f32);
+    args.col_partials = col_partials.mutable_data_ptr<float>();
+  }
+  args.col_blocks = tiles;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (args.raw_type) {
-    case RawType::Float: launch_backward_typed<float>(args, stream); break;
-    case RawType::BFloat16: launch_backward_typed<c10::BFloat16>(args, stream); break;
-    case RawType::Half: launch_backward_typed<c10::Half>(args, stream); break;
+    case RawType::Float: launch_backward_typed<float>(args, rows_per_block, stream); break;
+    case RawType::BFloat16: launch_backward_typed<c10::BFloat16>(args, rows_per_block, stream); break;
+    case RawType::Half: launch_backward_typed<c10::Half>(args, rows_per_block, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return call.grad;
+  if (args.row_dot != nullptr || col_sums) {
+    const int64_t threads = 256, total = rows + cols;
+    cuda_kernels::backward_sums_kernel<<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0,
+                                         stream>>>(
+        args, call.row_proj.defined() ? call.row_proj.const_data_ptr<float>() : nullptr,
+        call.col_proj.defined() ? call.col_proj.const_data_ptr<float>() : nullptr,
+        call.row_proj.defined() ? call.row_coef.mutable_data_ptr<float>() : nullptr,
+        call.col_proj.defined() ? call.col_coef.mutable_data_ptr<float>() : nullptr,
+        col_stats ? call.stats.mutable_data_ptr<float>() : nullptr, row_blocks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return call.outputs();
+}
+
+std::tuple<Tensor, Tensor, Tensor> row_norms_cuda(const Tensor& x_in, double eps) {
+  TORCH_CHECK(x_in.dim() == 2, "fused_margin row_norms: x must be 2-D, got ", x_in.dim(), "-D");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor norm = at::empty({rows}, f32), inv = at::empty({rows}, f32), proj = at::empty({rows}, f32);
+  if (rows == 0) return {norm, inv, proj};
+  constexpr int kThreads = 256;
+  const int64_t warps_per_block = kThreads / cuda_kernels::kWarpSize;
+  const unsigned blocks = static_cast<unsigned>((rows + warps_per_block - 1) / warps_per_block);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto* data) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
+    cuda_kernels::row_norms_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        data, rows, cols, static_cast<float>(eps), norm.mutable_data_ptr<float>(), inv.mutable_data_ptr<float>(),
+        proj.mutable_data_ptr<float>());
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: launch(x.const_data_ptr<float>()); break;
+    case at::kBFloat16: launch(x.const_data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: launch(x.const_data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "fused_margin row_norms: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {norm, inv, proj};
 }
 
 }  // namespace
@@ -521,6 +765,7 @@ void block_grad_cuda(const Tensor& raw_in, int64_t c0, const Tensor& target_in, 
 TORCH_LIBRARY_IMPL(fused_margin, CUDA, m) {
   m.impl("row_forward", &fused_margin::row_forward_cuda);
   m.impl("row_backward", &fused_margin::row_backward_cuda);
+  m.impl("row_norms", &fused_margin::row_norms_cuda);
   m.impl("block_partials_", &fused_margin::block_partials_cuda);
   m.impl("block_grad", &fused_margin::block_grad_cuda);
 }

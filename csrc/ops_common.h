@@ -17,6 +17,9 @@ namespace fused_margin {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// The class stride of padded B x C buffers: a multiple of 16 elements (fused.py CLASS_ALIGN).
+constexpr int64_t kClassAlign = 16;
+
 inline RawType raw_type_of(const at::Tensor& raw) {
   switch (raw.scalar_type()) {
     case at::kFloat: return RawType::Float;
@@ -61,7 +64,9 @@ std::string list_codes(const NamedCode (&table)[N]) {
   return out;
 }
 
-inline void check_codes(int64_t margin_type, int64_t fold) {
+inline void check_codes(int64_t margin_type, int64_t fold, int64_t reduction) {
+  TORCH_CHECK(known_code(kReductionNames, reduction), "fused_margin row_forward: reduction must be ",
+              list_codes(kReductionNames), ", got ", reduction);
   TORCH_CHECK(known_code(kMarginTypeNames, margin_type), "fused_margin row_forward: margin_type must be ",
               list_codes(kMarginTypeNames), ", got ", margin_type);
   TORCH_CHECK(known_code(kFoldNames, fold), "fused_margin row_forward: fold must be ", list_codes(kFoldNames),
@@ -99,7 +104,9 @@ inline RowInputs prepare_inputs(const at::Tensor& raw_in, const at::Tensor& targ
                                 const OptTensor& class_weight) {
   check_raw_and_target(raw_in, target_in);
   RowInputs in;
-  in.raw = raw_in.contiguous();
+  // row-major with a padded class stride (the fused path's GEMM output) is read in place
+  const bool row_major = raw_in.stride(1) == 1 && raw_in.stride(0) >= raw_in.size(1);
+  in.raw = row_major ? raw_in : raw_in.contiguous();
   in.target = target_in.contiguous();
   const int64_t rows = in.raw.size(0), cols = in.raw.size(1);
   in.row_scale = float_table(row_scale, "row_scale", {rows}, in.raw);
@@ -118,6 +125,7 @@ void point_at_inputs(const RowInputs& in, Args& args) {
   args.raw_type = raw_type_of(in.raw);
   args.rows = in.raw.size(0);
   args.cols = in.raw.size(1);
+  args.raw_stride = in.raw.stride(0);
   args.target = in.target.const_data_ptr<int64_t>();
   args.row_scale = ptr_or_null(in.row_scale);
   args.col_scale = ptr_or_null(in.col_scale);
@@ -131,11 +139,13 @@ void point_at_inputs(const RowInputs& in, Args& args) {
 // points at them.
 struct ForwardCall : RowInputs {
   at::Tensor class_margins;
-  at::Tensor loss, lse, pred, hard, nll, target_grad;
+  at::Tensor loss, lse, pred, hard, nll, target_grad;  // loss: per row (the kernels' output)
+  at::Tensor reduced, denom;                           // the op's loss (0-d, or `loss` for "none") and denominator
+  Reduction reduction = Reduction::None;
   RowForwardArgs args{};
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
-    return {loss, lse, pred, hard, nll, target_grad};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {reduction == Reduction::None ? loss : reduced, lse, pred, hard, nll, target_grad, denom};
   }
 };
 
@@ -145,11 +155,13 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
                                    const OptTensor& logit_offset, const OptTensor& pair_perturbation,
                                    const OptTensor& class_weight, double scale, int64_t margin_type,
                                    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold,
-                                   bool straight_through, double label_smoothing, int64_t ignore_index) {
+                                   bool straight_through, double label_smoothing, int64_t ignore_index,
+                                   int64_t reduction) {
   ForwardCall call;
   static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
                                                  pair_perturbation, class_weight);
-  check_codes(margin_type, fold);
+  check_codes(margin_type, fold, reduction);
+  call.reduction = static_cast<Reduction>(reduction);
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
   call.class_margins = float_table(class_margins, "class_margins", {cols}, raw);
@@ -161,6 +173,8 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
   call.hard = at::empty({rows}, raw.options().dtype(at::kBool));
   call.nll = at::empty({rows}, f32);
   call.target_grad = at::empty({rows}, f32);
+  call.reduced = at::empty({}, f32);
+  call.denom = at::empty({}, f32);
   TORCH_CHECK(rows == 0 || cols > 0, "fused_margin row_forward: raw must have at least one column");
 
   RowForwardArgs& args = call.args;
@@ -188,9 +202,13 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
 // (the only use of it) the CPU caller sets it to their sum, the CUDA caller points
 // `args.weight_sum_device` at it.
 struct BackwardCall : RowInputs {
-  at::Tensor lse, nll, target_grad, grad_rows, weight_sum;
-  at::Tensor grad;
+  at::Tensor lse, nll, target_grad, grad_rows, denom, weight_sum, row_proj, col_proj;
+  at::Tensor grad, row_coef, col_coef, stats;  // stats: kNumColumnStats x cols when asked for, else empty
   RowBackwardArgs args{};
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {grad, row_coef, col_coef, stats};
+  }
 };
 
 inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor& target_in,
@@ -198,8 +216,10 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
                                      const OptTensor& col_shift, const OptTensor& logit_offset,
                                      const OptTensor& pair_perturbation, const OptTensor& class_weight,
                                      const at::Tensor& lse, const at::Tensor& nll,
-                                     const at::Tensor& target_grad, const at::Tensor& grad_rows, double scale,
-                                     double label_smoothing, int64_t ignore_index, bool scale_grad) {
+                                     const at::Tensor& target_grad, const at::Tensor& grad_rows,
+                                     const OptTensor& denom, double scale, double label_smoothing,
+                                     int64_t ignore_index, bool scale_grad, const OptTensor& row_proj,
+                                     const OptTensor& col_proj, bool col_stats) {
   BackwardCall call;
   static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
                                                  pair_perturbation, class_weight);
@@ -208,8 +228,22 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   call.lse = float_table(lse, "lse", {rows}, raw);
   call.nll = float_table(nll, "nll", {rows}, raw);
   call.target_grad = float_table(target_grad, "target_grad", {rows}, raw);
-  call.grad_rows = float_table(grad_rows, "grad_rows", {rows}, raw);
-  call.grad = at::empty({rows, cols}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat));
+  const bool shared = grad_rows.dim() == 0;
+  call.grad_rows = shared ? float_table(grad_rows, "grad_rows", {}, raw) : float_table(grad_rows, "grad_rows", {rows}, raw);
+  call.denom = float_table(denom, "denom", {}, raw);
+  call.row_proj = float_table(row_proj, "row_proj", {rows}, raw);
+  call.col_proj = float_table(col_proj, "col_proj", {cols}, raw);
+  // a padded raw (the fused path's GEMM output) gets a padded gradient: its rows stay aligned for the
+  // backward GEMMs and vector stores (fused.py grad_row_stride says the same for the fake kernels)
+  const int64_t grad_stride = (raw.stride(0) == cols || cols % kClassAlign == 0)
+                                  ? cols
+                                  : (cols + kClassAlign - 1) / kClassAlign * kClassAlign;
+  call.grad = at::empty({rows, grad_stride}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat))
+                  .narrow(1, 0, cols);
+  const auto f32 = raw.options().dtype(at::kFloat);
+  call.row_coef = at::empty({call.row_proj.defined() ? rows : 0}, f32);
+  call.col_coef = at::empty({call.col_proj.defined() ? cols : 0}, f32);
+  call.stats = col_stats ? at::empty({kNumColumnStats, cols}, f32) : at::empty({0}, f32);
 
   RowBackwardArgs& args = call.args;
   point_at_inputs(call, args);
@@ -217,6 +251,8 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   args.nll = call.nll.const_data_ptr<float>();
   args.target_grad = call.target_grad.const_data_ptr<float>();
   args.grad_rows = call.grad_rows.const_data_ptr<float>();
+  args.grad_rows_shared = shared;
+  args.denom = ptr_or_null(call.denom);
   args.scale = static_cast<float>(scale);
   args.label_smoothing = static_cast<float>(label_smoothing);
   args.weight_sum = static_cast<float>(cols);
@@ -224,6 +260,11 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   args.ignore_index = ignore_index;
   args.scale_grad = scale_grad;
   args.grad = call.grad.mutable_data_ptr();
+  args.grad_stride = grad_stride;
+  args.row_dot = nullptr;
+  args.col_partials = nullptr;
+  args.col_blocks = args.col_block_width = args.row_block = 1;
+  args.col_sum_grad = col_stats;
   return call;
 }
 

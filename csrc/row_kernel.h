@@ -14,6 +14,9 @@ enum class RawType : int { Float = 0, BFloat16 = 1, Half = 2 };
 // fails when the two sides (or the Triton kernels' constexpr codes) disagree.
 enum class MarginType : int { AdditiveCosine = 0, AdditiveAngular = 1 };
 enum class AngularFold : int { NoFold = 0, Threshold = 1, Easy = 2 };
+// The row_forward op's `reduction` code: the loss it returns (per row, their mean over the kept rows'
+// weights, or their sum); spec.py REDUCTION_CODES.
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
 struct NamedCode {
   const char* name;  // the Python option's value; nullptr for Python's None
@@ -29,12 +32,23 @@ inline constexpr NamedCode kFoldNames[] = {
     {"threshold", static_cast<int>(AngularFold::Threshold)},
     {"easy", static_cast<int>(AngularFold::Easy)},
 };
+inline constexpr NamedCode kReductionNames[] = {
+    {"none", static_cast<int>(Reduction::None)},
+    {"mean", static_cast<int>(Reduction::Mean)},
+    {"sum", static_cast<int>(Reduction::Sum)},
+};
+
+// The column statistics of the backward (rows of its `stats` output, and of the per-row-block partials):
+// sum_i G_ij, sum_i G_ij row_scale_i raw_ij (row_scale 1 when absent) and sum_i dL/dl_ij (the logit
+// offset's gradient; a partial holds sum_{i: y_i = j} (dl_iy - G_iy / s) there, see row_backward_cpu).
+enum ColumnStat : int { kSumG = 0, kSumGRaw = 1, kSumLogitGrad = 2, kNumColumnStats = 3 };
 
 // z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j (fp32); a null table is absent.
 struct RowForwardArgs {
-  const void* raw;  // rows x cols, row-major contiguous
+  const void* raw;     // rows x cols, row-major: row i at raw + i * raw_stride (the class stride may be padded)
   RawType raw_type;
   int64_t rows, cols;
+  int64_t raw_stride;
   const int64_t* target;
   const float* row_scale;          // rows
   const float* col_scale;          // cols
@@ -61,6 +75,7 @@ struct RowBackwardArgs {
   const void* raw;
   RawType raw_type;
   int64_t rows, cols;
+  int64_t raw_stride;
   const int64_t* target;
   const float* row_scale;
   const float* col_scale;
@@ -71,19 +86,40 @@ struct RowBackwardArgs {
   const float* lse;
   const float* nll;  // lse - t from the forward (the target column's p_y - 1 = expm1(-nll))
   const float* target_grad;
-  const float* grad_rows;
+  const float* grad_rows;  // rows entries, or one shared by every row (grad_rows_shared)
+  bool grad_rows_shared;
+  const float* denom;      // null, or the mean's denominator: g_i = grad_rows / denom (NaN where denom == 0)
   float scale, label_smoothing;
   float weight_sum;                // sum_j w_j (C without class weights; label smoothing only); CPU kernels
   const float* weight_sum_device;  // the same on the device (CUDA kernels; null without weights or smoothing)
   int64_t ignore_index;
   bool scale_grad;
-  void* grad;  // rows x cols: raw's dtype when scale_grad, else float
+  void* grad;  // rows x cols: raw's dtype when scale_grad, else float; row i at grad + i * grad_stride
+  int64_t grad_stride;
+  // Optional sums over the gradient (null when not asked for), per block of the CPU task grid:
+  // row_dot[i * col_blocks + b] = sum_{j in block b} G_ij col_scale_j raw_ij;
+  // col_partials[(rb * kNumColumnStats + k) * cols + j]: ColumnStat k over the rows of row block rb.
+  float* row_dot;
+  int64_t col_blocks, col_block_width;
+  float* col_partials;
+  int64_t row_block;  // rows per row block of col_partials
+  bool col_sum_grad;  // col_partials gets kSumG and kSumLogitGrad too (else kSumGRaw alone: the projection)
 };
 
 namespace cpu {
 
 // Rows [begin, end) of the forward; columns [col_begin, col_end) of rows [begin, end) of the backward.
 using RowForwardFn = void (*)(const RowForwardArgs&, int64_t begin, int64_t end);
+// Row norms of the cosine head (the row_norms op) for rows [begin, end) of x (rows x cols, contiguous):
+// ||x_i||, 1 / max(||x_i||, eps) and the projection factor 1 / ||x_i||^2 (0 below eps).
+struct RowNormsArgs {
+  const void* x;
+  RawType x_type;
+  int64_t cols;
+  float eps;
+  float *norm, *inv, *proj;
+};
+using RowNormsFn = void (*)(const RowNormsArgs&, int64_t begin, int64_t end);
 using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,
                                int64_t col_begin, int64_t col_end);
 
@@ -93,6 +129,7 @@ using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_
   void row_forward(const RowForwardArgs& args, int64_t begin, int64_t end);                       \
   void row_backward(const RowBackwardArgs& args, int64_t row_begin, int64_t row_end,              \
                     int64_t col_begin, int64_t col_end);                                          \
+  void row_norms(const RowNormsArgs& args, int64_t begin, int64_t end);                           \
   int vector_width();                                                                             \
   }
 

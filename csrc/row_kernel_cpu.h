@@ -40,6 +40,7 @@ void row_forward(const RowForwardArgs& a, int64_t begin, int64_t end) { DEFAULT:
 void row_backward(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   DEFAULT::row_backward(a, r0, r1, c0, c1);
 }
+void row_norms(const RowNormsArgs& a, int64_t begin, int64_t end) { DEFAULT::row_norms(a, begin, end); }
 int vector_width() { return 0; }
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
@@ -214,7 +215,7 @@ inline void chunk_accumulate(LseState& chunk, const float* buf, int64_t k0, int6
 template <typename T>
 void forward_row(const RowForwardArgs& a, int64_t i) {
   const int64_t cols = a.cols;
-  const RowView<T> row{a, static_cast<const T*>(a.raw) + i * cols, a.row_scale != nullptr,
+  const RowView<T> row{a, static_cast<const T*>(a.raw) + i * a.raw_stride, a.row_scale != nullptr,
                        a.row_scale ? a.row_scale[i] : 1.f};
   const float* col_scale = a.col_scale;
   const float* col_shift = a.col_shift;
@@ -312,8 +313,10 @@ void forward_row(const RowForwardArgs& a, int64_t i) {
   finish_forward_row(a, i, kept, y, c, best.index, wrong.index, track_wrong, state, smoothing);
 }
 
-// G (or dL/draw with scale_grad) for rows [r0, r1), columns [c0, c1).
-template <typename T, typename Out>
+// G (or dL/draw with scale_grad) for rows [r0, r1), columns [c0, c1): one task of row_backward_cpu's grid
+// (the rows within one row block of a.row_block rows, the columns one column block of
+// a.col_block_width), with kSums the task's share of the sums of RowBackwardArgs (row_dot, col_partials).
+template <typename T, typename Out, bool kSums>
 void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   const int64_t cols = a.cols;
   const float* col_scale = a.col_scale;
@@ -322,32 +325,52 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
   const float* weight = a.class_weight;
   const float eps = a.label_smoothing;
   const float eps_per_class = eps / static_cast<float>(cols);
+  const int64_t col_block = kSums ? c0 / a.col_block_width : 0;
+  float* col_g = nullptr;  // null unless a.col_sum_grad
+  float* col_graw = nullptr;
+  float* col_dl = nullptr;
+  if (kSums && a.col_partials != nullptr) {
+    float* partial = a.col_partials + (r0 / a.row_block) * kNumColumnStats * cols;
+    col_graw = partial + kSumGRaw * cols;
+    if (a.col_sum_grad) {
+      col_g = partial + kSumG * cols;
+      col_dl = partial + kSumLogitGrad * cols;
+    }
+  }
+  alignas(64) float lanes[kVec];
   for (int64_t i = r0; i < r1; ++i) {
-    const T* raw = static_cast<const T*>(a.raw) + i * cols;
-    Out* out = static_cast<Out*>(a.grad) + i * cols;
+    const T* raw = static_cast<const T*>(a.raw) + i * a.raw_stride;
+    Out* out = static_cast<Out*>(a.grad) + i * a.grad_stride;
     const int64_t label = a.target[i];
     if (label == a.ignore_index) {
       std::fill(out + c0, out + c1, static_cast<Out>(0.f));
+      if (kSums && a.row_dot != nullptr) a.row_dot[i * a.col_blocks + col_block] = 0.f;
       continue;
     }
     const int64_t y = label;
     const float* pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
     const bool has_row_scale = a.row_scale != nullptr;
     const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
-    const float g = a.grad_rows[i];
+    const float g = row_upstream_grad(a, i);
     const float lse = a.lse[i];
     const float w_y = weight ? weight[y] : 1.f;
-    // dl_j = g ((1 - eps) w_y (p_j - [j = y]) + eps / C (sum(w) p_j - w_j)) = p_coef p_j - w_coef w_j
-    // off the target; G_j = s dl_j, times row_scale col_scale_j with scale_grad.
-    const float out_scale = (a.scale_grad && has_row_scale) ? a.scale * row_scale : a.scale;
-    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * out_scale;
-    const float w_coef = g * eps_per_class * out_scale;
+    // off the target dl_j = g ((1 - eps) w_y p_j + eps / C (sum(w) p_j - w_j)) and G_j = s dl_j =
+    // p_coef p_j - w_coef w_j; on it dl_y from the precise nll and G_y = (dt/dz'_y) dl_y. The output is G,
+    // or G row_scale col_scale_j with scale_grad.
+    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * a.scale;
+    const float w_coef = g * eps_per_class * a.scale;
+    const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
+    const float g_y = dl_y * a.target_grad[i];
+    const bool scale_row = a.scale_grad && has_row_scale;
     const bool scale_cols = a.scale_grad && col_scale != nullptr;
     const Vec vscale(a.scale), vrow_scale(row_scale), vlse(lse), vp(p_coef), vw(w_coef);
     const bool exact = !is_finite(lse);
+    Vec vdot(0.f);
+    float dot = 0.f;
 
     auto element = [&](int64_t j) {
-      float z = static_cast<float>(raw[j]);
+      const float r = static_cast<float>(raw[j]);
+      float z = r;
       if (has_row_scale) z = z * row_scale;
       if (col_scale) z = z * col_scale[j];
       if (col_shift) z = z + col_shift[j];
@@ -356,13 +379,23 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
       if (pair) l = l + pair[j];
       float grad = p_coef * std::exp(l - lse);
       if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
-      if (scale_cols) grad = grad * col_scale[j];
-      out[j] = static_cast<Out>(grad);
+      if (j == y) grad = g_y;
+      float o = grad;
+      if (scale_row) o = o * row_scale;
+      if (scale_cols) o = o * col_scale[j];
+      out[j] = static_cast<Out>(o);
+      if (kSums) {
+        const float gc = col_scale ? grad * col_scale[j] : grad;
+        dot = dot + gc * r;
+        if (col_graw != nullptr) col_graw[j] = col_graw[j] + (has_row_scale ? grad * row_scale : grad) * r;
+        if (col_g != nullptr) col_g[j] = col_g[j] + grad;
+      }
     };
 
     int64_t j = c0;
     for (; j + kVec <= c1; j += kVec) {
-      Vec z = load_float(raw + j);
+      const Vec r = load_float(raw + j);
+      Vec z = r;
       Vec cs;
       if (has_row_scale) z = z * vrow_scale;
       if (col_scale) {
@@ -375,20 +408,29 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
       if (pair) l = l + Vec::loadu(pair + j);
       Vec grad = vp * exp_of(l - vlse, exact);
       if (w_coef != 0.f) grad = grad - vw * (weight ? Vec::loadu(weight + j) : Vec(1.f));
-      if (scale_cols) grad = grad * cs;
-      store_float(out + j, grad);
+      if (y >= j && y < j + kVec) {  // the target column
+        grad.store(lanes);
+        lanes[y - j] = g_y;
+        grad = Vec::loadu(lanes);
+      }
+      Vec o = grad;
+      if (scale_row) o = o * vrow_scale;
+      if (scale_cols) o = o * cs;
+      store_float(out + j, o);
+      if (kSums) {
+        vdot = vdot + (col_scale ? grad * cs : grad) * r;
+        if (col_graw != nullptr) {
+          (Vec::loadu(col_graw + j) + (has_row_scale ? grad * vrow_scale : grad) * r).store(col_graw + j);
+        }
+        if (col_g != nullptr) (Vec::loadu(col_g + j) + grad).store(col_g + j);
+      }
     }
     for (; j < c1; ++j) element(j);
 
-    if (y >= c0 && y < c1) {
-      // the target column: p_y - 1 = expm1(-nll) (saved nll), dt/dz'_y = target_grad
-      const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
-      float grad = dl_y * a.target_grad[i];
-      if (a.scale_grad) {
-        if (has_row_scale) grad = grad * row_scale;
-        if (col_scale) grad = grad * col_scale[y];
-      }
-      out[y] = static_cast<Out>(grad);
+    if (kSums) {
+      if (a.row_dot != nullptr) a.row_dot[i * a.col_blocks + col_block] = horizontal_sum(vdot) + dot;
+      // the logit offset's gradient is sum_i G_ij / s plus, on the target, dl_iy - G_iy / s
+      if (col_dl != nullptr && y >= c0 && y < c1) col_dl[y] = col_dl[y] + (dl_y - g_y / a.scale);
     }
   }
 }
@@ -398,12 +440,21 @@ void row_forward_typed(const RowForwardArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) forward_row<T>(a, i);
 }
 
+template <typename T, typename Out>
+void row_backward_out(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  if (a.row_dot != nullptr || a.col_partials != nullptr) {
+    backward_block<T, Out, true>(a, r0, r1, c0, c1);
+  } else {
+    backward_block<T, Out, false>(a, r0, r1, c0, c1);
+  }
+}
+
 template <typename T>
 void row_backward_typed(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   if (a.scale_grad) {
-    backward_block<T, T>(a, r0, r1, c0, c1);
+    row_backward_out<T, T>(a, r0, r1, c0, c1);
   } else {
-    backward_block<T, float>(a, r0, r1, c0, c1);
+    row_backward_out<T, float>(a, r0, r1, c0, c1);
   }
 }
 
@@ -420,6 +471,46 @@ void row_backward(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, 
     case RawType::Float: return row_backward_typed<float>(a, r0, r1, c0, c1);
     case RawType::BFloat16: return row_backward_typed<c10::BFloat16>(a, r0, r1, c0, c1);
     case RawType::Half: return row_backward_typed<c10::Half>(a, r0, r1, c0, c1);
+  }
+}
+
+// ||x_i|| with the squares in fp32 (as torch.linalg.vector_norm: over- and underflow as torch's), summed in
+// two vectors of fp32 lanes, the lanes and the tail then merged in double in a fixed order.
+template <typename T>
+void row_norms_typed(const RowNormsArgs& a, int64_t begin, int64_t end) {
+  const int64_t cols = a.cols;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* row = static_cast<const T*>(a.x) + i * cols;
+    Vec v0(0.f), v1(0.f);
+    int64_t j = 0;
+    for (; j + 2 * kVec <= cols; j += 2 * kVec) {
+      const Vec x0 = load_float(row + j), x1 = load_float(row + j + kVec);
+      v0 = v0 + x0 * x0;
+      v1 = v1 + x1 * x1;
+    }
+    alignas(64) float l0[kVec], l1[kVec];
+    v0.store(l0);
+    v1.store(l1);
+    double sum = 0.0;
+    for (int64_t k = 0; k < kVec; ++k) sum += static_cast<double>(l0[k]) + static_cast<double>(l1[k]);
+    for (; j < cols; ++j) {
+      const float v = static_cast<float>(row[j]);
+      sum += static_cast<double>(v * v);
+    }
+    const float n = sum > static_cast<double>(std::numeric_limits<float>::max()) ? kInf
+                                                                                 : static_cast<float>(std::sqrt(sum));
+    const float r = 1.f / std::max(n, a.eps);  // NaN stays NaN (std::max keeps its first argument)
+    a.norm[i] = n;
+    a.inv[i] = r;
+    a.proj[i] = n >= a.eps ? r * r : 0.f;
+  }
+}
+
+void row_norms(const RowNormsArgs& a, int64_t begin, int64_t end) {
+  switch (a.x_type) {
+    case RawType::Float: return row_norms_typed<float>(a, begin, end);
+    case RawType::BFloat16: return row_norms_typed<c10::BFloat16>(a, begin, end);
+    case RawType::Half: return row_norms_typed<c10::Half>(a, begin, end);
   }
 }
 

@@ -47,6 +47,17 @@ FM_HOST_DEVICE bool is_nan(float v) { return v != v; }
 
 FM_HOST_DEVICE bool is_finite(float v) { return v - v == 0.f; }
 
+// The upstream gradient of row i's loss (RowBackwardArgs::grad_rows, shared or per row), over the mean's
+// denominator when there is one (NaN where it is 0: the loss is the NaN of 0 / 0 there, as F.cross_entropy).
+FM_HOST_DEVICE float row_upstream_grad(const RowBackwardArgs& a, int64_t i) {
+  float g = a.grad_rows[a.grad_rows_shared ? 0 : i];
+  if (a.denom != nullptr) {
+    const float d = *a.denom;
+    g = d != 0.f ? g / d : NAN;
+  }
+  return g;
+}
+
 // dL/dt per unit upstream gradient at the target column, from the precise nll: p_y - 1 = expm1(-nll),
 // (1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y) with W p_y - w_y = (W - w_y) + W (p_y - 1).
 FM_HOST_DEVICE float target_column_grad(float nll, float w_y, float weight_sum, float eps, float eps_per_class) {

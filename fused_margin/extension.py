@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .fused import RowKernel
-from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_OUTPUTS
+from .fused import RowKernel, empty_backward_outputs, empty_forward_outputs
+from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS
 
 try:
     from . import _C
@@ -50,27 +50,25 @@ def class_block_isa() -> Optional[str]:
 
 def contract() -> Optional[dict]:
     """The C++ side of the row-op contract, or None without the extension: ``{"margin_type": {name:
-    code}, "fold": {name: code}}`` from the enums the kernels read (csrc/row_kernel.h), to compare with
-    :data:`fused_margin.spec.MARGIN_TYPE_CODES` / :data:`~fused_margin.spec.FOLD_CODES`. The argument
+    code}, "fold": {name: code}, "reduction": {name: code}}`` from the enums the kernels read
+    (csrc/row_kernel.h), to compare with :data:`fused_margin.spec.MARGIN_TYPE_CODES`,
+    :data:`~fused_margin.spec.FOLD_CODES` and :data:`~fused_margin.spec.REDUCTION_CODES`. The argument
     names are the op schema's (``torch.ops.fused_margin.row_forward.default._schema``)."""
     return None if _C is None else _C.contract()
 
 
 def _row_forward_fake(*args, **kwargs):
-    """The outputs' shapes and dtypes (:data:`~fused_margin.spec.ROW_FORWARD_OUTPUTS`): one value a row,
-    fp32 but ``pred`` (int64) and ``hard`` (bool)."""
     a = dict(zip(ROW_FORWARD_ARGS, args), **kwargs)
-    raw = a["raw"]
-    dtypes = dict(pred=torch.int64, hard=torch.bool)
-    return tuple(raw.new_empty((raw.shape[0],), dtype=dtypes.get(name, torch.float32))
-                 for name in ROW_FORWARD_OUTPUTS)
+    return empty_forward_outputs(a["raw"], a["reduction"])
 
 
 def _row_backward_fake(*args, **kwargs):
-    """The gradient: ``raw``'s shape, in ``raw``'s dtype with ``scale_grad`` (dL/draw), else fp32."""
     a = dict(zip(ROW_BACKWARD_ARGS, args), **kwargs)
-    raw = a["raw"]
-    return raw.new_empty(raw.shape, dtype=raw.dtype if a["scale_grad"] else torch.float32)
+    return empty_backward_outputs(a["raw"], a["scale_grad"], a["row_proj"], a["col_proj"], a["col_stats"])
+
+
+def _row_norms_fake(x, eps):
+    return tuple(x.new_empty((x.shape[0],), dtype=torch.float32) for _ in range(3))
 
 
 _CPU_KERNEL: Optional[RowKernel] = None
@@ -79,10 +77,11 @@ _CUDA_KERNEL: Optional[RowKernel] = None
 if _C is not None:
     torch.library.register_fake("fused_margin::row_forward")(_row_forward_fake)
     torch.library.register_fake("fused_margin::row_backward")(_row_backward_fake)
+    torch.library.register_fake("fused_margin::row_norms")(_row_norms_fake)
     _ops = torch.ops.fused_margin
-    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward)
+    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms)
     if cuda_built():
-        _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward)
+        _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms)
 
 
 def row_kernel(device_type: str) -> Optional[RowKernel]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -62,7 +63,7 @@ def _check_labels(target, num_classes, ignore_index):
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if torch.compiler.is_compiling():
         # traced into the graph: no host sync, no graph break, and it runs before any kernel reads the
-        # labels on every backend (Triton's kernels do not check them themselves)
+        # labels (on the reference and the memory-lean path)
         torch._assert_async(~bad.any(), f"fused_margin: target has a label out of range: labels must be in "
                                         f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
     elif target.device.type == "cpu" or _SYNC_LABEL_CHECK["enabled"]:
@@ -75,21 +76,43 @@ def _check_labels(target, num_classes, ignore_index):
                                         f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
 
 
+#: tables found finite, with the version counter they had then (a table is read again only once changed
+#: in place, e.g. by an optimizer step, or when it is a new tensor)
+#: (id -> (weak reference, version); tensors compare elementwise, so they cannot be weak dictionary keys)
+_FINITE_TABLES: dict = {}
+
+
+def _known_finite(value) -> bool:
+    entry = _FINITE_TABLES.get(id(value))
+    return entry is not None and entry[0]() is value and entry[1] == value._version
+
+
+def _mark_finite(value) -> None:
+    key = id(value)
+    _FINITE_TABLES[key] = (weakref.ref(value, lambda _ref, key=key: _FINITE_TABLES.pop(key, None)), value._version)
+
+
 def _check_finite(name, value):
     """NaN/inf in a table: a ``ValueError`` naming it on CPU tensors (and on any device with
     :func:`set_sync_label_check`), an assertion in the graph under ``torch.compile`` on CPU; CUDA tables
-    are not read back on the host per call (the modules and builders check theirs at construction)."""
+    are not read back on the host per call (the modules and builders check theirs at construction).
+    A table is read once per version: the same tensor, unchanged since it was found finite, is not read
+    again (so a module's buffers cost nothing per step)."""
     if value.device.type != "cpu" and not _SYNC_LABEL_CHECK["enabled"]:
         return
     if torch.compiler.is_compiling():
         if value.device.type == "cpu":
             torch._assert_async(torch.isfinite(value).all(), f"fused_margin: {name} has a NaN or inf entry")
         return
+    if _known_finite(value):
+        return
     bad = ~torch.isfinite(value.detach())
-    if bool(bad.any()):
-        i = tuple(int(k) for k in bad.nonzero()[0])
-        index = ", ".join(map(str, i))
-        raise ValueError(f"{name} must be finite, got {name}[{index}] = {float(value.detach()[i])}")
+    if not bool(bad.any()):
+        _mark_finite(value)
+        return
+    i = tuple(int(k) for k in bad.nonzero()[0])
+    index = ", ".join(map(str, i))
+    raise ValueError(f"{name} must be finite, got {name}[{index}] = {float(value.detach()[i])}")
 
 
 def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables) -> int:
@@ -133,8 +156,7 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
     _check_tensor("target", target, device, dims=1, floating=False)
     if target.shape[0] != rows:
         raise ValueError(f"target has {target.shape[0]} labels but input has {rows} rows")
-    if rows > 0:
-        _check_labels(target, num_classes, spec.ignore_index)
+    # the labels' range: apply_loss (the row kernels check it themselves)
 
     for name in ("class_margins", "logit_offset", "class_weight", "omega", "beta", "class_norms"):
         value = getattr(tables, name)
@@ -234,12 +256,14 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
 
     Checks, and what they cost: shapes, dtypes and devices always (host metadata only). Labels out of
     range: a ``ValueError`` naming the row on CPU, an asynchronous device assertion on CUDA (as
-    ``F.cross_entropy``), and under ``torch.compile`` an assertion traced into the graph (on every
-    backend, before any kernel reads the labels). NaN/inf in the tables: a ``ValueError`` naming the table
-    and entry for CPU tensors (a pass over C values, or B x C for ``pair_perturbation``), a graph assertion
-    for CPU tensors under ``torch.compile``; CUDA tables are not read back per call, since a host sync
-    every step costs more than the loss. The modules and the builders check their tables once, at
-    construction; :func:`set_sync_label_check` adds the host-synced checks on CUDA for debugging.
+    ``F.cross_entropy``). The fused row kernels check them themselves (no extra op in the step; inside a
+    ``torch.compile`` graph too); the reference and the memory-lean path check them before any kernel
+    reads them (under ``torch.compile`` as an assertion traced into the graph). NaN/inf in the tables: a
+    ``ValueError`` naming the table and entry for CPU tensors (a pass over C values, or B x C for
+    ``pair_perturbation``, once per version of a table: an unchanged tensor is not read again), a graph
+    assertion for CPU tensors under ``torch.compile``; CUDA tables are not read back per call, since a
+    host sync every step costs more than the loss. The modules and the builders check their tables once,
+    at construction; :func:`set_sync_label_check` adds the host-synced checks on CUDA for debugging.
 
     Returns the loss (fp32; fp64 for fp64 input), and the side outputs with ``return_aux``.
     """
@@ -393,10 +417,16 @@ def uses_lean_path(class_chunk, kernel, spec: MarginLossSpec, rows: int, num_cla
 
 def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables, *, backend="auto",
                return_aux=False, class_chunk="auto"):
-    """Run validated inputs through the chosen backend (no checks; see :func:`margin_cross_entropy`)."""
+    """Run validated inputs through the chosen backend (see :func:`margin_cross_entropy`). The labels'
+    range is checked here, before any kernel reads them, except on the fused row path, whose kernels
+    check it themselves (the contract of :mod:`fused_margin.fused`: no extra op in the step)."""
     kernel = resolve_backend(backend, input.device, input.dtype)
     num_classes = _num_classes(input, weight)
-    if uses_lean_path(class_chunk, kernel, spec, input.shape[0], num_classes):
+    lean = uses_lean_path(class_chunk, kernel, spec, input.shape[0], num_classes)
+    synced = _SYNC_LABEL_CHECK["enabled"] and input.device.type != "cpu"  # the debugging switch's ValueError
+    if (lean or kernel is None or synced) and input.shape[0] > 0:
+        _check_labels(target, num_classes, spec.ignore_index)
+    if lean:
         chunk = None if class_chunk == "auto" else min(class_chunk, num_classes)
         loss, lse, pred, hard = lean_margin_cross_entropy(
             input, target, weight, bias, spec, tables, chunk=chunk,

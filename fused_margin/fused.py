@@ -6,11 +6,12 @@ and the normalisation Jacobian folded into row/column scalings (docs/loss.md sec
 here once.
 
 Row kernel contract (``z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j`` in fp32, a missing
-scale is 1 and a missing shift 0):
+scale is 1 and a missing shift 0; ``raw`` is row-major, its class stride possibly padded, see
+:func:`class_padded_mm`):
 
 ``forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
 class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-label_smoothing, ignore_index) -> (loss_rows, lse, pred, hard, nll, target_grad)``
+label_smoothing, ignore_index, reduction) -> (loss, lse, pred, hard, nll, target_grad, denom)``
 
     per row: the loss of docs/loss.md section 4 before the reduction (``w_y``-weighted, smoothed; 0 on
     ignored rows), ``lse``, ``pred = argmax z'`` (int64), ``hard`` (bool), ``nll = lse - t`` for the
@@ -19,18 +20,37 @@ label_smoothing, ignore_index) -> (loss_rows, lse, pred, hard, nll, target_grad)
     section 8, confident rows): ``log1p(S exp(M - t))`` where ``t >= M``, ``(M - t) + log(S + exp(t - M))``
     where ``t < M``, and ``lse - t`` where ``t`` or ``M`` is not finite (as ``F.cross_entropy``). The loss
     row is ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)``. Ignored rows: loss 0,
-    ``nll`` 0, ``target_grad`` 0, ``lse`` of ``s z' + a + P``.
+    ``nll`` 0, ``target_grad`` 0, ``lse`` of ``s z' + a + P``. ``denom`` (0-d) is the mean's denominator,
+    ``sum`` of ``w_y`` over the kept rows (their count without class weights); ``loss`` is the rows'
+    values for ``reduction`` 0 (``"none"``, :data:`~fused_margin.spec.REDUCTION_CODES`), their sum over
+    ``denom`` for 1 (``"mean"``; NaN where ``denom`` is 0, as ``F.cross_entropy``'s 0 / 0), their sum for
+    2 (``"sum"``). Labels out of range raise (a ``ValueError`` naming the row on CPU, a device assertion
+    on CUDA), so the caller need not check them.
 
-``backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-class_weight, lse, nll, target_grad, grad_rows, scale, label_smoothing, ignore_index,
-scale_grad) -> grad``
+``backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight,
+lse, nll, target_grad, grad_rows, denom, scale, label_smoothing, ignore_index, scale_grad, row_proj,
+col_proj, col_stats) -> (grad, row_coef, col_coef, stats)``
 
-    ``G = dL/dz'`` from the saved row statistics: off the target, with ``p_ij = exp(l_ij - lse_i)``,
-    ``dl_ij = g_i ((1 - eps) w_y p_ij + eps / C (W p_ij - w_j))`` and ``G_ij = s dl_ij``; on the target,
-    ``dl_iy = g_i ((1 - eps) w_y expm1(-nll_i) + eps / C ((W - w_y) + W expm1(-nll_i)))`` (``p_y - 1`` as
-    ``expm1(-nll)``, precise on confident rows) and ``G_iy = target_grad_i dl_iy``; zero on ignored
-    rows (``W = sum_j w_j``, ``C`` without class weights). With ``scale_grad`` the kernel returns
-    ``G_ij row_scale_i col_scale_j`` (= dL/draw) in ``raw``'s dtype, else ``G`` in fp32.
+    ``G = dL/dz'`` from the saved row statistics and the upstream gradient ``g_i`` (``grad_rows``, one
+    value a row or a 0-d one for every row, divided by ``denom`` when given: NaN where it is 0): off the
+    target, with ``p_ij = exp(l_ij - lse_i)``, ``dl_ij = g_i ((1 - eps) w_y p_ij + eps / C (W p_ij - w_j))``
+    and ``G_ij = s dl_ij``; on the target, ``dl_iy = g_i ((1 - eps) w_y expm1(-nll_i) + eps / C ((W - w_y) +
+    W expm1(-nll_i)))`` (``p_y - 1`` as ``expm1(-nll)``, precise on confident rows) and ``G_iy =
+    target_grad_i dl_iy``; zero on ignored rows (``W = sum_j w_j``, ``C`` without class weights). ``grad``
+    is ``G_ij row_scale_i col_scale_j`` (= dL/draw) in ``raw``'s dtype with ``scale_grad``, else ``G`` in
+    fp32. The sums, in fp32 from the fp32 ``G`` (empty tensors when not asked for), let the caller finish
+    the gradients without another pass over a B x C or C x D tensor (docs/loss.md section 5):
+    ``row_coef_i = -row_proj_i sum_j G_ij row_scale_i col_scale_j raw_ij`` (with ``row_proj = 1 /
+    ||x||^2``: ``dX = dL/draw W + row_coef X`` is the cosine head's normalisation Jacobian),
+    ``col_coef_j = -col_proj_j sum_i G_ij row_scale_i col_scale_j raw_ij`` (the same for ``W``), and with
+    ``col_stats`` the C-vectors of :data:`~fused_margin.spec.COLUMN_STATS` (3 x C): ``sum_i G_ij`` (bias,
+    MARC's ``beta``), ``sum_i G_ij row_scale_i raw_ij`` (MARC's ``omega``) and ``sum_i dL/dl_ij`` (the logit
+    offset). Each sum is formed in a fixed order (per-block partials, no float atomics): deterministic.
+
+``norms(x, eps) -> (norm, inv, proj)``
+
+    per row of ``x``, in fp32: ``||x_i||``, ``1 / max(||x_i||, eps)`` and ``1 / ||x_i||^2`` where
+    ``||x_i|| >= eps``, else 0 (the cosine head's ``row_scale``/``col_scale`` and ``row_proj``/``col_proj``).
 
 All backends share one floating-point rule: no contraction of ``a * b + c`` into fused multiply-adds in
 the kernels' own arithmetic (``-ffp-contract=off`` for the C++ kernels, ``--fmad=false`` for nvcc,
@@ -45,15 +65,69 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .reference import compute_dtype
-from .spec import NORM_EPS, LossTables, MarginLossSpec, row_backward_args, row_forward_args
+from .spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
+                   row_backward_args, row_forward_args)
 
 
 class RowKernel(NamedTuple):
-    """A backend's pair of row ops (see the module docstring for the contract)."""
+    """A backend's row ops (see the module docstring for the contract)."""
 
     name: str
     forward: Callable
     backward: Callable
+    norms: Callable
+
+
+#: the class stride of the B x C buffers of the fused path is padded to a multiple of this many elements
+#: (csrc/ops_common.h kClassAlign): every row then starts 32-byte aligned (bf16) and the Triton launches
+#: see a row stride divisible by 16, so their loads and stores of raw and dL/draw vectorise (16-byte
+#: ``ld.global.v4``) whatever C is; C = 8142 would otherwise give scalar ones
+CLASS_ALIGN = 16
+
+
+def class_padded_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` (B x C) written by the GEMM into a buffer whose row stride is C rounded up to
+    :data:`CLASS_ALIGN` (a view of it; no copy). Under ``torch.compile`` the plain product (the compiler
+    picks its own layouts)."""
+    cols = b.shape[0]
+    if cols % CLASS_ALIGN == 0 or torch.compiler.is_compiling():
+        return a @ b.t()
+    buffer = a.new_empty((a.shape[0], cols + (-cols) % CLASS_ALIGN))
+    return torch.mm(a, b.t(), out=buffer[:, :cols])
+
+
+def grad_row_stride(raw: torch.Tensor) -> int:
+    """The row stride of the row backward's gradient for ``raw``: padded to :data:`CLASS_ALIGN` when raw's
+    own rows are padded (the fused path's GEMM output), else C (contiguous, e.g. the logits head's input)."""
+    cols = raw.shape[1]
+    if raw.stride(0) == cols or cols % CLASS_ALIGN == 0:
+        return cols
+    return cols + (-cols) % CLASS_ALIGN
+
+
+def empty_forward_outputs(raw: torch.Tensor, reduction: int):
+    """Uninitialised outputs of a row forward (:data:`~fused_margin.spec.ROW_FORWARD_OUTPUTS`) for ``raw``
+    (B x C): one value a row, fp32 but ``pred`` (int64) and ``hard`` (bool); ``loss`` 0-d but for
+    ``reduction`` 0 (``"none"``), ``denom`` 0-d. The fake kernels return these."""
+    rows = raw.shape[0]
+    dtypes = dict(pred=torch.int64, hard=torch.bool)
+    shapes = dict(loss=(rows,) if reduction == REDUCTION_CODES["none"] else (), denom=())
+    return tuple(raw.new_empty(shapes.get(name, (rows,)), dtype=dtypes.get(name, torch.float32))
+                 for name in ROW_FORWARD_OUTPUTS)
+
+
+def empty_backward_outputs(raw: torch.Tensor, scale_grad: bool, row_proj, col_proj, col_stats: bool):
+    """Uninitialised outputs of a row backward (:data:`~fused_margin.spec.ROW_BACKWARD_OUTPUTS`): ``grad``
+    (``raw``'s shape; its dtype with ``scale_grad``, else fp32), ``row_coef`` (B, or 0 without
+    ``row_proj``), ``col_coef`` (C, or 0 without ``col_proj``), ``stats`` (3 x C with ``col_stats``, else
+    0 values), all fp32 but ``grad``, which has the row stride of :func:`grad_row_stride`."""
+    rows, cols = raw.shape
+    f32 = dict(dtype=torch.float32)
+    grad = raw.new_empty((rows, grad_row_stride(raw)), dtype=raw.dtype if scale_grad else torch.float32)
+    return (grad[:, :cols],
+            raw.new_empty((rows if row_proj is not None else 0,), **f32),
+            raw.new_empty((cols if col_proj is not None else 0,), **f32),
+            raw.new_empty((len(COLUMN_STATS), cols) if col_stats else (0,), **f32))
 
 
 def scaled_scores(raw, row_scale, col_scale, col_shift):
@@ -71,39 +145,6 @@ def scaled_scores(raw, row_scale, col_scale, col_shift):
     return z
 
 
-#: rows per block of :func:`_row_dots`' fp32 copies (bounds the temporary at this many rows of D fp32 values)
-_DOT_BLOCK_ELEMENTS = 1 << 22
-
-
-def _row_dots(rows: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``rows_i . grad_i`` per row in ``dtype`` (fp32 or fp64) from the exact values of low-precision
-    operands: each block of rows is widened to ``dtype`` (the products exact, the sums in ``dtype``), so
-    no full ``dtype`` copy of a C x D operand is held (at most :data:`_DOT_BLOCK_ELEMENTS` values)."""
-    if rows.dtype == dtype and grad.dtype == dtype:
-        return torch.linalg.vecdot(rows, grad)
-    step = max(1, _DOT_BLOCK_ELEMENTS // max(1, rows.shape[1]))
-    if rows.shape[0] <= step:
-        return torch.linalg.vecdot(rows.to(dtype), grad.to(dtype))
-    return torch.cat([torch.linalg.vecdot(rows[i:i + step].to(dtype), grad[i:i + step].to(dtype))
-                      for i in range(0, rows.shape[0], step)])
-
-
-def _project_out(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """``grad_i - (v_hat_i . grad_i) v_hat_i`` for rows with ``||v_i|| >= eps``; ``grad_i`` elsewhere:
-    the Jacobian of ``F.normalize`` applied to ``grad`` (which already carries ``1 / max(||v||, eps)``;
-    docs/loss.md section 5).
-
-    ``grad`` is a fresh GEMM output in the input dtype and is updated in place. The radial coefficient
-    ``(v_i . grad_i) / ||v_i||^2`` is formed in ``norms``' dtype (fp32; fp64 for fp64) from the exact
-    values of ``grad`` and ``rows`` (:func:`_row_dots`), and ``grad + rows * (-coef)`` is one ``addcmul``
-    computed in that dtype and rounded once to ``grad``'s: a mostly radial gradient cancels in fp32, as the
-    reference's ``F.normalize`` backward does, not in bf16/fp16 (where the rounded coefficient and
-    product would each add an error of the radial part's size). No C x D fp32 copy is made."""
-    dots = _row_dots(rows, grad, norms.dtype)
-    inv_sq = torch.where(norms >= NORM_EPS, norms.clamp_min(NORM_EPS).reciprocal().square(), 0.0)
-    return grad.addcmul_(rows, (dots * inv_sq).neg_()[:, None])
-
-
 def _pow2_scale(norms: torch.Tensor) -> torch.Tensor:
     """``2^-round(log2 ||v||)`` per row (1 where ``||v|| < eps``, or not finite): multiplying a row by it is
     exact in any binary floating type and brings its norm into ``[0.7, 1.5)``."""
@@ -112,21 +153,26 @@ def _pow2_scale(norms: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-exponent)
 
 
-def _cosine_operands(input, weight, acc):
-    """The GEMM operands of the cosine head and their fp32 norms: ``(x, w, x_norm, w_norm, x_pow, w_pow)``.
+def _cosine_operands(kernel: RowKernel, input, weight):
+    """The GEMM operands of the cosine head with their scalings (the ``norms`` op of ``kernel``, one call
+    each): ``(x, w, x_norm, w_norm, row_scale, col_scale, row_proj, col_proj, x_pow, w_pow)``, where
+    ``row_scale``/``col_scale`` turn the GEMM output into cosines and ``row_proj``/``col_proj`` are the
+    projection factors ``1 / ||v||^2`` (0 below eps) of the operands as passed to the GEMM.
 
     In fp16 (range 65504) ``x @ w.T`` overflows for ``||x|| ||w|| > 65504`` and ``dL/draw =
     G / (||x|| ||w||)`` under- or overflows for extreme norms, so there both operands are rescaled by
     powers of two (``x_pow``, ``w_pow``: exact, the cosines unchanged) to unit-order norms: the GEMMs and
     ``dL/draw`` stay near the cosines' own range. The copies are in the input dtype (B x D and C x D
     fp16, no fp32 C x D copy); bf16 and fp32 (fp32's range) use the tensors themselves (pows None)."""
-    x_norm = torch.linalg.vector_norm(input, dim=1, dtype=acc)
-    w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
+    x_norm, row_scale, row_proj = kernel.norms(input, NORM_EPS)
+    w_norm, col_scale, col_proj = kernel.norms(weight, NORM_EPS)
     if input.dtype != torch.float16 and weight.dtype != torch.float16:
-        return input, weight, x_norm, w_norm, None, None
+        return input, weight, x_norm, w_norm, row_scale, col_scale, row_proj, col_proj, None, None
     x_pow, w_pow = _pow2_scale(x_norm), _pow2_scale(w_norm)
-    return (input * x_pow.to(input.dtype)[:, None], weight * w_pow.to(weight.dtype)[:, None],
-            x_norm, w_norm, x_pow, w_pow)
+    # raw carries x_pow_i w_pow_j: undone in the (exact) scalings; the operands' norms carry them too
+    return (input * x_pow.to(input.dtype)[:, None], weight * w_pow.to(weight.dtype)[:, None], x_norm, w_norm,
+            row_scale / x_pow, col_scale / w_pow, row_proj / (x_pow * x_pow), col_proj / (w_pow * w_pow),
+            x_pow, w_pow)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -154,8 +200,9 @@ class _Residuals(NamedTuple):
     col_shift: Optional[torch.Tensor]       # (bias times omega) + beta ||W|| (None when it is base_shift)
     base_col_scale: Optional[torch.Tensor]  # the head's column scale alone (None when it is col_scale)
     base_shift: Optional[torch.Tensor]      # the bias in the compute dtype
-    x_norm: Optional[torch.Tensor]
-    w_norm: Optional[torch.Tensor]
+    row_proj: Optional[torch.Tensor]        # 1 / ||x_op||^2 (0 below eps): the cosine head's projections
+    col_proj: Optional[torch.Tensor]
+    w_norm: Optional[torch.Tensor]          # ||W_j|| (MARC's beta)
     x_pow: Optional[torch.Tensor]           # the fp16 cosine head's power-of-two rescaling (_cosine_operands)
     w_pow: Optional[torch.Tensor]
     nll: torch.Tensor
@@ -188,20 +235,16 @@ class _FusedMarginCE(torch.autograd.Function):
                 class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms):
         head = spec.head
         acc = compute_dtype(input.dtype)
-        x_norm = w_norm = x_pow = w_pow = None
+        w_norm = x_pow = w_pow = row_proj = col_proj = None
         if head == "cosine":
-            x_op, w_op, x_norm, w_norm, x_pow, w_pow = _cosine_operands(input, weight, acc)
-            raw = x_op @ w_op.t()
-            row_scale = 1.0 / x_norm.clamp_min(NORM_EPS)
-            col_scale = 1.0 / w_norm.clamp_min(NORM_EPS)
-            if x_pow is not None:  # raw carries x_pow_i w_pow_j: undo it in the (exact) scalings
-                row_scale = row_scale / x_pow
-                col_scale = col_scale / w_pow
+            (x_op, w_op, _, w_norm, row_scale, col_scale, row_proj, col_proj, x_pow,
+             w_pow) = _cosine_operands(kernel, input, weight)
+            raw = class_padded_mm(x_op, w_op)
             base_col_scale = col_scale
         else:
-            raw = input @ weight.t() if head == "linear" else input
+            raw = class_padded_mm(input, weight) if head == "linear" else input
             if beta is not None and head == "linear":
-                w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
+                w_norm = kernel.norms(weight, NORM_EPS)[0]
             row_scale = col_scale = base_col_scale = None
         # copies (C-sized) where .to would return an input itself: outputs must not alias inputs
         base_shift = bias.to(acc, copy=True) if bias is not None else None
@@ -215,34 +258,18 @@ class _FusedMarginCE(torch.autograd.Function):
             norms = w_norm if weight is not None else class_norms.to(acc)
             beta_shift = beta.to(acc) * norms
             col_shift = beta_shift if col_shift is None else col_shift + beta_shift
-        if col_scale is not None:
-            col_scale = col_scale.contiguous()
 
-        loss_rows, lse, pred, hard, nll, target_grad = kernel.forward(*row_forward_args(
+        # the loss comes reduced (mean / sum) from the kernel, with the mean's denominator
+        loss, lse, pred, hard, nll, target_grad, denom = kernel.forward(*row_forward_args(
             raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
             class_margins=class_margins, logit_offset=logit_offset, pair_perturbation=pair_perturbation,
             class_weight=class_weight, **spec.row_options()))
-
-        kept = target != spec.ignore_index
-        denom = None
-        if spec.reduction == "mean":
-            if class_weight is None:
-                denom = kept.sum().to(loss_rows.dtype)
-            else:
-                safe = torch.where(kept, target, torch.zeros_like(target))
-                denom = torch.where(kept, class_weight.to(loss_rows.dtype)[safe], 0).sum()
-            # as F.cross_entropy: a zero denominator (no kept row, or every kept w_y = 0) gives NaN, 0 / 0
-            loss = torch.where(denom != 0, loss_rows.sum() / denom, torch.full_like(denom, float("nan")))
-        elif spec.reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = loss_rows
         residuals = _Residuals(
             raw=None if head == "logits" else raw, row_scale=row_scale, col_scale=col_scale,
             col_shift=None if col_shift is base_shift else col_shift,
             base_col_scale=None if base_col_scale is col_scale else base_col_scale, base_shift=base_shift,
-            x_norm=x_norm, w_norm=w_norm, x_pow=x_pow, w_pow=w_pow, nll=nll, target_grad=target_grad,
-            denom=denom)
+            row_proj=row_proj, col_proj=col_proj, w_norm=w_norm, x_pow=x_pow, w_pow=w_pow, nll=nll,
+            target_grad=target_grad, denom=denom if spec.reduction == "mean" else None)
         return (loss, lse, pred, hard) + tuple(residuals)
 
     @staticmethod
@@ -257,6 +284,7 @@ class _FusedMarginCE(torch.autograd.Function):
         ctx.base_col_scale_is_col = out["base_col_scale"] is None and ctx.spec.head == "cosine"
         ctx.save_for_backward(*(args[name] for name in _SAVED_INPUTS), out["lse"],
                               *(out[name] for name in _Residuals._fields))
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
         ctx.mark_non_differentiable(*[out[name] for name in _OUTPUTS[1:] if isinstance(out[name], torch.Tensor)])
 
     @staticmethod
@@ -266,6 +294,8 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_outputs):
+        if grad_loss is None:  # only the non-differentiable outputs were used
+            return (None,) * len(INPUT_NAMES)
         if _autocast_enabled(ctx.device_type):
             # a backward run inside an autocast region: as the forward, with autocast off (the GEMMs take
             # the saved operands' dtype, the row math and the projection stay fp32)
@@ -295,12 +325,14 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
+        """The gradients from one row-kernel backward (``dL/draw`` and the sums of the contract), the two
+        GEMMs and C- or B-sized finishing ops; the projections of the cosine head are one ``addcmul_``
+        each on the GEMM outputs (docs/loss.md section 5). Only the pair perturbation's gradient, itself
+        B x C, is formed in eager torch from ``G``."""
         saved = _Saved(*ctx.saved_tensors)
         (input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms) = (
             getattr(saved, name) for name in _SAVED_INPUTS)
-        lse, nll, target_grad, denom = saved.lse, saved.nll, saved.target_grad, saved.denom
-        row_scale, col_scale, x_norm, w_norm, x_pow, w_pow = (
-            saved.row_scale, saved.col_scale, saved.x_norm, saved.w_norm, saved.x_pow, saved.w_pow)
+        row_scale, col_scale, x_pow, w_pow = saved.row_scale, saved.col_scale, saved.x_pow, saved.w_pow
         raw = input if ctx.raw_is_input else saved.raw
         base_shift = saved.base_shift
         col_shift = base_shift if ctx.col_shift_is_base else saved.col_shift
@@ -310,35 +342,23 @@ class _FusedMarginCE(torch.autograd.Function):
         need_input, need_weight, need_bias = need["input"], need["weight"], need["bias"]
         need_offset, need_pair = need["logit_offset"], need["pair_perturbation"]
         need_omega, need_beta = need["omega"], need["beta"]
-        kept = target != spec.ignore_index
-        rows = raw.shape[0]
+        cosine = spec.head == "cosine"
+        beta_weight = beta is not None and need_weight  # d(beta_j ||W_j||) / dW_j
 
-        grad_loss = grad_loss.to(lse.dtype)
-        if spec.reduction == "mean":
-            # d(sum / denom) = 1 / denom; NaN where the loss is the NaN of a zero denominator
-            grad_rows = torch.where(denom != 0, grad_loss / denom, torch.full_like(denom, float("nan")))
-            grad_rows = grad_rows.expand(rows)
-        elif spec.reduction == "sum":
-            grad_rows = grad_loss.expand(rows)
-        else:
-            grad_rows = grad_loss
-        grad_rows = torch.where(kept, grad_rows, torch.zeros_like(grad_rows)).contiguous()
-
-        args = dict(raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
-                    logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight,
-                    lse=lse, nll=nll, target_grad=target_grad, grad_rows=grad_rows, scale=float(spec.scale),
-                    label_smoothing=float(spec.label_smoothing), ignore_index=int(spec.ignore_index))
-        # the eager path materialises the fp32 G = dL/dz': for the tables' gradients, for beta's norm
-        # term, and for a low-precision bias gradient (a column sum of G, not of a rounded dL/draw)
-        low_precision_bias = need_bias and compute_dtype(raw.dtype) != raw.dtype
-        eager_tables = (need_offset or need_pair or need_omega or need_beta or low_precision_bias
-                        or (beta is not None and need_weight))
-        if not eager_tables:
-            grad_raw = kernel.backward(*row_backward_args(**args, scale_grad=True))
-            grad_z = None
-        else:
-            grad_z = kernel.backward(*row_backward_args(**args, scale_grad=False))
-            grad_raw = grad_z
+        grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
+            raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
+            logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight,
+            lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss, denom=saved.denom,
+            scale=float(spec.scale), label_smoothing=float(spec.label_smoothing),
+            ignore_index=int(spec.ignore_index), scale_grad=not need_pair,
+            row_proj=saved.row_proj if cosine and need_input else None,
+            col_proj=saved.col_proj if cosine and need_weight else None,
+            col_stats=bool(need_bias or need_offset or need_omega or need_beta or beta_weight)))
+        grad_raw = grad
+        if need_pair:  # grad is G (fp32): dL/draw from it, and dL/dP = dL/dl off the target (B x C)
+            kept = target != spec.ignore_index
+            onehot = torch.nn.functional.one_hot(torch.where(kept, target, 0), raw.shape[1]).bool() & kept[:, None]
+            grad_pair = (grad / spec.scale).masked_fill_(onehot, 0.0).to(pair_perturbation.dtype)
             if row_scale is not None:
                 grad_raw = grad_raw * row_scale[:, None]
             if col_scale is not None:
@@ -346,75 +366,52 @@ class _FusedMarginCE(torch.autograd.Function):
             grad_raw = grad_raw.to(raw.dtype)
 
         grads = {}  # by input name
+        if need_pair:
+            grads["pair_perturbation"] = grad_pair
         if spec.head == "logits":
             if need_input:
                 grads["input"] = grad_raw.to(input.dtype)
         else:
             x_op, w_op = input, weight
-            x_op_norm, w_op_norm = x_norm, w_norm
             if x_pow is not None:  # the fp16 cosine head's rescaled operands (see _cosine_operands)
                 x_op = input * x_pow.to(input.dtype)[:, None]
                 w_op = weight * w_pow.to(weight.dtype)[:, None]
-                x_op_norm, w_op_norm = x_norm * x_pow, w_norm * w_pow
             if need_input:
                 grad_x = grad_raw @ w_op
-                if spec.head == "cosine":
-                    grad_x = _project_out(grad_x, x_op, x_op_norm)
+                if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
+                    grad_x = grad_x.addcmul_(x_op, row_coef[:, None])
                     if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
                         grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
                 grads["input"] = grad_x.to(input.dtype)
             if need_weight:
-                grad_w = grad_raw.t() @ (x_op if spec.head == "cosine" else input)
-                if spec.head == "cosine":
-                    grad_w = _project_out(grad_w, w_op, w_op_norm)
+                grad_w = grad_raw.t() @ x_op
+                if cosine:
+                    grad_w = grad_w.addcmul_(w_op, col_coef[:, None])
                     if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
                         grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
                 if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
-                    coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * grad_z.sum(0)
-                                       / w_norm.clamp_min(NORM_EPS), 0.0)
+                    w_norm = saved.w_norm
+                    coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * stats[0] / w_norm.clamp_min(NORM_EPS), 0.0)
                     grad_w = grad_w.addcmul_(weight, coef.to(grad_w.dtype)[:, None])
                 grads["weight"] = grad_w.to(weight.dtype)
-            if need_bias:
-                if grad_z is not None:
-                    col = grad_z.sum(0) * (omega.to(grad_z.dtype) if omega is not None else 1.0)
-                else:
-                    col = grad_raw.sum(0, dtype=compute_dtype(raw.dtype))
+            if need_bias:  # dz'_j / db_j = omega_j
+                col = stats[0] * omega.to(stats.dtype) if omega is not None else stats[0]
                 grads["bias"] = col.to(ctx.dtypes["bias"])
-        if need_offset or need_pair:
-            safe = torch.where(kept, target, torch.zeros_like(target))
-            target_dl = _target_logit_grad(nll, grad_rows, safe, class_weight, float(spec.label_smoothing),
-                                           raw.shape[1])
-            onehot = torch.nn.functional.one_hot(safe, raw.shape[1]).bool() & kept[:, None]
-            grad_logits = torch.where(onehot, target_dl[:, None], grad_z / spec.scale)
-            if need_offset:
-                grads["logit_offset"] = grad_logits.sum(0).to(logit_offset.dtype)
-            if need_pair:
-                grads["pair_perturbation"] = grad_logits.masked_fill(onehot, 0.0).to(pair_perturbation.dtype)
-        if need_omega:
-            z = scaled_scores(raw, row_scale, base_col_scale, base_shift)
-            grads["omega"] = (grad_z * z).sum(0).to(omega.dtype)
+        if need_offset:
+            grads["logit_offset"] = stats[2].to(logit_offset.dtype)
+        if need_omega:  # sum_i G_ij z_ij with z = raw row_scale base_col_scale + base_shift
+            col = stats[1] if base_col_scale is None else stats[1] * base_col_scale
+            if base_shift is not None:
+                col = col + stats[0] * base_shift
+            grads["omega"] = col.to(omega.dtype)
         if need_beta:
-            norms = w_norm if weight is not None else class_norms.to(grad_z.dtype)
-            grads["beta"] = (grad_z.sum(0) * norms).to(beta.dtype)
+            norms = saved.w_norm if weight is not None else class_norms.to(stats.dtype)
+            grads["beta"] = (stats[0] * norms).to(beta.dtype)
         return tuple(grads.get(name) for name in INPUT_NAMES)
 
 
 #: the arguments of ``_FusedMarginCE.forward`` in order (``needs_input_grad`` and the gradients by name)
 INPUT_NAMES = tuple(inspect.signature(_FusedMarginCE.forward).parameters)
-
-
-def _target_logit_grad(nll, grad_rows, safe_target, class_weight, label_smoothing, num_classes):
-    """``dL/dl_iy``, the softmax-CE derivative at the target logit (docs/loss.md section 4), from the precise
-    ``nll``: ``g ((1 - eps) w_y expm1(-nll) + eps / C ((W - w_y) + W expm1(-nll)))``
-    (``p_y - 1 = expm1(-nll)``, ``W = sum_j w_j``)."""
-    if class_weight is None:
-        w_y, w_sum = torch.ones_like(nll), float(num_classes)
-    else:
-        w = class_weight.to(nll.dtype)
-        w_y, w_sum = w[safe_target], w.sum()
-    pm1 = torch.expm1(-nll)
-    return grad_rows * ((1.0 - label_smoothing) * w_y * pm1
-                        + label_smoothing / num_classes * ((w_sum - w_y) + w_sum * pm1))
 
 
 def fused_margin_cross_entropy(kernel: RowKernel, input: torch.Tensor, target: torch.Tensor,

@@ -11,7 +11,8 @@ import math
 import torch
 
 from .fused import RowKernel, scaled_scores
-from .spec import ACOS_CLAMP
+from .reference import compute_dtype
+from .spec import ACOS_CLAMP, REDUCTION_CODES
 
 
 def target_margin(c, margin, dmargin_dc, scale, margin_type, fold, straight_through):
@@ -50,10 +51,15 @@ def target_margin(c, margin, dmargin_dc, scale, margin_type, fold, straight_thro
 
 def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
                 pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
-                fold, straight_through, label_smoothing, ignore_index):
+                fold, straight_through, label_smoothing, ignore_index, reduction):
     z = scaled_scores(raw, row_scale, col_scale, col_shift)
     rows, num_classes = z.shape
     kept = target != ignore_index
+    bad = kept & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in [0, {num_classes}) "
+                         f"or equal ignore_index ({ignore_index})")
     y = torch.where(kept, target, torch.zeros_like(target))
     onehot = torch.nn.functional.one_hot(y, num_classes).bool() & kept[:, None]
 
@@ -92,8 +98,13 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
         smooth = (lse[:, None] - logits).masked_fill(onehot, 0.0).sum(1)
     loss = (1.0 - label_smoothing) * w_y * nll + label_smoothing / num_classes * (smooth + w_y * nll)
     zero = torch.zeros_like(loss)
-    return (torch.where(kept, loss, zero), lse, pred, hard, torch.where(kept, nll, zero),
-            torch.where(kept, target_grad, zero))
+    loss = torch.where(kept, loss, zero)
+    denom = torch.where(kept, w_y, zero).sum()
+    if reduction == REDUCTION_CODES["mean"]:
+        loss = torch.where(denom != 0, loss.sum() / denom, torch.full_like(denom, float("nan")))
+    elif reduction == REDUCTION_CODES["sum"]:
+        loss = loss.sum()
+    return (loss, lse, pred, hard, torch.where(kept, nll, zero), torch.where(kept, target_grad, zero), denom)
 
 
 def nll_from_others(others, target_logit, lse):
@@ -122,8 +133,8 @@ def target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes):
 
 
 def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-                 class_weight, lse, nll, target_grad, grad_rows, scale, label_smoothing,
-                 ignore_index, scale_grad):
+                 class_weight, lse, nll, target_grad, grad_rows, denom, scale, label_smoothing,
+                 ignore_index, scale_grad, row_proj, col_proj, col_stats):
     z = scaled_scores(raw, row_scale, col_scale, col_shift)
     num_classes = z.shape[1]
     kept = target != ignore_index
@@ -142,16 +153,36 @@ def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pai
         w_y, w_sum, w_j = torch.ones_like(lse), float(num_classes), 1.0
     dl = (1.0 - label_smoothing) * w_y[:, None] * p + label_smoothing / num_classes * (w_sum * p - w_j)
     dl_y = target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes)
-    g = torch.where(kept, grad_rows, torch.zeros_like(grad_rows))
-    grad = torch.where(onehot, (dl_y * g * target_grad)[:, None], dl * g[:, None] * scale)
-    grad = torch.where(kept[:, None], grad, torch.zeros_like(grad))
-    if not scale_grad:
-        return grad
+    g = grad_rows.to(z.dtype).expand(lse.shape)
+    if denom is not None:
+        g = torch.where(denom != 0, g / denom, torch.full_like(g, float("nan")))
+    g = torch.where(kept, g, torch.zeros_like(g))
+    dl = torch.where(onehot, dl_y[:, None], dl) * g[:, None]
+    dl = torch.where(kept[:, None], dl, torch.zeros_like(dl))
+    grad = torch.where(onehot, dl * target_grad[:, None], dl * scale)
+    scaled = grad
     if row_scale is not None:
-        grad = grad * row_scale[:, None]
+        scaled = scaled * row_scale[:, None]
     if col_scale is not None:
-        grad = grad * col_scale[None, :]
-    return grad.to(raw.dtype)
+        scaled = scaled * col_scale[None, :]
+    raw32 = raw.to(z.dtype)
+    grad_raw = scaled * raw32  # dL/draw_ij raw_ij
+    row_coef = (-(row_proj * grad_raw.sum(1)) if row_proj is not None else z.new_empty(0))
+    col_coef = (-(col_proj * grad_raw.sum(0)) if col_proj is not None else z.new_empty(0))
+    if col_stats:
+        scaled_rows = grad * row_scale[:, None] if row_scale is not None else grad
+        stats = torch.stack([grad.sum(0), (scaled_rows * raw32).sum(0), dl.sum(0)])
+    else:
+        stats = z.new_empty(0)
+    return (scaled.to(raw.dtype) if scale_grad else grad), row_coef, col_coef, stats
 
 
-ROW_KERNEL = RowKernel("torch", row_forward, row_backward)
+def row_norms(x, eps):
+    """``(||x_i||, 1 / max(||x_i||, eps), 1 / ||x_i||^2 where ||x_i|| >= eps else 0)`` in fp32 (fp64 for fp64
+    ``x``; the contract's ``norms``)."""
+    norm = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))
+    inv = 1.0 / norm.clamp_min(eps)
+    return norm, inv, torch.where(norm >= eps, inv * inv, torch.zeros_like(inv))
+
+
+ROW_KERNEL = RowKernel("torch", row_forward, row_backward, row_norms)

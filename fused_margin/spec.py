@@ -20,11 +20,16 @@ HEADS = ("cosine", "linear", "logits")
 #: against it by tests/test_contract.py.
 MARGIN_TYPE_CODES = {"additive_cosine": 0, "additive_angular": 1}
 FOLD_CODES = {None: 0, "threshold": 1, "easy": 2}
+#: the row forward's ``reduction`` code (csrc/row_kernel.h ``Reduction``)
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 MARGIN_TYPES = tuple(MARGIN_TYPE_CODES)
 HARD_MODES = ("hard", "all")
 ANGULAR_FOLDS = tuple(FOLD_CODES)
 MARGIN_GRADS = ("exact", "straight_through")
 REDUCTIONS = ("mean", "sum", "none")
+#: the rows of the row backward's ``stats`` output (``col_stats=True``), one value a class each:
+#: ``sum_i G_ij``, ``sum_i G_ij row_scale_i raw_ij`` and ``sum_i dL/dl_ij`` (csrc/row_kernel.h ``ColumnStat``)
+COLUMN_STATS = ("sum_grad", "sum_grad_raw", "sum_logit_grad")
 
 #: the range of int64, which holds labels and ``ignore_index`` on every backend.
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -144,12 +149,13 @@ class MarginLossSpec:
     def row_options(self) -> dict:
         """The scalar arguments of the row kernels' forward (:data:`ROW_FORWARD_ARGS`) that this spec
         sets, by name: ``scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-        label_smoothing, ignore_index``; the backward takes ``scale, label_smoothing, ignore_index`` of
-        them."""
+        label_smoothing, ignore_index, reduction``; the backward takes ``scale, label_smoothing,
+        ignore_index`` of them."""
         return dict(scale=float(self.scale), margin_type=self.margin_code, lambda_inst=float(self.lambda_inst),
                     hard_all=self.hard_mode == "all", lambda_elm=float(self.lambda_elm), fold=self.fold_code,
                     straight_through=self.margin_grad == "straight_through",
-                    label_smoothing=float(self.label_smoothing), ignore_index=int(self.ignore_index))
+                    label_smoothing=float(self.label_smoothing), ignore_index=int(self.ignore_index),
+                    reduction=REDUCTION_CODES[self.reduction])
 
 
 #: The arguments of the row kernels' forward, in the order every backend takes them (the op schema of
@@ -158,13 +164,15 @@ class MarginLossSpec:
 #: each backend's signature and the C++ op schema against this table.
 ROW_FORWARD_ARGS = ("raw", "target", "row_scale", "col_scale", "col_shift", "class_margins", "logit_offset",
                     "pair_perturbation", "class_weight", "scale", "margin_type", "lambda_inst", "hard_all",
-                    "lambda_elm", "fold", "straight_through", "label_smoothing", "ignore_index")
+                    "lambda_elm", "fold", "straight_through", "label_smoothing", "ignore_index", "reduction")
 #: what the forward returns, in order
-ROW_FORWARD_OUTPUTS = ("loss", "lse", "pred", "hard", "nll", "target_grad")
-#: the arguments of the row kernels' backward, in order (it returns one tensor, the gradient)
+ROW_FORWARD_OUTPUTS = ("loss", "lse", "pred", "hard", "nll", "target_grad", "denom")
+#: the arguments of the row kernels' backward, in order
 ROW_BACKWARD_ARGS = ("raw", "target", "row_scale", "col_scale", "col_shift", "logit_offset", "pair_perturbation",
-                     "class_weight", "lse", "nll", "target_grad", "grad_rows", "scale", "label_smoothing",
-                     "ignore_index", "scale_grad")
+                     "class_weight", "lse", "nll", "target_grad", "grad_rows", "denom", "scale", "label_smoothing",
+                     "ignore_index", "scale_grad", "row_proj", "col_proj", "col_stats")
+#: what the backward returns, in order
+ROW_BACKWARD_OUTPUTS = ("grad", "row_coef", "col_coef", "stats")
 
 
 def _pack(op: str, names: tuple, values: dict) -> tuple:

@@ -26,23 +26,24 @@ from fused_margin.row_torch import ROW_KERNEL
 
 
 def _wrong_loss(*args):
-    loss_rows, lse, pred, hard, target_logit, target_grad = ROW_KERNEL.forward(*args)
-    return loss_rows * 1.01, lse, pred, hard, target_logit, target_grad
+    loss, lse, pred, hard, nll, target_grad, denom = ROW_KERNEL.forward(*args)
+    return loss * 1.01, lse, pred, hard, nll, target_grad, denom
 
 
 def _wrong_grad(*args):
-    return ROW_KERNEL.backward(*args) * 1.05
+    grad, row_coef, col_coef, stats = ROW_KERNEL.backward(*args)
+    return grad * 1.05, row_coef, col_coef, stats
 
 
 def _wrong_pred(*args):
-    loss_rows, lse, pred, hard, target_logit, target_grad = ROW_KERNEL.forward(*args)
-    return loss_rows, lse, (pred + 1) % args[0].shape[1], hard, target_logit, target_grad
+    loss, lse, pred, hard, nll, target_grad, denom = ROW_KERNEL.forward(*args)
+    return loss, lse, (pred + 1) % args[0].shape[1], hard, nll, target_grad, denom
 
 
 WRONG = {
-    "wrong-loss": RowKernel("wrong-loss", _wrong_loss, ROW_KERNEL.backward),
-    "wrong-grad": RowKernel("wrong-grad", ROW_KERNEL.forward, _wrong_grad),
-    "wrong-pred": RowKernel("wrong-pred", _wrong_pred, ROW_KERNEL.backward),
+    "wrong-loss": RowKernel("wrong-loss", _wrong_loss, ROW_KERNEL.backward, ROW_KERNEL.norms),
+    "wrong-grad": RowKernel("wrong-grad", ROW_KERNEL.forward, _wrong_grad, ROW_KERNEL.norms),
+    "wrong-pred": RowKernel("wrong-pred", _wrong_pred, ROW_KERNEL.backward, ROW_KERNEL.norms),
 }
 QUICK = dict(device="cpu", B=16, D=32, C=64, dtype="fp32", target_time=0.0, min_reps=2, max_reps=2, warmup=1,
              input_sets=2, compile="none", threads=1)
@@ -140,7 +141,7 @@ def test_low_precision_gate(dtype):
         return judge(run_outputs(row_kernel_fns(kernel, kwargs)[1], *truth.inputs, True), truth)
     assert verdict(ROW_KERNEL).ok, verdict(ROW_KERNEL).detail
     off_loss = RowKernel("x", lambda *a: (ROW_KERNEL.forward(*a)[0] * 1.03,) + ROW_KERNEL.forward(*a)[1:],
-                         ROW_KERNEL.backward)
+                         ROW_KERNEL.backward, ROW_KERNEL.norms)
     assert "loss rel err" in verdict(off_loss).detail and not verdict(off_loss).ok
     assert not verdict(WRONG["wrong-grad"]).ok
 

@@ -14,8 +14,9 @@ import torch
 from fused_margin import extension
 from fused_margin import fused, row_torch, spec
 from fused_margin.reference import margin_cross_entropy_reference
-from fused_margin.spec import (FOLD_CODES, MARGIN_TYPE_CODES, ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS,
-                               ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec)
+from fused_margin.spec import (COLUMN_STATS, FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, ROW_BACKWARD_ARGS,
+                               ROW_BACKWARD_OUTPUTS, ROW_FORWARD_ARGS, ROW_FORWARD_OUTPUTS, LossTables,
+                               MarginLossSpec)
 
 needs_extension = pytest.mark.skipif(not extension.is_built(), reason="the C++ extension is not built")
 
@@ -43,7 +44,8 @@ def test_python_codes_are_one_table():
 
 @needs_extension
 def test_cpp_codes_match_the_python_table():
-    assert extension.contract() == {"margin_type": MARGIN_TYPE_CODES, "fold": FOLD_CODES}
+    assert extension.contract() == {"margin_type": MARGIN_TYPE_CODES, "fold": FOLD_CODES,
+                                    "reduction": REDUCTION_CODES}
 
 
 @needs_extension
@@ -52,7 +54,9 @@ def test_cpp_refuses_an_unknown_code_naming_the_codes():
     values = dict(raw=raw, target=target, row_scale=None, col_scale=None, col_shift=None, class_margins=None,
                   logit_offset=None, pair_perturbation=None, class_weight=None, scale=1.0, margin_type=0,
                   lambda_inst=0.0, hard_all=False, lambda_elm=0.0, fold=0, straight_through=False,
-                  label_smoothing=0.0, ignore_index=-100)
+                  label_smoothing=0.0, ignore_index=-100, reduction=0)
+    with pytest.raises(RuntimeError, match=r"reduction must be 0 \(none\), 1 \(mean\) or 2 \(sum\), got 5"):
+        torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, reduction=5)))
     with pytest.raises(RuntimeError, match=r"margin_type must be 0 \(additive_cosine\) or 1 \(additive_angular\), "
                                            r"got 2"):
         torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, margin_type=2)))
@@ -116,7 +120,24 @@ def test_cpp_op_schemas_match_the_python_table():
     assert tuple(a.name for a in forward.arguments) == ROW_FORWARD_ARGS
     assert len(forward.returns) == len(ROW_FORWARD_OUTPUTS)
     assert tuple(a.name for a in backward.arguments) == ROW_BACKWARD_ARGS
-    assert len(backward.returns) == 1
+    assert len(backward.returns) == len(ROW_BACKWARD_OUTPUTS)
+    norms = torch.ops.fused_margin.row_norms.default._schema
+    assert tuple(a.name for a in norms.arguments) == ("x", "eps") and len(norms.returns) == 3
+
+
+def test_column_stats_match_the_cpp_enum():
+    """The rows of the backward's ``stats`` (spec.COLUMN_STATS) are csrc/row_kernel.h's ColumnStat order:
+    checked on values, sum_i G_ij (the bias) against sum_i dL/dl_ij (the offset): with ``s = 2`` and no
+    target in a column they differ by that factor."""
+    raw, target = torch.randn(3, 5), torch.tensor([0, 0, 1])
+    fwd = row_torch.row_forward(raw, target, None, None, None, None, None, None, None, 2.0, 0, 0.0, False, 0.0,
+                                0, False, 0.0, -100, 0)
+    args = (raw, target, None, None, None, None, None, None, fwd[1], fwd[4], fwd[5], torch.ones(3), None, 2.0, 0.0,
+            -100, True, None, None, True)
+    for kernel in filter(None, (row_torch.ROW_KERNEL, extension.row_kernel("cpu"))):
+        stats = dict(zip(COLUMN_STATS, kernel.backward(*args)[3]))
+        torch.testing.assert_close(stats["sum_grad"][2:], 2.0 * stats["sum_logit_grad"][2:])
+        torch.testing.assert_close(stats["sum_grad_raw"], (kernel.backward(*args)[0] * raw).sum(0))
 
 
 def test_eager_contract_signatures_match_the_python_table():
@@ -157,7 +178,7 @@ def test_row_options_name_the_forward_scalars():
     assert set(options) <= set(ROW_FORWARD_ARGS)
     assert options == dict(scale=7.0, margin_type=MARGIN_TYPE_CODES["additive_angular"], lambda_inst=0.25,
                            hard_all=True, lambda_elm=0.5, fold=FOLD_CODES["easy"], straight_through=True,
-                           label_smoothing=0.125, ignore_index=-7)
+                           label_smoothing=0.125, ignore_index=-7, reduction=REDUCTION_CODES["mean"])
 
 
 def _same(a, b):
@@ -194,7 +215,7 @@ def test_fused_passes_each_argument_under_its_name():
         seen.setdefault("backward", []).append(dict(zip(ROW_BACKWARD_ARGS, args)))
         return row_torch.row_backward(*args)
 
-    kernel = fused.RowKernel("spy", forward, backward)
+    kernel = fused.RowKernel("spy", forward, backward, row_torch.row_norms)
     loss = fused.fused_margin_cross_entropy(kernel, x, target, w, None, loss_spec, tables)[0]
     loss.backward()
 
@@ -212,9 +233,13 @@ def test_fused_passes_each_argument_under_its_name():
         for name in ("raw", "target", "row_scale", "col_scale", "col_shift", "logit_offset", "pair_perturbation",
                      "class_weight"):
             assert _same(b[name], f[name]), name
-        assert b["lse"].shape == b["nll"].shape == b["target_grad"].shape == b["grad_rows"].shape == (B,)
-        assert isinstance(b["scale_grad"], bool)
-        assert b["grad_rows"][2] == 0  # the ignored row
+        assert b["lse"].shape == b["nll"].shape == b["target_grad"].shape == (B,)
+        assert b["grad_rows"].shape == () and b["denom"].shape == ()  # the mean's upstream gradient, shared
+        assert isinstance(b["scale_grad"], bool) and isinstance(b["col_stats"], bool)
+        assert b["row_proj"].shape == (B,) and b["col_proj"].shape == (C,)  # the cosine head's projections
+        # the learnable logit offset takes its gradient from the stats; the pair perturbation (not
+        # learnable here) would need G in fp32 instead of dL/draw
+        assert b["col_stats"] and b["scale_grad"]
 
 
 def test_the_former_module_name_is_the_extension_module():

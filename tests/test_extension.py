@@ -24,7 +24,8 @@ import torch
 import fused_margin as fm
 from fused_margin import backends, row_torch
 from fused_margin.reference import margin_cross_entropy_reference
-from fused_margin.spec import LossTables, MarginLossSpec
+from fused_margin.spec import (REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
+                               MarginLossSpec)
 from fused_margin import extension
 
 if not extension.is_built():
@@ -107,21 +108,28 @@ FORWARD_OPTIONS = {  # (margin_type, lambda_inst, hard_all, lambda_elm, fold, st
     "angular_all_threshold": (1, 0.7, True, 0.5, 1, False, 0.2),
     "angular_easy_straight": (1, 1.0, False, 0.0, 2, True, 0.0),
 }
-OUTPUTS = ("loss", "lse", "pred", "hard", "nll", "target_grad")
+OUTPUTS = ROW_FORWARD_OUTPUTS
 
 
-def _forward_args(raw, target, tables, options, scale=30.0, ignore_index=-100):
+def _forward_args(raw, target, tables, options, scale=30.0, ignore_index=-100, reduction=0):
     margin_type, lambda_inst, hard_all, lambda_elm, fold, straight, smoothing = options
     return (raw, target, tables["row_scale"], tables["col_scale"], tables["col_shift"], tables["class_margins"],
             tables["logit_offset"], tables["pair_perturbation"], tables["class_weight"], scale, margin_type,
-            lambda_inst, hard_all, lambda_elm, fold, straight, smoothing, ignore_index)
+            lambda_inst, hard_all, lambda_elm, fold, straight, smoothing, ignore_index, reduction)
 
 
-def _backward_args(raw, target, tables, forward_out, grad_rows, smoothing, scale_grad, scale=30.0):
-    _, lse, _, _, nll, target_grad = forward_out
+def _backward_args(raw, target, tables, forward_out, grad_rows, smoothing, scale_grad, scale=30.0, denom=None,
+                   sums=False):
+    """The backward's arguments; ``sums``: the projection factors (random, positive) and the column stats."""
+    _, lse, _, _, nll, target_grad, _ = forward_out
+    rows, cols = raw.shape
+    proj = (None, None, False)
+    if sums:
+        g = _gen(rows * 7 + cols)
+        proj = (torch.rand(rows, generator=g).to(raw.device), torch.rand(cols, generator=g).to(raw.device), True)
     return (raw, target, tables["row_scale"], tables["col_scale"], tables["col_shift"], tables["logit_offset"],
-            tables["pair_perturbation"], tables["class_weight"], lse, nll, target_grad, grad_rows, scale,
-            smoothing, -100, scale_grad)
+            tables["pair_perturbation"], tables["class_weight"], lse, nll, target_grad, grad_rows, denom, scale,
+            smoothing, -100, scale_grad) + proj
 
 
 def _close(name, got, want, rtol):
@@ -140,16 +148,22 @@ def _close(name, got, want, rtol):
 
 def check_ops_against_contract(B, C, dtype, options, full, device="cpu", seed=0):
     raw, target, tables = _op_inputs(B, C, dtype, seed, full=full, device=device)
-    args = _forward_args(raw, target, tables, options)
-    got = OPS.row_forward(*args)
-    want = row_torch.row_forward(*args)
-    for name, a, b in zip(OUTPUTS, got, want):
-        _close(name, a, b, 2e-6)
+    for reduction in REDUCTION_CODES.values():
+        args = _forward_args(raw, target, tables, options, reduction=reduction)
+        got = OPS.row_forward(*args)
+        want = row_torch.row_forward(*args)
+        for name, a, b in zip(OUTPUTS, got, want):
+            _close(f"{name} (reduction {reduction})", a, b, 2e-6)
     grad_rows = torch.rand(B, generator=_gen(seed + 1)).to(device)
+    shared = torch.tensor(0.75, device=device)
     for scale_grad in (True, False):
-        bargs = _backward_args(raw, target, tables, want, grad_rows, options[-1], scale_grad)
         rtol = 2e-6 if (dtype == torch.float32 or not scale_grad) else 2 * torch.finfo(dtype).eps
-        _close(f"grad (scale_grad={scale_grad})", OPS.row_backward(*bargs), row_torch.row_backward(*bargs), rtol)
+        for upstream, denom, sums in ((grad_rows, None, False), (shared, want[-1], True), (shared, None, True)):
+            bargs = _backward_args(raw, target, tables, want, upstream, options[-1], scale_grad, denom=denom, sums=sums)
+            got_b, want_b = OPS.row_backward(*bargs), row_torch.row_backward(*bargs)
+            for name, a, b in zip(ROW_BACKWARD_OUTPUTS, got_b, want_b):
+                # the sums: fp32 in another order than row_torch's, over up to 5000 terms
+                _close(f"{name} (scale_grad={scale_grad}, sums={sums})", a, b, rtol if name == "grad" else 2e-5)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
@@ -209,8 +223,10 @@ def test_ops_reject_bad_arguments():
         OPS.row_forward(*_forward_args(raw.double(), target, tables, options))
     bad = target.clone()
     bad[0] = 10
-    with pytest.raises(RuntimeError, match=r"target\[0\] = 10 is out of range"):
+    with pytest.raises(ValueError, match=r"target\[0\] = 10 is out of range"):  # the Python check's error
         OPS.row_forward(*_forward_args(raw, bad, tables, options))
+    with pytest.raises(RuntimeError, match="reduction must be 0"):
+        OPS.row_forward(*_forward_args(raw, target, tables, options, reduction=3))
     with pytest.raises(RuntimeError, match="col_scale must have shape"):
         OPS.row_forward(*_forward_args(raw, target, dict(tables, col_scale=torch.ones(9)), options))
     with pytest.raises(RuntimeError, match="target must be int64"):
@@ -231,16 +247,45 @@ def test_ops_take_noncontiguous_raw_and_float64_tables():
         assert torch.equal(a, b), name
 
 
+def test_ops_read_a_padded_class_stride_in_place():
+    """raw with its class stride padded (the fused path's GEMM output) gives the same results as a contiguous
+    raw, and a gradient with the same padded stride."""
+    raw, target, tables = _op_inputs(4, 45, torch.bfloat16, 6, full=True)
+    padded = torch.zeros(4, 48, dtype=raw.dtype)[:, :45]
+    padded.copy_(raw)
+    options = FORWARD_OPTIONS["angular_all_threshold"]
+    got = OPS.row_forward(*_forward_args(padded, target, tables, options))
+    want = OPS.row_forward(*_forward_args(raw, target, tables, options))
+    for name, a, b in zip(OUTPUTS, got, want):
+        assert torch.equal(a, b), name
+    for scale_grad in (True, False):
+        args = [_backward_args(r, target, tables, want, torch.tensor(1.0), options[-1], scale_grad, sums=True)
+                for r in (padded, raw)]
+        got_b, want_b = OPS.row_backward(*args[0]), OPS.row_backward(*args[1])
+        assert got_b[0].stride() == (48, 1) and want_b[0].is_contiguous()
+        for name, a, b in zip(ROW_BACKWARD_OUTPUTS, got_b, want_b):
+            assert torch.equal(a, b), name
+
+
 def test_opcheck():
     for dtype, full in ((torch.float32, True), (torch.bfloat16, False)):
         raw, target, tables = _op_inputs(4, 37, dtype, 5, full=full)
         options = FORWARD_OPTIONS["angular_all_threshold"]
-        args = _forward_args(raw, target, tables, options)
-        torch.library.opcheck(OPS.row_forward.default, args)
+        for reduction in (0, 1):
+            args = _forward_args(raw, target, tables, options, reduction=reduction)
+            torch.library.opcheck(OPS.row_forward.default, args)
         out = OPS.row_forward(*args)
         for scale_grad in (True, False):
             bargs = _backward_args(raw, target, tables, out, torch.rand(4), options[-1], scale_grad)
             torch.library.opcheck(OPS.row_backward.default, bargs)
+            bargs = _backward_args(raw, target, tables, out, torch.tensor(0.5), options[-1], scale_grad,
+                                   denom=out[-1], sums=True)
+            torch.library.opcheck(OPS.row_backward.default, bargs)
+        torch.library.opcheck(OPS.row_norms.default, (raw, 1e-12))
+        padded = torch.zeros(4, 48, dtype=raw.dtype)[:, :37]
+        padded.copy_(raw)
+        bargs = _backward_args(padded, target, tables, out, torch.tensor(0.5), options[-1], True, sums=True)
+        torch.library.opcheck(OPS.row_backward.default, bargs)  # the fake kernel's padded stride too
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -367,19 +367,23 @@ def test_fp16_cosine_head_stays_in_range(backend, device, x_norm, w_norm):
 def test_fp16_rescaling_does_not_touch_fp32_and_bf16():
     """Only fp16 is rescaled: fp32 and bf16 give bit-identical results to the unscaled GEMM path (through the
     eager row kernel, whose raw must be exactly x @ w.T)."""
-    from fused_margin import fused
+    from fused_margin import fused, row_torch
+    kernel = row_torch.ROW_KERNEL
     g = _gen(9)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 8, generator=g).to(dtype) * 300
         w = torch.randn(5, 8, generator=g).to(dtype) * 40
-        operands = fused._cosine_operands(x, w, torch.float32)
-        assert operands[0] is x and operands[1] is w and operands[4] is None and operands[5] is None
+        operands = fused._cosine_operands(kernel, x, w)
+        assert operands[0] is x and operands[1] is w and operands[8] is None and operands[9] is None
     x = torch.randn(4, 8, generator=g).half() * 3000
     w = torch.randn(5, 8, generator=g).half() * 40
-    xs, ws, x_norm, w_norm, x_pow, w_pow = fused._cosine_operands(x, w, torch.float32)
+    xs, ws, x_norm, w_norm, row_scale, col_scale, row_proj, col_proj, x_pow, w_pow = fused._cosine_operands(kernel, x, w)
     assert torch.equal(xs.float(), x.float() * x_pow[:, None]) and torch.equal(ws.float(), w.float() * w_pow[:, None])
     assert (torch.log2(x_pow) == torch.round(torch.log2(x_pow))).all()
     assert ((x_norm * x_pow) < 1.5).all() and ((x_norm * x_pow) >= 0.7).all()
+    # the scalings and projection factors are those of the rescaled operands
+    torch.testing.assert_close(row_scale, 1.0 / torch.linalg.vector_norm(xs.float(), dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(col_proj, torch.linalg.vector_norm(ws.float(), dim=1) ** -2, rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import fused_margin as fm  # noqa: E402
 import kernel_cases  # noqa: E402
 from fused_margin import row_torch  # noqa: E402
 from fused_margin.triton import ROW_KERNEL, max_block, row_backward, row_forward  # noqa: E402
+from fused_margin.spec import REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS  # noqa: E402
 from fused_margin.triton._common import round_to, target_margin  # noqa: E402
 from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODULES, _counts,  # noqa: E402
                           _gen, _upstream, assert_fp32_close, make_case)
@@ -221,34 +222,42 @@ def test_row_kernels_match_eager_contract(margin_type, fold, straight_through, d
     args = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["class_margins"], t["logit_offset"],
             t["pair_perturbation"], t["class_weight"], 3.0, margin_type, 1.0, False, 0.5, fold, straight_through,
             0.1, -100)
-    with max_block(8):
-        got = ROW_KERNEL.forward(*args)
-    want = row_torch.row_forward(*args)
-    names = ("loss_rows", "lse", "pred", "hard", "target_logit", "target_grad")
-    for name, a, b in zip(names, got, want):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        if a.is_floating_point():
-            assert_fp32_close(name, a, b, rtol=2e-6)
-        else:
-            assert torch.equal(a, b), name
-    grad_rows = torch.rand(raw.shape[0], generator=_gen(2)).to(DEVICE)
-    back = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["logit_offset"], t["pair_perturbation"],
-            t["class_weight"], want[1], want[4], want[5], grad_rows, 3.0, 0.1, -100)
-    for scale_grad in (False, True):
+    for reduction in REDUCTION_CODES.values():
         with max_block(8):
-            a = ROW_KERNEL.backward(*back, scale_grad)
-        b = row_torch.row_backward(*back, scale_grad)
-        assert a.dtype == b.dtype == (dtype if scale_grad else torch.float32)
-        if dtype == torch.float32:
-            assert_fp32_close(f"grad scale_grad={scale_grad}", a, b, rtol=2e-6)
-        else:  # one bf16 rounding of the same fp32 value, give or take an fp32 ulp
-            assert_fp32_close(f"grad scale_grad={scale_grad}", a, b, rtol=torch.finfo(dtype).eps)
-        assert (a[target.cpu() == -100] == 0).all()
+            got = ROW_KERNEL.forward(*args, reduction)
+        want = row_torch.row_forward(*args, reduction)
+        for name, a, b in zip(ROW_FORWARD_OUTPUTS, got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            if a.is_floating_point():
+                assert_fp32_close(name, a, b, rtol=2e-6)
+            else:
+                assert torch.equal(a, b), name
+    B, C = raw.shape
+    g = _gen(2)
+    grad_rows = torch.rand(B, generator=g).to(DEVICE)
+    projections = (torch.rand(B, generator=g).to(DEVICE), torch.rand(C, generator=g).to(DEVICE))
+    for scale_grad in (False, True):
+        for upstream, denom, proj, stats in ((grad_rows, None, (None, None), False),
+                                             (torch.tensor(0.7).to(DEVICE), want[-1], projections, True)):
+            back = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["logit_offset"],
+                    t["pair_perturbation"], t["class_weight"], want[1], want[4], want[5], upstream, denom, 3.0, 0.1,
+                    -100, scale_grad, *proj, stats)
+            with max_block(8):  # several column blocks, and (B = 5) one partial block of rows
+                got_b = ROW_KERNEL.backward(*back)
+            want_b = row_torch.row_backward(*back)
+            for name, a, b in zip(ROW_BACKWARD_OUTPUTS, got_b, want_b):
+                assert a.dtype == b.dtype and a.shape == b.shape, name
+                if name == "grad" and dtype != torch.float32 and scale_grad:
+                    # one bf16 rounding of the same fp32 value, give or take an fp32 ulp
+                    assert_fp32_close(f"grad scale_grad={scale_grad}", a, b, rtol=torch.finfo(dtype).eps)
+                else:
+                    assert_fp32_close(f"{name} scale_grad={scale_grad}", a, b, rtol=2e-6 if name == "grad" else 1e-5)
+            assert (got_b[0][target.cpu() == -100] == 0).all()
 
 
 def test_row_kernels_without_optional_tables_and_empty_batch():
     raw, target, _ = _row_args(B=4, C=9)
-    args = (raw, target, None, None, None, None, None, None, None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100)
+    args = (raw, target, None, None, None, None, None, None, None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100, 0)
     got, want = ROW_KERNEL.forward(*args), row_torch.row_forward(*args)
     for a, b in zip(got, want):
         if a.is_floating_point():
@@ -256,15 +265,24 @@ def test_row_kernels_without_optional_tables_and_empty_batch():
         else:
             assert torch.equal(a, b)
     empty = ROW_KERNEL.forward(raw[:0], target[:0], *args[2:])
-    assert [o.shape for o in empty] == [torch.Size([0])] * 6
-    grad = ROW_KERNEL.backward(raw[:0], target[:0], None, None, None, None, None, None, *empty[1:2], *empty[4:6],
-                               empty[0], 1.0, 0.0, -100, True)
-    assert grad.shape == (0, 9)
+    assert [o.shape for o in empty] == [torch.Size([0])] * 6 + [torch.Size([])]
+    assert empty[-1].item() == 0  # no kept row
+    mean = ROW_KERNEL.forward(raw[:0], target[:0], *args[2:-1], REDUCTION_CODES["mean"])
+    assert mean[0].shape == () and mean[0].isnan()  # 0 / 0, as F.cross_entropy
+    grad, row_coef, col_coef, stats = ROW_KERNEL.backward(
+        raw[:0], target[:0], None, None, None, None, None, None, *empty[1:2], *empty[4:6], empty[0], None, 1.0, 0.0,
+        -100, True, torch.ones(0, device=DEVICE), torch.ones(9, device=DEVICE), True)
+    assert grad.shape == (0, 9) and row_coef.shape == (0,)
+    assert torch.equal(col_coef, torch.zeros(9, device=DEVICE)) and torch.equal(stats, torch.zeros(3, 9, device=DEVICE))
 
 
 def test_bad_arguments_are_named():
     raw, target, _ = _row_args(B=2, C=4)
-    args = (None, None, None, None, None, None, None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100)
+    args = (None, None, None, None, None, None, None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100, 0)
+    with pytest.raises(ValueError, match=r"target\[1\] = 4 is out of range"):  # checked by the kernel
+        ROW_KERNEL.forward(raw, torch.tensor([0, 4]).to(DEVICE), *args)
+    with pytest.raises(ValueError, match="reduction"):
+        ROW_KERNEL.forward(raw, target, *args[:-1], 3)
     with pytest.raises(TypeError, match="raw"):
         ROW_KERNEL.forward(raw.double(), target, *args)
     with pytest.raises(ValueError, match="target"):
@@ -368,10 +386,11 @@ def test_gradient_store_rounds_to_nearest_even(dtype):
 def _op_args(scale_grad=True):
     raw, target, t = _row_args(B=4, C=11)
     forward = (raw, target, t["row_scale"], t["col_scale"], None, t["class_margins"], t["logit_offset"], None,
-               t["class_weight"], 5.0, 1, 1.0, False, 0.5, 1, False, 0.1, -100)
-    lse, target_logit, target_grad = [o for i, o in enumerate(row_forward(*forward)) if i in (1, 4, 5)]
+               t["class_weight"], 5.0, 1, 1.0, False, 0.5, 1, False, 0.1, -100, 1)
+    lse, nll, target_grad, denom = [o for i, o in enumerate(row_forward(*forward)) if i in (1, 4, 5, 6)]
     backward = (raw, target, t["row_scale"], t["col_scale"], None, t["logit_offset"], None, t["class_weight"],
-                lse, target_logit, target_grad, torch.rand(4).to(DEVICE), 5.0, 0.1, -100, scale_grad)
+                lse, nll, target_grad, torch.tensor(0.5).to(DEVICE), denom, 5.0, 0.1, -100, scale_grad,
+                torch.rand(4).to(DEVICE), torch.rand(11).to(DEVICE), True)
     return forward, backward
 
 
@@ -381,8 +400,10 @@ def test_ops_are_registered_and_pass_opcheck():
     assert torch.ops.fused_margin.triton_row_backward.default is not None
     forward, backward = _op_args()
     for op, args in ((torch.ops.fused_margin.triton_row_forward.default, forward),
+                     (torch.ops.fused_margin.triton_row_forward.default, forward[:-1] + (0,)),
                      (torch.ops.fused_margin.triton_row_backward.default, backward),
-                     (torch.ops.fused_margin.triton_row_backward.default, backward[:-1] + (False,))):
+                     (torch.ops.fused_margin.triton_row_backward.default, _op_args(False)[1]),
+                     (torch.ops.fused_margin.triton_row_norms.default, (forward[0], 1e-12))):
         torch.library.opcheck(op, args)  # schema, fake kernel, autograd registration, AOT dispatch
 
 
@@ -392,7 +413,7 @@ ops = torch.ops.fused_margin
 assert hasattr(ops, "row_forward") and hasattr(ops, "row_backward")
 raw = torch.tensor([[0.3, -0.2, 0.9]], device="{device}")
 out = ops.triton_row_forward(raw, torch.tensor([2], device=raw.device), None, None, None, None, None, None,
-                             None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100)
+                             None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100, 0)
 assert abs(out[0].item() - (torch.logsumexp(raw[0], 0) - raw[0, 2]).item()) < 1e-6
 """
 
@@ -414,16 +435,19 @@ def test_ops_coexist_with_the_cxx_extension():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-_SM90_COMPILE = """
+_SM90_COMPILE = r"""
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from fused_margin.triton._common import LAUNCH_OPTIONS
-from fused_margin.triton.row_backward import _row_backward_kernel
-from fused_margin.triton.row_forward import _row_forward_kernel
+from fused_margin.triton.norms import _row_norms_kernel
+from fused_margin.triton.row_backward import _backward_sums_kernel, _row_backward_kernel
+from fused_margin.triton.row_forward import _reduce_rows_kernel, _row_forward_kernel
 
 SCALARS = dict(num_classes="i32", scale="fp32", lambda_inst="fp32", lambda_elm="fp32", label_smoothing="fp32",
                ignore_index="i32", stride_raw_row="i32", stride_raw_col="i32", stride_pair_row="i32",
-               stride_pair_col="i32", target_ptr="*i64", pred_ptr="*i64", hard_ptr="*i1")
+               stride_pair_col="i32", target_ptr="*i64", pred_ptr="*i64", hard_ptr="*i1", bad_ptr="*i8",
+               first_bad_ptr="*i64", rows="i32", cols="i32", col_blocks="i32", row_blocks="i32",
+               row_programs="i32", eps="fp32", stride_row="i32", stride_col="i32", stride_grad_row="i32", io_cols="i32")
 
 def build(kernel, pointers, constants, num_warps, **options):
     names = kernel.arg_names
@@ -448,13 +472,53 @@ for raw, on, margin_type, fold in (("*bf16", True, 1, 1), ("*fp32", False, 1, 0)
     constants = dict({f: on for f in FLAGS}, MARGIN_TYPE=margin_type, HARD_ALL=not on, ELM=on, FOLD=fold,
                      STRAIGHT_THROUGH=not on, SMOOTHING=on, BLOCK=2048)
     build(_row_forward_kernel, {"raw_ptr": raw}, constants, 8)
+    build(_row_norms_kernel, {"x_ptr": raw}, dict(ROWS=16, BLOCK=256), 4)
+for weight in (True, False):
+    build(_reduce_rows_kernel, {}, dict(MEAN=weight, HAS_WEIGHT=weight, BLOCK=1024), 4)
+    build(_backward_sums_kernel, {}, dict(HAS_ROW_SCALE=weight, HAS_COL_SCALE=weight, ROW_COEF=True,
+                                          COL_COEF=weight, STATS=True, BLOCK=1024), 4)
 for raw, out, on in (("*bf16", "*bf16", True), ("*fp32", "*fp32", False), ("*fp16", "*fp32", True)):
-    constants = dict({f: on for f in FLAGS if f != "HAS_MARGINS"}, SMOOTHING=on, SCALE_GRAD=out == raw, BLOCK=1024)
-    build(_row_backward_kernel, {"raw_ptr": raw, "grad_ptr": out}, constants, 4)
+    for sums in (False, True):
+        constants = dict({f: on for f in FLAGS if f != "HAS_MARGINS"}, SMOOTHING=on, SCALE_GRAD=out == raw,
+                         SHARED_GRAD=sums, HAS_DENOM=sums, ROW_DOT=sums, COL_SUMS=sums, ROWS=16 if sums else 1,
+                         BLOCK=1024)
+        build(_row_backward_kernel, {"raw_ptr": raw, "grad_ptr": out}, constants, 4)
+
+# vector loads: as a launch on the fused path's tensors specialises them (16-byte aligned pointers, unit column
+# strides, and, with the class stride padded to 16 elements (fused.CLASS_ALIGN), row strides and the load
+# bound io_cols divisible by 16), the row kernels move raw and dL/draw in 16-byte vectors (ld/st.global.v4)
+# at any C, e.g. 8142; without the padding (8142 everywhere) the bf16 backward falls back to 2-byte accesses
+import re
+
+def global_io(kernel, pointers, constants, num_warps, padded):
+    names = kernel.arg_names
+    constants = dict(constants, stride_raw_col=1, stride_pair_col=1)
+    signature = {n: "constexpr" if n in constants else pointers.get(n, SCALARS.get(n, "*fp32")) for n in names}
+    hinted = ("stride_raw_row", "stride_pair_row", "stride_grad_row", "io_cols") if padded else ()
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in hinted}
+    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()}, attrs)
+    ptx = compile(source, target=GPUTarget("cuda", 90, 32),
+                  options=dict(num_warps=num_warps, **LAUNCH_OPTIONS)).asm["ptx"]
+    return set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.(?:v\d\.)?b\d+", ptx))
+
+fwd = dict({f: False for f in FLAGS}, MARGIN_TYPE=1, HARD_ALL=False, ELM=False, FOLD=0, STRAIGHT_THROUGH=False,
+           SMOOTHING=False, BLOCK=2048)
+bwd = dict({f: True for f in FLAGS if f != "HAS_MARGINS"}, HAS_PAIR=False, SMOOTHING=False, SCALE_GRAD=True,
+           SHARED_GRAD=True, HAS_DENOM=True, ROW_DOT=True, COL_SUMS=True, ROWS=16, BLOCK=1024)
+io = global_io(_row_forward_kernel, {"raw_ptr": "*bf16"}, fwd, 8, True)
+assert "ld.global.v4.b32" in io, io  # raw, 8 bf16 a load (the one 2-byte load left is the target's score)
+io = global_io(_row_backward_kernel, {"raw_ptr": "*bf16", "grad_ptr": "*bf16"}, bwd, 4, True)
+assert {"ld.global.v4.b32", "st.global.v4.b32"} <= io and not {"ld.global.b16", "st.global.b16"} & io, io
+io = global_io(_row_backward_kernel, {"raw_ptr": "*bf16", "grad_ptr": "*bf16"}, bwd, 4, False)
+assert {"ld.global.b16", "st.global.b16"} <= io, io
+print("vector io ok")
+
 # the check above can fail: with the default fusion the same kernels contract (issue 9 counted 47)
 assert LAUNCH_OPTIONS == dict(enable_fp_fusion=False)
 assert build(_row_backward_kernel, {"raw_ptr": "*fp32", "grad_ptr": "*fp32"},
-             dict({f: True for f in FLAGS if f != "HAS_MARGINS"}, SMOOTHING=True, SCALE_GRAD=True, BLOCK=1024), 4,
+             dict({f: True for f in FLAGS if f != "HAS_MARGINS"}, SMOOTHING=True, SCALE_GRAD=True, SHARED_GRAD=False,
+                  HAS_DENOM=False, ROW_DOT=False, COL_SUMS=False, ROWS=1, BLOCK=1024), 4,
              enable_fp_fusion=True) > 0
 """
 
@@ -475,6 +539,19 @@ def test_kernels_compile_for_sm90():
                                    and "not found" in result.stderr.lower()):
         pytest.skip(f"Triton cannot compile for sm_90 here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "vector io ok" in result.stdout
+
+
+def test_the_fused_path_pads_the_class_stride():
+    """What makes the launches above see a row stride divisible by 16: the GEMM writes raw into a buffer with
+    the class stride padded (no copy), and the backward's dL/draw gets the same stride."""
+    from fused_margin import fused
+    x, w = torch.randn(3, 8).to(DEVICE), torch.randn(8142, 8).to(DEVICE)
+    raw = fused.class_padded_mm(x, w)
+    assert raw.shape == (3, 8142) and raw.stride() == (8144, 1)
+    assert_fp32_close("raw", raw, x @ w.t(), rtol=1e-6)
+    assert fused.grad_row_stride(raw) == 8144 and fused.grad_row_stride(raw.contiguous()) == 8142
+    assert fused.class_padded_mm(x, w[:8000]).is_contiguous()  # already a multiple of 16
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
@@ -533,18 +610,21 @@ def test_cuda_class_counts(num_classes):
 def test_cuda_row_kernels_make_no_host_sync():
     raw, target, t = _row_args(B=512, C=8142, dtype=torch.bfloat16)
     args = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["class_margins"], t["logit_offset"],
-            t["pair_perturbation"], t["class_weight"], 30.0, 1, 1.0, False, 0.5, 0, False, 0.1, -100)
-    out = ROW_KERNEL.forward(*args)  # compile both kernels outside the check
+            t["pair_perturbation"], t["class_weight"], 30.0, 1, 1.0, False, 0.5, 0, False, 0.1, -100, 1)
+    out = ROW_KERNEL.forward(*args)  # compile the kernels outside the check
+    proj = (torch.rand(512, device="cuda"), torch.rand(8142, device="cuda"), True)
     backward = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["logit_offset"],
-                t["pair_perturbation"], t["class_weight"], out[1], out[4], out[5], out[0], 30.0, 0.1, -100)
+                t["pair_perturbation"], t["class_weight"], out[1], out[4], out[5], out[0], out[6], 30.0, 0.1, -100)
     for scale_grad in (False, True):
-        ROW_KERNEL.backward(*backward, scale_grad)
+        ROW_KERNEL.backward(*backward, scale_grad, *proj)
+    ROW_KERNEL.norms(raw, 1e-12)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         ROW_KERNEL.forward(*args)
+        ROW_KERNEL.norms(raw, 1e-12)
         for scale_grad in (False, True):
-            ROW_KERNEL.backward(*backward, scale_grad)
+            ROW_KERNEL.backward(*backward, scale_grad, *proj)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -209,7 +209,7 @@ def _lean_kernel(device) -> str:
 def _lean_note(cfg: BenchConfig, name: str) -> str:
     """Which path a fused backend row takes at this shape (``class_chunk`` of the run)."""
     spec = MarginLossSpec(head="cosine")
-    kernel = RowKernel(name, None, None)
+    kernel = RowKernel(name, None, None, None)
     if uses_lean_path(cfg.class_chunk, kernel, spec, cfg.B, cfg.C):
         chunk = auto_chunk(cfg.B, cfg.C) if cfg.class_chunk == "auto" else cfg.class_chunk
         return f"lean path (class_chunk={cfg.class_chunk!r}: chunks of {chunk})"

@@ -70,12 +70,14 @@ def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD:
 
 
 @triton.jit
-def load_scaled_scores(raw_ptr, offsets, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
-                HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
+def load_scaled_scores(raw_ptr, offsets, mask, raw_mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
+                       HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
     """``z' = raw * row_scale * col_scale + col_shift`` in fp32 (the row-kernel contract of
-    ``fused_margin.fused``); masked lanes hold 0. ``offsets`` are int64 (``cols * stride`` overflows
-    int32 on a transposed ``raw`` once B C > 2^31)."""
-    z = tl.load(raw_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * row_scale
+    ``fused_margin.fused``); lanes outside ``mask`` hold garbage, for the caller to mask. ``raw`` is read
+    under ``raw_mask`` (columns below :func:`io_columns`: with a padded class stride, the padding too, so
+    that the mask is constant over 16 columns and the load vectorises), the C-sized tables under ``mask``.
+    ``offsets`` are int64 (``cols * stride`` overflows int32 on a transposed ``raw`` once B C > 2^31)."""
+    z = tl.load(raw_ptr + offsets, mask=raw_mask, other=0.0).to(tl.float32) * row_scale
     if HAS_COL_SCALE:
         z = z * tl.load(col_scale_ptr + cols, mask=mask, other=1.0).to(tl.float32)
     if HAS_COL_SHIFT:
@@ -193,3 +195,28 @@ def or_dummy(value: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor
     """``value`` made contiguous, or ``dummy`` for an absent table (its kernel flag is then off and the
     pointer is never read)."""
     return dummy if value is None else value.contiguous()
+
+
+def check_labels(first_bad: torch.Tensor, target: torch.Tensor, rows: int, num_classes: int, ignore_index: int):
+    """Report a label out of range found by a kernel (``first_bad``: the first such row, ``rows`` when
+    none): a ``ValueError`` naming the row on CPU tensors (the interpreter: the host reads it for free),
+    an asynchronous device assertion on CUDA (no host sync, as ``F.cross_entropy``)."""
+    message = f"labels must be in [0, {num_classes}) or equal ignore_index ({ignore_index})"
+    if first_bad.device.type == "cpu":
+        i = int(first_bad)
+        if i < rows:
+            raise ValueError(f"target[{i}] = {int(target[i])} is out of range: {message}")
+    else:
+        torch._assert_async(first_bad == rows, f"fused_margin: target has a label out of range: {message}")
+
+
+def io_columns(raw: torch.Tensor) -> int:
+    """The columns a row kernel may read (and, for the gradient, write) in each row of ``raw``: C rounded up
+    to ``fused.CLASS_ALIGN`` when raw's rows are padded that far (the fused path's GEMM output; the
+    backward's gradient then has the same stride), else C. A bound divisible by 16 lets Triton prove the
+    masks constant over 16 columns, so the loads and stores vectorise (tests/test_triton.py, the sm_90
+    compile)."""
+    from ..fused import CLASS_ALIGN
+    cols = raw.shape[1]
+    padded = cols + (-cols) % CLASS_ALIGN
+    return padded if raw.dim() == 2 and raw.stride(1) == 1 and raw.stride(0) >= padded else cols

@@ -25,8 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LAUNCH_OPTIONS, block_config, launch_device, load_scaled_scores, log1p, online_max, or_dummy,
-                      target_margin)
+from ..fused import empty_forward_outputs
+from ..spec import REDUCTION_CODES
+from ._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
+                      log1p, online_max, or_dummy, target_margin)
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,8 +37,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _row_forward_kernel(
         raw_ptr, stride_raw_row, stride_raw_col, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr,
         margins_ptr, offset_ptr, pair_ptr, stride_pair_row, stride_pair_col, weight_ptr,
-        loss_ptr, lse_ptr, pred_ptr, hard_ptr, nll_ptr, target_grad_ptr,
-        num_classes, scale, lambda_inst, lambda_elm, label_smoothing, ignore_index,
+        loss_ptr, lse_ptr, pred_ptr, hard_ptr, nll_ptr, target_grad_ptr, bad_ptr,
+        num_classes, io_cols, scale, lambda_inst, lambda_elm, label_smoothing, ignore_index,
         HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
         HAS_MARGINS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr,
         HAS_WEIGHT: tl.constexpr, MARGIN_TYPE: tl.constexpr, HARD_ALL: tl.constexpr, ELM: tl.constexpr,
@@ -44,7 +46,9 @@ def _row_forward_kernel(
         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(target_ptr + row)
-    kept = label != ignore_index
+    # a kept label out of range is flagged (the reduction kernel reports it) and read as class 0
+    bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
+    kept = (label != ignore_index) & (label >= 0) & (label < num_classes)
     y = tl.where(kept, label, 0)
     raw_row = raw_ptr + row * stride_raw_row
     pair_row = pair_ptr + row * stride_pair_row
@@ -54,7 +58,7 @@ def _row_forward_kernel(
     else:
         row_scale = 1.0
     # the target's base score, read once (the same fp32 expression as in the loop)
-    z_y = load_scaled_scores(raw_row, y * stride_raw_col, True, row_scale, col_scale_ptr, col_shift_ptr, y,
+    z_y = load_scaled_scores(raw_row, y * stride_raw_col, True, True, row_scale, col_scale_ptr, col_shift_ptr, y,
                       HAS_COL_SCALE, HAS_COL_SHIFT)
     smooth_shift = scale * z_y
     smooth_shift = tl.where(tl.abs(smooth_shift) < float("inf"), smooth_shift, 0.0)
@@ -77,8 +81,8 @@ def _row_forward_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < num_classes
         cols64 = cols.to(tl.int64)
-        z = load_scaled_scores(raw_row, cols64 * stride_raw_col, mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
-                        HAS_COL_SCALE, HAS_COL_SHIFT)
+        z = load_scaled_scores(raw_row, cols64 * stride_raw_col, mask, cols < io_cols, row_scale, col_scale_ptr,
+                               col_shift_ptr, cols, HAS_COL_SCALE, HAS_COL_SHIFT)
         is_nan = z != z
         clean = tl.where(mask & ~is_nan, z, float("-inf"))
         block_best = tl.max(clean, 0)
@@ -172,6 +176,39 @@ def _row_forward_kernel(
     tl.store(hard_ptr + row, hard)
     tl.store(nll_ptr + row, tl.where(kept, nll, 0.0))
     tl.store(target_grad_ptr + row, tl.where(kept, target_grad, 0.0))
+    tl.store(bad_ptr + row, bad.to(tl.int8))
+
+
+@triton.jit
+def _reduce_rows_kernel(loss_ptr, target_ptr, weight_ptr, bad_ptr, out_ptr, denom_ptr, first_bad_ptr, rows,
+                        ignore_index, MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the loss rows' sum (over ``denom`` for the mean; NaN where it is 0), ``denom`` (the kept
+    rows' ``w_y``, or their count) and the first row with a label out of range (``rows`` when none)."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    weights = tl.zeros([BLOCK], dtype=tl.float32)
+    first_bad = rows
+    start = 0
+    while start < rows:
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < rows
+        total += tl.load(loss_ptr + idx, mask=mask, other=0.0)
+        label = tl.load(target_ptr + idx, mask=mask, other=ignore_index)
+        bad = tl.load(bad_ptr + idx, mask=mask, other=0) != 0
+        kept = (label != ignore_index) & ~bad
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + tl.where(kept, label, 0), mask=mask & kept, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(kept, 1.0, 0.0)
+        weights += w
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, idx, rows), axis=0))
+        start += BLOCK
+    loss_sum = tl.sum(total, axis=0)
+    denom = tl.sum(weights, axis=0)
+    if MEAN:
+        loss_sum = tl.where(denom != 0.0, loss_sum / denom, float("nan"))
+    tl.store(out_ptr, loss_sum)
+    tl.store(denom_ptr, denom)
+    tl.store(first_bad_ptr, first_bad.to(tl.int64))
 
 
 def _check(raw: torch.Tensor, target: torch.Tensor):
@@ -184,54 +221,60 @@ def _check(raw: torch.Tensor, target: torch.Tensor):
                          f"{tuple(target.shape)}")
 
 
-def _empty_outputs(raw: torch.Tensor):
-    rows, device = raw.shape[0], raw.device
-    f32 = dict(dtype=torch.float32, device=device)
-    return (torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, dtype=torch.int64, device=device),
-            torch.empty(rows, dtype=torch.bool, device=device), torch.empty(rows, **f32), torch.empty(rows, **f32))
-
-
 @torch.library.custom_op("fused_margin::triton_row_forward", mutates_args=())
 def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
                 col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
                 class_margins: Optional[torch.Tensor], logit_offset: Optional[torch.Tensor],
                 pair_perturbation: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
                 scale: float, margin_type: int, lambda_inst: float, hard_all: bool, lambda_elm: float,
-                fold: int, straight_through: bool, label_smoothing: float,
-                ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor]:
-    """Launch the forward row kernel; returns ``(loss_rows, lse, pred, hard, nll, target_grad)``
-    (the contract of :mod:`fused_margin.fused`)."""
+                fold: int, straight_through: bool, label_smoothing: float, ignore_index: int,
+                reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward row kernel and the reduction kernel; returns ``(loss, lse, pred, hard, nll,
+    target_grad, denom)`` (the contract of :mod:`fused_margin.fused`). A label out of range raises a
+    ``ValueError`` naming its row on CPU tensors (the interpreter), a device-side assertion on CUDA."""
     _check(raw, target)
-    outputs = _empty_outputs(raw)
+    if reduction not in REDUCTION_CODES.values():
+        raise ValueError(f"reduction must be one of the codes {REDUCTION_CODES}, got {reduction!r}")
+    outputs = empty_forward_outputs(raw, reduction)
     rows, num_classes = raw.shape
-    if rows == 0:
-        return outputs
-    loss, lse, pred, hard, nll, target_grad = outputs
+    _, lse, pred, hard, nll, target_grad, denom = outputs
+    loss = torch.empty(rows, dtype=torch.float32, device=raw.device)
+    bad = torch.empty(rows, dtype=torch.int8, device=raw.device)
+    out = loss if reduction == REDUCTION_CODES["none"] else outputs[0]
+    reduced = torch.empty((), dtype=torch.float32, device=raw.device) if out is loss else out
+    first_bad = torch.empty((), dtype=torch.int64, device=raw.device)
     target = target.contiguous()
     pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
     block, num_warps = block_config(num_classes, 2048)
     with launch_device(raw):
-        _row_forward_kernel[(rows,)](
-            raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
-            or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
-            pair, pair.stride(0), pair.stride(1), or_dummy(class_weight, raw),
-            loss, lse, pred, hard, nll, target_grad,
-            num_classes, float(scale), float(lambda_inst), float(lambda_elm), float(label_smoothing),
-            int(ignore_index),
-            HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
-            HAS_COL_SHIFT=col_shift is not None, HAS_MARGINS=class_margins is not None,
-            HAS_OFFSET=logit_offset is not None, HAS_PAIR=pair_perturbation is not None,
-            HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
-            ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
-            STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=label_smoothing != 0.0,
-            BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
-    return outputs
+        if rows > 0:
+            _row_forward_kernel[(rows,)](
+                raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
+                or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
+                pair, pair.stride(0), pair.stride(1), or_dummy(class_weight, raw),
+                loss, lse, pred, hard, nll, target_grad, bad,
+                num_classes, io_columns(raw), float(scale), float(lambda_inst), float(lambda_elm),
+                float(label_smoothing),
+                int(ignore_index),
+                HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
+                HAS_COL_SHIFT=col_shift is not None, HAS_MARGINS=class_margins is not None,
+                HAS_OFFSET=logit_offset is not None, HAS_PAIR=pair_perturbation is not None,
+                HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
+                ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
+                STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=label_smoothing != 0.0,
+                BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
+        _reduce_rows_kernel[(1,)](
+            loss, target, or_dummy(class_weight, raw), bad, reduced, denom, first_bad, rows, int(ignore_index),
+            MEAN=reduction == REDUCTION_CODES["mean"], HAS_WEIGHT=class_weight is not None,
+            BLOCK=1024, num_warps=4, **LAUNCH_OPTIONS)
+    check_labels(first_bad, target, rows, num_classes, int(ignore_index))
+    return (out,) + outputs[1:]
 
 
 @row_forward.register_fake
 def _row_forward_fake(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
                       pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
-                      fold, straight_through, label_smoothing, ignore_index):
+                      fold, straight_through, label_smoothing, ignore_index, reduction):
     _check(raw, target)
-    return _empty_outputs(raw)
+    return empty_forward_outputs(raw, reduction)
