@@ -61,6 +61,7 @@ struct CpuKernels {
   cpu::RowForwardFn forward;
   cpu::RowBackwardFn backward;
   cpu::RowNormsFn norms;
+  cpu::ProjectFn project;
   const char* name;
 };
 
@@ -68,13 +69,16 @@ CpuKernels select_cpu_kernels() {
 #if defined(FUSED_MARGIN_HAVE_ISA_KERNELS)
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512" && cpu::AVX512::vector_width() > 0) {
-    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, cpu::AVX512::row_norms, "AVX512"};
+    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, cpu::AVX512::row_norms,
+            cpu::AVX512::project_rows, "AVX512"};
   }
   if ((capability == "AVX512" || capability == "AVX2") && cpu::AVX2::vector_width() > 0) {
-    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, cpu::AVX2::row_norms, "AVX2"};
+    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, cpu::AVX2::row_norms,
+            cpu::AVX2::project_rows, "AVX2"};
   }
 #endif
-  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, cpu::DEFAULT::row_norms, "DEFAULT"};
+  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, cpu::DEFAULT::row_norms,
+            cpu::DEFAULT::project_rows, "DEFAULT"};
 }
 
 const CpuKernels& cpu_kernels() {
@@ -239,6 +243,26 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cpu(const Tensor& x_in, double eps)
   return {norm, inv, proj};
 }
 
+// grad += coef[:, None] * v in place, in fp32 with one rounding (the cosine head's projection on a GEMM
+// output, docs/loss.md section 5); torch's addcmul_ with an fp32 coefficient on bf16 tensors converts
+// both operands to fp32 copies on the CPU first.
+void project_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& coef) {
+  TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_rows_: grad and v must be 2-D of one "
+              "shape, got ", grad.sizes(), " and ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_rows_: v must have grad's dtype ",
+              grad.scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_rows_: grad must be contiguous");
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == grad.size(0), "fused_margin project_rows_: coef must have ",
+              grad.size(0), " entries, got shape ", coef.sizes());
+  const Tensor v_c = v.contiguous();
+  const Tensor coef_c = coef.to(at::kFloat).contiguous();
+  const cpu::ProjectArgs args{grad.mutable_data_ptr(), v_c.const_data_ptr(), raw_type_of(grad), grad.size(1),
+                              coef_c.const_data_ptr<float>()};
+  const cpu::ProjectFn kernel = cpu_kernels().project;
+  at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(grad.size(1), 1)),
+                   [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+}
+
 }  // namespace
 }  // namespace fused_margin
 
@@ -263,6 +287,8 @@ TORCH_LIBRARY(fused_margin, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // ||x_i||, 1 / max(||x_i||, eps) and the projection factor of the cosine head (fp32)
   m.def("row_norms(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
+  // grad += coef[:, None] * v in place, fp32 math and one rounding (the cosine head's projection)
+  m.def("project_rows_(Tensor(a!) grad, Tensor v, Tensor coef) -> ()");
   // the memory-lean loss's class-block kernels (class_block.h): one chunk's partials merged into the
   // running per-row buffers in place, and one chunk's dL/draw written into `out`
   m.def(
@@ -281,6 +307,7 @@ TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
   m.impl("row_forward", &fused_margin::row_forward_cpu);
   m.impl("row_backward", &fused_margin::row_backward_cpu);
   m.impl("row_norms", &fused_margin::row_norms_cpu);
+  m.impl("project_rows_", &fused_margin::project_rows_cpu);
   m.impl("block_partials_", &fused_margin::block::block_partials_cpu);
   m.impl("block_grad", &fused_margin::block::block_grad_cpu);
 }

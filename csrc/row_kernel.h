@@ -120,6 +120,18 @@ struct RowNormsArgs {
   float *norm, *inv, *proj;
 };
 using RowNormsFn = void (*)(const RowNormsArgs&, int64_t begin, int64_t end);
+
+// The cosine head's projection on a GEMM output, in place, rows [begin, end):
+// grad_ij = round(float(grad_ij) + coef_i * float(v_ij)), in fp32 with one rounding to grad's dtype
+// (grad and v: contiguous, of one dtype).
+struct ProjectArgs {
+  void* grad;
+  const void* v;
+  RawType type;
+  int64_t cols;
+  const float* coef;
+};
+using ProjectFn = void (*)(const ProjectArgs&, int64_t begin, int64_t end);
 using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,
                                int64_t col_begin, int64_t col_end);
 
@@ -130,6 +142,7 @@ using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_
   void row_backward(const RowBackwardArgs& args, int64_t row_begin, int64_t row_end,              \
                     int64_t col_begin, int64_t col_end);                                          \
   void row_norms(const RowNormsArgs& args, int64_t begin, int64_t end);                           \
+  void project_rows(const ProjectArgs& args, int64_t begin, int64_t end);                         \
   int vector_width();                                                                             \
   }
 

@@ -41,6 +41,7 @@ void row_backward(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, 
   DEFAULT::row_backward(a, r0, r1, c0, c1);
 }
 void row_norms(const RowNormsArgs& a, int64_t begin, int64_t end) { DEFAULT::row_norms(a, begin, end); }
+void project_rows(const ProjectArgs& a, int64_t begin, int64_t end) { DEFAULT::project_rows(a, begin, end); }
 int vector_width() { return 0; }
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
@@ -511,6 +512,28 @@ void row_norms(const RowNormsArgs& a, int64_t begin, int64_t end) {
     case RawType::Float: return row_norms_typed<float>(a, begin, end);
     case RawType::BFloat16: return row_norms_typed<c10::BFloat16>(a, begin, end);
     case RawType::Half: return row_norms_typed<c10::Half>(a, begin, end);
+  }
+}
+
+template <typename T>
+void project_rows_typed(const ProjectArgs& a, int64_t begin, int64_t end) {
+  const int64_t cols = a.cols;
+  for (int64_t i = begin; i < end; ++i) {
+    T* grad = static_cast<T*>(a.grad) + i * cols;
+    const T* v = static_cast<const T*>(a.v) + i * cols;
+    const float c = a.coef[i];
+    const Vec vc(c);
+    int64_t j = 0;
+    for (; j + kVec <= cols; j += kVec) store_float(grad + j, load_float(grad + j) + vc * load_float(v + j));
+    for (; j < cols; ++j) grad[j] = static_cast<T>(static_cast<float>(grad[j]) + c * static_cast<float>(v[j]));
+  }
+}
+
+void project_rows(const ProjectArgs& a, int64_t begin, int64_t end) {
+  switch (a.type) {
+    case RawType::Float: return project_rows_typed<float>(a, begin, end);
+    case RawType::BFloat16: return project_rows_typed<c10::BFloat16>(a, begin, end);
+    case RawType::Half: return project_rows_typed<c10::Half>(a, begin, end);
   }
 }
 

@@ -78,8 +78,15 @@ if _C is not None:
     torch.library.register_fake("fused_margin::row_forward")(_row_forward_fake)
     torch.library.register_fake("fused_margin::row_backward")(_row_backward_fake)
     torch.library.register_fake("fused_margin::row_norms")(_row_norms_fake)
+    torch.library.register_fake("fused_margin::project_rows_")(lambda grad, v, coef: None)
     _ops = torch.ops.fused_margin
-    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms)
+
+    def _project_rows_cpu(grad, v, coef):
+        """:func:`fused_margin.fused.project_rows_` by the C++ op (fp32 math, one rounding, no copies)."""
+        _ops.project_rows_(grad, v, coef)
+        return grad
+
+    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms, _project_rows_cpu)
     if cuda_built():
         _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms)
 

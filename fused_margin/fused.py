@@ -69,13 +69,23 @@ from .spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS,
                    row_backward_args, row_forward_args)
 
 
+def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``grad += coef[:, None] v`` in place, in ``coef``'s dtype (fp32) with one rounding to ``grad``'s: the
+    cosine head's projection on a GEMM output (docs/loss.md section 5). One ``addcmul_``; the C++ CPU
+    backend has its own op (torch's CPU ``addcmul_`` of bf16 tensors with an fp32 coefficient makes fp32
+    copies of both operands first)."""
+    return grad.addcmul_(v, coef[:, None])
+
+
 class RowKernel(NamedTuple):
-    """A backend's row ops (see the module docstring for the contract)."""
+    """A backend's row ops (see the module docstring for the contract) and its projection
+    (:func:`project_rows_` unless the backend has a faster one)."""
 
     name: str
     forward: Callable
     backward: Callable
     norms: Callable
+    project: Callable = project_rows_
 
 
 #: the class stride of the B x C buffers of the fused path is padded to a multiple of this many elements
@@ -326,8 +336,8 @@ class _FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_loss):
         """The gradients from one row-kernel backward (``dL/draw`` and the sums of the contract), the two
-        GEMMs and C- or B-sized finishing ops; the projections of the cosine head are one ``addcmul_``
-        each on the GEMM outputs (docs/loss.md section 5). Only the pair perturbation's gradient, itself
+        GEMMs and C- or B-sized finishing ops; the projections of the cosine head are one in-place op
+        each on the GEMM outputs (``kernel.project``) (docs/loss.md section 5). Only the pair perturbation's gradient, itself
         B x C, is formed in eager torch from ``G``."""
         saved = _Saved(*ctx.saved_tensors)
         (input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms) = (
@@ -379,14 +389,14 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_input:
                 grad_x = grad_raw @ w_op
                 if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
-                    grad_x = grad_x.addcmul_(x_op, row_coef[:, None])
+                    grad_x = kernel.project(grad_x, x_op, row_coef)
                     if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
                         grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
                 grads["input"] = grad_x.to(input.dtype)
             if need_weight:
                 grad_w = grad_raw.t() @ x_op
                 if cosine:
-                    grad_w = grad_w.addcmul_(w_op, col_coef[:, None])
+                    grad_w = kernel.project(grad_w, w_op, col_coef)
                     if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
                         grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
                 if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)

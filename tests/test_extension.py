@@ -267,6 +267,24 @@ def test_ops_read_a_padded_class_stride_in_place():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+def test_project_rows_is_one_fp32_multiply_add_rounded_once(dtype):
+    """The C++ projection op: grad + coef v in fp32, one rounding to grad's dtype (what torch's addcmul_ with
+    an fp32 coefficient computes, up to its own FMA's rounding, after making fp32 copies of bf16 operands
+    on the CPU)."""
+    g = _gen(11)
+    grad = torch.randn(37, 45, generator=g).to(dtype)
+    v = torch.randn(37, 45, generator=g).to(dtype)
+    coef = torch.randn(37, generator=g)
+    want = (grad.float() + coef[:, None] * v.float()).to(dtype)
+    got = grad.clone()
+    OPS.project_rows_(got, v, coef)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(extension.row_kernel("cpu").project(grad.clone(), v, coef),
+                               grad.clone().addcmul_(v, coef[:, None]), rtol=torch.finfo(dtype).eps, atol=1e-6)
+    torch.library.opcheck(OPS.project_rows_.default, (grad.clone(), v, coef))
+
+
 def test_opcheck():
     for dtype, full in ((torch.float32, True), (torch.bfloat16, False)):
         raw, target, tables = _op_inputs(4, 37, dtype, 5, full=full)
