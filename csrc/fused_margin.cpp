@@ -151,24 +151,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
     args.weight_sum = call.class_weight.sum().item<float>();
   }
   const bool row_sums = call.row_proj.defined() && rows > 0;
-  const bool col_sums = (call.col_proj.defined() || col_stats) && cols > 0;
+  const bool col_sums = call.col_sums;
   const int64_t blocks = std::max<int64_t>(1, (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock);
   const int64_t block_cols = std::min(cols, kBackwardColumnBlock);
   // one row a task, or kBackwardRowBlock when the column sums are formed (each row block's partials are
   // summed in a fixed order below: the result does not depend on the thread count)
   const int64_t task_rows = col_sums ? kBackwardRowBlock : 1;
   const int64_t row_blocks = (rows + task_rows - 1) / task_rows;
-  Tensor row_dot, col_partials;
-  const auto f32 = call.raw.options().dtype(at::kFloat);
-  if (row_sums) {
-    row_dot = at::empty({rows, blocks}, f32);
-    args.row_dot = row_dot.mutable_data_ptr<float>();
-  }
-  if (col_sums) {
-    col_partials = at::zeros({row_blocks, kNumColumnStats, cols}, f32);
-    args.col_partials = col_partials.mutable_data_ptr<float>();
-  }
-  args.col_blocks = blocks;
+  call.allocate_partials(blocks, row_blocks, /*zeroed=*/true);  // ignored rows and blocks add nothing
   args.col_block_width = kBackwardColumnBlock;
   args.row_block = task_rows;
 

@@ -549,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cuda(
                                        col_stats);
   RowBackwardArgs& args = call.args;
   const int64_t rows = args.rows, cols = args.cols;
-  const bool col_sums = call.col_proj.defined() || col_stats;
+  const bool col_sums = call.col_sums;
   if (rows == 0) {
     call.col_coef.zero_();
     call.stats.zero_();
@@ -570,17 +570,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cuda(
     case RawType::BFloat16: tiles = cuda_kernels::backward_col_tiles<c10::BFloat16>(cols); break;
     case RawType::Half: tiles = cuda_kernels::backward_col_tiles<c10::Half>(cols); break;
   }
-  const auto f32 = call.raw.options().dtype(at::kFloat);
-  Tensor row_dot, col_partials;
-  if (call.row_proj.defined()) {
-    row_dot = at::empty({rows, tiles}, f32);
-    args.row_dot = row_dot.mutable_data_ptr<float>();
-  }
-  if (col_sums) {
-    col_partials = at::empty({row_blocks, kNumColumnStats, cols}, f32);
-    args.col_partials = col_partials.mutable_data_ptr<float>();
-  }
-  args.col_blocks = tiles;
+  call.allocate_partials(tiles, row_blocks, /*zeroed=*/false);  // every block writes all of its partials
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (args.raw_type) {

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cstddef>
@@ -204,7 +205,25 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
 struct BackwardCall : RowInputs {
   at::Tensor lse, nll, target_grad, grad_rows, denom, weight_sum, row_proj, col_proj;
   at::Tensor grad, row_coef, col_coef, stats;  // stats: kNumColumnStats x cols when asked for, else empty
+  at::Tensor row_dot, col_partials;            // the kernels' partial sums (allocate_partials)
+  bool col_sums = false;                       // col_proj or col_stats: the column partials are formed
   RowBackwardArgs args{};
+
+  // The partial-sum buffers of a grid of col_blocks x row_blocks (row_dot when row_proj is given,
+  // col_partials when col_sums), zeroed or not, with args pointing at them.
+  void allocate_partials(int64_t col_blocks, int64_t row_blocks, bool zeroed) {
+    const auto f32 = raw.options().dtype(at::kFloat);
+    if (row_proj.defined() && args.rows > 0) {
+      row_dot = at::empty({args.rows, col_blocks}, f32);
+      args.row_dot = row_dot.mutable_data_ptr<float>();
+    }
+    if (col_sums) {
+      col_partials = zeroed ? at::zeros({row_blocks, kNumColumnStats, args.cols}, f32)
+                            : at::empty({row_blocks, kNumColumnStats, args.cols}, f32);
+      args.col_partials = col_partials.mutable_data_ptr<float>();
+    }
+    args.col_blocks = col_blocks;
+  }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
     return {grad, row_coef, col_coef, stats};
@@ -244,6 +263,7 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   call.row_coef = at::empty({call.row_proj.defined() ? rows : 0}, f32);
   call.col_coef = at::empty({call.col_proj.defined() ? cols : 0}, f32);
   call.stats = col_stats ? at::empty({kNumColumnStats, cols}, f32) : at::empty({0}, f32);
+  call.col_sums = (call.col_proj.defined() || col_stats) && cols > 0;
 
   RowBackwardArgs& args = call.args;
   point_at_inputs(call, args);
