@@ -175,39 +175,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
   }
   // row_coef_i = -row_proj_i row_scale_i sum_j G_ij col_scale_j raw_ij
   if (row_sums) {
-    const float* dot = args.row_dot;
     const float* proj = call.row_proj.const_data_ptr<float>();
     float* coef = call.row_coef.mutable_data_ptr<float>();
-    for (int64_t i = 0; i < rows; ++i) {
-      float r = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) r += dot[i * blocks + b];
-      if (args.row_scale) r = r * args.row_scale[i];
-      coef[i] = -(proj[i] * r);
-    }
+    for (int64_t i = 0; i < rows; ++i) coef[i] = finish_row_coef(args, i, proj);
   }
-  // the column sums over the row blocks, in order; col_coef_j = -col_proj_j col_scale_j sum_i G_ij rs_i raw_ij
+  // the column sums over the row blocks (col_coef, stats)
   if (col_sums) {
-    const float* partial = args.col_partials;
     const float* proj = call.col_proj.defined() ? call.col_proj.const_data_ptr<float>() : nullptr;
     float* coef = proj ? call.col_coef.mutable_data_ptr<float>() : nullptr;
     float* stats = col_stats ? call.stats.mutable_data_ptr<float>() : nullptr;
-    const float scale_f = static_cast<float>(scale);
     at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        float sum_g = 0.f, sum_graw = 0.f, sum_dl = 0.f;
-        for (int64_t rb = 0; rb < row_blocks; ++rb) {
-          const float* p = partial + rb * kNumColumnStats * cols;
-          sum_g += p[kSumG * cols + j];
-          sum_graw += p[kSumGRaw * cols + j];
-          sum_dl += p[kSumLogitGrad * cols + j];
-        }
-        if (coef) coef[j] = -(proj[j] * ((args.col_scale ? args.col_scale[j] : 1.f) * sum_graw));
-        if (stats) {
-          stats[kSumG * cols + j] = sum_g;
-          stats[kSumGRaw * cols + j] = sum_graw;
-          stats[kSumLogitGrad * cols + j] = sum_g / scale_f + sum_dl;
-        }
-      }
+      for (int64_t j = begin; j < end; ++j) finish_column(args, j, row_blocks, proj, coef, stats);
     });
   }
   return call.outputs();

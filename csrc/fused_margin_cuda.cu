@@ -389,30 +389,12 @@ __global__ void row_backward_kernel(const RowBackwardArgs a, int64_t rows_per_bl
 __global__ void backward_sums_kernel(const RowBackwardArgs a, const float* row_proj, const float* col_proj,
                                      float* row_coef, float* col_coef, float* stats, int64_t row_blocks) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t cols = a.cols;
   if (t < a.rows) {
-    if (row_coef == nullptr) return;
-    float r = 0.f;
-    for (int64_t b = 0; b < a.col_blocks; ++b) r += a.row_dot[t * a.col_blocks + b];
-    if (a.row_scale) r = r * a.row_scale[t];
-    row_coef[t] = -(row_proj[t] * r);
+    if (row_coef != nullptr) row_coef[t] = finish_row_coef(a, t, row_proj);
     return;
   }
   const int64_t j = t - a.rows;
-  if (j >= cols || a.col_partials == nullptr) return;
-  float sum_g = 0.f, sum_graw = 0.f, sum_dl = 0.f;
-  for (int64_t rb = 0; rb < row_blocks; ++rb) {
-    const float* partial = a.col_partials + rb * kNumColumnStats * cols;
-    sum_g += partial[kSumG * cols + j];
-    sum_graw += partial[kSumGRaw * cols + j];
-    sum_dl += partial[kSumLogitGrad * cols + j];
-  }
-  if (col_coef) col_coef[j] = -(col_proj[j] * ((a.col_scale ? a.col_scale[j] : 1.f) * sum_graw));
-  if (stats) {
-    stats[kSumG * cols + j] = sum_g;
-    stats[kSumGRaw * cols + j] = sum_graw;
-    stats[kSumLogitGrad * cols + j] = sum_g / a.scale + sum_dl;
-  }
+  if (j < a.cols && a.col_partials != nullptr) finish_column(a, j, row_blocks, col_proj, col_coef, stats);
 }
 
 // One block: the loss rows' sum (over the denominator for the mean; NaN where it is 0) and the

@@ -106,6 +106,44 @@ struct RowBackwardArgs {
   bool col_sum_grad;  // col_partials gets kSumG and kSumLogitGrad too (else kSumGRaw alone: the projection)
 };
 
+// Finishing the backward's sums from the kernels' partials (RowBackwardArgs::row_dot, col_partials): one
+// definition for the CPU op (fused_margin.cpp, baseline instruction set) and the CUDA sums kernel.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FM_SUMS_HD __host__ __device__ inline
+#else
+#define FM_SUMS_HD inline
+#endif
+
+// row_coef_i = -row_proj_i row_scale_i sum_b row_dot[i, b] (the column blocks in order)
+FM_SUMS_HD float finish_row_coef(const RowBackwardArgs& a, int64_t i, const float* row_proj) {
+  float r = 0.f;
+  for (int64_t b = 0; b < a.col_blocks; ++b) r += a.row_dot[i * a.col_blocks + b];
+  if (a.row_scale) r = r * a.row_scale[i];
+  return -(row_proj[i] * r);
+}
+
+// Column j's sums over the row blocks, in order: col_coef_j = -col_proj_j col_scale_j sum_i G_ij rs_i raw_ij
+// (when col_coef is given) and the stats rows (when stats is given; the logit-offset row is
+// sum_i G_ij / s plus the partials' target corrections).
+FM_SUMS_HD void finish_column(const RowBackwardArgs& a, int64_t j, int64_t row_blocks, const float* col_proj,
+                              float* col_coef, float* stats) {
+  const int64_t cols = a.cols;
+  float sum_g = 0.f, sum_graw = 0.f, sum_dl = 0.f;
+  for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    const float* partial = a.col_partials + rb * kNumColumnStats * cols;
+    sum_g += partial[kSumG * cols + j];
+    sum_graw += partial[kSumGRaw * cols + j];
+    sum_dl += partial[kSumLogitGrad * cols + j];
+  }
+  if (col_coef) col_coef[j] = -(col_proj[j] * ((a.col_scale ? a.col_scale[j] : 1.f) * sum_graw));
+  if (stats) {
+    stats[kSumG * cols + j] = sum_g;
+    stats[kSumGRaw * cols + j] = sum_graw;
+    stats[kSumLogitGrad * cols + j] = sum_g / a.scale + sum_dl;
+  }
+}
+#undef FM_SUMS_HD
+
 namespace cpu {
 
 // Rows [begin, end) of the forward; columns [col_begin, col_end) of rows [begin, end) of the backward.
