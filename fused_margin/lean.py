@@ -46,12 +46,17 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=1, dtype=compute_dtype(v.dtype))
 
 
-def _project_scaled(grad: torch.Tensor, rows: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """``g - (w_hat . g) w_hat`` row by row where ``|w| >= eps`` (``g`` elsewhere), ``w_hat = w / |w|``: the
-    normalisation's projection for a ``grad`` that already carries ``1 / max(|w|, eps)``."""
-    unit = rows.to(grad.dtype) / norm.clamp_min(NORM_EPS)[:, None]
-    radial = (unit * grad).sum(1, keepdim=True) * unit
-    return grad - torch.where((norm >= NORM_EPS)[:, None], radial, torch.zeros_like(radial))
+def _inv_sq(norm: torch.Tensor) -> torch.Tensor:
+    """``1 / |v|^2`` where ``|v| >= eps``, else 0: the projection factor of the normalisation."""
+    return torch.where(norm >= NORM_EPS, norm.clamp_min(NORM_EPS).reciprocal().square(), 0.0)
+
+
+def _project_scaled_(grad: torch.Tensor, rows: torch.Tensor, inv_sq: torch.Tensor) -> torch.Tensor:
+    """``g - (w . g) / |w|^2 w`` row by row, in place (``inv_sq``: ``1 / |w|^2`` where ``|w| >= eps``, else 0,
+    so ``g`` stays there): the normalisation's projection for a ``grad`` that already carries
+    ``1 / max(|w|, eps)``; two passes (the dots, then one ``addcmul_`` in ``grad``'s dtype)."""
+    dots = torch.linalg.vecdot(rows.to(grad.dtype), grad)
+    return grad.addcmul_(rows, (dots * inv_sq).neg_()[:, None])
 
 
 def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -271,6 +276,9 @@ class ClassBlock:
         target_value = dl_target * target_grad
         labels = self._labels(y, kept)
         w_norm = self.w_norm
+        w_inv_sq = None
+        if spec.head == "cosine" and "weight" in need:
+            w_inv_sq = _inv_sq(w_norm)
         out = {}
         x_acc = None
         if "input" in need:
@@ -301,10 +309,14 @@ class ClassBlock:
                 else:
                     x_acc += (grad_raw @ w_chunk).to(cd)
             if "weight" in out:
-                gw = (grad_raw.t() @ (self.x_hat if spec.head == "cosine" else input)).to(cd)
+                rows_of_x = self.x_hat if spec.head == "cosine" else input
+                if grad_raw.dtype == cd:  # the GEMM writes the chunk's rows of dW itself
+                    gw = torch.mm(grad_raw.t(), rows_of_x, out=out["weight"][l0:l1])
+                else:
+                    gw = out["weight"][l0:l1]
+                    gw.copy_(grad_raw.t() @ rows_of_x)
                 if spec.head == "cosine":
-                    gw = _project_scaled(gw, w_chunk, w_norm[l0:l1])
-                out["weight"][l0:l1] = gw
+                    _project_scaled_(gw, w_chunk, w_inv_sq[l0:l1])
         if x_acc is not None:
             out["input"] = _project(x_acc, self.x_hat.to(cd), self.x_norm) if spec.head == "cosine" else x_acc
         return out
@@ -423,7 +435,7 @@ class ClassBlock:
             if "weight" in out:
                 gw = (gz.t() @ (self.x_hat if spec.head == "cosine" else input)).to(cd)
                 if spec.head == "cosine":
-                    gw = _project_scaled(gw, w_chunk, w_norm)
+                    gw = _project_scaled_(gw, w_chunk, _inv_sq(w_norm))
                 if t.beta is not None:  # d(beta_j |W_j|)/dW_j = beta_j W_j / |W_j| (0 at W_j = 0)
                     coef = torch.where(w_norm > 0, t.beta[c0:c1].to(cd) * col_sum / w_norm.clamp_min(NORM_EPS), 0.0)
                     gw = gw + coef[:, None] * w_chunk.to(cd)
