@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_split import Partials, block_partials, combine, empty_partials, finish
+from .fused import _autocast_enabled
 from .reference import compute_dtype
 from .spec import NORM_EPS, LossTables, MarginLossSpec
 
@@ -491,6 +492,16 @@ class _LeanMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_pred, _grad_hard):
+        device_type = ctx.saved_tensors[0].device.type
+        if _autocast_enabled(device_type):
+            # a backward inside an autocast region: as the forward, with autocast off (the chunk GEMMs and
+            # the row dots of the projection would otherwise be recast to the low-precision dtype)
+            with torch.autocast(device_type, enabled=False):
+                return _LeanMarginCE._backward(ctx, grad_loss)
+        return _LeanMarginCE._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         (input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight, omega, beta,
          class_norms, lse, nll, target_grad, denom) = ctx.saved_tensors
         if torch.is_grad_enabled():
