@@ -95,6 +95,18 @@ class RowKernel(NamedTuple):
 CLASS_ALIGN = 16
 
 
+def padded_classes(cols: int) -> int:
+    """``cols`` rounded up to a multiple of :data:`CLASS_ALIGN`: the row stride of the padded B x C buffers."""
+    return cols + (-cols) % CLASS_ALIGN
+
+
+def inverse_norms(norm: torch.Tensor, eps: float = NORM_EPS):
+    """``(1 / max(norm, eps), 1 / norm^2 where norm >= eps else 0)``: the scaling and the projection factor
+    of the normalisation (the last two outputs of the contract's ``norms``), in ``norm``'s dtype."""
+    inv = 1.0 / norm.clamp_min(eps)
+    return inv, torch.where(norm >= eps, inv * inv, torch.zeros_like(inv))
+
+
 def class_padded_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` (B x C) written by the GEMM into a buffer whose row stride is C rounded up to
     :data:`CLASS_ALIGN` (a view of it; no copy). Under ``torch.compile`` the plain product (the compiler
@@ -102,7 +114,7 @@ def class_padded_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cols = b.shape[0]
     if cols % CLASS_ALIGN == 0 or torch.compiler.is_compiling():
         return a @ b.t()
-    buffer = a.new_empty((a.shape[0], cols + (-cols) % CLASS_ALIGN))
+    buffer = a.new_empty((a.shape[0], padded_classes(cols)))
     return torch.mm(a, b.t(), out=buffer[:, :cols])
 
 
@@ -110,9 +122,7 @@ def grad_row_stride(raw: torch.Tensor) -> int:
     """The row stride of the row backward's gradient for ``raw``: padded to :data:`CLASS_ALIGN` when raw's
     own rows are padded (the fused path's GEMM output), else C (contiguous, e.g. the logits head's input)."""
     cols = raw.shape[1]
-    if raw.stride(0) == cols or cols % CLASS_ALIGN == 0:
-        return cols
-    return cols + (-cols) % CLASS_ALIGN
+    return cols if raw.stride(0) == cols else padded_classes(cols)
 
 
 def empty_forward_outputs(raw: torch.Tensor, reduction: int):
@@ -315,7 +325,7 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _first_order_backward(ctx, grad_loss):
-        spec, kernel = ctx.spec, ctx.kernel
+        kernel = ctx.kernel
         if torch.is_grad_enabled():
             # a create_graph backward: refused outright (a plain create_graph=True, nested torch.func.grad),
             # except under one torch.func.grad transform, which always asks for one; there the gradients

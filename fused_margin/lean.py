@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_split import Partials, block_partials, combine, empty_partials, finish
-from .fused import _autocast_enabled
+from .fused import _autocast_enabled, inverse_norms, project_rows_
 from .reference import compute_dtype
 from .spec import NORM_EPS, LossTables, MarginLossSpec
 
@@ -47,17 +47,13 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=1, dtype=compute_dtype(v.dtype))
 
 
-def _inv_sq(norm: torch.Tensor) -> torch.Tensor:
-    """``1 / |v|^2`` where ``|v| >= eps``, else 0: the projection factor of the normalisation."""
-    return torch.where(norm >= NORM_EPS, norm.clamp_min(NORM_EPS).reciprocal().square(), 0.0)
-
-
 def _project_scaled_(grad: torch.Tensor, rows: torch.Tensor, inv_sq: torch.Tensor) -> torch.Tensor:
-    """``g - (w . g) / |w|^2 w`` row by row, in place (``inv_sq``: ``1 / |w|^2`` where ``|w| >= eps``, else 0,
-    so ``g`` stays there): the normalisation's projection for a ``grad`` that already carries
-    ``1 / max(|w|, eps)``; two passes (the dots, then one ``addcmul_`` in ``grad``'s dtype)."""
+    """``g - (w . g) / |w|^2 w`` row by row, in place (``inv_sq``: the projection factor of
+    :func:`fused_margin.fused.inverse_norms`, 0 below eps, so ``g`` stays there): the normalisation's
+    projection for a ``grad`` that already carries ``1 / max(|w|, eps)``; two passes (the dots, then
+    :func:`fused_margin.fused.project_rows_`)."""
     dots = torch.linalg.vecdot(rows.to(grad.dtype), grad)
-    return grad.addcmul_(rows, (dots * inv_sq).neg_()[:, None])
+    return project_rows_(grad, rows, (dots * inv_sq).neg_())
 
 
 def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -279,7 +275,7 @@ class ClassBlock:
         w_norm = self.w_norm
         w_inv_sq = None
         if spec.head == "cosine" and "weight" in need:
-            w_inv_sq = _inv_sq(w_norm)
+            w_inv_sq = inverse_norms(w_norm)[1]
         out = {}
         x_acc = None
         if "input" in need:
@@ -436,7 +432,7 @@ class ClassBlock:
             if "weight" in out:
                 gw = (gz.t() @ (self.x_hat if spec.head == "cosine" else input)).to(cd)
                 if spec.head == "cosine":
-                    gw = _project_scaled_(gw, w_chunk, _inv_sq(w_norm))
+                    gw = _project_scaled_(gw, w_chunk, inverse_norms(w_norm)[1])
                 if t.beta is not None:  # d(beta_j |W_j|)/dW_j = beta_j W_j / |W_j| (0 at W_j = 0)
                     coef = torch.where(w_norm > 0, t.beta[c0:c1].to(cd) * col_sum / w_norm.clamp_min(NORM_EPS), 0.0)
                     gw = gw + coef[:, None] * w_chunk.to(cd)

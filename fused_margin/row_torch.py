@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .fused import RowKernel, scaled_scores
+from .fused import RowKernel, inverse_norms, scaled_scores
 from .reference import compute_dtype
 from .spec import ACOS_CLAMP, REDUCTION_CODES
 
@@ -181,8 +181,7 @@ def row_norms(x, eps):
     """``(||x_i||, 1 / max(||x_i||, eps), 1 / ||x_i||^2 where ||x_i|| >= eps else 0)`` in fp32 (fp64 for fp64
     ``x``; the contract's ``norms``)."""
     norm = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))
-    inv = 1.0 / norm.clamp_min(eps)
-    return norm, inv, torch.where(norm >= eps, inv * inv, torch.zeros_like(inv))
+    return (norm,) + inverse_norms(norm, eps)
 
 
 ROW_KERNEL = RowKernel("torch", row_forward, row_backward, row_norms)

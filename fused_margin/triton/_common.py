@@ -216,7 +216,7 @@ def io_columns(raw: torch.Tensor) -> int:
     backward's gradient then has the same stride), else C. A bound divisible by 16 lets Triton prove the
     masks constant over 16 columns, so the loads and stores vectorise (tests/test_triton.py, the sm_90
     compile)."""
-    from ..fused import CLASS_ALIGN
+    from ..fused import padded_classes
     cols = raw.shape[1]
-    padded = cols + (-cols) % CLASS_ALIGN
+    padded = padded_classes(cols)
     return padded if raw.dim() == 2 and raw.stride(1) == 1 and raw.stride(0) >= padded else cols
