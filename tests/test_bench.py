@@ -249,3 +249,39 @@ def test_large_vocabulary_check_takes_the_chunked_reference(monkeypatch):
     X, W = torch.randn(5, 7, generator=g), torch.randn(3 * (1 << 24) // 7 // 1000 + 9, 7, generator=g)
     plain = torch.nn.functional.normalize(X.double(), dim=1) @ torch.nn.functional.normalize(W.double(), dim=1).t()
     assert torch.equal(base_scores64(X, W, "cosine"), plain)
+
+
+_STOPPED_RUN = """
+import os, signal, sys, types
+from fused_margin.bench.cli import main
+from fused_margin.fused import RowKernel
+from fused_margin.row_torch import ROW_KERNEL
+
+def forward(*args):  # a time limit's SIGTERM arriving in the middle of a case
+    os.kill(os.getpid(), signal.SIGTERM)
+    return ROW_KERNEL.forward(*args)
+
+sys.modules["stop_kernels"] = types.SimpleNamespace(STOP=RowKernel("stop", forward, ROW_KERNEL.backward,
+                                                                   ROW_KERNEL.norms))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
+    """SIGTERM (a time limit, e.g. scripts/gpu_check.sh's) stops the run as Ctrl-C does: exit 130, and the
+    table and JSON hold the cases measured before the stop (the floor runs first), marked interrupted."""
+    import subprocess
+
+    out = tmp_path / "stopped"
+    argv = ["--device", "cpu", "--preset", "tiny", "--losses", "ldam", "--heads", "linear", "--mode", "fwdbwd",
+            "--backends", "reference,floor", "--row-kernel", "stop=stop_kernels:STOP", "--target-time", "0",
+            "--min-reps", "1", "--max-reps", "1", "--warmup", "1", "--threads", "1", "--quiet", "--no-plot",
+            "--out", str(out)]
+    done = subprocess.run([sys.executable, "-c", _STOPPED_RUN, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr[-2000:]
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["interrupted"] is True
+    measured = {r["backend"]: r for r in payload["rows"]}
+    assert measured["floor"]["ms"] > 0 and measured["reference"]["check"] == "ok"
+    assert "row:stop" not in measured or measured["row:stop"]["ms"] is None
+    assert "INTERRUPTED" in (out / "table.txt").read_text()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -32,7 +34,8 @@ Table columns: ms (median per call), wall ms (GPU: loop wall time per call), vs 
 the same loss and head; plain-CE rows against eager F.cross_entropy), x floor (ms / GEMM floor ms of the
 mode), peak MiB (peak memory above what was allocated before the call, outputs included), check (ok,
 WRONG, OOM, ERROR, UNCHECKED when the reference itself could not run, n/a for the floor). The exit
-status is 1 when a case is WRONG.
+status is 1 when a case is WRONG; 130 when the run was stopped early (Ctrl-C, or SIGTERM from a time
+limit), after writing the cases measured so far (marked INTERRUPTED). The GEMM floor runs first.
 
 Writes table.txt, results.json, results.csv (with the machine and library versions) and results.png to
 --out (default benchmarks/results/<timestamp>)."""
@@ -180,6 +183,10 @@ def list_everything(device: str, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -196,7 +203,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .report import format_table, write_outputs
     from .runner import run_benchmark
     out_dir = args.out or Path("benchmarks") / "results" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = run_benchmark(cfg, progress=not args.quiet)
+    # a time limit's SIGTERM (timeout, a job scheduler) stops the run as Ctrl-C does: what was measured is written
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        run = run_benchmark(cfg, progress=not args.quiet)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     run.command = " ".join(["python -m fused_margin.bench"] + list(sys.argv[1:] if argv is None else argv))
     print(format_table(run))
     paths = write_outputs(run, out_dir, plot=not args.no_plot)
@@ -204,5 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wrong = sorted({f"{r['group']} {r['backend']}" for r in run.rows if r["check"] == "WRONG"})
     if wrong:
         print(f"WRONG (failed the correctness check, not timed): {', '.join(wrong)}", file=sys.stderr)
-        return 1
-    return 0
+    if run.interrupted:
+        print("interrupted: the files hold the cases measured before the stop", file=sys.stderr)
+        return 130
+    return 1 if wrong else 0

@@ -156,6 +156,9 @@ def format_table(run) -> str:
         for (backend, reason), where in skipped.items():
             scope = "every loss" if len(where) > 1 and where == margin_groups else ", ".join(where)
             out.append(f"  {backend} ({scope}): {reason}")
+    if getattr(run, "interrupted", False):
+        out += ["", "INTERRUPTED: the run was stopped early (Ctrl-C or a time limit); the cases above are the ones "
+                    "measured, the rest did not run"]
     return "\n".join(out)
 
 
@@ -183,6 +186,7 @@ def write_json(run, path: Path) -> None:
         "check_rule": CHECK_RULE,
         "check_rows": run.check_rows,
         "wall_s": round(run.wall_s, 1),
+        "interrupted": bool(getattr(run, "interrupted", False)),
         "rows": [{k: _clean(v) for k, v in r.items()} for r in run.rows],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")

@@ -45,6 +45,7 @@ class BenchRun:
     memory_method: str
     wall_s: float = 0.0
     command: Optional[str] = None
+    interrupted: bool = False  # stopped early (Ctrl-C, SIGTERM from a time limit): the rows measured so far
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -78,6 +79,7 @@ class _Runner:
         self.check_inputs = (first.X.detach()[:r], first.W.detach(), first.y[:r])
         self.status = fm.available_backends(self.device, self.dtype)
         self.rows: List[dict] = []
+        self.interrupted = False
         self.progress = progress
         self.floor_grads = None
 
@@ -85,7 +87,8 @@ class _Runner:
     def groups(self):
         """``(cases, make_truth)`` per group, in run order."""
         cfg = self.cfg
-        out = []
+        # the floor first: a run stopped early (a time limit) still has every ratio to it
+        out = [([cases_mod.floor_case()], None)] if "floor" in cfg.impls else []
         for index, (loss, head) in enumerate(cfg.loss_heads()):
             compile_it = cfg.compile == "all" or (cfg.compile == "first" and index == 0)
             cases = cases_mod.margin_cases(cfg, loss, head, self.counts, compile_it, self.status)
@@ -101,8 +104,6 @@ class _Runner:
         if plain:
             out.append((plain, lambda: build_truth(cases_mod.plain_ce, None, cases_mod.plain_ce_rows, "linear",
                                                        *self.check_inputs)))
-        if "floor" in cfg.impls:
-            out.append(([cases_mod.floor_case()], None))
         return out
 
     # -- rows -------------------------------------------------------------------------------------
@@ -151,6 +152,9 @@ class _Runner:
                     _free(self.device)
                 del truth
                 _free(self.device)
+        except KeyboardInterrupt:  # Ctrl-C, or the SIGTERM of a time limit (cli.main): keep what was measured
+            self.interrupted = True
+            self.write("[bench] interrupted: the cases measured so far are reported, the rest did not run")
         finally:
             bar.close()
         self._ratios()
@@ -263,4 +267,4 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str
     machine = machine_info(device)
     machine["torch_threads"] = cfg.threads or threads
     return BenchRun(cfg, machine, rows, runner.check_rows, MEMORY_METHOD[device.type],
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, interrupted=runner.interrupted)
