@@ -6,7 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+  if ! "$PY" -m venv .venv; then
+    # a system Python without ensurepip (Debian's without python3-venv): a venv without pip, which
+    # then runs the pip of the base site-packages listed below
+    echo "[setup] python -m venv failed; creating .venv without pip"
+    rm -rf .venv
+    "$PY" -m venv --without-pip .venv
+  fi
   if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
     # The interpreter may itself be a venv (the GPU machine's is), which --system-site-packages would
     # skip: list its site-packages in a .pth instead, after the venv's own, so its CUDA torch is kept.

@@ -285,3 +285,17 @@ def test_a_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
     assert measured["floor"]["ms"] > 0 and measured["reference"]["check"] == "ok"
     assert "row:stop" not in measured or measured["row:stop"]["ms"] is None
     assert "INTERRUPTED" in (out / "table.txt").read_text()
+
+
+def test_gpu_check_script_parses_and_names_its_arguments():
+    """scripts/gpu_check.sh (the GPU check) is valid bash and refuses a call without its output folder or
+    with a bad budget, saying so (its phases are rehearsed with --dry-run; see the README)."""
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage" in done.stderr
+    done = subprocess.run(["bash", str(script), "/tmp/unused-gpu-check", "soon"], capture_output=True, text=True)
+    assert done.returncode == 2 and "BUDGET_SECONDS" in done.stderr
