@@ -430,8 +430,11 @@ class _FusedMarginCE(torch.autograd.Function):
         return tuple(grads.get(name) for name in INPUT_NAMES)
 
 
+# autograd.Function.apply binds the arguments to forward's signature on every call (setup_context style):
+# the signature computed once, not per step (inspect.signature honours __signature__)
+_FusedMarginCE.forward.__signature__ = inspect.signature(_FusedMarginCE.forward)
 #: the arguments of ``_FusedMarginCE.forward`` in order (``needs_input_grad`` and the gradients by name)
-INPUT_NAMES = tuple(inspect.signature(_FusedMarginCE.forward).parameters)
+INPUT_NAMES = tuple(_FusedMarginCE.forward.__signature__.parameters)
 
 
 def fused_margin_cross_entropy(kernel: RowKernel, input: torch.Tensor, target: torch.Tensor,

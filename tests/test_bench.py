@@ -299,3 +299,28 @@ def test_gpu_check_script_parses_and_names_its_arguments():
     assert done.returncode == 2 and "usage" in done.stderr
     done = subprocess.run(["bash", str(script), "/tmp/unused-gpu-check", "soon"], capture_output=True, text=True)
     assert done.returncode == 2 and "BUDGET_SECONDS" in done.stderr
+
+
+def test_rounds_retime_every_case_and_take_the_median_of_each_rounds_ratio():
+    """--rounds N: every timed row is timed N times (the floor and the cases in one order each round); its ms
+    is the median of the rounds' medians and its ratios the medians of each round's own ratio."""
+    import statistics
+
+    cfg = BenchConfig(**{**QUICK, "input_sets": 1}, modes=("fwdbwd", "fwd"), losses=("ldam",), heads=("linear",),
+                      impls=("reference", "floor"), row_kernels={"torch": ROW_KERNEL}, rounds=3)
+    rows = run_benchmark(cfg, progress=False, log=lambda _: None).rows
+    timed = [r for r in rows if r["ms"] is not None]
+    assert {(r["backend"], r["mode"]) for r in timed} == {(b, m) for b in ("floor", "reference", "row:torch")
+                                                          for m in ("fwdbwd", "fwd")}
+    floor = {r["mode"]: r for r in timed if r["backend"] == "floor"}
+    eager = {r["mode"]: r for r in timed if r["backend"] == "reference"}
+    for r in timed:
+        assert r["rounds"] == 3 and len(r["round_ms"]) == 3 and all(t > 0 for t in r["round_ms"])
+        assert r["ms"] == statistics.median(r["round_ms"])
+        per_round = [a / b for a, b in zip(r["round_ms"], floor[r["mode"]]["round_ms"])]
+        assert r["x_gemm_floor"] == pytest.approx(statistics.median(per_round))
+        if r["backend"] == "row:torch":
+            speedups = [b / a for a, b in zip(r["round_ms"], eager[r["mode"]]["round_ms"])]
+            assert r["speedup_vs_eager"] == pytest.approx(statistics.median(speedups))
+    with pytest.raises(ValueError, match="rounds"):
+        BenchConfig(**QUICK, rounds=0).validate()

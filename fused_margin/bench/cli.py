@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     meas.add_argument("--max-reps", type=int, help="most timed repetitions [200 on a GPU, 50 on CPU]")
     meas.add_argument("--warmup", type=int, default=3, help="warm-up calls before timing (the first is reported "
                       "as first_call_s) [3]")
+    meas.add_argument("--rounds", type=int, default=1,
+                      help="timing sweeps: after the first (checks, timing, memory), every timed case is timed "
+                      "again ROUNDS-1 times, the floor and the cases in the same order each sweep, so a slow "
+                      "drift of the machine's speed hits them alike; ms is the median of the sweeps' medians and "
+                      "'x floor'/'vs eager' the medians of each sweep's own ratios [1]")
     meas.add_argument("--check-rows", type=int, help="rows of the correctness check [all rows while B*C <= 2**24, "
                       "else fewer]")
     meas.add_argument("--threads", type=int, help="torch CPU threads for the run [torch's default]")
@@ -151,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed, input_sets=args.input_sets,
         target_time=args.target_time if args.target_time is not None else (0.5 if gpu else 1.0),
         min_reps=args.min_reps or (10 if gpu else 5), max_reps=args.max_reps or (200 if gpu else 50),
-        warmup=args.warmup, check_rows=args.check_rows, threads=args.threads,
+        warmup=args.warmup, rounds=args.rounds, check_rows=args.check_rows, threads=args.threads,
         class_chunk=_class_chunk(args.class_chunk), preset=preset if not (args.B or args.D or args.C) else None)
 
 

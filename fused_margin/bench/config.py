@@ -172,6 +172,7 @@ class BenchConfig:
     min_reps: int = 5
     max_reps: int = 100
     warmup: int = 2
+    rounds: int = 1                 # timing sweeps over every case (see --rounds)
     check_rows: Optional[int] = None  # rows of the correctness check (None: all rows up to 2**24 elements)
     preset: Optional[str] = None
     threads: Optional[int] = None     # torch.set_num_threads for the run (None: torch's default)
@@ -196,6 +197,8 @@ class BenchConfig:
             raise ValueError(f"input_sets must be >= 1, got {self.input_sets}")
         if not 1 <= self.min_reps <= self.max_reps:
             raise ValueError(f"need 1 <= min_reps <= max_reps, got {self.min_reps}, {self.max_reps}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first call also measures compile time), got {self.warmup}")
         fm.functional.check_class_chunk(self.class_chunk)

@@ -132,6 +132,9 @@ def format_table(run) -> str:
     title = (f"fused_margin benchmark: B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} on {m['name']} "
              f"({m['device']}, {where}; torch {m['torch']}, triton {m['triton']})")
     timing = TIMING_METHOD[m["device"]] + ("; wall ms: loop wall time per call (fwd, fwdbwd)" if gpu else "")
+    if getattr(cfg, "rounds", 1) > 1:
+        timing += (f"; {cfg.rounds} rounds (every case timed once a round, in one order): ms is the median of the "
+                   "rounds' medians, vs eager and x floor the medians of each round's ratios")
     out = [title, f"time: {timing}", f"memory: {run.memory_method}",
            f"check: {CHECK_RULE} (check rows: {run.check_rows} of {cfg.B})", "",
            fmt_line(header), fmt_line(["-" * w for w in widths])]

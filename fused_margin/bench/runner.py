@@ -7,6 +7,7 @@ repetitions, then one more call for peak memory. A case that fails the check is 
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from .report import machine_info
 CHECK_ELEMENTS = 2 ** 24
 
 FIELDS = ("group", "loss", "head", "backend", "kind", "mode", "dtype", "B", "D", "C", "ms", "ms_p20", "ms_p80",
-          "wall_ms", "reps", "speedup_vs_eager", "x_gemm_floor", "peak_extra_mib", "check", "check_detail",
+          "wall_ms", "reps", "rounds", "round_ms", "speedup_vs_eager", "x_gemm_floor", "peak_extra_mib", "check", "check_detail",
           "err_loss", "err_grad_input", "err_grad_weight", "tol_loss", "tol_grad_input", "tol_grad_weight",
           "pred_mismatch", "first_call_s", "compile_s", "note")
 
@@ -79,6 +80,7 @@ class _Runner:
         self.check_inputs = (first.X.detach()[:r], first.W.detach(), first.y[:r])
         self.status = fm.available_backends(self.device, self.dtype)
         self.rows: List[dict] = []
+        self.timed: List[tuple] = []  # (row, op) of every timed row, in run order: what the later rounds re-time
         self.interrupted = False
         self.progress = progress
         self.floor_grads = None
@@ -114,6 +116,7 @@ class _Runner:
                    dtype=cfg.dtype, B=cfg.B, D=cfg.D, C=cfg.C, note=case.note)
         row.update(values)
         self.rows.append(row)
+        return row
         return row
 
     @staticmethod
@@ -152,13 +155,27 @@ class _Runner:
                     _free(self.device)
                 del truth
                 _free(self.device)
+            for sweep in range(2, self.cfg.rounds + 1):
+                for row, op in self.timed:
+                    bar.set_description(f"round {sweep}/{self.cfg.rounds}: {row['group']} {row['backend']} "
+                                        f"{row['mode']}")
+                    timing = self._time(op)
+                    row["round_ms"].append(timing.ms)
+                    _free(self.device)
         except KeyboardInterrupt:  # Ctrl-C, or the SIGTERM of a time limit (cli.main): keep what was measured
             self.interrupted = True
             self.write("[bench] interrupted: the cases measured so far are reported, the rest did not run")
         finally:
             bar.close()
+        for row, _ in self.timed:
+            row["rounds"] = len(row["round_ms"])
+            row["ms"] = statistics.median(row["round_ms"])
         self._ratios()
         return self.rows
+
+    def _time(self, op: Op):
+        return time_op(op, self.device, warmup=self.cfg.warmup, target_time=self.cfg.target_time,
+                       min_reps=self.cfg.min_reps, max_reps=self.cfg.max_reps)
 
     def _run_case(self, case: Case, truth: Optional[Truth], truth_error: Optional[str], bar) -> None:
         modes = self.cfg.modes
@@ -210,8 +227,7 @@ class _Runner:
             bar.set_description(f"{case.group} {case.impl} {mode}")
             op = Op(mode, self.inputs, case.fn, self.floor_grads if case.kind == "floor" else None)
             try:
-                timing = time_op(op, self.device, warmup=self.cfg.warmup, target_time=self.cfg.target_time,
-                                 min_reps=self.cfg.min_reps, max_reps=self.cfg.max_reps)
+                timing = self._time(op)
                 _free(self.device)
                 memory = peak_extra_mib(op, self.device)
             except Exception as error:  # noqa: BLE001
@@ -222,8 +238,11 @@ class _Runner:
                 _free(self.device)
                 bar.update(1)
                 continue
-            self._row(case, mode, ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, wall_ms=timing.wall_ms,
-                      reps=timing.reps, first_call_s=timing.first_call_s, peak_extra_mib=memory, **shared)
+            row = self._row(case, mode, ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80,
+                            wall_ms=timing.wall_ms, reps=timing.reps, round_ms=[timing.ms],
+                            first_call_s=timing.first_call_s, peak_extra_mib=memory, **shared)
+            # the later rounds re-run op (which holds the floor's gradients, when it is the floor's)
+            self.timed.append((row, op if self.cfg.rounds > 1 else None))
             bar.update(1)
         if case.kind == "floor":
             self.floor_grads = None
@@ -235,18 +254,24 @@ class _Runner:
         bar.update(len(self.cfg.modes))
 
     def _ratios(self) -> None:
-        """Speed-up over the group's eager baseline and ratio to the GEMM floor, per mode."""
-        baseline = {(r["group"], r["mode"]): r["ms"] for r in self.rows
+        """Speed-up over the group's eager baseline and ratio to the GEMM floor, per mode: with several
+        rounds, the median of each round's own ratio (the rounds both rows have)."""
+        def ratio(a: dict, b: dict) -> float:
+            ra, rb = a.get("round_ms") or [a["ms"]], b.get("round_ms") or [b["ms"]]
+            n = min(len(ra), len(rb))
+            return statistics.median(x / y for x, y in zip(ra[:n], rb[:n]))
+
+        baseline = {(r["group"], r["mode"]): r for r in self.rows
                     if r["backend"] in ("reference", "torch-ce") and r["ms"] is not None}
-        floor = {r["mode"]: r["ms"] for r in self.rows if r["kind"] == "floor" and r["ms"] is not None}
+        floor = {r["mode"]: r for r in self.rows if r["kind"] == "floor" and r["ms"] is not None}
         for r in self.rows:
             if r["ms"] is None:
                 continue
             base = baseline.get((r["group"], r["mode"]))
             if base is not None and r["kind"] != "floor":
-                r["speedup_vs_eager"] = base / r["ms"]
+                r["speedup_vs_eager"] = ratio(base, r)
             if r["mode"] in floor:
-                r["x_gemm_floor"] = r["ms"] / floor[r["mode"]]
+                r["x_gemm_floor"] = ratio(r, floor[r["mode"]])
 
 
 def run_benchmark(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BenchRun:
