@@ -16,6 +16,8 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -92,15 +94,22 @@ int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<i
 // The op's loss from the rows' (call.loss): their sum, or their mean over the kept rows' weights (their count
 // without class weights; 0 / 0 = NaN as F.cross_entropy), summed in double in row order; and that
 // denominator (written for every reduction).
-void reduce_loss_cpu(ForwardCall& call) {
-  const RowForwardArgs& a = call.args;
-  double total = 0.0, denom = 0.0;
+// The mean's denominator: the kept rows' weights (their count without class weights), summed in double in
+// row order. The labels must have been checked.
+float loss_denominator(const RowForwardArgs& a) {
+  double denom = 0.0;
   for (int64_t i = 0; i < a.rows; ++i) {
-    total += a.loss[i];
     const int64_t y = a.target[i];
     if (y != a.ignore_index) denom += a.class_weight ? a.class_weight[y] : 1.f;
   }
-  const float d = static_cast<float>(denom);
+  return static_cast<float>(denom);
+}
+
+void reduce_loss_cpu(ForwardCall& call) {
+  const RowForwardArgs& a = call.args;
+  double total = 0.0;
+  for (int64_t i = 0; i < a.rows; ++i) total += a.loss[i];
+  const float d = loss_denominator(a);
   *call.denom.mutable_data_ptr<float>() = d;
   const float sum = static_cast<float>(total);
   *call.reduced.mutable_data_ptr<float>() =
@@ -132,6 +141,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_c
 constexpr int64_t kBackwardColumnBlock = 4096;
 // Rows per row block of the backward's column partials (their memory: kNumColumnStats x C floats a block).
 constexpr int64_t kBackwardRowBlock = 32;
+
+// row_coef_i = -row_proj_i row_scale_i sum_j G_ij col_scale_j raw_ij from the kernels' row dots, and the
+// column sums over the row blocks' partials (col_coef, stats), in a fixed order.
+void finish_backward_sums(BackwardCall& call, int64_t row_blocks, bool col_stats) {
+  const RowBackwardArgs& args = call.args;
+  if (call.row_proj.defined() && args.rows > 0) {
+    const float* proj = call.row_proj.const_data_ptr<float>();
+    float* coef = call.row_coef.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < args.rows; ++i) coef[i] = finish_row_coef(args, i, proj);
+  }
+  if (call.col_sums) {
+    const float* proj = call.col_proj.defined() ? call.col_proj.const_data_ptr<float>() : nullptr;
+    float* coef = proj ? call.col_coef.mutable_data_ptr<float>() : nullptr;
+    float* stats = col_stats ? call.stats.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, args.cols, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) finish_column(args, j, row_blocks, proj, coef, stats);
+    });
+  }
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
     const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
@@ -173,22 +201,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
       }
     });
   }
-  // row_coef_i = -row_proj_i row_scale_i sum_j G_ij col_scale_j raw_ij
-  if (row_sums) {
-    const float* proj = call.row_proj.const_data_ptr<float>();
-    float* coef = call.row_coef.mutable_data_ptr<float>();
-    for (int64_t i = 0; i < rows; ++i) coef[i] = finish_row_coef(args, i, proj);
+  finish_backward_sums(call, row_blocks, col_stats);
+  return call.outputs();
+}
+
+// The forward and, on each row right after its forward (the row still in cache), dL/draw written over raw in
+// place and the sums of row_backward, for the upstream gradient 1 of the reduced loss (``mean``: 1 / denom
+// a row): what a training step's backward needs, formed in one pass over the rows (fused.py multiplies by
+// the actual upstream gradient when it is not 1). reduction must be mean or sum, raw row-major.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_backward_cpu(
+    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
+    const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
+    const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
+    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
+    double label_smoothing, int64_t ignore_index, int64_t reduction, const OptTensor& row_proj,
+    const OptTensor& col_proj) {
+  TORCH_CHECK(reduction == static_cast<int64_t>(Reduction::Mean) || reduction == static_cast<int64_t>(Reduction::Sum),
+              "fused_margin row_forward_backward: reduction must be mean or sum (the gradient of one loss), got ",
+              reduction);
+  TORCH_CHECK(raw_in.dim() == 2 && raw_in.stride(1) == 1 && raw_in.stride(0) >= raw_in.size(1),
+              "fused_margin row_forward_backward: raw must be a row-major 2-D tensor (the gradient overwrites "
+              "it), got strides ", raw_in.strides());
+  ForwardCall fwd = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
+                                    logit_offset, pair_perturbation, class_weight, scale, margin_type, lambda_inst,
+                                    hard_all, lambda_elm, fold, straight_through, label_smoothing, ignore_index,
+                                    reduction);
+  const RowForwardArgs& fargs = fwd.args;
+  check_labels(fwd.target, fargs.cols, ignore_index);
+  const auto f32 = raw_in.options().dtype(at::kFloat);
+  const Tensor upstream = at::ones({}, f32);
+  OptTensor denom;
+  if (reduction == static_cast<int64_t>(Reduction::Mean)) denom = at::full({}, loss_denominator(fargs), f32);
+  BackwardCall bwd = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
+                                      pair_perturbation, class_weight, fwd.lse, fwd.nll, fwd.target_grad, upstream,
+                                      denom, scale, label_smoothing, ignore_index, /*scale_grad=*/true, row_proj,
+                                      col_proj, /*col_stats=*/false, /*in_place=*/true);
+  RowBackwardArgs& bargs = bwd.args;
+  const int64_t rows = bargs.rows, cols = bargs.cols;
+  if (bwd.class_weight.defined() && label_smoothing != 0.0) {
+    bargs.weight_sum = bwd.class_weight.sum().item<float>();
   }
-  // the column sums over the row blocks (col_coef, stats)
-  if (col_sums) {
-    const float* proj = call.col_proj.defined() ? call.col_proj.const_data_ptr<float>() : nullptr;
-    float* coef = proj ? call.col_coef.mutable_data_ptr<float>() : nullptr;
-    float* stats = col_stats ? call.stats.mutable_data_ptr<float>() : nullptr;
-    at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) finish_column(args, j, row_blocks, proj, coef, stats);
+  // whole rows, in row blocks of kBackwardRowBlock when the column sums are formed, each row's backward in
+  // the column blocks of row_backward_cpu: the same partial sums in the same order, so the same bits
+  const int64_t task_rows = bwd.col_sums ? kBackwardRowBlock : 1;
+  const int64_t row_blocks = (rows + task_rows - 1) / task_rows;
+  const int64_t blocks = std::max<int64_t>(1, (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock);
+  bwd.allocate_partials(blocks, row_blocks, /*zeroed=*/true);
+  bargs.col_block_width = kBackwardColumnBlock;
+  bargs.row_block = task_rows;
+  if (rows > 0 && cols > 0) {
+    const cpu::RowForwardFn forward = cpu_kernels().forward;
+    const cpu::RowBackwardFn backward = cpu_kernels().backward;
+    const int64_t grain = std::max<int64_t>(1, row_grain(cols) / task_rows);
+    at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t rb = begin; rb < end; ++rb) {
+        const int64_t r1 = std::min(rows, (rb + 1) * task_rows);
+        for (int64_t i = rb * task_rows; i < r1; ++i) {
+          forward(fargs, i, i + 1);
+          for (int64_t c0 = 0; c0 < cols; c0 += kBackwardColumnBlock) {
+            backward(bargs, i, i + 1, c0, std::min(cols, c0 + kBackwardColumnBlock));
+          }
+        }
+      }
     });
   }
-  return call.outputs();
+  reduce_loss_cpu(fwd);
+  finish_backward_sums(bwd, row_blocks, /*col_stats=*/false);
+  const auto out = fwd.outputs();
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+          std::get<5>(out), std::get<6>(out), bwd.row_coef, bwd.col_coef};
 }
 
 // Row norms for the cosine head: ||x_i|| (squares in fp32 as torch.linalg.vector_norm, so over- and
@@ -214,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cpu(const Tensor& x_in, double eps)
 // grad += coef[:, None] * v in place, in fp32 with one rounding (the cosine head's projection on a GEMM
 // output, docs/loss.md section 5); torch's addcmul_ with an fp32 coefficient on bf16 tensors converts
 // both operands to fp32 copies on the CPU first.
-void project_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& coef) {
+void project_rows_impl(const Tensor& grad, const Tensor& v, const Tensor& coef, bool from_dot) {
   TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_rows_: grad and v must be 2-D of one "
               "shape, got ", grad.sizes(), " and ", v.sizes());
   TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_rows_: v must have grad's dtype ",
@@ -225,10 +306,21 @@ void project_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& coef) {
   const Tensor v_c = v.contiguous();
   const Tensor coef_c = coef.to(at::kFloat).contiguous();
   const cpu::ProjectArgs args{grad.mutable_data_ptr(), v_c.const_data_ptr(), raw_type_of(grad), grad.size(1),
-                              coef_c.const_data_ptr<float>()};
+                              coef_c.const_data_ptr<float>(), from_dot};
   const cpu::ProjectFn kernel = cpu_kernels().project;
   at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(grad.size(1), 1)),
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+}
+
+void project_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& coef) {
+  project_rows_impl(grad, v, coef, /*from_dot=*/false);
+}
+
+// grad_i -= proj_i (grad_i . v_i) v_i in place: the normalisation's projection with its coefficient formed
+// from the GEMM output itself (fp32 dot of its rounded values, one rounding of the result), so the radial
+// part cancels to the output's rounding whatever the rounding of dL/draw and of the GEMM
+void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& proj) {
+  project_rows_impl(grad, v, proj, /*from_dot=*/true);
 }
 
 }  // namespace
@@ -254,9 +346,19 @@ TORCH_LIBRARY(fused_margin, m) {
       "int ignore_index, bool scale_grad, Tensor? row_proj, Tensor? col_proj, bool col_stats) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // ||x_i||, 1 / max(||x_i||, eps) and the projection factor of the cosine head (fp32)
+  // row_forward, then on each row dL/draw over raw in place and the sums (upstream gradient 1; CPU only)
+  m.def(
+      "row_forward_backward(Tensor(a!) raw, Tensor target, Tensor? row_scale, Tensor? col_scale, "
+      "Tensor? col_shift, Tensor? class_margins, Tensor? logit_offset, Tensor? pair_perturbation, "
+      "Tensor? class_weight, float scale, int margin_type, float lambda_inst, bool hard_all, float lambda_elm, "
+      "int fold, bool straight_through, float label_smoothing, int ignore_index, int reduction, "
+      "Tensor? row_proj, Tensor? col_proj) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("row_norms(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // grad += coef[:, None] * v in place, fp32 math and one rounding (the cosine head's projection)
   m.def("project_rows_(Tensor(a!) grad, Tensor v, Tensor coef) -> ()");
+  // grad -= proj[:, None] * (grad . v) v per row in place, the dot from grad itself (fp32 math, one rounding)
+  m.def("project_out_rows_(Tensor(a!) grad, Tensor v, Tensor proj) -> ()");
   // the memory-lean loss's class-block kernels (class_block.h): one chunk's partials merged into the
   // running per-row buffers in place, and one chunk's dL/draw written into `out`
   m.def(
@@ -274,8 +376,10 @@ TORCH_LIBRARY(fused_margin, m) {
 TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
   m.impl("row_forward", &fused_margin::row_forward_cpu);
   m.impl("row_backward", &fused_margin::row_backward_cpu);
+  m.impl("row_forward_backward", &fused_margin::row_forward_backward_cpu);
   m.impl("row_norms", &fused_margin::row_norms_cpu);
   m.impl("project_rows_", &fused_margin::project_rows_cpu);
+  m.impl("project_out_rows_", &fused_margin::project_out_rows_cpu);
   m.impl("block_partials_", &fused_margin::block::block_partials_cpu);
   m.impl("block_grad", &fused_margin::block::block_grad_cpu);
 }

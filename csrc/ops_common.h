@@ -238,7 +238,7 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
                                      const at::Tensor& target_grad, const at::Tensor& grad_rows,
                                      const OptTensor& denom, double scale, double label_smoothing,
                                      int64_t ignore_index, bool scale_grad, const OptTensor& row_proj,
-                                     const OptTensor& col_proj, bool col_stats) {
+                                     const OptTensor& col_proj, bool col_stats, bool in_place = false) {
   BackwardCall call;
   static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
                                                  pair_perturbation, class_weight);
@@ -253,12 +253,20 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   call.row_proj = float_table(row_proj, "row_proj", {rows}, raw);
   call.col_proj = float_table(col_proj, "col_proj", {cols}, raw);
   // a padded raw (the fused path's GEMM output) gets a padded gradient: its rows stay aligned for the
-  // backward GEMMs and vector stores (fused.py grad_row_stride says the same for the fake kernels)
-  const int64_t grad_stride = (raw.stride(0) == cols || cols % kClassAlign == 0)
-                                  ? cols
-                                  : (cols + kClassAlign - 1) / kClassAlign * kClassAlign;
-  call.grad = at::empty({rows, grad_stride}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat))
-                  .narrow(1, 0, cols);
+  // backward GEMMs and vector stores (fused.py grad_row_stride says the same for the fake kernels); in
+  // place (row_forward_backward), dL/draw overwrites raw itself, each element after its last read
+  int64_t grad_stride = (raw.stride(0) == cols || cols % kClassAlign == 0)
+                            ? cols
+                            : (cols + kClassAlign - 1) / kClassAlign * kClassAlign;
+  if (in_place) {
+    TORCH_CHECK(scale_grad && raw.is_same(raw_in), "fused_margin row kernels: an in-place gradient needs a "
+                "row-major raw and scale_grad");
+    call.grad = raw_in;
+    grad_stride = raw_in.stride(0);
+  } else {
+    call.grad = at::empty({rows, grad_stride}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat))
+                    .narrow(1, 0, cols);
+  }
   const auto f32 = raw.options().dtype(at::kFloat);
   call.row_coef = at::empty({call.row_proj.defined() ? rows : 0}, f32);
   call.col_coef = at::empty({call.col_proj.defined() ? cols : 0}, f32);

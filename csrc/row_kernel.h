@@ -167,7 +167,8 @@ struct ProjectArgs {
   const void* v;
   RawType type;
   int64_t cols;
-  const float* coef;
+  const float* coef;  // grad_i += coef_i v_i; with from_dot, coef is proj_i and the coefficient is
+  bool from_dot;      // -proj_i (grad_i . v_i), formed from grad itself (its rounded values, in fp32)
 };
 using ProjectFn = void (*)(const ProjectArgs&, int64_t begin, int64_t end);
 using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .fused import RowKernel, empty_backward_outputs, empty_forward_outputs
-from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS
+from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
 
 try:
     from . import _C
@@ -67,6 +67,14 @@ def _row_backward_fake(*args, **kwargs):
     return empty_backward_outputs(a["raw"], a["scale_grad"], a["row_proj"], a["col_proj"], a["col_stats"])
 
 
+def _row_forward_backward_fake(*args, **kwargs):
+    a = dict(zip(ROW_FORWARD_BACKWARD_ARGS, args), **kwargs)
+    raw = a["raw"]
+    sums = tuple(raw.new_empty((size if a[name] is not None else 0,), dtype=torch.float32)
+                 for name, size in (("row_proj", raw.shape[0]), ("col_proj", raw.shape[1])))
+    return empty_forward_outputs(raw, a["reduction"]) + sums
+
+
 def _row_norms_fake(x, eps):
     return tuple(x.new_empty((x.shape[0],), dtype=torch.float32) for _ in range(3))
 
@@ -77,8 +85,10 @@ _CUDA_KERNEL: Optional[RowKernel] = None
 if _C is not None:
     torch.library.register_fake("fused_margin::row_forward")(_row_forward_fake)
     torch.library.register_fake("fused_margin::row_backward")(_row_backward_fake)
+    torch.library.register_fake("fused_margin::row_forward_backward")(_row_forward_backward_fake)
     torch.library.register_fake("fused_margin::row_norms")(_row_norms_fake)
     torch.library.register_fake("fused_margin::project_rows_")(lambda grad, v, coef: None)
+    torch.library.register_fake("fused_margin::project_out_rows_")(lambda grad, v, proj: None)
     _ops = torch.ops.fused_margin
 
     def _project_rows_cpu(grad, v, coef):
@@ -86,7 +96,13 @@ if _C is not None:
         _ops.project_rows_(grad, v, coef)
         return grad
 
-    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms, _project_rows_cpu)
+    def _project_out_rows_cpu(grad, v, proj):
+        """``grad_i -= proj_i (grad_i . v_i) v_i`` by the C++ op (the dot from grad in fp32, one rounding)."""
+        _ops.project_out_rows_(grad, v, proj)
+        return grad
+
+    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms, _project_rows_cpu,
+                            _ops.row_forward_backward, _project_out_rows_cpu)
     if cuda_built():
         _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms)
 

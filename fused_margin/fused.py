@@ -47,6 +47,17 @@ col_proj, col_stats) -> (grad, row_coef, col_coef, stats)``
     MARC's ``beta``), ``sum_i G_ij row_scale_i raw_ij`` (MARC's ``omega``) and ``sum_i dL/dl_ij`` (the logit
     offset). Each sum is formed in a fixed order (per-block partials, no float atomics): deterministic.
 
+``forward_backward(raw, ... as forward ..., reduction, row_proj, col_proj) -> (loss, lse, pred, hard, nll,
+target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU kernel has it)
+
+    the forward and, on each row right after it (the row still in cache), the backward for the upstream
+    gradient 1 of the reduced loss (``reduction`` mean or sum): ``dL/draw`` (``scale_grad``) overwrites
+    ``raw`` in place (no second B x C buffer, no second pass over ``raw``) and ``row_coef``/``col_coef``
+    are the backward's sums (empty without ``row_proj``/``col_proj``). :func:`fused_margin_cross_entropy`
+    takes it for a training step (grad enabled, features or weights requiring grad, no other input
+    requiring grad, not under ``torch.compile`` or a ``torch.func`` transform; :data:`GRAD_IN_FORWARD`) and
+    multiplies by the actual upstream gradient in the backward when it is not 1.
+
 ``norms(x, eps) -> (norm, inv, proj)``
 
     per row of ``x``, in fp32: ``||x_i||``, ``1 / max(||x_i||, eps)`` and ``1 / ||x_i||^2`` where
@@ -66,7 +77,7 @@ import torch
 
 from .reference import compute_dtype
 from .spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
-                   row_backward_args, row_forward_args)
+                   row_backward_args, row_forward_args, row_forward_backward_args)
 
 
 def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -78,14 +89,26 @@ def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> to
 
 
 class RowKernel(NamedTuple):
-    """A backend's row ops (see the module docstring for the contract) and its projection
-    (:func:`project_rows_` unless the backend has a faster one)."""
+    """A backend's row ops (see the module docstring for the contract), its projection
+    (:func:`project_rows_` unless the backend has a faster one) and, optionally, its forward that also forms
+    the gradient (``forward_backward``)."""
 
     name: str
     forward: Callable
     backward: Callable
     norms: Callable
     project: Callable = project_rows_
+    forward_backward: Optional[Callable] = None
+    #: ``project_out(grad, v, proj)``: ``grad_i -= proj_i (grad_i . v_i) v_i`` in place, the coefficient
+    #: formed from the GEMM output itself in fp32 (optional; then the row kernels form no row/column sums
+    #: for the projections, see :meth:`_FusedMarginCE._backward`)
+    project_out: Optional[Callable] = None
+
+
+#: whether a training step may form dL/draw in the forward (``RowKernel.forward_backward``, where the kernel
+#: has it and the step allows it; see :func:`grad_in_forward`). False always runs the separate row backward
+#: (the tests compare both).
+GRAD_IN_FORWARD = True
 
 
 #: the class stride of the B x C buffers of the fused path is padded to a multiple of this many elements
@@ -225,6 +248,8 @@ class _Residuals(NamedTuple):
     w_norm: Optional[torch.Tensor]          # ||W_j|| (MARC's beta)
     x_pow: Optional[torch.Tensor]           # the fp16 cosine head's power-of-two rescaling (_cosine_operands)
     w_pow: Optional[torch.Tensor]
+    row_coef: Optional[torch.Tensor]        # the backward's sums formed in the forward (grad_in_forward), else None
+    col_coef: Optional[torch.Tensor]
     nll: torch.Tensor
     target_grad: torch.Tensor
     denom: Optional[torch.Tensor]           # the mean's denominator
@@ -252,7 +277,8 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def forward(kernel: RowKernel, spec: MarginLossSpec, input, target, weight, bias,
-                class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms):
+                class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms,
+                grad_in_forward):
         head = spec.head
         acc = compute_dtype(input.dtype)
         w_norm = x_pow = w_pow = row_proj = col_proj = None
@@ -280,15 +306,23 @@ class _FusedMarginCE(torch.autograd.Function):
             col_shift = beta_shift if col_shift is None else col_shift + beta_shift
 
         # the loss comes reduced (mean / sum) from the kernel, with the mean's denominator
-        loss, lse, pred, hard, nll, target_grad, denom = kernel.forward(*row_forward_args(
-            raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
-            class_margins=class_margins, logit_offset=logit_offset, pair_perturbation=pair_perturbation,
-            class_weight=class_weight, **spec.row_options()))
+        tables = dict(raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
+                      class_margins=class_margins, logit_offset=logit_offset, pair_perturbation=pair_perturbation,
+                      class_weight=class_weight, **spec.row_options())
+        row_coef = col_coef = None
+        if grad_in_forward:  # raw becomes dL/draw (upstream gradient 1), with the backward's sums
+            sums = kernel.project_out is None  # else the projections form their coefficients themselves
+            loss, lse, pred, hard, nll, target_grad, denom, row_coef, col_coef = kernel.forward_backward(
+                *row_forward_backward_args(**tables, row_proj=row_proj if sums else None,
+                                           col_proj=col_proj if sums else None))
+        else:
+            loss, lse, pred, hard, nll, target_grad, denom = kernel.forward(*row_forward_args(**tables))
         residuals = _Residuals(
             raw=None if head == "logits" else raw, row_scale=row_scale, col_scale=col_scale,
             col_shift=None if col_shift is base_shift else col_shift,
             base_col_scale=None if base_col_scale is col_scale else base_col_scale, base_shift=base_shift,
-            row_proj=row_proj, col_proj=col_proj, w_norm=w_norm, x_pow=x_pow, w_pow=w_pow, nll=nll,
+            row_proj=row_proj, col_proj=col_proj, w_norm=w_norm, x_pow=x_pow, w_pow=w_pow, row_coef=row_coef,
+            col_coef=col_coef, nll=nll,
             target_grad=target_grad, denom=denom if spec.reduction == "mean" else None)
         return (loss, lse, pred, hard) + tuple(residuals)
 
@@ -297,6 +331,7 @@ class _FusedMarginCE(torch.autograd.Function):
         args = dict(zip(INPUT_NAMES, inputs))
         out = dict(zip(_OUTPUTS, output))
         ctx.kernel, ctx.spec = args["kernel"], args["spec"]
+        ctx.grad_in_forward = bool(args["grad_in_forward"])  # the saved raw is dL/draw (upstream gradient 1)
         ctx.dtypes = {name: value.dtype for name, value in args.items() if isinstance(value, torch.Tensor)}
         ctx.device_type = args["input"].device.type
         ctx.raw_is_input = out["raw"] is None
@@ -364,16 +399,29 @@ class _FusedMarginCE(torch.autograd.Function):
         need_omega, need_beta = need["omega"], need["beta"]
         cosine = spec.head == "cosine"
         beta_weight = beta is not None and need_weight  # d(beta_j ||W_j||) / dW_j
+        # the projections' coefficients: from the GEMM outputs themselves (kernel.project_out: the radial
+        # part then cancels to the final rounding, whatever the rounding of dL/draw and of the GEMMs), else
+        # from the row kernel's sums of dL/draw raw
+        out_proj = kernel.project_out is not None
 
-        grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
-            raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
-            logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight,
-            lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss, denom=saved.denom,
-            scale=float(spec.scale), label_smoothing=float(spec.label_smoothing),
-            ignore_index=int(spec.ignore_index), scale_grad=not need_pair,
-            row_proj=saved.row_proj if cosine and need_input else None,
-            col_proj=saved.col_proj if cosine and need_weight else None,
-            col_stats=bool(need_bias or need_offset or need_omega or need_beta or beta_weight)))
+        if ctx.grad_in_forward:
+            # dL/draw and its sums came with the forward, for an upstream gradient of 1 (no other input
+            # needs a gradient there: grad_in_forward); scaled here when the actual one is not 1
+            grad, row_coef, col_coef, stats = raw, saved.row_coef, saved.col_coef, None
+            if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
+                grad = (grad.to(grad_loss.dtype) * grad_loss).to(raw.dtype)
+                row_coef = row_coef * grad_loss if row_coef is not None else None
+                col_coef = col_coef * grad_loss if col_coef is not None else None
+        else:
+            grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
+                raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
+                logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight,
+                lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss,
+                denom=saved.denom, scale=float(spec.scale), label_smoothing=float(spec.label_smoothing),
+                ignore_index=int(spec.ignore_index), scale_grad=not need_pair,
+                row_proj=saved.row_proj if cosine and need_input and not out_proj else None,
+                col_proj=saved.col_proj if cosine and need_weight and not out_proj else None,
+                col_stats=bool(need_bias or need_offset or need_omega or need_beta or beta_weight)))
         grad_raw = grad
         if need_pair:  # grad is G (fp32): dL/draw from it, and dL/dP = dL/dl off the target (B x C)
             kept = target != spec.ignore_index
@@ -399,14 +447,16 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_input:
                 grad_x = grad_raw @ w_op
                 if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
-                    grad_x = kernel.project(grad_x, x_op, row_coef)
+                    grad_x = (kernel.project_out(grad_x, x_op, saved.row_proj) if out_proj
+                              else kernel.project(grad_x, x_op, row_coef))
                     if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
                         grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
                 grads["input"] = grad_x.to(input.dtype)
             if need_weight:
                 grad_w = grad_raw.t() @ x_op
                 if cosine:
-                    grad_w = kernel.project(grad_w, w_op, col_coef)
+                    grad_w = (kernel.project_out(grad_w, w_op, saved.col_proj) if out_proj
+                              else kernel.project(grad_w, w_op, col_coef))
                     if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
                         grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
                 if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
@@ -437,11 +487,30 @@ _FusedMarginCE.forward.__signature__ = inspect.signature(_FusedMarginCE.forward)
 INPUT_NAMES = tuple(_FusedMarginCE.forward.__signature__.parameters)
 
 
+def grad_in_forward(kernel: RowKernel, spec: MarginLossSpec, input: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], tables: LossTables) -> bool:
+    """Whether this call forms dL/draw in its forward (``kernel.forward_backward``): a training step of a
+    reduced loss on a GEMM head (grad enabled; the features or the class weights, and no other input, require
+    grad; no MARC ``beta``, whose weight gradient needs the column sums), outside ``torch.compile`` and
+    ``torch.func`` transforms (which trace or transform the ops themselves), where the kernel has the op and
+    :data:`GRAD_IN_FORWARD` is on."""
+    if kernel.forward_backward is None or not GRAD_IN_FORWARD or tables.beta is not None:
+        return False
+    if spec.head == "logits" or spec.reduction == "none" or not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling() or torch._C._functorch.get_dynamic_layer_stack_depth() > 0:
+        return False
+    if not (input.requires_grad or (weight is not None and weight.requires_grad)):
+        return False
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (bias,) + tuple(tables))
+
+
 def fused_margin_cross_entropy(kernel: RowKernel, input: torch.Tensor, target: torch.Tensor,
                                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                spec: MarginLossSpec, tables: LossTables):
     """Run the loss through ``kernel``; returns ``(loss, lse, pred, hard)``."""
+    early = grad_in_forward(kernel, spec, input, weight, bias, tables)
     loss, lse, pred, hard, *_saved = _FusedMarginCE.apply(
         kernel, spec, input, target, weight, bias, tables.class_margins, tables.logit_offset,
-        tables.pair_perturbation, tables.class_weight, tables.omega, tables.beta, tables.class_norms)
+        tables.pair_perturbation, tables.class_weight, tables.omega, tables.beta, tables.class_norms, early)
     return loss, lse, pred, hard

@@ -173,6 +173,11 @@ ROW_BACKWARD_ARGS = ("raw", "target", "row_scale", "col_scale", "col_shift", "lo
                      "ignore_index", "scale_grad", "row_proj", "col_proj", "col_stats")
 #: what the backward returns, in order
 ROW_BACKWARD_OUTPUTS = ("grad", "row_coef", "col_coef", "stats")
+#: the arguments of the optional forward-with-gradient op (``RowKernel.forward_backward``): the forward's and
+#: the projection factors of the backward's sums
+ROW_FORWARD_BACKWARD_ARGS = ROW_FORWARD_ARGS + ("row_proj", "col_proj")
+#: what it returns: the forward's outputs and the backward's sums (the gradient overwrites ``raw``)
+ROW_FORWARD_BACKWARD_OUTPUTS = ROW_FORWARD_OUTPUTS + ("row_coef", "col_coef")
 
 
 def _pack(op: str, names: tuple, values: dict) -> tuple:
@@ -194,6 +199,11 @@ def row_forward_args(**values) -> tuple:
 def row_backward_args(**values) -> tuple:
     """The positional arguments of a row kernel's backward from named ones (:data:`ROW_BACKWARD_ARGS`)."""
     return _pack("row_backward", ROW_BACKWARD_ARGS, values)
+
+
+def row_forward_backward_args(**values) -> tuple:
+    """The positional arguments of ``RowKernel.forward_backward`` (:data:`ROW_FORWARD_BACKWARD_ARGS`)."""
+    return _pack("row_forward_backward", ROW_FORWARD_BACKWARD_ARGS, values)
 
 
 class LossTables(NamedTuple):

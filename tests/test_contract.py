@@ -15,7 +15,8 @@ from fused_margin import extension
 from fused_margin import fused, row_torch, spec
 from fused_margin.reference import margin_cross_entropy_reference
 from fused_margin.spec import (COLUMN_STATS, FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, ROW_BACKWARD_ARGS,
-                               ROW_BACKWARD_OUTPUTS, ROW_FORWARD_ARGS, ROW_FORWARD_OUTPUTS, LossTables,
+                               ROW_BACKWARD_OUTPUTS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS,
+                               ROW_FORWARD_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
                                MarginLossSpec)
 
 needs_extension = pytest.mark.skipif(not extension.is_built(), reason="the C++ extension is not built")
@@ -123,6 +124,10 @@ def test_cpp_op_schemas_match_the_python_table():
     assert len(backward.returns) == len(ROW_BACKWARD_OUTPUTS)
     norms = torch.ops.fused_margin.row_norms.default._schema
     assert tuple(a.name for a in norms.arguments) == ("x", "eps") and len(norms.returns) == 3
+    both = torch.ops.fused_margin.row_forward_backward.default._schema
+    assert tuple(a.name for a in both.arguments) == ROW_FORWARD_BACKWARD_ARGS
+    assert len(both.returns) == len(ROW_FORWARD_BACKWARD_OUTPUTS)
+    assert both.arguments[0].alias_info is not None and both.arguments[0].alias_info.is_write  # raw: in place
 
 
 def test_column_stats_match_the_cpp_enum():

@@ -75,6 +75,104 @@ def test_matches_reference_low_precision(name, dtype, device):
             assert got[key].dtype == dtype, key
 
 
+# The cpu backend forms dL/draw in its forward for a training step (fused.GRAD_IN_FORWARD, the op
+# row_forward_backward): the tests above take that path wherever it applies (a reduced loss on a GEMM head,
+# no table requiring grad). These keep the separate row backward checked on the same cases, check that
+# path in bf16/fp16 with a reduced loss, and an upstream gradient other than 1.
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_fp32_with_the_separate_row_backward(name, monkeypatch):
+    from fused_margin import fused
+
+    monkeypatch.setattr(fused, "GRAD_IN_FORWARD", False)
+    options = dict(CASES[name])
+    head = options.pop("head", "cosine")
+    compare(make_case(head, seed=_seed(name), **options), "cpu")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32,) + tuple(LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkeypatch):
+    """For a reduced loss (mean or sum), the gradients and outputs of the forward that forms dL/draw are
+    bit for bit those of the separate row backward: the same per-element math, the same partial sums in
+    the same order (the separate path is checked against the reference above, every dtype)."""
+    from fused_margin import fused
+
+    options = dict(CASES[name])
+    options["reduction"] = "sum" if options.get("reduction") == "sum" else "mean"
+    head = options.pop("head", "cosine")
+    options.setdefault("B", 24)
+    case = make_case(head, seed=_seed(name) + 2, **options)
+    runs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+        runs[flag] = kernel_cases.evaluate(case, "cpu", dtype)
+    for key, value in runs[False].items():
+        assert torch.equal(runs[True][key], value) or (value.is_floating_point() and torch.equal(
+            runs[True][key].isnan(), value.isnan()) and torch.equal(runs[True][key].nan_to_num(), value.nan_to_num())), key
+
+
+def _grads_with_upstream(upstream, flag, monkeypatch, dtype, head, bias=False):
+    from fused_margin import fused
+
+    monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+    g = _gen(5)
+    x = torch.randn(12, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, 37, (12,), generator=g)
+    y[4] = -100
+    extra = dict(bias=torch.zeros(37, requires_grad=True)) if bias else {}
+    loss = fm.margin_cross_entropy(x, y, w, head=head, scale=30.0 if head == "cosine" else 1.0,
+                                   class_margins=torch.linspace(0.1, 0.5, 37), margin_type="additive_angular"
+                                   if head == "cosine" else "additive_cosine", backend="cpu", **extra)
+    first = torch.autograd.grad(loss * upstream, (x, w), retain_graph=True)
+    second = torch.autograd.grad(loss * upstream, (x, w))  # the saved gradient is read, not consumed
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    return first
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("head", ("cosine", "linear"))
+def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype, monkeypatch):
+    """loss * 2.5: the gradients formed for an upstream 1 in the forward are scaled in the backward, and
+    agree with the separate row backward, which takes 2.5 in the kernel (fp32: to rounding; bf16: one more
+    rounding of dL/draw), twice over the same graph."""
+    for upstream in (1.0, 2.5, -0.125):
+        early = _grads_with_upstream(upstream, True, monkeypatch, dtype, head)
+        late = _grads_with_upstream(upstream, False, monkeypatch, dtype, head)
+        for a, b in zip(early, late):
+            scale = b.float().abs().max().item()
+            tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+            assert (a.float() - b.float()).abs().max().item() <= tol * scale, (upstream, head, dtype)
+
+
+def test_when_the_forward_forms_the_gradient():
+    """fused.grad_in_forward: only a training step of a reduced loss on a GEMM head, with only the features
+    or class weights requiring grad, on a kernel that has the op."""
+    from fused_margin import fused
+    from fused_margin.spec import LossTables, MarginLossSpec
+
+    kernel = extension.row_kernel("cpu")
+    spec = MarginLossSpec(head="cosine")
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(10, 8)
+    tables = LossTables()
+    assert fused.grad_in_forward(kernel, spec, x, w, None, tables)
+    assert not fused.grad_in_forward(kernel._replace(forward_backward=None), spec, x, w, None, tables)
+    assert not fused.grad_in_forward(kernel, MarginLossSpec(head="cosine", reduction="none"), x, w, None, tables)
+    assert not fused.grad_in_forward(kernel, MarginLossSpec(head="logits"), x, None, None, tables)
+    assert not fused.grad_in_forward(kernel, spec, x.detach(), w, None, tables)
+    assert not fused.grad_in_forward(kernel, spec, x, w, torch.zeros(10, requires_grad=True), tables)
+    assert not fused.grad_in_forward(kernel, spec, x, w, None, LossTables(logit_offset=torch.zeros(10, requires_grad=True)))
+    assert not fused.grad_in_forward(kernel, spec, x, w, None, LossTables(beta=torch.zeros(10)))
+    with torch.no_grad():
+        assert not fused.grad_in_forward(kernel, spec, x, w, None, tables)
+    seen = []
+    torch.func.grad(lambda v: seen.append(fused.grad_in_forward(kernel, spec, v, w, None, tables)) or v.sum())(x)
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODULES))
 def test_modules_match_reference(name, device):
@@ -283,6 +381,32 @@ def test_project_rows_is_one_fp32_multiply_add_rounded_once(dtype):
     torch.testing.assert_close(extension.row_kernel("cpu").project(grad.clone(), v, coef),
                                grad.clone().addcmul_(v, coef[:, None]), rtol=torch.finfo(dtype).eps, atol=1e-6)
     torch.library.opcheck(OPS.project_rows_.default, (grad.clone(), v, coef))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
+    """grad_i - proj_i (grad_i . v_i) v_i with the dot of grad's own (rounded) values in fp32 and one rounding:
+    after it, the rows are orthogonal to v to the output's rounding, however large the radial part was
+    (a gradient mostly along x: the case where a coefficient from dL/draw before its rounding leaves a
+    radial residual of the GEMM's rounding); proj 0 (a norm below eps) leaves the row as it is."""
+    g = _gen(12)
+    v = torch.randn(37, 45, generator=g).to(dtype)
+    tangent = torch.randn(37, 45, generator=g)
+    grad = (30.0 * v.float() + tangent).to(dtype)  # mostly radial
+    norms = v.float().norm(dim=1)
+    proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms ** 2)
+    want = grad.double() - (proj.double() * (grad.double() * v.double()).sum(1))[:, None] * v.double()
+    got = grad.clone()
+    OPS.project_out_rows_(got, v, proj)
+    assert torch.equal(got[3], grad[3]) and torch.equal(got[10], grad[10])
+    eps = torch.finfo(dtype).eps
+    assert ((got.double() - want).abs().max() <= 2 * eps * want.abs().max() + 1e-5 * eps * 30 * v.double().abs().max())
+    # the radial residual: the output's rounding (eps |out| per element), and fp32's of the dot (of the input)
+    radial = (got.double() * v.double()).sum(1) / norms.double()
+    kept = proj != 0
+    bound = 2 * eps * got.double().norm(dim=1) * 45 ** 0.5 + 8 * 2 ** -24 * grad.double().norm(dim=1)
+    assert (radial[kept].abs() <= bound[kept]).all()
+    torch.library.opcheck(OPS.project_out_rows_.default, (grad.clone(), v, proj))
 
 
 def test_opcheck():

@@ -119,12 +119,39 @@ def _big(ops):
 def test_only_the_gemms_the_row_kernels_and_the_norms_touch_big_tensors(backend):
     """DBM-BS (cosine head): besides the three GEMMs and the two row kernels, one norm pass reads W and one
     in-place op applies the normalisation's projection to dW (``addcmul_``; the C++ CPU backend's own
-    ``project_rows_``); no other op touches B x C or C x D."""
+    ``project_out_rows_``, which forms the coefficient from dW itself); no other op touches B x C or C x D."""
     prefix = "fused_margin.triton_" if backend == "triton" else "fused_margin."
-    project = "fused_margin.project_rows_" if backend == "cpu" else "aten.addcmul_"
-    want = {"aten.mm": 3, prefix + "row_forward": 1, prefix + "row_backward": 1, prefix + "row_norms": 1,
-            project: 1}
+    project = "fused_margin.project_out_rows_" if backend == "cpu" else "aten.addcmul_"
+    # the C++ CPU kernel forms dL/draw in its forward (row_forward_backward): one row op instead of two
+    rows = ({prefix + "row_forward_backward": 1} if backend == "cpu"
+            else {prefix + "row_forward": 1, prefix + "row_backward": 1})
+    want = {"aten.mm": 3, **rows, prefix + "row_norms": 1, project: 1}
     assert _big(_log("dbm-bs", backend)) == want
+
+
+def test_the_cpu_step_needs_one_class_matrix_less_when_the_forward_forms_the_gradient(monkeypatch):
+    """With fused.GRAD_IN_FORWARD (the default), the cpu backend's forward writes dL/draw over the GEMM output,
+    so a step's peak memory (torch.profiler's allocation events, as the benchmark measures it) is one
+    B x C fp32 buffer lower than with the separate row backward, which allocates dL/draw anew."""
+    from fused_margin import fused
+    from fused_margin.bench.cases import InputSet
+    from fused_margin.bench.measure import Op, peak_extra_mib
+
+    if backends.available_backends("cpu")["cpu"] != "ok":
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(0)
+    module = fm.DBMLoss(class_counts=torch.randint(1, 500, (C,), generator=g), variant="bs", backend="cpu",
+                        class_chunk="off")
+    inputs = [InputSet(torch.randn(B, D, generator=g, requires_grad=True),
+                       torch.randn(C, D, generator=g, requires_grad=True), torch.randint(0, C, (B,), generator=g))]
+    op = Op("fwdbwd", inputs, lambda x, w, y: module(x, y, w))
+    peaks = {}
+    for flag in (True, False):
+        monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+        op.run(0, None)  # warm: table checks
+        peaks[flag] = peak_extra_mib(op, torch.device("cpu"))
+    class_matrix = B * fused.padded_classes(C) * 4 / 2**20
+    assert peaks[False] - peaks[True] == pytest.approx(class_matrix, rel=0.05), peaks
 
 
 def test_the_big_tensor_check_sees_an_eager_pass():
