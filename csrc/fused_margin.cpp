@@ -62,6 +62,7 @@ void check_labels(const Tensor& target, int64_t cols, int64_t ignore_index) {
 struct CpuKernels {
   cpu::RowForwardFn forward;
   cpu::RowBackwardFn backward;
+  cpu::RowForwardBackwardFn forward_backward;
   cpu::RowNormsFn norms;
   cpu::ProjectFn project;
   const char* name;
@@ -71,15 +72,18 @@ CpuKernels select_cpu_kernels() {
 #if defined(FUSED_MARGIN_HAVE_ISA_KERNELS)
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512" && cpu::AVX512::vector_width() > 0) {
-    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, cpu::AVX512::row_norms,
+    return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, cpu::AVX512::row_forward_backward,
+            cpu::AVX512::row_norms,
             cpu::AVX512::project_rows, "AVX512"};
   }
   if ((capability == "AVX512" || capability == "AVX2") && cpu::AVX2::vector_width() > 0) {
-    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, cpu::AVX2::row_norms,
+    return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, cpu::AVX2::row_forward_backward,
+            cpu::AVX2::row_norms,
             cpu::AVX2::project_rows, "AVX2"};
   }
 #endif
-  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, cpu::DEFAULT::row_norms,
+  return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, cpu::DEFAULT::row_forward_backward,
+            cpu::DEFAULT::row_norms,
             cpu::DEFAULT::project_rows, "DEFAULT"};
 }
 
@@ -208,7 +212,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
 // The forward and, on each row right after its forward (the row still in cache), dL/draw written over raw in
 // place and the sums of row_backward, for the upstream gradient 1 of the reduced loss (``mean``: 1 / denom
 // a row): what a training step's backward needs, formed in one pass over the rows (fused.py multiplies by
-// the actual upstream gradient when it is not 1). reduction must be mean or sum, raw row-major.
+// the actual upstream gradient when it is not 1). reduction must be mean or sum, raw row-major. Without
+// sums (no row_proj/col_proj) each row's p_j reuses the logsumexp's exp(l_j - m_c) (m_c: the max of j's
+// chunk) times exp(m_c - lse): one exponential a chunk, and no second read of raw.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_backward_cpu(
     const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
     const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
@@ -242,7 +248,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     bargs.weight_sum = bwd.class_weight.sum().item<float>();
   }
   // whole rows, in row blocks of kBackwardRowBlock when the column sums are formed, each row's backward in
-  // the column blocks of row_backward_cpu: the same partial sums in the same order, so the same bits
+  // the column blocks of row_backward_cpu (the same partial sums in the same order); without sums, from the
+  // forward's exponentials where the row allows it (row_kernel_cpu.h row_forward_backward_typed)
   const int64_t task_rows = bwd.col_sums ? kBackwardRowBlock : 1;
   const int64_t row_blocks = (rows + task_rows - 1) / task_rows;
   const int64_t blocks = std::max<int64_t>(1, (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock);
@@ -250,19 +257,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   bargs.col_block_width = kBackwardColumnBlock;
   bargs.row_block = task_rows;
   if (rows > 0 && cols > 0) {
-    const cpu::RowForwardFn forward = cpu_kernels().forward;
-    const cpu::RowBackwardFn backward = cpu_kernels().backward;
+    const cpu::RowForwardBackwardFn kernel = cpu_kernels().forward_backward;
     const int64_t grain = std::max<int64_t>(1, row_grain(cols) / task_rows);
     at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t rb = begin; rb < end; ++rb) {
-        const int64_t r1 = std::min(rows, (rb + 1) * task_rows);
-        for (int64_t i = rb * task_rows; i < r1; ++i) {
-          forward(fargs, i, i + 1);
-          for (int64_t c0 = 0; c0 < cols; c0 += kBackwardColumnBlock) {
-            backward(bargs, i, i + 1, c0, std::min(cols, c0 + kBackwardColumnBlock));
-          }
-        }
-      }
+      kernel(fargs, bargs, begin * task_rows, std::min(rows, end * task_rows));
     });
   }
   reduce_loss_cpu(fwd);

@@ -173,6 +173,9 @@ struct ProjectArgs {
 using ProjectFn = void (*)(const ProjectArgs&, int64_t begin, int64_t end);
 using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,
                                int64_t col_begin, int64_t col_end);
+// Rows [begin, end): each row's forward, then its backward (scale_grad) over all columns in column blocks
+// of col_block_width, from the forward's exps where the row allows it (no sums asked for, finite chunks).
+using RowForwardBackwardFn = void (*)(const RowForwardArgs&, const RowBackwardArgs&, int64_t begin, int64_t end);
 
 // One definition per instruction set, each in its own translation unit (see setup.py).
 #define FUSED_MARGIN_DECLARE_CPU_KERNELS(ISA)                                                     \
@@ -180,6 +183,8 @@ using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_
   void row_forward(const RowForwardArgs& args, int64_t begin, int64_t end);                       \
   void row_backward(const RowBackwardArgs& args, int64_t row_begin, int64_t row_end,              \
                     int64_t col_begin, int64_t col_end);                                          \
+  void row_forward_backward(const RowForwardArgs& fargs, const RowBackwardArgs& bargs, int64_t begin, \
+                            int64_t end);                                                         \
   void row_norms(const RowNormsArgs& args, int64_t begin, int64_t end);                           \
   void project_rows(const ProjectArgs& args, int64_t begin, int64_t end);                         \
   int vector_width();                                                                             \

@@ -40,6 +40,9 @@ void row_forward(const RowForwardArgs& a, int64_t begin, int64_t end) { DEFAULT:
 void row_backward(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   DEFAULT::row_backward(a, r0, r1, c0, c1);
 }
+void row_forward_backward(const RowForwardArgs& fa, const RowBackwardArgs& ba, int64_t begin, int64_t end) {
+  DEFAULT::row_forward_backward(fa, ba, begin, end);
+}
 void row_norms(const RowNormsArgs& a, int64_t begin, int64_t end) { DEFAULT::row_norms(a, begin, end); }
 void project_rows(const ProjectArgs& a, int64_t begin, int64_t end) { DEFAULT::project_rows(a, begin, end); }
 int vector_width() { return 0; }
@@ -55,6 +58,7 @@ int vector_width() { return 0; }
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "row_kernel.h"
 #include "row_math.h"
@@ -198,14 +202,17 @@ void forward_rescan_argmax(const RowView<T>& row, int64_t cols, int64_t y, bool 
 
 // Adds buf[k0, k1), non-target logits of a chunk, to chunk (row_math.h LseState) whose max is already
 // set: exp(l - shift) to its sum and, with smoothing, w_j (shift - l) to its deviation sum.
+// With store, each exp(l - shift) is also written to store[k] (the forward-with-gradient's row buffer).
 inline void chunk_accumulate(LseState& chunk, const float* buf, int64_t k0, int64_t k1, float shift,
-                             const float* weight, bool smoothing, bool exact) {
+                             const float* weight, bool smoothing, bool exact, float* store = nullptr) {
   const Vec vshift(shift);
   Vec vsum(0.f), vdev(0.f), vweight(0.f);
   int64_t k = k0;
   for (; k + kVec <= k1; k += kVec) {
     const Vec l = Vec::loadu(buf + k);
-    vsum = vsum + exp_of(l - vshift, exact);
+    const Vec e = exp_of(l - vshift, exact);
+    vsum = vsum + e;
+    if (store) e.store(store + k);
     if (smoothing) {
       const Vec w = weight ? Vec::loadu(weight + k) : Vec(1.f);
       vdev = vdev + w * (vshift - l);
@@ -218,7 +225,9 @@ inline void chunk_accumulate(LseState& chunk, const float* buf, int64_t k0, int6
     total_weight = horizontal_sum(vweight);
   }
   for (; k < k1; ++k) {
-    sum += std::exp(buf[k] - shift);
+    const float e = std::exp(buf[k] - shift);
+    sum += e;
+    if (store) store[k] = e;
     if (smoothing) {
       const float w = weight ? weight[k] : 1.f;
       dev += w * (shift - buf[k]);
@@ -230,8 +239,12 @@ inline void chunk_accumulate(LseState& chunk, const float* buf, int64_t k0, int6
   chunk.weight += total_weight;
 }
 
+// The forward of row i. With exps (cols floats) and shifts (one a chunk of kChunk columns), it also keeps
+// exp(l_j - shift_c) of every non-target column and each chunk's shift, and returns whether they give the
+// row's p_j = exps_j exp(shift_c - lse) (a kept row whose chunks and lse are finite): the exps of the
+// logsumexp, reused by backward_row_from_exps instead of recomputed.
 template <typename T>
-void forward_row(const RowForwardArgs& a, int64_t i) {
+bool forward_row(const RowForwardArgs& a, int64_t i, float* exps = nullptr, float* shifts = nullptr) {
   const int64_t cols = a.cols;
   const RowView<T> row{a, static_cast<const T*>(a.raw) + i * a.raw_stride, a.row_scale != nullptr,
                        a.row_scale ? a.row_scale[i] : 1.f};
@@ -252,6 +265,7 @@ void forward_row(const RowForwardArgs& a, int64_t i) {
   Argmax best{-kInf, -1}, wrong{-kInf, -1};
   LseState state = lse_empty();
   float c = kNaN;
+  bool exps_ok = exps != nullptr && kept;
 
   for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
     const int64_t n = std::min(kChunk, cols - j0);
@@ -310,16 +324,20 @@ void forward_row(const RowForwardArgs& a, int64_t i) {
     LseState chunk{chunk_max, 0.f, 0.f, 0.f};
     if (is_nan(chunk_max)) {
       chunk.sum = kNaN;
+      exps_ok = false;
     } else {
       const float shift = lse_shift(chunk_max);
       const float* weight = a.class_weight ? a.class_weight + j0 : nullptr;
       const bool exact = chunk_max == kInf;
+      exps_ok = exps_ok && !exact;
+      float* store = exps_ok ? exps + j0 : nullptr;
+      if (store) shifts[j0 / kChunk] = shift;
       const int64_t skip = special - j0;  // the target column, outside the smoothing sum
       if (skip >= 0 && skip < n) {
-        chunk_accumulate(chunk, buf, 0, skip, shift, weight, smoothing, exact);
-        chunk_accumulate(chunk, buf, skip + 1, n, shift, weight, smoothing, exact);
+        chunk_accumulate(chunk, buf, 0, skip, shift, weight, smoothing, exact, store);
+        chunk_accumulate(chunk, buf, skip + 1, n, shift, weight, smoothing, exact, store);
       } else {
-        chunk_accumulate(chunk, buf, 0, n, shift, weight, smoothing, exact);
+        chunk_accumulate(chunk, buf, 0, n, shift, weight, smoothing, exact, store);
       }
     }
     state = lse_merge(state, chunk);
@@ -329,6 +347,7 @@ void forward_row(const RowForwardArgs& a, int64_t i) {
     forward_rescan_argmax(row, cols, y, track_wrong, best, wrong);
   }
   finish_forward_row(a, i, kept, y, c, best.index, wrong.index, track_wrong, state, smoothing);
+  return exps_ok && is_finite(a.lse[i]);
 }
 
 // G (or dL/draw with scale_grad) for rows [r0, r1), columns [c0, c1): one task of row_backward_cpu's grid
@@ -453,6 +472,59 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
   }
 }
 
+// dL/draw of row i (scale_grad, no sums) from the forward's exps: p_j = exps_j exp(shift_c - lse) for the
+// chunk c of column j, one exp a chunk instead of one an element, and no read of raw. The per-row
+// coefficients are backward_block's.
+template <typename T>
+void backward_row_from_exps(const RowBackwardArgs& a, int64_t i, const float* exps, const float* shifts) {
+  const int64_t cols = a.cols;
+  const float* col_scale = a.col_scale;
+  const float* weight = a.class_weight;
+  const float eps = a.label_smoothing;
+  const float eps_per_class = eps / static_cast<float>(cols);
+  T* out = static_cast<T*>(a.grad) + i * a.grad_stride;
+  const int64_t y = a.target[i];
+  const bool has_row_scale = a.row_scale != nullptr;
+  const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
+  const float g = row_upstream_grad(a, i);
+  const float lse = a.lse[i];
+  const float w_y = weight ? weight[y] : 1.f;
+  const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * a.scale;
+  const float w_coef = g * eps_per_class * a.scale;
+  const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
+  const float g_y = dl_y * a.target_grad[i];
+  const Vec vrow_scale(row_scale), vw(w_coef);
+  alignas(64) float lanes[kVec];
+  for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+    const int64_t j1 = std::min(cols, j0 + kChunk);
+    const float factor = p_coef * std::exp(shifts[j0 / kChunk] - lse);
+    const Vec vf(factor);
+    auto element = [&](int64_t j) {
+      float grad = factor * exps[j];
+      if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
+      if (j == y) grad = g_y;
+      float o = grad;
+      if (has_row_scale) o = o * row_scale;
+      if (col_scale) o = o * col_scale[j];
+      out[j] = static_cast<T>(o);
+    };
+    int64_t j = j0;
+    for (; j + kVec <= j1; j += kVec) {
+      Vec grad = vf * Vec::loadu(exps + j);
+      if (w_coef != 0.f) grad = grad - vw * (weight ? Vec::loadu(weight + j) : Vec(1.f));
+      if (y >= j && y < j + kVec) {
+        grad.store(lanes);
+        lanes[y - j] = g_y;
+        grad = Vec::loadu(lanes);
+      }
+      if (has_row_scale) grad = grad * vrow_scale;
+      if (col_scale) grad = grad * Vec::loadu(col_scale + j);
+      store_float(out + j, grad);
+    }
+    for (; j < j1; ++j) element(j);
+  }
+}
+
 template <typename T>
 void row_forward_typed(const RowForwardArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) forward_row<T>(a, i);
@@ -464,6 +536,23 @@ void row_backward_out(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t 
     backward_block<T, Out, true>(a, r0, r1, c0, c1);
   } else {
     backward_block<T, Out, false>(a, r0, r1, c0, c1);
+  }
+}
+
+template <typename T>
+void row_forward_backward_typed(const RowForwardArgs& fa, const RowBackwardArgs& ba, int64_t begin, int64_t end) {
+  const int64_t cols = fa.cols;
+  // the exps are reused when no sums are asked for (the sums read raw, which the gradient overwrites)
+  const bool reuse = ba.row_dot == nullptr && ba.col_partials == nullptr && ba.scale_grad;
+  std::vector<float> exps(reuse ? cols : 0), shifts(reuse ? (cols + kChunk - 1) / kChunk : 0);
+  for (int64_t i = begin; i < end; ++i) {
+    if (forward_row<T>(fa, i, reuse ? exps.data() : nullptr, reuse ? shifts.data() : nullptr)) {
+      backward_row_from_exps<T>(ba, i, exps.data(), shifts.data());
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < cols; c0 += ba.col_block_width) {
+      row_backward_out<T, T>(ba, i, i + 1, c0, std::min(cols, c0 + ba.col_block_width));
+    }
   }
 }
 
@@ -481,6 +570,14 @@ void row_forward(const RowForwardArgs& a, int64_t begin, int64_t end) {
     case RawType::Float: return row_forward_typed<float>(a, begin, end);
     case RawType::BFloat16: return row_forward_typed<c10::BFloat16>(a, begin, end);
     case RawType::Half: return row_forward_typed<c10::Half>(a, begin, end);
+  }
+}
+
+void row_forward_backward(const RowForwardArgs& fa, const RowBackwardArgs& ba, int64_t begin, int64_t end) {
+  switch (fa.raw_type) {
+    case RawType::Float: return row_forward_backward_typed<float>(fa, ba, begin, end);
+    case RawType::BFloat16: return row_forward_backward_typed<c10::BFloat16>(fa, ba, begin, end);
+    case RawType::Half: return row_forward_backward_typed<c10::Half>(fa, ba, begin, end);
   }
 }
 

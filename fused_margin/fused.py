@@ -52,8 +52,9 @@ target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU kernel has it)
 
     the forward and, on each row right after it (the row still in cache), the backward for the upstream
     gradient 1 of the reduced loss (``reduction`` mean or sum): ``dL/draw`` (``scale_grad``) overwrites
-    ``raw`` in place (no second B x C buffer, no second pass over ``raw``) and ``row_coef``/``col_coef``
-    are the backward's sums (empty without ``row_proj``/``col_proj``). :func:`fused_margin_cross_entropy`
+    ``raw`` in place (no second B x C buffer, no second pass over ``raw``; the C++ kernel reuses the
+    logsumexp's exponentials, so the gradient agrees with ``backward``'s to the rounding of ``p``) and
+    ``row_coef``/``col_coef`` are the backward's sums (empty without ``row_proj``/``col_proj``). :func:`fused_margin_cross_entropy`
     takes it for a training step (grad enabled, features or weights requiring grad, no other input
     requiring grad, not under ``torch.compile`` or a ``torch.func`` transform; :data:`GRAD_IN_FORWARD`) and
     multiplies by the actual upstream gradient in the backward when it is not 1.

@@ -93,9 +93,12 @@ def test_matches_reference_fp32_with_the_separate_row_backward(name, monkeypatch
 @pytest.mark.parametrize("dtype", (torch.float32,) + tuple(LOW_PRECISION), ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkeypatch):
-    """For a reduced loss (mean or sum), the gradients and outputs of the forward that forms dL/draw are
-    bit for bit those of the separate row backward: the same per-element math, the same partial sums in
-    the same order (the separate path is checked against the reference above, every dtype)."""
+    """For a reduced loss (mean or sum), the forward that forms dL/draw gives the separate path's forward
+    outputs bit for bit, and its gradients to the rounding of p_j: it reuses the logsumexp's exps,
+    p_j = exp(l_j - m_c) exp(m_c - lse) for the max m_c of j's chunk, where the row backward computes
+    exp(l_j - lse) (fp32: within 1e-5 of the largest gradient; bf16/fp16: two units of the dtype's
+    rounding of it, dL/draw being rounded to the dtype before the GEMMs). The separate path is checked
+    against the reference above, in every dtype."""
     from fused_margin import fused
 
     options = dict(CASES[name])
@@ -107,9 +110,15 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     for flag in (True, False):
         monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
         runs[flag] = kernel_cases.evaluate(case, "cpu", dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     for key, value in runs[False].items():
-        assert torch.equal(runs[True][key], value) or (value.is_floating_point() and torch.equal(
-            runs[True][key].isnan(), value.isnan()) and torch.equal(runs[True][key].nan_to_num(), value.nan_to_num())), key
+        got = runs[True][key]
+        if not key.startswith("grad_"):
+            assert torch.equal(got.nan_to_num(), value.nan_to_num()) and torch.equal(got.isnan(), value.isnan()), key
+            continue
+        assert torch.equal(got.isnan(), value.isnan()), key
+        got, value = got.double().nan_to_num(), value.double().nan_to_num()
+        assert (got - value).abs().max() <= tol * value.abs().max() + 1e-30, key
 
 
 def _grads_with_upstream(upstream, flag, monkeypatch, dtype, head, bias=False):
