@@ -118,10 +118,10 @@ def _big(ops):
 @pytest.mark.parametrize("backend", _backends())
 def test_only_the_gemms_the_row_kernels_and_the_norms_touch_big_tensors(backend):
     """DBM-BS (cosine head): besides the three GEMMs and the two row kernels, one norm pass reads W and one
-    in-place op applies the normalisation's projection to dW (``addcmul_``; the C++ CPU backend's own
-    ``project_out_rows_``, which forms the coefficient from dW itself); no other op touches B x C or C x D."""
+    in-place op applies the normalisation's projection to dW (``project_out_rows_``, C++ or Triton, which
+    forms its coefficient from dW itself); no other op touches B x C or C x D."""
     prefix = "fused_margin.triton_" if backend == "triton" else "fused_margin."
-    project = "fused_margin.project_out_rows_" if backend == "cpu" else "aten.addcmul_"
+    project = "fused_margin.project_out_rows_" if backend == "cpu" else "fused_margin.triton_project_out_rows_"
     # the C++ CPU kernel forms dL/draw in its forward (row_forward_backward): one row op instead of two
     rows = ({prefix + "row_forward_backward": 1} if backend == "cpu"
             else {prefix + "row_forward": 1, prefix + "row_backward": 1})

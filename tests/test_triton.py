@@ -405,6 +405,32 @@ def test_ops_are_registered_and_pass_opcheck():
                      (torch.ops.fused_margin.triton_row_backward.default, _op_args(False)[1]),
                      (torch.ops.fused_margin.triton_row_norms.default, (forward[0], 1e-12))):
         torch.library.opcheck(op, args)  # schema, fake kernel, autograd registration, AOT dispatch
+    grad = torch.randn(5, 37, device=DEVICE)
+    torch.library.opcheck(torch.ops.fused_margin.triton_project_out_rows_.default,
+                          (grad, torch.randn(5, 37, device=DEVICE), torch.rand(5, device=DEVICE)))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
+    """The Triton projection: grad_i - proj_i (grad_i . v_i) v_i, the dot of grad's rounded values in fp32,
+    one rounding; on a mostly radial input the rows end orthogonal to v to the output's rounding; rows with
+    proj 0 unchanged (cols not a multiple of the block, rows not of the row block)."""
+    from fused_margin.triton.norms import project_out
+
+    g = _gen(12)
+    v = torch.randn(37, 300, generator=g).to(dtype)
+    grad = (30.0 * v.float() + torch.randn(37, 300, generator=g)).to(dtype)
+    norms = v.float().norm(dim=1)
+    proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms ** 2)
+    want = grad.double() - (proj.double() * (grad.double() * v.double()).sum(1))[:, None] * v.double()
+    got = project_out(grad.clone().to(DEVICE), v.to(DEVICE), proj.to(DEVICE)).cpu()
+    assert torch.equal(got[3], grad[3]) and torch.equal(got[10], grad[10])
+    eps = torch.finfo(dtype).eps
+    assert (got.double() - want).abs().max() <= 2 * eps * want.abs().max() + 1e-4 * eps * grad.double().abs().max()
+    radial = (got.double() * v.double()).sum(1) / norms.double()
+    bound = 2 * eps * got.double().norm(dim=1) * 300 ** 0.5 + 8 * 2 ** -24 * grad.double().norm(dim=1) * 300 ** 0.5
+    kept = proj != 0
+    assert (radial[kept].abs() <= bound[kept]).all()
 
 
 _COEXIST_CHECK = """
@@ -439,7 +465,7 @@ _SM90_COMPILE = r"""
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from fused_margin.triton._common import LAUNCH_OPTIONS
-from fused_margin.triton.norms import _row_norms_kernel
+from fused_margin.triton.norms import _project_out_kernel, _row_norms_kernel
 from fused_margin.triton.row_backward import _backward_sums_kernel, _row_backward_kernel
 from fused_margin.triton.row_forward import _reduce_rows_kernel, _row_forward_kernel
 
@@ -473,6 +499,8 @@ for raw, on, margin_type, fold in (("*bf16", True, 1, 1), ("*fp32", False, 1, 0)
                      STRAIGHT_THROUGH=not on, SMOOTHING=on, BLOCK=2048)
     build(_row_forward_kernel, {"raw_ptr": raw}, constants, 8)
     build(_row_norms_kernel, {"x_ptr": raw}, dict(ROWS=16, BLOCK=256), 4)
+    build(_project_out_kernel, {"grad_ptr": raw, "v_ptr": raw, "grad_stride": "i32", "v_stride": "i32"},
+          dict(ROWS=16, BLOCK=256), 4)
 for weight in (True, False):
     build(_reduce_rows_kernel, {}, dict(MEAN=weight, HAS_WEIGHT=weight, BLOCK=1024), 4)
     build(_backward_sums_kernel, {}, dict(HAS_ROW_SCALE=weight, HAS_COL_SCALE=weight, ROW_COEF=True,

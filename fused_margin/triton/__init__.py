@@ -4,20 +4,22 @@ The row-kernel contract of :mod:`fused_margin.fused` (stated in eager torch by
 :mod:`fused_margin.row_torch`), one op a file: :func:`row_forward` (one pass per row: argmax, online
 logsumexp, target margin, loss row; then one program for the reduction and the label check),
 :func:`row_backward` (``dL/dz'`` from the saved row statistics, with the row and column sums finished by
-a second small kernel) and :func:`row_norms` (the cosine head's norms). All are ``torch.library``
-custom ops (``fused_margin::triton_row_forward``, ``triton_row_backward``, ``triton_row_norms``) with
-fake kernels, so ``torch.compile`` traces through them.
+a second small kernel), :func:`row_norms` (the cosine head's norms) and the projection
+:func:`~fused_margin.triton.norms.project_out_rows_` (its coefficient from the GEMM output). All are
+``torch.library`` custom ops (``fused_margin::triton_row_forward``, ``triton_row_backward``,
+``triton_row_norms``, ``triton_project_out_rows_``) with fake kernels, so ``torch.compile`` traces
+through them.
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 import os
 
 from ..fused import RowKernel
 from ._common import max_block
-from .norms import row_norms
+from .norms import project_out, row_norms
 from .row_backward import row_backward
 from .row_forward import row_forward
 
-ROW_KERNEL = RowKernel("triton", row_forward, row_backward, row_norms)
+ROW_KERNEL = RowKernel("triton", row_forward, row_backward, row_norms, project_out=project_out)
 
 #: Triton picks compiled or interpreted kernels when they are decorated, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

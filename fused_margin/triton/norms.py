@@ -60,3 +60,67 @@ def row_norms(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor, 
 @row_norms.register_fake
 def _row_norms_fake(x, eps):
     return _empty(x)
+
+
+@triton.jit
+def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, rows, cols,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = idx < rows
+    idx64 = idx.to(tl.int64)
+    dot = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    start = 0
+    while start < cols:  # the dot of the row's own (rounded) values with v, in fp32
+        offs = start + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (offs < cols)[None, :]
+        g = tl.load(grad_ptr + idx64[:, None] * grad_stride + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + idx64[:, None] * v_stride + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += g * v
+        start += BLOCK
+    proj = tl.load(proj_ptr + idx, mask=row_mask, other=0.0)
+    coef = tl.where(proj == 0.0, 0.0, -(proj * tl.sum(dot, axis=1)))  # proj 0 (a norm below eps): unchanged
+    start = 0
+    while start < cols:
+        offs = start + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (offs < cols)[None, :]
+        ptrs = grad_ptr + idx64[:, None] * grad_stride + offs[None, :]
+        g = tl.load(ptrs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx64[:, None] * v_stride + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (g.to(tl.float32) + coef[:, None] * v).to(g.dtype), mask=mask)
+        start += BLOCK
+
+
+@torch.library.custom_op("fused_margin::triton_project_out_rows_", mutates_args=("grad",))
+def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor) -> None:
+    """``grad_i -= proj_i (grad_i . v_i) v_i`` in place: the cosine head's projection with its coefficient
+    formed from the GEMM output itself (the fp32 dot of its rounded values; fp32 update, one rounding), so
+    the radial part cancels to the final rounding. Rows with ``proj_i = 0`` stay as they are."""
+    if grad.dim() != 2 or v.shape != grad.shape or grad.dtype not in _FUSED_DTYPES or v.dtype != grad.dtype:
+        raise ValueError(f"grad and v must be 2-D float16, bfloat16 or float32 of one shape and dtype, got "
+                         f"{grad.dtype} {tuple(grad.shape)} and {v.dtype} {tuple(v.shape)}")
+    if grad.stride(1) != 1 or v.stride(1) != 1:
+        raise ValueError("grad and v must have unit column stride")
+    if proj.shape != (grad.shape[0],):
+        raise ValueError(f"proj must have {grad.shape[0]} entries, got shape {tuple(proj.shape)}")
+    rows, cols = grad.shape
+    if rows == 0 or cols == 0:
+        return
+    proj32 = proj.to(torch.float32).contiguous()
+    block = min(triton.next_power_of_2(cols), 256)
+    row_block = 16
+    with launch_device(grad):
+        _project_out_kernel[(triton.cdiv(rows, row_block),)](
+            grad, grad.stride(0), v, v.stride(0), proj32, rows, cols, ROWS=row_block, BLOCK=block, num_warps=4,
+            **LAUNCH_OPTIONS)
+
+
+@project_out_rows_.register_fake
+def _project_out_rows_fake(grad, v, proj):
+    return None
+
+
+def project_out(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """:func:`project_out_rows_` returning ``grad`` (``RowKernel.project_out``); ``v`` made contiguous (a
+    no-op for the usual contiguous operands; the GEMM outputs ``grad`` are)."""
+    project_out_rows_(grad, v.contiguous(), proj)
+    return grad
