@@ -350,6 +350,23 @@ bool forward_row(const RowForwardArgs& a, int64_t i, float* exps = nullptr, floa
   return exps_ok && is_finite(a.lse[i]);
 }
 
+// The per-row coefficients of the backward (row i kept): off the target dl_j = g ((1 - eps) w_y p_j +
+// eps / C (sum(w) p_j - w_j)) and G_j = s dl_j = p_coef p_j - w_coef w_j; on it dl_y from the precise nll
+// and G_y = (dt/dz'_y) dl_y (g_y).
+struct RowGradCoefs {
+  float p_coef, w_coef, dl_y, g_y;
+};
+
+inline RowGradCoefs row_grad_coefs(const RowBackwardArgs& a, int64_t i, int64_t y) {
+  const float eps = a.label_smoothing;
+  const float eps_per_class = eps / static_cast<float>(a.cols);
+  const float g = row_upstream_grad(a, i);
+  const float w_y = a.class_weight ? a.class_weight[y] : 1.f;
+  const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
+  return {g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * a.scale, g * eps_per_class * a.scale, dl_y,
+          dl_y * a.target_grad[i]};
+}
+
 // G (or dL/draw with scale_grad) for rows [r0, r1), columns [c0, c1): one task of row_backward_cpu's grid
 // (the rows within one row block of a.row_block rows, the columns one column block of
 // a.col_block_width), with kSums the task's share of the sums of RowBackwardArgs (row_dot, col_partials).
@@ -360,8 +377,6 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
   const float* col_shift = a.col_shift;
   const float* offset = a.logit_offset;
   const float* weight = a.class_weight;
-  const float eps = a.label_smoothing;
-  const float eps_per_class = eps / static_cast<float>(cols);
   const int64_t col_block = kSums ? c0 / a.col_block_width : 0;
   float* col_g = nullptr;  // null unless a.col_sum_grad
   float* col_graw = nullptr;
@@ -388,16 +403,10 @@ void backward_block(const RowBackwardArgs& a, int64_t r0, int64_t r1, int64_t c0
     const float* pair = a.pair_perturbation ? a.pair_perturbation + i * cols : nullptr;
     const bool has_row_scale = a.row_scale != nullptr;
     const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
-    const float g = row_upstream_grad(a, i);
     const float lse = a.lse[i];
-    const float w_y = weight ? weight[y] : 1.f;
-    // off the target dl_j = g ((1 - eps) w_y p_j + eps / C (sum(w) p_j - w_j)) and G_j = s dl_j =
-    // p_coef p_j - w_coef w_j; on it dl_y from the precise nll and G_y = (dt/dz'_y) dl_y. The output is G,
-    // or G row_scale col_scale_j with scale_grad.
-    const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * a.scale;
-    const float w_coef = g * eps_per_class * a.scale;
-    const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
-    const float g_y = dl_y * a.target_grad[i];
+    // G from the row's coefficients; the output is G, or G row_scale col_scale_j with scale_grad
+    const RowGradCoefs coefs = row_grad_coefs(a, i, y);
+    const float p_coef = coefs.p_coef, w_coef = coefs.w_coef, dl_y = coefs.dl_y, g_y = coefs.g_y;
     const bool scale_row = a.scale_grad && has_row_scale;
     const bool scale_cols = a.scale_grad && col_scale != nullptr;
     const Vec vscale(a.scale), vrow_scale(row_scale), vlse(lse), vp(p_coef), vw(w_coef);
@@ -480,19 +489,13 @@ void backward_row_from_exps(const RowBackwardArgs& a, int64_t i, const float* ex
   const int64_t cols = a.cols;
   const float* col_scale = a.col_scale;
   const float* weight = a.class_weight;
-  const float eps = a.label_smoothing;
-  const float eps_per_class = eps / static_cast<float>(cols);
   T* out = static_cast<T*>(a.grad) + i * a.grad_stride;
   const int64_t y = a.target[i];
   const bool has_row_scale = a.row_scale != nullptr;
   const float row_scale = has_row_scale ? a.row_scale[i] : 1.f;
-  const float g = row_upstream_grad(a, i);
   const float lse = a.lse[i];
-  const float w_y = weight ? weight[y] : 1.f;
-  const float p_coef = g * ((1.f - eps) * w_y + eps_per_class * a.weight_sum) * a.scale;
-  const float w_coef = g * eps_per_class * a.scale;
-  const float dl_y = target_column_grad(a.nll[i], w_y, a.weight_sum, eps, eps_per_class) * g;
-  const float g_y = dl_y * a.target_grad[i];
+  const RowGradCoefs coefs = row_grad_coefs(a, i, y);
+  const float p_coef = coefs.p_coef, w_coef = coefs.w_coef, g_y = coefs.g_y;
   const Vec vrow_scale(row_scale), vw(w_coef);
   alignas(64) float lanes[kVec];
   for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
