@@ -146,6 +146,14 @@ constexpr int64_t kBackwardColumnBlock = 4096;
 // Rows per row block of the backward's column partials (their memory: kNumColumnStats x C floats a block).
 constexpr int64_t kBackwardRowBlock = 32;
 
+// sum(w) as row_torch: torch's fp32 sum of the weights (C without weights, prepare_backward's default);
+// only label smoothing uses it
+void set_weight_sum_cpu(BackwardCall& call, double label_smoothing) {
+  if (call.class_weight.defined() && label_smoothing != 0.0) {
+    call.args.weight_sum = call.class_weight.sum().item<float>();
+  }
+}
+
 // row_coef_i = -row_proj_i row_scale_i sum_j G_ij col_scale_j raw_ij from the kernels' row dots, and the
 // column sums over the row blocks' partials (col_coef, stats), in a fixed order.
 void finish_backward_sums(BackwardCall& call, int64_t row_blocks, bool col_stats) {
@@ -178,11 +186,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
   RowBackwardArgs& args = call.args;
   const int64_t rows = args.rows, cols = args.cols;
   check_labels(call.target, cols, ignore_index);
-  // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights); only label smoothing uses it
-  if (call.class_weight.defined() && label_smoothing != 0.0) {
-    args.weight_sum = call.class_weight.sum().item<float>();
-  }
-  const bool row_sums = call.row_proj.defined() && rows > 0;
+  set_weight_sum_cpu(call, label_smoothing);
   const bool col_sums = call.col_sums;
   const int64_t blocks = std::max<int64_t>(1, (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock);
   const int64_t block_cols = std::min(cols, kBackwardColumnBlock);
@@ -244,9 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                       col_proj, /*col_stats=*/false, /*in_place=*/true);
   RowBackwardArgs& bargs = bwd.args;
   const int64_t rows = bargs.rows, cols = bargs.cols;
-  if (bwd.class_weight.defined() && label_smoothing != 0.0) {
-    bargs.weight_sum = bwd.class_weight.sum().item<float>();
-  }
+  set_weight_sum_cpu(bwd, label_smoothing);
   // whole rows, in row blocks of kBackwardRowBlock when the column sums are formed, each row's backward in
   // the column blocks of row_backward_cpu (the same partial sums in the same order); without sums, from the
   // forward's exponentials where the row allows it (row_kernel_cpu.h row_forward_backward_typed)
@@ -290,35 +292,25 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cpu(const Tensor& x_in, double eps)
   return {norm, inv, proj};
 }
 
-// grad += coef[:, None] * v in place, in fp32 with one rounding (the cosine head's projection on a GEMM
-// output, docs/loss.md section 5); torch's addcmul_ with an fp32 coefficient on bf16 tensors converts
-// both operands to fp32 copies on the CPU first.
-void project_rows_impl(const Tensor& grad, const Tensor& v, const Tensor& coef, bool from_dot) {
-  TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_rows_: grad and v must be 2-D of one "
-              "shape, got ", grad.sizes(), " and ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_rows_: v must have grad's dtype ",
+// grad_i -= proj_i (grad_i . v_i) v_i in place: the normalisation's projection on a GEMM output
+// (docs/loss.md section 5) with its coefficient formed from the output itself (fp32 dot of its rounded
+// values, fp32 update, one rounding), so the radial part cancels to the output's rounding whatever the
+// rounding of dL/draw and of the GEMM. No fp32 copies of bf16 operands (as torch's CPU addcmul_ makes).
+void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& proj) {
+  TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_out_rows_: grad and v must be "
+              "2-D of one shape, got ", grad.sizes(), " and ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_out_rows_: v must have grad's dtype ",
               grad.scalar_type(), ", got ", v.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_rows_: grad must be contiguous");
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == grad.size(0), "fused_margin project_rows_: coef must have ",
-              grad.size(0), " entries, got shape ", coef.sizes());
+  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_out_rows_: grad must be contiguous");
+  TORCH_CHECK(proj.dim() == 1 && proj.size(0) == grad.size(0), "fused_margin project_out_rows_: proj must have ",
+              grad.size(0), " entries, got shape ", proj.sizes());
   const Tensor v_c = v.contiguous();
-  const Tensor coef_c = coef.to(at::kFloat).contiguous();
+  const Tensor proj_c = proj.to(at::kFloat).contiguous();
   const cpu::ProjectArgs args{grad.mutable_data_ptr(), v_c.const_data_ptr(), raw_type_of(grad), grad.size(1),
-                              coef_c.const_data_ptr<float>(), from_dot};
+                              proj_c.const_data_ptr<float>()};
   const cpu::ProjectFn kernel = cpu_kernels().project;
   at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(grad.size(1), 1)),
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
-}
-
-void project_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& coef) {
-  project_rows_impl(grad, v, coef, /*from_dot=*/false);
-}
-
-// grad_i -= proj_i (grad_i . v_i) v_i in place: the normalisation's projection with its coefficient formed
-// from the GEMM output itself (fp32 dot of its rounded values, one rounding of the result), so the radial
-// part cancels to the output's rounding whatever the rounding of dL/draw and of the GEMM
-void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& proj) {
-  project_rows_impl(grad, v, proj, /*from_dot=*/true);
 }
 
 }  // namespace
@@ -353,9 +345,8 @@ TORCH_LIBRARY(fused_margin, m) {
       "Tensor? row_proj, Tensor? col_proj) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("row_norms(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
-  // grad += coef[:, None] * v in place, fp32 math and one rounding (the cosine head's projection)
-  m.def("project_rows_(Tensor(a!) grad, Tensor v, Tensor coef) -> ()");
-  // grad -= proj[:, None] * (grad . v) v per row in place, the dot from grad itself (fp32 math, one rounding)
+  // grad -= proj[:, None] * (grad . v) v per row in place, the dot from grad itself (fp32 math, one rounding):
+  // the cosine head's projection
   m.def("project_out_rows_(Tensor(a!) grad, Tensor v, Tensor proj) -> ()");
   // the memory-lean loss's class-block kernels (class_block.h): one chunk's partials merged into the
   // running per-row buffers in place, and one chunk's dL/draw written into `out`
@@ -376,7 +367,6 @@ TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
   m.impl("row_backward", &fused_margin::row_backward_cpu);
   m.impl("row_forward_backward", &fused_margin::row_forward_backward_cpu);
   m.impl("row_norms", &fused_margin::row_norms_cpu);
-  m.impl("project_rows_", &fused_margin::project_rows_cpu);
   m.impl("project_out_rows_", &fused_margin::project_out_rows_cpu);
   m.impl("block_partials_", &fused_margin::block::block_partials_cpu);
   m.impl("block_grad", &fused_margin::block::block_grad_cpu);

@@ -159,16 +159,16 @@ struct RowNormsArgs {
 };
 using RowNormsFn = void (*)(const RowNormsArgs&, int64_t begin, int64_t end);
 
-// The cosine head's projection on a GEMM output, in place, rows [begin, end):
-// grad_ij = round(float(grad_ij) + coef_i * float(v_ij)), in fp32 with one rounding to grad's dtype
+// The cosine head's projection on a GEMM output, in place, rows [begin, end): with c_i = -proj_i (grad_i . v_i)
+// (the dot of grad's own rounded values, in fp32; 0 where proj_i is 0),
+// grad_ij = round(float(grad_ij) + c_i * float(v_ij)), in fp32 with one rounding to grad's dtype
 // (grad and v: contiguous, of one dtype).
 struct ProjectArgs {
   void* grad;
   const void* v;
   RawType type;
   int64_t cols;
-  const float* coef;  // grad_i += coef_i v_i; with from_dot, coef is proj_i and the coefficient is
-  bool from_dot;      // -proj_i (grad_i . v_i), formed from grad itself (its rounded values, in fp32)
+  const float* proj;
 };
 using ProjectFn = void (*)(const ProjectArgs&, int64_t begin, int64_t end);
 using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,

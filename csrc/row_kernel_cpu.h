@@ -638,19 +638,17 @@ void project_rows_typed(const ProjectArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     T* grad = static_cast<T*>(a.grad) + i * cols;
     const T* v = static_cast<const T*>(a.v) + i * cols;
-    float c = a.coef[i];
-    if (a.from_dot) {  // -proj_i (grad_i . v_i): two fp32 lane sums, the lanes then merged in a fixed order
-      Vec d0(0.f), d1(0.f);
-      int64_t k = 0;
-      for (; k + 2 * kVec <= cols; k += 2 * kVec) {
-        d0 = d0 + load_float(grad + k) * load_float(v + k);
-        d1 = d1 + load_float(grad + k + kVec) * load_float(v + k + kVec);
-      }
-      for (; k + kVec <= cols; k += kVec) d0 = d0 + load_float(grad + k) * load_float(v + k);
-      float dot = horizontal_sum(d0 + d1);
-      for (; k < cols; ++k) dot = dot + static_cast<float>(grad[k]) * static_cast<float>(v[k]);
-      c = c == 0.f ? 0.f : -c * dot;
+    // c = -proj_i (grad_i . v_i): two fp32 lane sums, the lanes then merged in a fixed order
+    Vec d0(0.f), d1(0.f);
+    int64_t k = 0;
+    for (; k + 2 * kVec <= cols; k += 2 * kVec) {
+      d0 = d0 + load_float(grad + k) * load_float(v + k);
+      d1 = d1 + load_float(grad + k + kVec) * load_float(v + k + kVec);
     }
+    for (; k + kVec <= cols; k += kVec) d0 = d0 + load_float(grad + k) * load_float(v + k);
+    float dot = horizontal_sum(d0 + d1);
+    for (; k < cols; ++k) dot = dot + static_cast<float>(grad[k]) * static_cast<float>(v[k]);
+    const float c = a.proj[i] == 0.f ? 0.f : -a.proj[i] * dot;
     const Vec vc(c);
     int64_t j = 0;
     for (; j + kVec <= cols; j += kVec) store_float(grad + j, load_float(grad + j) + vc * load_float(v + j));

@@ -87,22 +87,16 @@ if _C is not None:
     torch.library.register_fake("fused_margin::row_backward")(_row_backward_fake)
     torch.library.register_fake("fused_margin::row_forward_backward")(_row_forward_backward_fake)
     torch.library.register_fake("fused_margin::row_norms")(_row_norms_fake)
-    torch.library.register_fake("fused_margin::project_rows_")(lambda grad, v, coef: None)
     torch.library.register_fake("fused_margin::project_out_rows_")(lambda grad, v, proj: None)
     _ops = torch.ops.fused_margin
-
-    def _project_rows_cpu(grad, v, coef):
-        """:func:`fused_margin.fused.project_rows_` by the C++ op (fp32 math, one rounding, no copies)."""
-        _ops.project_rows_(grad, v, coef)
-        return grad
 
     def _project_out_rows_cpu(grad, v, proj):
         """``grad_i -= proj_i (grad_i . v_i) v_i`` by the C++ op (the dot from grad in fp32, one rounding)."""
         _ops.project_out_rows_(grad, v, proj)
         return grad
 
-    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms, _project_rows_cpu,
-                            _ops.row_forward_backward, _project_out_rows_cpu)
+    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms,
+                            forward_backward=_ops.row_forward_backward, project_out=_project_out_rows_cpu)
     if cuda_built():
         _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms)
 

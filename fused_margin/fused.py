@@ -83,9 +83,9 @@ from .spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS,
 
 def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``grad += coef[:, None] v`` in place, in ``coef``'s dtype (fp32) with one rounding to ``grad``'s: the
-    cosine head's projection on a GEMM output (docs/loss.md section 5). One ``addcmul_``; the C++ CPU
-    backend has its own op (torch's CPU ``addcmul_`` of bf16 tensors with an fp32 coefficient makes fp32
-    copies of both operands first)."""
+    cosine head's projection on a GEMM output (docs/loss.md section 5), from coefficients the row kernel
+    summed. One ``addcmul_``; a backend with ``RowKernel.project_out`` (C++ CPU, Triton) forms the
+    coefficient from the GEMM output instead, in its own op."""
     return grad.addcmul_(v, coef[:, None])
 
 
