@@ -296,7 +296,10 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cpu(const Tensor& x_in, double eps)
 // (docs/loss.md section 5) with its coefficient formed from the output itself (fp32 dot of its rounded
 // values, fp32 update, one rounding), so the radial part cancels to the output's rounding whatever the
 // rounding of dL/draw and of the GEMM. No fp32 copies of bf16 operands (as torch's CPU addcmul_ makes).
-void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& proj) {
+// With scale (0-d), the result is multiplied by it before that rounding: an upstream gradient applied
+// in this pass (the projection is linear in grad) rather than in a pass of its own.
+void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& proj,
+                          const std::optional<Tensor>& scale) {
   TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_out_rows_: grad and v must be "
               "2-D of one shape, got ", grad.sizes(), " and ", v.sizes());
   TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_out_rows_: v must have grad's dtype ",
@@ -304,10 +307,13 @@ void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& pro
   TORCH_CHECK(grad.is_contiguous(), "fused_margin project_out_rows_: grad must be contiguous");
   TORCH_CHECK(proj.dim() == 1 && proj.size(0) == grad.size(0), "fused_margin project_out_rows_: proj must have ",
               grad.size(0), " entries, got shape ", proj.sizes());
+  TORCH_CHECK(!scale.has_value() || scale->numel() == 1, "fused_margin project_out_rows_: scale must hold one ",
+              "value, got shape ", scale.has_value() ? scale->sizes() : at::IntArrayRef{});
   const Tensor v_c = v.contiguous();
   const Tensor proj_c = proj.to(at::kFloat).contiguous();
+  const float factor = scale.has_value() ? scale->item<float>() : 1.f;  // a CPU tensor: no sync
   const cpu::ProjectArgs args{grad.mutable_data_ptr(), v_c.const_data_ptr(), raw_type_of(grad), grad.size(1),
-                              proj_c.const_data_ptr<float>()};
+                              proj_c.const_data_ptr<float>(), factor};
   const cpu::ProjectFn kernel = cpu_kernels().project;
   at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(grad.size(1), 1)),
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
@@ -347,7 +353,7 @@ TORCH_LIBRARY(fused_margin, m) {
   m.def("row_norms(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // grad -= proj[:, None] * (grad . v) v per row in place, the dot from grad itself (fp32 math, one rounding):
   // the cosine head's projection
-  m.def("project_out_rows_(Tensor(a!) grad, Tensor v, Tensor proj) -> ()");
+  m.def("project_out_rows_(Tensor(a!) grad, Tensor v, Tensor proj, Tensor? scale=None) -> ()");
   // the memory-lean loss's class-block kernels (class_block.h): one chunk's partials merged into the
   // running per-row buffers in place, and one chunk's dL/draw written into `out`
   m.def(

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -437,6 +438,31 @@ __global__ void row_norms_kernel(const T* x, int64_t rows, int64_t cols, float e
   }
 }
 
+// grad_i = scale (grad_i - proj_i (grad_i . v_i) v_i) in place: the cosine head's projection on a GEMM output
+// (docs/loss.md section 5) with its coefficient formed from the output itself (the fp32 dot of its rounded
+// values: lane partial sums merged by a fixed xor-shuffle tree, the same sum on every lane), fp32 update
+// and one rounding (to nearest even), so the radial part cancels to the output's rounding. One warp a
+// row, as row_norms_kernel; proj_i = 0 (a norm below eps) only scales. scale: one fp32 value on the
+// device (an upstream gradient applied in this pass), or null for 1.
+template <typename T>
+__global__ void project_out_rows_kernel(T* grad, const T* v, int64_t rows, int64_t cols, const float* proj,
+                                        const float* scale) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (i >= rows) return;  // whole warps leave together (i is the same for a warp)
+  T* g = grad + i * cols;
+  const T* w = v + i * cols;
+  float dot = 0.f;
+  for (int64_t j = lane; j < cols; j += kWarpSize) dot += static_cast<float>(g[j]) * static_cast<float>(w[j]);
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, mask);
+  const float p = proj[i];
+  const float c = p == 0.f ? 0.f : -p * dot;
+  const float s = scale == nullptr ? 1.f : *scale;
+  for (int64_t j = lane; j < cols; j += kWarpSize) {
+    g[j] = static_cast<T>((static_cast<float>(g[j]) + c * static_cast<float>(w[j])) * s);
+  }
+}
+
 int forward_threads(int64_t cols) {
   if (cols >= 16384) return kForwardThreadsLarge;
   if (cols >= 2048) return kForwardThreadsMedium;
@@ -603,6 +629,45 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cuda(const Tensor& x_in, double eps
   return {norm, inv, proj};
 }
 
+void project_out_rows_cuda(const Tensor& grad, const Tensor& v_in, const Tensor& proj_in,
+                           const std::optional<Tensor>& scale_in) {
+  TORCH_CHECK(grad.dim() == 2 && v_in.sizes() == grad.sizes(), "fused_margin project_out_rows_: grad and v must "
+              "be 2-D of one shape, got ", grad.sizes(), " and ", v_in.sizes());
+  TORCH_CHECK(v_in.scalar_type() == grad.scalar_type(), "fused_margin project_out_rows_: v must have grad's dtype ",
+              grad.scalar_type(), ", got ", v_in.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_out_rows_: grad must be contiguous");
+  TORCH_CHECK(proj_in.dim() == 1 && proj_in.size(0) == grad.size(0), "fused_margin project_out_rows_: proj must "
+              "have ", grad.size(0), " entries, got shape ", proj_in.sizes());
+  TORCH_CHECK(!scale_in.has_value() || scale_in->numel() == 1, "fused_margin project_out_rows_: scale must hold one ",
+              "value, got shape ", scale_in.has_value() ? scale_in->sizes() : at::IntArrayRef{});
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t rows = grad.size(0), cols = grad.size(1);
+  if (rows == 0 || cols == 0) return;
+  const auto f32 = grad.options().dtype(at::kFloat);
+  const Tensor v = v_in.contiguous();
+  const Tensor proj = proj_in.to(f32).contiguous();
+  const Tensor scale = scale_in.has_value() ? scale_in->to(f32).reshape({}) : Tensor();  // on the device: no sync
+  constexpr int kThreads = 256;
+  const int64_t warps_per_block = kThreads / cuda_kernels::kWarpSize;
+  const unsigned blocks = static_cast<unsigned>((rows + warps_per_block - 1) / warps_per_block);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto* data) {
+    using T = std::remove_pointer_t<decltype(data)>;
+    cuda_kernels::project_out_rows_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        data, v.const_data_ptr<T>(), rows, cols, proj.const_data_ptr<float>(),
+        scale.defined() ? scale.const_data_ptr<float>() : nullptr);
+  };
+  switch (grad.scalar_type()) {
+    case at::kFloat: launch(grad.mutable_data_ptr<float>()); break;
+    case at::kBFloat16: launch(grad.mutable_data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: launch(grad.mutable_data_ptr<c10::Half>()); break;
+    default:
+      TORCH_CHECK(false, "fused_margin project_out_rows_: grad must be float32, bfloat16 or float16, got ",
+                  grad.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -738,6 +803,7 @@ TORCH_LIBRARY_IMPL(fused_margin, CUDA, m) {
   m.impl("row_forward", &fused_margin::row_forward_cuda);
   m.impl("row_backward", &fused_margin::row_backward_cuda);
   m.impl("row_norms", &fused_margin::row_norms_cuda);
+  m.impl("project_out_rows_", &fused_margin::project_out_rows_cuda);
   m.impl("block_partials_", &fused_margin::block_partials_cuda);
   m.impl("block_grad", &fused_margin::block_grad_cuda);
 }

@@ -169,6 +169,7 @@ struct ProjectArgs {
   RawType type;
   int64_t cols;
   const float* proj;
+  float scale;  // the result times this (an upstream gradient folded into the pass; 1 is exact)
 };
 using ProjectFn = void (*)(const ProjectArgs&, int64_t begin, int64_t end);
 using RowBackwardFn = void (*)(const RowBackwardArgs&, int64_t row_begin, int64_t row_end,

@@ -649,10 +649,12 @@ void project_rows_typed(const ProjectArgs& a, int64_t begin, int64_t end) {
     float dot = horizontal_sum(d0 + d1);
     for (; k < cols; ++k) dot = dot + static_cast<float>(grad[k]) * static_cast<float>(v[k]);
     const float c = a.proj[i] == 0.f ? 0.f : -a.proj[i] * dot;
-    const Vec vc(c);
+    const Vec vc(c), vs(a.scale);
     int64_t j = 0;
-    for (; j + kVec <= cols; j += kVec) store_float(grad + j, load_float(grad + j) + vc * load_float(v + j));
-    for (; j < cols; ++j) grad[j] = static_cast<T>(static_cast<float>(grad[j]) + c * static_cast<float>(v[j]));
+    for (; j + kVec <= cols; j += kVec) store_float(grad + j, (load_float(grad + j) + vc * load_float(v + j)) * vs);
+    for (; j < cols; ++j) {
+      grad[j] = static_cast<T>((static_cast<float>(grad[j]) + c * static_cast<float>(v[j])) * a.scale);
+    }
   }
 }
 

@@ -87,18 +87,20 @@ if _C is not None:
     torch.library.register_fake("fused_margin::row_backward")(_row_backward_fake)
     torch.library.register_fake("fused_margin::row_forward_backward")(_row_forward_backward_fake)
     torch.library.register_fake("fused_margin::row_norms")(_row_norms_fake)
-    torch.library.register_fake("fused_margin::project_out_rows_")(lambda grad, v, proj: None)
+    torch.library.register_fake("fused_margin::project_out_rows_")(lambda grad, v, proj, scale=None: None)
     _ops = torch.ops.fused_margin
 
-    def _project_out_rows_cpu(grad, v, proj):
-        """``grad_i -= proj_i (grad_i . v_i) v_i`` by the C++ op (the dot from grad in fp32, one rounding)."""
-        _ops.project_out_rows_(grad, v, proj)
+    def _project_out_rows(grad, v, proj, scale=None):
+        """``grad_i = scale (grad_i - proj_i (grad_i . v_i) v_i)`` in place by the C++/CUDA op (the dot from
+        grad in fp32, one rounding; ``scale`` a 0-d tensor on grad's device, or None for 1)."""
+        _ops.project_out_rows_(grad, v, proj, scale)
         return grad
 
     _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms,
-                            forward_backward=_ops.row_forward_backward, project_out=_project_out_rows_cpu)
+                            forward_backward=_ops.row_forward_backward, project_out=_project_out_rows)
     if cuda_built():
-        _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms)
+        _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms,
+                                 project_out=_project_out_rows)
 
 
 def row_kernel(device_type: str) -> Optional[RowKernel]:

@@ -48,13 +48,15 @@ col_proj, col_stats) -> (grad, row_coef, col_coef, stats)``
     offset). Each sum is formed in a fixed order (per-block partials, no float atomics): deterministic.
 
 ``forward_backward(raw, ... as forward ..., reduction, row_proj, col_proj) -> (loss, lse, pred, hard, nll,
-target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU kernel has it)
+target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU and Triton kernels have it)
 
     the forward and, on each row right after it (the row still in cache), the backward for the upstream
     gradient 1 of the reduced loss (``reduction`` mean or sum): ``dL/draw`` (``scale_grad``) overwrites
     ``raw`` in place (no second B x C buffer, no second pass over ``raw``; the C++ kernel reuses the
-    logsumexp's exponentials, so the gradient agrees with ``backward``'s to the rounding of ``p``) and
-    ``row_coef``/``col_coef`` are the backward's sums (empty without ``row_proj``/``col_proj``). :func:`fused_margin_cross_entropy`
+    logsumexp's exponentials, so the gradient agrees with ``backward``'s to the rounding of ``p``; the
+    Triton kernel rereads the row from cache and forms ``backward``'s own expression) and
+    ``row_coef``/``col_coef`` are the backward's sums (empty without ``row_proj``/``col_proj``; a kernel
+    with ``project_out``, which is then given neither, may refuse them, as Triton's does). :func:`fused_margin_cross_entropy`
     takes it for a training step (grad enabled, features or weights requiring grad, no other input
     requiring grad, not under ``torch.compile`` or a ``torch.func`` transform; :data:`GRAD_IN_FORWARD`) and
     multiplies by the actual upstream gradient in the backward when it is not 1.
@@ -84,7 +86,7 @@ from .spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS,
 def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``grad += coef[:, None] v`` in place, in ``coef``'s dtype (fp32) with one rounding to ``grad``'s: the
     cosine head's projection on a GEMM output (docs/loss.md section 5), from coefficients the row kernel
-    summed. One ``addcmul_``; a backend with ``RowKernel.project_out`` (C++ CPU, Triton) forms the
+    summed. One ``addcmul_``; a backend with ``RowKernel.project_out`` (C++ CPU, CUDA, Triton) forms the
     coefficient from the GEMM output instead, in its own op."""
     return grad.addcmul_(v, coef[:, None])
 
@@ -100,9 +102,10 @@ class RowKernel(NamedTuple):
     norms: Callable
     project: Callable = project_rows_
     forward_backward: Optional[Callable] = None
-    #: ``project_out(grad, v, proj)``: ``grad_i -= proj_i (grad_i . v_i) v_i`` in place, the coefficient
-    #: formed from the GEMM output itself in fp32 (optional; then the row kernels form no row/column sums
-    #: for the projections, see :meth:`_FusedMarginCE._backward`)
+    #: ``project_out(grad, v, proj, scale)``: ``grad_i = scale (grad_i - proj_i (grad_i . v_i) v_i)`` in place,
+    #: the coefficient formed from the GEMM output itself in fp32, one rounding; ``scale`` a 0-d tensor (an
+    #: upstream gradient applied in the same pass) or None (optional; then the row kernels form no row/column
+    #: sums for the projections, see :meth:`_FusedMarginCE._backward`)
     project_out: Optional[Callable] = None
 
 
@@ -405,14 +408,21 @@ class _FusedMarginCE(torch.autograd.Function):
         # from the row kernel's sums of dL/draw raw
         out_proj = kernel.project_out is not None
 
+        upstream = None  # an upstream gradient the projections apply in their own pass (project_out's scale)
         if ctx.grad_in_forward:
             # dL/draw and its sums came with the forward, for an upstream gradient of 1 (no other input
-            # needs a gradient there: grad_in_forward); scaled here when the actual one is not 1
+            # needs a gradient there: grad_in_forward); scaled when the actual one may not be 1 (on a GPU,
+            # always: reading it would sync). On the cosine head with project_out, every gradient (dX, dW)
+            # goes through a projection, which is linear in dL/draw: it applies the factor in its pass over
+            # its GEMM output, and dL/draw (B x C) needs no pass of its own
             grad, row_coef, col_coef, stats = raw, saved.row_coef, saved.col_coef, None
             if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
-                grad = (grad.to(grad_loss.dtype) * grad_loss).to(raw.dtype)
-                row_coef = row_coef * grad_loss if row_coef is not None else None
-                col_coef = col_coef * grad_loss if col_coef is not None else None
+                if cosine and out_proj:
+                    upstream = grad_loss
+                else:
+                    grad = grad * grad_loss  # one op, in fp32 and rounded once to raw's dtype (0-d: no promotion)
+                    row_coef = row_coef * grad_loss if row_coef is not None else None
+                    col_coef = col_coef * grad_loss if col_coef is not None else None
         else:
             grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
                 raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
@@ -448,7 +458,7 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_input:
                 grad_x = grad_raw @ w_op
                 if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
-                    grad_x = (kernel.project_out(grad_x, x_op, saved.row_proj) if out_proj
+                    grad_x = (kernel.project_out(grad_x, x_op, saved.row_proj, upstream) if out_proj
                               else kernel.project(grad_x, x_op, row_coef))
                     if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
                         grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
@@ -456,7 +466,7 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_weight:
                 grad_w = grad_raw.t() @ x_op
                 if cosine:
-                    grad_w = (kernel.project_out(grad_w, w_op, saved.col_proj) if out_proj
+                    grad_w = (kernel.project_out(grad_w, w_op, saved.col_proj, upstream) if out_proj
                               else kernel.project(grad_w, w_op, col_coef))
                     if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
                         grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])

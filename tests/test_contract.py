@@ -160,6 +160,11 @@ def test_triton_signatures_and_schemas_match_the_python_table():
     backward = torch.ops.fused_margin.triton_row_backward.default._schema
     assert tuple(a.name for a in forward.arguments) == ROW_FORWARD_ARGS
     assert tuple(a.name for a in backward.arguments) == ROW_BACKWARD_ARGS
+    assert _parameter_names(row_forward._row_forward_backward_fake) == ROW_FORWARD_BACKWARD_ARGS
+    both = torch.ops.fused_margin.triton_row_forward_backward.default._schema
+    assert tuple(a.name for a in both.arguments) == ROW_FORWARD_BACKWARD_ARGS
+    assert len(both.returns) == len(ROW_FORWARD_BACKWARD_OUTPUTS)
+    assert both.arguments[0].alias_info is not None and both.arguments[0].alias_info.is_write  # raw: in place
 
 
 def test_packing_by_name():

@@ -374,29 +374,36 @@ def test_ops_read_a_padded_class_stride_in_place():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", (None, 2.5, -0.375))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
-def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype):
-    """The C++ projection's update: grad + c v in fp32, one rounding to grad's dtype (what torch's addcmul_
-    with an fp32 coefficient computes, up to its own FMA's rounding, after making fp32 copies of bf16
-    operands on the CPU). Small integers and a power-of-two proj make the dot, so c, exact in any order:
-    the result is then checked bit for bit."""
+def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype, scale, device):
+    """The C++ projection's update: grad + c v in fp32 (times the upstream ``scale`` when given), one
+    rounding to grad's dtype (what torch's addcmul_ with an fp32 coefficient computes, up to its own FMA's
+    rounding, after making fp32 copies of bf16 operands on the CPU). Small integers and a power-of-two proj
+    make the dot, so c, exact in any order: the result is then checked bit for bit (the CUDA op, one warp a
+    row, sums in another order)."""
+    device = _backend(device)
     g = _gen(11)
     grad = torch.randint(-8, 9, (37, 45), generator=g).to(dtype)
     v = torch.randint(-8, 9, (37, 45), generator=g).to(dtype)
     proj = torch.full((37,), 2.0 ** -7)
     coef = -(proj * (grad.float() * v.float()).sum(1))
-    want = (grad.float() + coef[:, None] * v.float()).to(dtype)
-    got = grad.clone()
-    OPS.project_out_rows_(got, v, proj)
-    assert torch.equal(got, want)
+    want = grad.float() + coef[:, None] * v.float()
+    want = (want if scale is None else want * scale).to(dtype)
+    got = grad.clone().to(device)
+    OPS.project_out_rows_(got, v.to(device), proj.to(device), None if scale is None else torch.tensor(scale).to(device))
+    assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
-def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
+def test_project_out_rows_takes_its_coefficient_from_grad(dtype, device):
     """grad_i - proj_i (grad_i . v_i) v_i with the dot of grad's own (rounded) values in fp32 and one rounding:
     after it, the rows are orthogonal to v to the output's rounding, however large the radial part was
     (a gradient mostly along x: the case where a coefficient from dL/draw before its rounding leaves a
     radial residual of the GEMM's rounding); proj 0 (a norm below eps) leaves the row as it is."""
+    device = _backend(device)
     g = _gen(12)
     v = torch.randn(37, 45, generator=g).to(dtype)
     tangent = torch.randn(37, 45, generator=g)
@@ -404,8 +411,9 @@ def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
     norms = v.float().norm(dim=1)
     proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms ** 2)
     want = grad.double() - (proj.double() * (grad.double() * v.double()).sum(1))[:, None] * v.double()
-    got = grad.clone()
-    OPS.project_out_rows_(got, v, proj)
+    got = grad.clone().to(device)
+    OPS.project_out_rows_(got, v.to(device), proj.to(device))
+    got = got.cpu()
     assert torch.equal(got[3], grad[3]) and torch.equal(got[10], grad[10])
     eps = torch.finfo(dtype).eps
     assert ((got.double() - want).abs().max() <= 2 * eps * want.abs().max() + 1e-5 * eps * 30 * v.double().abs().max())
@@ -414,7 +422,11 @@ def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
     kept = proj != 0
     bound = 2 * eps * got.double().norm(dim=1) * 45 ** 0.5 + 8 * 2 ** -24 * grad.double().norm(dim=1)
     assert (radial[kept].abs() <= bound[kept]).all()
+    grad, v, proj = grad.to(device), v.to(device), proj.to(device)
     torch.library.opcheck(OPS.project_out_rows_.default, (grad.clone(), v, proj))
+    torch.library.opcheck(OPS.project_out_rows_.default, (grad.clone(), v, proj, torch.tensor(-2.0, device=device)))
+    with pytest.raises(RuntimeError, match="scale must hold one value"):
+        OPS.project_out_rows_(grad.clone(), v, proj, torch.ones(2, device=device))
 
 
 def test_opcheck():

@@ -122,10 +122,8 @@ def test_only_the_gemms_the_row_kernels_and_the_norms_touch_big_tensors(backend)
     forms its coefficient from dW itself); no other op touches B x C or C x D."""
     prefix = "fused_margin.triton_" if backend == "triton" else "fused_margin."
     project = "fused_margin.project_out_rows_" if backend == "cpu" else "fused_margin.triton_project_out_rows_"
-    # the C++ CPU kernel forms dL/draw in its forward (row_forward_backward): one row op instead of two
-    rows = ({prefix + "row_forward_backward": 1} if backend == "cpu"
-            else {prefix + "row_forward": 1, prefix + "row_backward": 1})
-    want = {"aten.mm": 3, **rows, prefix + "row_norms": 1, project: 1}
+    # the forward forms dL/draw (row_forward_backward, C++ and Triton): one row op instead of two
+    want = {"aten.mm": 3, prefix + "row_forward_backward": 1, prefix + "row_norms": 1, project: 1}
     assert _big(_log("dbm-bs", backend)) == want
 
 

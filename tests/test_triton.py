@@ -30,7 +30,8 @@ import triton.language as tl  # noqa: E402
 import fused_margin as fm  # noqa: E402
 import kernel_cases  # noqa: E402
 from fused_margin import row_torch  # noqa: E402
-from fused_margin.triton import ROW_KERNEL, max_block, row_backward, row_forward  # noqa: E402
+from fused_margin.triton import (INTERPRETED, ROW_KERNEL, max_block, row_backward, row_forward,  # noqa: E402
+                                  row_forward_backward)
 from fused_margin.spec import REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS  # noqa: E402
 from fused_margin.triton._common import round_to, target_margin  # noqa: E402
 from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODULES, _counts,  # noqa: E402
@@ -295,6 +296,138 @@ def test_bad_arguments_are_named():
 
 
 # ---------------------------------------------------------------------------------------------------
+# the forward that forms the gradient (row_forward_backward, fused.GRAD_IN_FORWARD)
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(f"{func.namespace}.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+_LOW_PRECISION_FORWARD_BACKWARD = ("dbm_bs_drw", "smoothing_weighted_ignored", "elm_angular_instance", "reduction_sum",
+                                   "linear_margins_elm_smoothing", "two_classes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkeypatch):
+    """A training step of a reduced loss on a GEMM head takes ``triton_row_forward_backward`` (dL/draw
+    written over the GEMM output by the forward's program, right after the row's forward): its forward
+    outputs and gradients are the separate row backward's bit for bit in the interpreter (the one
+    ``logit_grad`` expression; the GPU compiler may schedule the two kernels' divisions differently, so
+    there within two units of the dtype's rounding). The cases' fp32 runs against the reference above take
+    this path wherever it applies; this also keeps the separate backward under test on every case."""
+    from fused_margin import fused
+
+    if dtype != torch.float32 and name not in _LOW_PRECISION_FORWARD_BACKWARD:
+        pytest.skip("the low-precision runs take a few cases (each is two interpreted steps)")
+    options = dict(CASES[name])
+    if options.get("reduction") == "none":
+        options["reduction"] = "mean"  # the path is for reduced losses
+    head = options.pop("head", "cosine")
+    case = make_case(head, seed=_seed(name) + 3, **options)
+    block = 512 if name == "longer_than_a_chunk" else 8  # still several blocks a row, in a tenth of the time
+    runs, names = {}, {}
+    for flag in (True, False):
+        monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+        with _OpNames() as log:
+            runs[flag] = kernel_cases.evaluate(case, "triton", dtype, DEVICE, context=lambda: max_block(block))
+        names[flag] = log.names
+    applies = head != "logits" and set(case["grads"]) <= {"input", "weight"}
+    assert ("fused_margin.triton_row_forward_backward" in names[True]) == applies, names[True]
+    assert "fused_margin.triton_row_forward_backward" not in names[False]
+    assert ("fused_margin.triton_row_backward" in names[True]) != applies
+    tol = 0.0 if INTERPRETED else (1e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps)
+    for key, value in runs[False].items():
+        got = runs[True][key]
+        assert torch.equal(got.isnan(), value.isnan()), key
+        if not key.startswith("grad_") or INTERPRETED:
+            assert torch.equal(got.nan_to_num(), value.nan_to_num()), key
+            continue
+        got, value = got.double().nan_to_num(), value.double().nan_to_num()
+        assert (got - value).abs().max() <= tol * value.abs().max(), key
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("head", ("cosine", "linear"))
+def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype, monkeypatch):
+    """loss * k (k = 1, 2.5, -0.125): the gradient formed for an upstream 1 in the forward takes k in the
+    backward (on the cosine head inside the projections' pass, project_out's scale; on the linear head one
+    multiply of dL/draw) and agrees with the separate row backward, which takes k in the kernel (fp32: to
+    rounding; bf16: to two of its roundings), twice over one graph (the saved dL/draw is read, not consumed)."""
+    from fused_margin import fused
+
+    g = _gen(5)
+    x0, w0 = torch.randn(12, 16, generator=g), torch.randn(37, 16, generator=g)
+    y = torch.randint(0, 37, (12,), generator=g)
+    y[4] = -100
+    margins = torch.linspace(0.1, 0.5, 37)
+    for upstream in (1.0, 2.5, -0.125):
+        grads = {}
+        for flag in (True, False):
+            monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+            x = x0.to(dtype).to(DEVICE).requires_grad_()
+            w = w0.to(dtype).to(DEVICE).requires_grad_()
+            with max_block(8):
+                loss = fm.margin_cross_entropy(x, y.to(DEVICE), w, head=head, scale=30.0 if head == "cosine" else 1.0,
+                                               class_margins=margins.to(DEVICE), backend="triton",
+                                               margin_type="additive_angular" if head == "cosine" else "additive_cosine")
+                first = torch.autograd.grad(loss * upstream, (x, w), retain_graph=True)
+                second = torch.autograd.grad(loss * upstream, (x, w))
+            for a, b in zip(first, second):
+                assert torch.equal(a, b)
+            grads[flag] = first
+        for a, b in zip(grads[True], grads[False]):
+            scale = b.float().abs().max().item()
+            tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+            assert (a.float() - b.float()).abs().max().item() <= tol * scale, (upstream, head, dtype)
+
+
+def test_forward_backward_op_writes_the_row_backwards_gradient_over_raw():
+    """The op itself, on a padded class stride (the fused path's GEMM output) with every table but the pair
+    perturbation, mean and sum, one ignored row: the forward outputs are ``triton_row_forward``'s and raw
+    becomes ``triton_row_backward``'s dL/draw (scaled, raw's dtype) for the upstream gradient 1; bad
+    arguments are refused by name."""
+    for dtype in (torch.float32, torch.bfloat16):
+        raw0, target, t = _row_args(B=6, C=21, dtype=dtype)
+        for reduction in (1, 2):
+            buffer = torch.full((6, 32), float("nan"), dtype=dtype, device=DEVICE)
+            raw = buffer[:, :21]
+            raw.copy_(raw0)
+            args = (target, t["row_scale"], t["col_scale"], t["col_shift"], t["class_margins"], t["logit_offset"],
+                    None, t["class_weight"], 3.0, 1, 1.0, False, 0.5, 0, False, 0.1, -100, reduction)
+            with max_block(8):
+                want = row_forward(raw0, *args)
+                grad = row_backward(raw0, *args[:4], *args[5:8], want[1], want[4], want[5],
+                                    torch.ones((), device=DEVICE), want[6] if reduction == 1 else None, 3.0, 0.1,
+                                    -100, True, None, None, False)[0]
+                got = row_forward_backward(raw, *args, None, None)
+            for label, a, b in zip(ROW_FORWARD_OUTPUTS, got, want):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), label
+            assert got[7].numel() == 0 and got[8].numel() == 0
+            tol = 0.0 if INTERPRETED else 2 * torch.finfo(dtype).eps * grad.float().abs().max().item()
+            assert (raw.float() - grad.float()).abs().max().item() <= tol, (dtype, reduction)
+            assert not raw[1].any()  # the ignored row
+            # the padding is read in whole vectors (io_columns) but its NaN reaches no column of raw
+            assert torch.isfinite(raw).all() and not buffer[:, 21:].nan_to_num().any()
+    raw, target, _ = _row_args(B=2, C=4)
+    args = (None,) * 7 + (1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100)
+    with pytest.raises(ValueError, match="reduction must be the code of 'mean'"):
+        row_forward_backward(raw.clone(), target, *args, 0, None, None)
+    with pytest.raises(ValueError, match="row_proj and col_proj must be None"):
+        row_forward_backward(raw.clone(), target, *args, 1, torch.ones(2, device=DEVICE), None)
+    with pytest.raises(ValueError, match="unit column stride"):
+        row_forward_backward(raw.t().contiguous().t(), target, *args, 1, None, None)
+    if INTERPRETED:  # on a GPU, a device assertion (test_bad_arguments_are_named's forward check runs on CPU)
+        with pytest.raises(ValueError, match=r"target\[1\] = 4 is out of range"):
+            row_forward_backward(raw.clone(), torch.tensor([0, 4]).to(DEVICE), *args, 1, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the angular margin helper (it replaces acos by the angle-addition formulas)
 
 @triton.jit
@@ -408,6 +541,34 @@ def test_ops_are_registered_and_pass_opcheck():
     grad = torch.randn(5, 37, device=DEVICE)
     torch.library.opcheck(torch.ops.fused_margin.triton_project_out_rows_.default,
                           (grad, torch.randn(5, 37, device=DEVICE), torch.rand(5, device=DEVICE)))
+    assert ROW_KERNEL.forward_backward is row_forward_backward
+    for reduction in (1, 2):
+        torch.library.opcheck(torch.ops.fused_margin.triton_row_forward_backward.default,
+                              forward[:-1] + (reduction, None, None))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype):
+    """The Triton projection's update: (grad + c v) scale in fp32, one rounding (to nearest even) to grad's
+    dtype, with and without the upstream ``scale``; small integers and a power-of-two proj make every step
+    exact but the final rounding, so the result is checked bit for bit."""
+    from fused_margin.triton.norms import project_out_rows_
+
+    g = _gen(11)
+    grad = torch.randint(-8, 9, (37, 300), generator=g).to(dtype)
+    v = torch.randint(-8, 9, (37, 300), generator=g).to(dtype)
+    proj = torch.full((37,), 2.0 ** -9)
+    coef = -(proj * (grad.float() * v.float()).sum(1))
+    for scale in (None, 2.5, -0.375):
+        want = grad.float() + coef[:, None] * v.float()
+        want = (want if scale is None else want * scale).to(dtype)
+        got = grad.clone().to(DEVICE)
+        project_out_rows_(got, v.to(DEVICE), proj.to(DEVICE), None if scale is None else torch.tensor(scale).to(DEVICE))
+        assert torch.equal(got.cpu(), want), scale
+    with pytest.raises(ValueError, match="scale must hold one value"):
+        project_out_rows_(grad.clone().to(DEVICE), v.to(DEVICE), proj.to(DEVICE), torch.ones(2, device=DEVICE))
+    torch.library.opcheck(torch.ops.fused_margin.triton_project_out_rows_.default,
+                          (grad.to(DEVICE), v.to(DEVICE), proj.to(DEVICE), torch.tensor(0.5, device=DEVICE)))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
@@ -471,7 +632,7 @@ from fused_margin.triton.row_forward import _reduce_rows_kernel, _row_forward_ke
 
 SCALARS = dict(num_classes="i32", scale="fp32", lambda_inst="fp32", lambda_elm="fp32", label_smoothing="fp32",
                ignore_index="i32", stride_raw_row="i32", stride_raw_col="i32", stride_pair_row="i32",
-               stride_pair_col="i32", target_ptr="*i64", pred_ptr="*i64", hard_ptr="*i1", bad_ptr="*i8",
+               stride_pair_col="i32", target_ptr="*i64", pred_ptr="*i64", hard_ptr="*i1",
                first_bad_ptr="*i64", rows="i32", cols="i32", col_blocks="i32", row_blocks="i32",
                row_programs="i32", eps="fp32", stride_row="i32", stride_col="i32", stride_grad_row="i32", io_cols="i32")
 
@@ -497,12 +658,13 @@ FLAGS = ("HAS_ROW_SCALE", "HAS_COL_SCALE", "HAS_COL_SHIFT", "HAS_MARGINS", "HAS_
 for raw, on, margin_type, fold in (("*bf16", True, 1, 1), ("*fp32", False, 1, 0), ("*fp16", True, 0, 0)):
     constants = dict({f: on for f in FLAGS}, MARGIN_TYPE=margin_type, HARD_ALL=not on, ELM=on, FOLD=fold,
                      STRAIGHT_THROUGH=not on, SMOOTHING=on, BLOCK=2048)
-    build(_row_forward_kernel, {"raw_ptr": raw}, constants, 8)
+    for grad in (False, True):  # the forward, and the forward that forms the gradient (of the mean with on)
+        build(_row_forward_kernel, {"raw_ptr": raw}, dict(constants, GRAD=grad, HAS_DENOM=grad and on), 8)
     build(_row_norms_kernel, {"x_ptr": raw}, dict(ROWS=16, BLOCK=256), 4)
     build(_project_out_kernel, {"grad_ptr": raw, "v_ptr": raw, "grad_stride": "i32", "v_stride": "i32"},
-          dict(ROWS=16, BLOCK=256), 4)
+          dict(HAS_SCALE=on, ROWS=16, BLOCK=256), 4)
 for weight in (True, False):
-    build(_reduce_rows_kernel, {}, dict(MEAN=weight, HAS_WEIGHT=weight, BLOCK=1024), 4)
+    build(_reduce_rows_kernel, {}, dict(LOSS=weight, MEAN=weight, HAS_WEIGHT=weight, BLOCK=1024), 4)
     build(_backward_sums_kernel, {}, dict(HAS_ROW_SCALE=weight, HAS_COL_SCALE=weight, ROW_COEF=True,
                                           COL_COEF=weight, STATS=True, BLOCK=1024), 4)
 for raw, out, on in (("*bf16", "*bf16", True), ("*fp32", "*fp32", False), ("*fp16", "*fp32", True)):
@@ -531,11 +693,14 @@ def global_io(kernel, pointers, constants, num_warps, padded):
     return set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.(?:v\d\.)?b\d+", ptx))
 
 fwd = dict({f: False for f in FLAGS}, MARGIN_TYPE=1, HARD_ALL=False, ELM=False, FOLD=0, STRAIGHT_THROUGH=False,
-           SMOOTHING=False, BLOCK=2048)
+           SMOOTHING=False, GRAD=False, HAS_DENOM=False, BLOCK=2048)
 bwd = dict({f: True for f in FLAGS if f != "HAS_MARGINS"}, HAS_PAIR=False, SMOOTHING=False, SCALE_GRAD=True,
            SHARED_GRAD=True, HAS_DENOM=True, ROW_DOT=True, COL_SUMS=True, ROWS=16, BLOCK=1024)
 io = global_io(_row_forward_kernel, {"raw_ptr": "*bf16"}, fwd, 8, True)
 assert "ld.global.v4.b32" in io, io  # raw, 8 bf16 a load (the one 2-byte load left is the target's score)
+io = global_io(_row_forward_kernel, {"raw_ptr": "*bf16"}, dict(fwd, GRAD=True, HAS_DENOM=True, HAS_ROW_SCALE=True,
+                                                               HAS_COL_SCALE=True), 8, True)
+assert {"ld.global.v4.b32", "st.global.v4.b32"} <= io and "st.global.b16" not in io, io  # dL/draw over raw
 io = global_io(_row_backward_kernel, {"raw_ptr": "*bf16", "grad_ptr": "*bf16"}, bwd, 4, True)
 assert {"ld.global.v4.b32", "st.global.v4.b32"} <= io and not {"ld.global.b16", "st.global.b16"} & io, io
 io = global_io(_row_backward_kernel, {"raw_ptr": "*bf16", "grad_ptr": "*bf16"}, bwd, 4, False)
@@ -643,9 +808,16 @@ def test_cuda_row_kernels_make_no_host_sync():
     proj = (torch.rand(512, device="cuda"), torch.rand(8142, device="cuda"), True)
     backward = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["logit_offset"],
                 t["pair_perturbation"], t["class_weight"], out[1], out[4], out[5], out[0], out[6], 30.0, 0.1, -100)
+    # the forward that forms the gradient (of the mean: its denominator pass first), and the projection
+    # with a device scale (the upstream gradient folded into it)
+    both = (raw.clone(),) + args[1:7] + (None,) + args[8:] + (None, None)
+    grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    project = (grad, torch.randn_like(grad), proj[0], torch.tensor(2.0, device="cuda"))
     for scale_grad in (False, True):
         ROW_KERNEL.backward(*backward, scale_grad, *proj)
     ROW_KERNEL.norms(raw, 1e-12)
+    ROW_KERNEL.forward_backward(*both)
+    ROW_KERNEL.project_out(*project)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -653,6 +825,8 @@ def test_cuda_row_kernels_make_no_host_sync():
         ROW_KERNEL.norms(raw, 1e-12)
         for scale_grad in (False, True):
             ROW_KERNEL.backward(*backward, scale_grad, *proj)
+        ROW_KERNEL.forward_backward(*both)
+        ROW_KERNEL.project_out(*project)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -17,9 +17,10 @@ from ..fused import RowKernel
 from ._common import max_block
 from .norms import project_out, row_norms
 from .row_backward import row_backward
-from .row_forward import row_forward
+from .row_forward import row_forward, row_forward_backward
 
-ROW_KERNEL = RowKernel("triton", row_forward, row_backward, row_norms, project_out=project_out)
+ROW_KERNEL = RowKernel("triton", row_forward, row_backward, row_norms, forward_backward=row_forward_backward,
+                       project_out=project_out)
 
 #: Triton picks compiled or interpreted kernels when they are decorated, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

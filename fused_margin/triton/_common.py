@@ -134,6 +134,29 @@ def expm1(x):
 
 
 @triton.jit
+def logit_grad(logits, is_target, keep, lse, nll, target_grad, weight, weight_y, weight_sum, g, scale,
+               label_smoothing, num_classes, SMOOTHING: tl.constexpr):
+    """``G = dL/dz'`` on one block of a row from the row's statistics (the row-kernel contract of
+    ``fused_margin.fused``): with ``p_j = exp(l_j - lse)`` and the upstream gradient ``g`` of the loss row,
+    ``dl_j = g ((1 - eps) w_y p_j + eps / C (W p_j - w_j))`` and ``G_j = s dl_j`` off the target;
+    ``dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((W - w_y) + W expm1(-nll)))`` (``p_y - 1`` from the
+    precise ``nll``) and ``G_y = target_grad dl_y`` on it; 0 outside ``keep``. Returns ``(G, dl_y, G_y)``.
+    The one expression of both the backward kernel and the forward that forms the gradient, so the two
+    agree bit for bit."""
+    prob = tl.exp(logits - lse)
+    p_y_minus_1 = expm1(-nll)
+    dlogit = (1.0 - label_smoothing) * weight_y * prob
+    dlogit_y = (1.0 - label_smoothing) * weight_y * p_y_minus_1
+    if SMOOTHING:
+        dlogit += label_smoothing / num_classes * (weight_sum * prob - weight)
+        dlogit_y += label_smoothing / num_classes * ((weight_sum - weight_y) + weight_sum * p_y_minus_1)
+    dl_y = dlogit_y * g
+    grad_y = dl_y * target_grad
+    grad = tl.where(is_target, grad_y, dlogit * g * scale)
+    return tl.where(keep, grad, 0.0), dl_y, grad_y
+
+
+@triton.jit
 def round_to(x, DTYPE: tl.constexpr):
     """fp32 ``x`` cast to ``DTYPE`` with round-to-nearest-even. For bfloat16 the rounding is done on the
     fp32 bits first (``bits + 0x7FFF + lsb``, then drop the low half), so the cast itself is exact:

@@ -2,13 +2,13 @@
 :mod:`fused_margin.fused`): per row of ``x``, ``||x_i||`` (squares and sum in fp32, as
 ``torch.linalg.vector_norm``), ``1 / max(||x_i||, eps)`` and ``1 / ||x_i||^2`` where ``||x_i|| >= eps``
 (else 0), one program per block of rows, in one launch."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, launch_device
+from ._common import LAUNCH_OPTIONS, launch_device, round_to
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -63,8 +63,8 @@ def _row_norms_fake(x, eps):
 
 
 @triton.jit
-def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, rows, cols,
-                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, scale_ptr, rows, cols,
+                        HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = idx < rows
     idx64 = idx.to(tl.int64)
@@ -79,6 +79,8 @@ def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, rows, 
         start += BLOCK
     proj = tl.load(proj_ptr + idx, mask=row_mask, other=0.0)
     coef = tl.where(proj == 0.0, 0.0, -(proj * tl.sum(dot, axis=1)))  # proj 0 (a norm below eps): unchanged
+    if HAS_SCALE:
+        factor = tl.load(scale_ptr).to(tl.float32)
     start = 0
     while start < cols:
         offs = start + tl.arange(0, BLOCK)
@@ -86,15 +88,21 @@ def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, rows, 
         ptrs = grad_ptr + idx64[:, None] * grad_stride + offs[None, :]
         g = tl.load(ptrs, mask=mask, other=0.0)
         v = tl.load(v_ptr + idx64[:, None] * v_stride + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (g.to(tl.float32) + coef[:, None] * v).to(g.dtype), mask=mask)
+        out = g.to(tl.float32) + coef[:, None] * v
+        if HAS_SCALE:
+            out = out * factor
+        tl.store(ptrs, round_to(out, g.dtype), mask=mask)
         start += BLOCK
 
 
 @torch.library.custom_op("fused_margin::triton_project_out_rows_", mutates_args=("grad",))
-def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor) -> None:
-    """``grad_i -= proj_i (grad_i . v_i) v_i`` in place: the cosine head's projection with its coefficient
-    formed from the GEMM output itself (the fp32 dot of its rounded values; fp32 update, one rounding), so
-    the radial part cancels to the final rounding. Rows with ``proj_i = 0`` stay as they are."""
+def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
+                      scale: Optional[torch.Tensor] = None) -> None:
+    """``grad_i = scale (grad_i - proj_i (grad_i . v_i) v_i)`` in place: the cosine head's projection with
+    its coefficient formed from the GEMM output itself (the fp32 dot of its rounded values; fp32 update,
+    one rounding), so the radial part cancels to the final rounding. Rows with ``proj_i = 0`` are only
+    scaled. ``scale`` (0-d, on grad's device; None for 1) is an upstream gradient applied in this pass,
+    read by the kernel (no host sync)."""
     if grad.dim() != 2 or v.shape != grad.shape or grad.dtype not in _FUSED_DTYPES or v.dtype != grad.dtype:
         raise ValueError(f"grad and v must be 2-D float16, bfloat16 or float32 of one shape and dtype, got "
                          f"{grad.dtype} {tuple(grad.shape)} and {v.dtype} {tuple(v.shape)}")
@@ -102,6 +110,8 @@ def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor) -
         raise ValueError("grad and v must have unit column stride")
     if proj.shape != (grad.shape[0],):
         raise ValueError(f"proj must have {grad.shape[0]} entries, got shape {tuple(proj.shape)}")
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
     rows, cols = grad.shape
     if rows == 0 or cols == 0:
         return
@@ -110,17 +120,18 @@ def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor) -
     row_block = 16
     with launch_device(grad):
         _project_out_kernel[(triton.cdiv(rows, row_block),)](
-            grad, grad.stride(0), v, v.stride(0), proj32, rows, cols, ROWS=row_block, BLOCK=block, num_warps=4,
-            **LAUNCH_OPTIONS)
+            grad, grad.stride(0), v, v.stride(0), proj32, proj32 if scale is None else scale.reshape(()), rows, cols,
+            HAS_SCALE=scale is not None, ROWS=row_block, BLOCK=block, num_warps=4, **LAUNCH_OPTIONS)
 
 
 @project_out_rows_.register_fake
-def _project_out_rows_fake(grad, v, proj):
+def _project_out_rows_fake(grad, v, proj, scale=None):
     return None
 
 
-def project_out(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+def project_out(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`project_out_rows_` returning ``grad`` (``RowKernel.project_out``); ``v`` made contiguous (a
     no-op for the usual contiguous operands; the GEMM outputs ``grad`` are)."""
-    project_out_rows_(grad, v.contiguous(), proj)
+    project_out_rows_(grad, v.contiguous(), proj, scale)
     return grad

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..fused import empty_backward_outputs
-from ._common import LAUNCH_OPTIONS, block_config, expm1, io_columns, launch_device, or_dummy, round_to
+from ._common import LAUNCH_OPTIONS, block_config, io_columns, launch_device, logit_grad, or_dummy, round_to
 
 
 @triton.jit
@@ -59,6 +59,8 @@ def _row_backward_kernel(
             weight_sum = tl.load(weight_sum_ptr)
         else:
             weight_sum = num_classes * 1.0
+    else:
+        weight_sum = 0.0
     if SHARED_GRAD:
         upstream = tl.load(grad_rows_ptr).to(tl.float32)
     if HAS_DENOM:
@@ -92,28 +94,19 @@ def _row_backward_kernel(
             logits += tl.load(pair_ptr + row_c * stride_pair_row + cols64 * stride_pair_col, mask=mask,
                               other=0.0).to(tl.float32)
         is_target = (cols == y) & kept
-        prob = tl.exp(logits - tl.load(lse_ptr + row_c))
-        # the target column from the precise nll: p_y - 1 = expm1(-nll)
-        p_y_minus_1 = expm1(-tl.load(nll_ptr + row_c))
         if HAS_WEIGHT:
             weight_y = tl.load(weight_ptr + y).to(tl.float32)
         else:
             weight_y = 1.0
-        dlogit = (1.0 - label_smoothing) * weight_y * prob
-        dlogit_y = (1.0 - label_smoothing) * weight_y * p_y_minus_1
-        if SMOOTHING:
-            dlogit += label_smoothing / num_classes * (weight_sum * prob - weight)
-            dlogit_y += label_smoothing / num_classes * ((weight_sum - weight_y) + weight_sum * p_y_minus_1)
         if SHARED_GRAD:
             g = upstream
         else:
             g = tl.load(grad_rows_ptr + row_c).to(tl.float32)
         if HAS_DENOM:
             g = tl.where(denom != 0.0, g / denom, float("nan"))
-        dl_y = dlogit_y * g
-        grad_y = dl_y * tl.load(target_grad_ptr + row_c)
-        grad = tl.where(is_target, grad_y, dlogit * g * scale)
-        grad = tl.where(kept & mask, grad, 0.0)
+        grad, dl_y, grad_y = logit_grad(logits, is_target, kept & mask, tl.load(lse_ptr + row_c),
+                                        tl.load(nll_ptr + row_c), tl.load(target_grad_ptr + row_c), weight,
+                                        weight_y, weight_sum, g, scale, label_smoothing, num_classes, SMOOTHING)
         out = grad
         if SCALE_GRAD:
             out = out * row_scale

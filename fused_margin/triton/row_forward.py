@@ -19,6 +19,7 @@ finite) and the loss row ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - 
 (``F.cross_entropy``'s smoothing). Ignored rows: loss, ``nll`` and gradient 0, ``hard`` False, ``lse`` of
 the unmargined logits.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -28,7 +29,7 @@ import triton.language as tl
 from ..fused import empty_forward_outputs
 from ..spec import REDUCTION_CODES
 from ._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
-                      log1p, online_max, or_dummy, target_margin)
+                      log1p, logit_grad, online_max, or_dummy, round_to, target_margin)
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -36,18 +37,19 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _row_forward_kernel(
         raw_ptr, stride_raw_row, stride_raw_col, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr,
-        margins_ptr, offset_ptr, pair_ptr, stride_pair_row, stride_pair_col, weight_ptr,
-        loss_ptr, lse_ptr, pred_ptr, hard_ptr, nll_ptr, target_grad_ptr, bad_ptr,
+        margins_ptr, offset_ptr, pair_ptr, stride_pair_row, stride_pair_col, weight_ptr, weight_sum_ptr, denom_ptr,
+        loss_ptr, lse_ptr, pred_ptr, hard_ptr, nll_ptr, target_grad_ptr,
         num_classes, io_cols, scale, lambda_inst, lambda_elm, label_smoothing, ignore_index,
         HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
         HAS_MARGINS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr,
         HAS_WEIGHT: tl.constexpr, MARGIN_TYPE: tl.constexpr, HARD_ALL: tl.constexpr, ELM: tl.constexpr,
         FOLD: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, SMOOTHING: tl.constexpr,
-        BLOCK: tl.constexpr):
+        GRAD: tl.constexpr, HAS_DENOM: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: the forward, and with ``GRAD`` then ``dL/draw`` for the upstream gradient 1 of the reduced
+    loss (over ``denom`` with ``HAS_DENOM``: the mean), written over the row of ``raw`` in place."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(target_ptr + row)
-    # a kept label out of range is flagged (the reduction kernel reports it) and read as class 0
-    bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
+    # a kept label out of range (the reduction kernel reports it) is read as an ignored row of class 0
     kept = (label != ignore_index) & (label >= 0) & (label < num_classes)
     y = tl.where(kept, label, 0)
     raw_row = raw_ptr + row * stride_raw_row
@@ -170,20 +172,70 @@ def _row_forward_kernel(
         smooth = other_weight * (lse - smooth_shift) - smooth_sum + weight_y * nll
         loss += label_smoothing / num_classes * smooth
 
+    nll = tl.where(kept, nll, 0.0)
+    target_grad = tl.where(kept, target_grad, 0.0)
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
     tl.store(lse_ptr + row, lse)
     tl.store(pred_ptr + row, pred.to(tl.int64))
     tl.store(hard_ptr + row, hard)
-    tl.store(nll_ptr + row, tl.where(kept, nll, 0.0))
-    tl.store(target_grad_ptr + row, tl.where(kept, target_grad, 0.0))
-    tl.store(bad_ptr + row, bad.to(tl.int8))
+    tl.store(nll_ptr + row, nll)
+    tl.store(target_grad_ptr + row, target_grad)
+
+    if GRAD:
+        # the row backward's expression (logit_grad) on the row just read (still in L1/L2), for g = 1 of the
+        # sum or 1 / denom of the mean; dL/draw = G row_scale col_scale rounded to raw's dtype, in place
+        # (each block is read before it is written, and the row is this program's alone)
+        g = 1.0
+        if HAS_DENOM:
+            denom = tl.load(denom_ptr)
+            g = tl.where(denom != 0.0, g / denom, float("nan"))
+        if SMOOTHING:
+            if HAS_WEIGHT:
+                total_weight = tl.load(weight_sum_ptr)
+            else:
+                total_weight = num_classes * 1.0
+        else:
+            total_weight = 0.0
+        start = 0
+        while start < num_classes:
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < num_classes
+            io_mask = cols < io_cols
+            cols64 = cols.to(tl.int64)
+            raw = tl.load(raw_row + cols64 * stride_raw_col, mask=io_mask, other=0.0).to(tl.float32)
+            raw = tl.where(mask, raw, 0.0)
+            z = raw * row_scale
+            if HAS_COL_SCALE:
+                col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+                z = z * col_scale
+            if HAS_COL_SHIFT:
+                z = z + tl.load(col_shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            logits = scale * z
+            if HAS_OFFSET:
+                logits += tl.load(offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_PAIR:
+                logits += tl.load(pair_row + cols64 * stride_pair_col, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = 1.0
+            grad, _, _ = logit_grad(logits, (cols == y) & kept, kept & mask, lse, nll, target_grad, w, weight_y,
+                                    total_weight, g, scale, label_smoothing, num_classes, SMOOTHING)
+            grad = grad * row_scale
+            if HAS_COL_SCALE:
+                grad = grad * col_scale
+            tl.store(raw_row + cols64 * stride_raw_col, round_to(grad, raw_ptr.dtype.element_ty), mask=io_mask)
+            start += BLOCK
 
 
 @triton.jit
-def _reduce_rows_kernel(loss_ptr, target_ptr, weight_ptr, bad_ptr, out_ptr, denom_ptr, first_bad_ptr, rows,
-                        ignore_index, MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: the loss rows' sum (over ``denom`` for the mean; NaN where it is 0), ``denom`` (the kept
-    rows' ``w_y``, or their count) and the first row with a label out of range (``rows`` when none)."""
+def _reduce_rows_kernel(loss_ptr, target_ptr, weight_ptr, out_ptr, denom_ptr, first_bad_ptr, rows, num_classes,
+                        ignore_index, LOSS: tl.constexpr, MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """One program: the loss rows' sum (over ``denom`` for the mean; NaN where it is 0; with ``LOSS``),
+    ``denom`` (the kept rows' ``w_y``, or their count) and the first row with a label out of range (``rows``
+    when none). Without ``LOSS`` (before the forward that forms the gradient of the mean) only the last two,
+    from the labels alone."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
     weights = tl.zeros([BLOCK], dtype=tl.float32)
     first_bad = rows
@@ -191,9 +243,10 @@ def _reduce_rows_kernel(loss_ptr, target_ptr, weight_ptr, bad_ptr, out_ptr, deno
     while start < rows:
         idx = start + tl.arange(0, BLOCK)
         mask = idx < rows
-        total += tl.load(loss_ptr + idx, mask=mask, other=0.0)
+        if LOSS:
+            total += tl.load(loss_ptr + idx, mask=mask, other=0.0)
         label = tl.load(target_ptr + idx, mask=mask, other=ignore_index)
-        bad = tl.load(bad_ptr + idx, mask=mask, other=0) != 0
+        bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
         kept = (label != ignore_index) & ~bad
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + tl.where(kept, label, 0), mask=mask & kept, other=0.0).to(tl.float32)
@@ -202,11 +255,12 @@ def _reduce_rows_kernel(loss_ptr, target_ptr, weight_ptr, bad_ptr, out_ptr, deno
         weights += w
         first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, idx, rows), axis=0))
         start += BLOCK
-    loss_sum = tl.sum(total, axis=0)
     denom = tl.sum(weights, axis=0)
-    if MEAN:
-        loss_sum = tl.where(denom != 0.0, loss_sum / denom, float("nan"))
-    tl.store(out_ptr, loss_sum)
+    if LOSS:
+        loss_sum = tl.sum(total, axis=0)
+        if MEAN:
+            loss_sum = tl.where(denom != 0.0, loss_sum / denom, float("nan"))
+        tl.store(out_ptr, loss_sum)
     tl.store(denom_ptr, denom)
     tl.store(first_bad_ptr, first_bad.to(tl.int64))
 
@@ -221,6 +275,56 @@ def _check(raw: torch.Tensor, target: torch.Tensor):
                          f"{tuple(target.shape)}")
 
 
+def _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
+            class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
+            label_smoothing, ignore_index, reduction, grad: bool):
+    """The forward row kernel between the reduction kernel's passes (the forward outputs of the contract);
+    with ``grad`` the kernel also writes dL/draw over ``raw`` (for the mean, the denominator is formed from
+    the labels first, by the reduction kernel without its loss)."""
+    _check(raw, target)
+    if reduction not in REDUCTION_CODES.values():
+        raise ValueError(f"reduction must be one of the codes {REDUCTION_CODES}, got {reduction!r}")
+    outputs = empty_forward_outputs(raw, reduction)
+    rows, num_classes = raw.shape
+    _, lse, pred, hard, nll, target_grad, denom = outputs
+    loss = torch.empty(rows, dtype=torch.float32, device=raw.device)
+    out = loss if reduction == REDUCTION_CODES["none"] else outputs[0]
+    reduced = torch.empty((), dtype=torch.float32, device=raw.device) if out is loss else out
+    first_bad = torch.empty((), dtype=torch.int64, device=raw.device)
+    target = target.contiguous()
+    weight = or_dummy(class_weight, raw)
+    mean = reduction == REDUCTION_CODES["mean"]
+    smoothing = label_smoothing != 0.0
+    weight_sum = class_weight.sum(dtype=torch.float32) if grad and smoothing and class_weight is not None else raw
+    pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
+    block, num_warps = block_config(num_classes, 2048)
+    reduce = functools.partial(_reduce_rows_kernel[(1,)], loss, target, weight, reduced, denom, first_bad, rows,
+                               num_classes, int(ignore_index), MEAN=mean, HAS_WEIGHT=class_weight is not None,
+                               BLOCK=1024, num_warps=4, **LAUNCH_OPTIONS)
+    with launch_device(raw):
+        if grad and mean:
+            reduce(LOSS=False)
+        if rows > 0:
+            _row_forward_kernel[(rows,)](
+                raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
+                or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
+                pair, pair.stride(0), pair.stride(1), weight, weight_sum, denom,
+                loss, lse, pred, hard, nll, target_grad,
+                num_classes, io_columns(raw), float(scale), float(lambda_inst), float(lambda_elm),
+                float(label_smoothing),
+                int(ignore_index),
+                HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
+                HAS_COL_SHIFT=col_shift is not None, HAS_MARGINS=class_margins is not None,
+                HAS_OFFSET=logit_offset is not None, HAS_PAIR=pair_perturbation is not None,
+                HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
+                ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
+                STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=smoothing, GRAD=bool(grad),
+                HAS_DENOM=bool(grad and mean), BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
+        reduce(LOSS=True)
+    check_labels(first_bad, target, rows, num_classes, int(ignore_index))
+    return (out,) + outputs[1:]
+
+
 @torch.library.custom_op("fused_margin::triton_row_forward", mutates_args=())
 def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
                 col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
@@ -233,43 +337,9 @@ def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[tor
     """Launch the forward row kernel and the reduction kernel; returns ``(loss, lse, pred, hard, nll,
     target_grad, denom)`` (the contract of :mod:`fused_margin.fused`). A label out of range raises a
     ``ValueError`` naming its row on CPU tensors (the interpreter), a device-side assertion on CUDA."""
-    _check(raw, target)
-    if reduction not in REDUCTION_CODES.values():
-        raise ValueError(f"reduction must be one of the codes {REDUCTION_CODES}, got {reduction!r}")
-    outputs = empty_forward_outputs(raw, reduction)
-    rows, num_classes = raw.shape
-    _, lse, pred, hard, nll, target_grad, denom = outputs
-    loss = torch.empty(rows, dtype=torch.float32, device=raw.device)
-    bad = torch.empty(rows, dtype=torch.int8, device=raw.device)
-    out = loss if reduction == REDUCTION_CODES["none"] else outputs[0]
-    reduced = torch.empty((), dtype=torch.float32, device=raw.device) if out is loss else out
-    first_bad = torch.empty((), dtype=torch.int64, device=raw.device)
-    target = target.contiguous()
-    pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
-    block, num_warps = block_config(num_classes, 2048)
-    with launch_device(raw):
-        if rows > 0:
-            _row_forward_kernel[(rows,)](
-                raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
-                or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
-                pair, pair.stride(0), pair.stride(1), or_dummy(class_weight, raw),
-                loss, lse, pred, hard, nll, target_grad, bad,
-                num_classes, io_columns(raw), float(scale), float(lambda_inst), float(lambda_elm),
-                float(label_smoothing),
-                int(ignore_index),
-                HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
-                HAS_COL_SHIFT=col_shift is not None, HAS_MARGINS=class_margins is not None,
-                HAS_OFFSET=logit_offset is not None, HAS_PAIR=pair_perturbation is not None,
-                HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
-                ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
-                STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=label_smoothing != 0.0,
-                BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
-        _reduce_rows_kernel[(1,)](
-            loss, target, or_dummy(class_weight, raw), bad, reduced, denom, first_bad, rows, int(ignore_index),
-            MEAN=reduction == REDUCTION_CODES["mean"], HAS_WEIGHT=class_weight is not None,
-            BLOCK=1024, num_warps=4, **LAUNCH_OPTIONS)
-    check_labels(first_bad, target, rows, num_classes, int(ignore_index))
-    return (out,) + outputs[1:]
+    return _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
+                   class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
+                   label_smoothing, ignore_index, reduction, grad=False)
 
 
 @row_forward.register_fake
@@ -278,3 +348,51 @@ def _row_forward_fake(raw, target, row_scale, col_scale, col_shift, class_margin
                       fold, straight_through, label_smoothing, ignore_index, reduction):
     _check(raw, target)
     return empty_forward_outputs(raw, reduction)
+
+
+def _check_forward_backward(raw, reduction, row_proj, col_proj):
+    if reduction not in (REDUCTION_CODES["mean"], REDUCTION_CODES["sum"]):
+        raise ValueError(f"reduction must be the code of 'mean' ({REDUCTION_CODES['mean']}) or 'sum' "
+                         f"({REDUCTION_CODES['sum']}): the gradient is that of the reduced loss; got {reduction!r}")
+    if row_proj is not None or col_proj is not None:
+        raise ValueError("row_proj and col_proj must be None: the Triton backend forms the projections' "
+                         "coefficients from the GEMM outputs (project_out_rows_), not from sums of dL/draw")
+    if raw.dim() == 2 and raw.stride(1) != 1:
+        raise ValueError(f"raw must have unit column stride (dL/draw is written over it), got strides "
+                         f"{tuple(raw.stride())}")
+
+
+@torch.library.custom_op("fused_margin::triton_row_forward_backward", mutates_args=("raw",))
+def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
+                         col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
+                         class_margins: Optional[torch.Tensor], logit_offset: Optional[torch.Tensor],
+                         pair_perturbation: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
+                         scale: float, margin_type: int, lambda_inst: float, hard_all: bool, lambda_elm: float,
+                         fold: int, straight_through: bool, label_smoothing: float, ignore_index: int,
+                         reduction: int, row_proj: Optional[torch.Tensor], col_proj: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward and, in the same program right after each row's forward (the row still in cache), the
+    row backward's dL/draw for the upstream gradient 1 of the reduced loss, written over ``raw`` in its
+    dtype (``RowKernel.forward_backward`` of :mod:`fused_margin.fused`): one pass less over B x C and no
+    second B x C buffer. The gradient is the backward kernel's own expression (``logit_grad``), so it is
+    that kernel's output bit for bit where the compiler keeps the same instructions (the interpreter does).
+    ``row_coef``/``col_coef`` come back empty: ``row_proj``/``col_proj`` must be None (the projections form
+    their coefficients themselves, ``project_out_rows_``)."""
+    _check_forward_backward(raw, reduction, row_proj, col_proj)
+    outputs = _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
+                      class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
+                      label_smoothing, ignore_index, reduction, grad=True)
+    empty = raw.new_empty((0,), dtype=torch.float32)
+    return outputs + (empty, empty.clone())
+
+
+@row_forward_backward.register_fake
+def _row_forward_backward_fake(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
+                               pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all,
+                               lambda_elm, fold, straight_through, label_smoothing, ignore_index, reduction,
+                               row_proj, col_proj):
+    _check(raw, target)
+    _check_forward_backward(raw, reduction, row_proj, col_proj)
+    empty = raw.new_empty((0,), dtype=torch.float32)
+    return empty_forward_outputs(raw, reduction) + (empty, empty.clone())
