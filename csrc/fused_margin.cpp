@@ -300,15 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cpu(const Tensor& x_in, double eps)
 // in this pass (the projection is linear in grad) rather than in a pass of its own.
 void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& proj,
                           const std::optional<Tensor>& scale) {
-  TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_out_rows_: grad and v must be "
-              "2-D of one shape, got ", grad.sizes(), " and ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_out_rows_: v must have grad's dtype ",
-              grad.scalar_type(), ", got ", v.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_out_rows_: grad must be contiguous");
-  TORCH_CHECK(proj.dim() == 1 && proj.size(0) == grad.size(0), "fused_margin project_out_rows_: proj must have ",
-              grad.size(0), " entries, got shape ", proj.sizes());
-  TORCH_CHECK(!scale.has_value() || scale->numel() == 1, "fused_margin project_out_rows_: scale must hold one ",
-              "value, got shape ", scale.has_value() ? scale->sizes() : at::IntArrayRef{});
+  check_project_out_args(grad, v, proj, scale);
   const Tensor v_c = v.contiguous();
   const Tensor proj_c = proj.to(at::kFloat).contiguous();
   const float factor = scale.has_value() ? scale->item<float>() : 1.f;  // a CPU tensor: no sync

@@ -631,15 +631,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norms_cuda(const Tensor& x_in, double eps
 
 void project_out_rows_cuda(const Tensor& grad, const Tensor& v_in, const Tensor& proj_in,
                            const std::optional<Tensor>& scale_in) {
-  TORCH_CHECK(grad.dim() == 2 && v_in.sizes() == grad.sizes(), "fused_margin project_out_rows_: grad and v must "
-              "be 2-D of one shape, got ", grad.sizes(), " and ", v_in.sizes());
-  TORCH_CHECK(v_in.scalar_type() == grad.scalar_type(), "fused_margin project_out_rows_: v must have grad's dtype ",
-              grad.scalar_type(), ", got ", v_in.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_out_rows_: grad must be contiguous");
-  TORCH_CHECK(proj_in.dim() == 1 && proj_in.size(0) == grad.size(0), "fused_margin project_out_rows_: proj must "
-              "have ", grad.size(0), " entries, got shape ", proj_in.sizes());
-  TORCH_CHECK(!scale_in.has_value() || scale_in->numel() == 1, "fused_margin project_out_rows_: scale must hold one ",
-              "value, got shape ", scale_in.has_value() ? scale_in->sizes() : at::IntArrayRef{});
+  check_project_out_args(grad, v_in, proj_in, scale_in);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t rows = grad.size(0), cols = grad.size(1);
   if (rows == 0 || cols == 0) return;

@@ -296,4 +296,19 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   return call;
 }
 
+// project_out_rows_(grad, v, proj, scale): grad 2-D and contiguous (written in place), v of its shape and
+// dtype, proj one value a row, scale absent or one value.
+inline void check_project_out_args(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& proj,
+                                   const OptTensor& scale) {
+  TORCH_CHECK(grad.dim() == 2 && v.sizes() == grad.sizes(), "fused_margin project_out_rows_: grad and v must be "
+              "2-D of one shape, got ", grad.sizes(), " and ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == grad.scalar_type(), "fused_margin project_out_rows_: v must have grad's dtype ",
+              grad.scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "fused_margin project_out_rows_: grad must be contiguous");
+  TORCH_CHECK(proj.dim() == 1 && proj.size(0) == grad.size(0), "fused_margin project_out_rows_: proj must have ",
+              grad.size(0), " entries, got shape ", proj.sizes());
+  TORCH_CHECK(!scale.has_value() || scale->numel() == 1, "fused_margin project_out_rows_: scale must hold one ",
+              "value, got shape ", scale.has_value() ? scale->sizes() : at::IntArrayRef{});
+}
+
 }  // namespace fused_margin

@@ -134,6 +134,27 @@ def expm1(x):
 
 
 @triton.jit
+def block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr, pair_ptrs, cols, mask, scale,
+                 HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 HAS_PAIR: tl.constexpr):
+    """``l = s (raw row_scale col_scale + col_shift) + a + P`` in fp32 on one block of a row, from ``raw``
+    already loaded in fp32 (0 outside ``mask``) and the block's ``col_scale``; ``pair_ptrs`` point at the
+    block's pair perturbation. The gradient's logits, in the backward kernel and in the forward that forms
+    the gradient (the forward's own loop takes ``z'`` from :func:`load_scaled_scores`, the same expression)."""
+    z = raw * row_scale
+    if HAS_COL_SCALE:
+        z = z * col_scale
+    if HAS_COL_SHIFT:
+        z = z + tl.load(col_shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    logits = scale * z
+    if HAS_OFFSET:
+        logits += tl.load(offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PAIR:
+        logits += tl.load(pair_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return logits
+
+
+@triton.jit
 def logit_grad(logits, is_target, keep, lse, nll, target_grad, weight, weight_y, weight_sum, g, scale,
                label_smoothing, num_classes, SMOOTHING: tl.constexpr):
     """``G = dL/dz'`` on one block of a row from the row's statistics (the row-kernel contract of

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ..fused import empty_backward_outputs
-from ._common import LAUNCH_OPTIONS, block_config, io_columns, launch_device, logit_grad, or_dummy, round_to
+from ._common import (LAUNCH_OPTIONS, block_config, block_logits, io_columns, launch_device, logit_grad, or_dummy,
+                      round_to)
 
 
 @triton.jit
@@ -82,17 +83,9 @@ def _row_backward_kernel(
         raw = tl.load(raw_ptr + row_c * stride_raw_row + cols64 * stride_raw_col, mask=io_mask,
                       other=0.0).to(tl.float32)
         raw = tl.where(mask, raw, 0.0)  # the padding's garbage must not reach the sums (0 * NaN)
-        z = raw * row_scale
-        if HAS_COL_SCALE:
-            z = z * col_scale
-        if HAS_COL_SHIFT:
-            z = z + tl.load(col_shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        logits = scale * z
-        if HAS_OFFSET:
-            logits += tl.load(offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_PAIR:
-            logits += tl.load(pair_ptr + row_c * stride_pair_row + cols64 * stride_pair_col, mask=mask,
-                              other=0.0).to(tl.float32)
+        logits = block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr,
+                              pair_ptr + row_c * stride_pair_row + cols64 * stride_pair_col, cols, mask, scale,
+                              HAS_COL_SCALE, HAS_COL_SHIFT, HAS_OFFSET, HAS_PAIR)
         is_target = (cols == y) & kept
         if HAS_WEIGHT:
             weight_y = tl.load(weight_ptr + y).to(tl.float32)

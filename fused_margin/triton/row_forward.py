@@ -29,7 +29,7 @@ import triton.language as tl
 from ..fused import empty_forward_outputs
 from ..spec import REDUCTION_CODES
 from ._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
-                      log1p, logit_grad, online_max, or_dummy, round_to, target_margin)
+                      block_logits, log1p, logit_grad, online_max, or_dummy, round_to, target_margin)
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -204,17 +204,13 @@ def _row_forward_kernel(
             cols64 = cols.to(tl.int64)
             raw = tl.load(raw_row + cols64 * stride_raw_col, mask=io_mask, other=0.0).to(tl.float32)
             raw = tl.where(mask, raw, 0.0)
-            z = raw * row_scale
             if HAS_COL_SCALE:
                 col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=1.0).to(tl.float32)
-                z = z * col_scale
-            if HAS_COL_SHIFT:
-                z = z + tl.load(col_shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            logits = scale * z
-            if HAS_OFFSET:
-                logits += tl.load(offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_PAIR:
-                logits += tl.load(pair_row + cols64 * stride_pair_col, mask=mask, other=0.0).to(tl.float32)
+            else:
+                col_scale = 1.0
+            logits = block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr,
+                                  pair_row + cols64 * stride_pair_col, cols, mask, scale, HAS_COL_SCALE,
+                                  HAS_COL_SHIFT, HAS_OFFSET, HAS_PAIR)
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             else:
