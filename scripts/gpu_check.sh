@@ -17,7 +17,8 @@
 #   bench-inat-bf16  the harness on the inat preset (B=512 D=2048 C=8142) in bf16: reference,
 #                  torch.compile of DBM-BS, triton, cuda, lean, plain-CE anchors, the GEMM floor
 #   tests-cuda     the tests marked `cuda` (parity at large shapes, no host syncs, inductor)
-#   profile        one DBM-BS step under torch.profiler per fused backend: kernel time vs wall
+#   profile        one DBM-BS step under torch.profiler per fused backend (and Triton with the separate
+#                  row backward, triton/separate): kernel time vs wall
 #                  time, ops per step, Triton registers/spills (scripts/profile_step.py)
 #   bench-inat-fp32, bench-face-bf16, bench-vocab-bf16   the harness on the other shapes
 #   tests-triton   the whole Triton test file on the GPU (every option, the compiled kernels)
@@ -141,14 +142,14 @@ if [ $DRY -eq 1 ]; then
   export TRITON_INTERPRET=1
   TEST_SELECT=(tests/test_launch_diet.py)
   TRITON_SELECT=(tests/test_triton.py -k "fp32 and block")
-  PROFILE_SHAPE="--preset tiny --steps 2 --backends cpu"
+  PROFILE_SHAPE="--preset tiny --steps 2 --backends cpu,cpu/separate"
 else
   BUILD_CUDA=1
   SHAPE=""
   export TRITON_INTERPRET=0
   TEST_SELECT=(-m cuda tests)
   TRITON_SELECT=(tests/test_triton.py -m "not cuda")
-  PROFILE_SHAPE="--preset inat --steps 20 --backends triton,cuda"
+  PROFILE_SHAPE="--preset inat --steps 20 --backends triton,triton/separate,cuda"
 fi
 
 export OUTDIR PY SHAPE BUILD_CUDA

@@ -10,9 +10,12 @@ For each backend asked for, one step of ``LOSS`` (a benchmark loss, see ``python
 * on a GPU, the registers, spills and shared memory of every Triton kernel compiled so far (a row
   kernel that spills or runs at low occupancy shows here).
 
+A backend written ``NAME/separate`` runs with ``fused.GRAD_IN_FORWARD`` off: the separate row backward
+instead of the forward that forms ``dL/draw`` (``RowKernel.forward_backward``), to measure what that saves.
+
 Usage (scripts/gpu_check.sh runs it on a GPU; on a CPU it works too, the device columns then empty)::
 
-    python scripts/profile_step.py --preset inat --dtype bf16 --loss dbm-bs --backends triton,cuda
+    python scripts/profile_step.py --preset inat --dtype bf16 --loss dbm-bs --backends triton,triton/separate,cuda
 """
 from __future__ import annotations
 
@@ -88,6 +91,21 @@ def _triton_kernel_report() -> list:
 
 
 def profile_backend(backend: str, args, device) -> str:
+    """One backend (``NAME`` or ``NAME/separate``, see the module docstring)."""
+    from fused_margin import fused
+
+    name, _, variant = backend.partition("/")
+    if variant not in ("", "separate"):
+        raise ValueError(f"a backend is NAME or NAME/separate, got {backend!r}")
+    previous = fused.GRAD_IN_FORWARD
+    fused.GRAD_IN_FORWARD = variant != "separate"
+    try:
+        return _profile(name, backend, args, device)
+    finally:
+        fused.GRAD_IN_FORWARD = previous
+
+
+def _profile(backend: str, label: str, args, device) -> str:
     B, D, C = PRESETS[args.preset][0]
     B, D, C = args.B or B, args.D or D, args.C or C
     cfg = BenchConfig(device=str(device), B=B, D=D, C=C, dtype=args.dtype)
@@ -120,7 +138,7 @@ def profile_backend(backend: str, args, device) -> str:
             _step(fn, X, W, y)
         _sync(device)
     events = prof.key_averages()
-    lines = [f"== {args.loss}/{args.head} backend={backend} B={B} D={D} C={C} {args.dtype} on {device} "
+    lines = [f"== {args.loss}/{args.head} backend={label} B={B} D={D} C={C} {args.dtype} on {device} "
              f"(torch {torch.__version__})",
              f"wall: {wall_ms:.3f} ms per step (mean of {args.steps}, one synchronisation at the end)",
              f"dispatched ops per step: {sum(counter.ops.values())}: " +

@@ -301,6 +301,35 @@ def test_gpu_check_script_parses_and_names_its_arguments():
     assert done.returncode == 2 and "BUDGET_SECONDS" in done.stderr
 
 
+def test_profile_step_runs_a_backend_with_and_without_the_gradient_in_the_forward(capsys):
+    """scripts/profile_step.py (the GPU check's profile phase): ``NAME/separate`` profiles the same step with
+    the separate row backward (fused.GRAD_IN_FORWARD off, restored afterwards); a bad variant is named and
+    the others still run (exit 1)."""
+    import importlib.util
+    import pathlib
+
+    from fused_margin import backends, fused
+
+    if backends.available_backends("cpu")["cpu"] != "ok":
+        pytest.skip("the C++ extension is not built")
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    assert profile_step.main(["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu",
+                              "--backends", "cpu,cpu/separate"]) == 0
+    assert fused.GRAD_IN_FORWARD
+    blocks = capsys.readouterr().out.split("== ")
+    together = next(b for b in blocks if b.startswith("dbm-bs/cosine backend=cpu "))
+    separate = next(b for b in blocks if b.startswith("dbm-bs/cosine backend=cpu/separate "))
+    assert "fused_margin.row_forward_backward" in together and "fused_margin.row_backward" not in together
+    assert "fused_margin.row_backward" in separate and "fused_margin.row_forward_backward" not in separate
+    assert profile_step.main(["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu",
+                              "--backends", "cpu/twice,cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "a backend is NAME or NAME/separate, got 'cpu/twice'" in out and "backend=cpu B=" in out
+
+
 def test_rounds_retime_every_case_and_take_the_median_of_each_rounds_ratio():
     """--rounds N: every timed row is timed N times (the floor and the cases in one order each round); its ms
     is the median of the rounds' medians and its ratios the medians of each round's own ratio."""
