@@ -155,13 +155,15 @@ def assert_fp32_close(name, actual, truth, rtol=FP32_RTOL):
     assert err <= rtol * size + 1e-30, f"{name}: max error {err:.3g} > {rtol:g} x max |truth| {size:.3g}"
 
 
-def assert_within_reference_error(name, actual, ref_same_dtype, truth, factor=1.0, floor=2e-5):
+def assert_within_reference_error(name, actual, ref_same_dtype, truth, factor=1.0, floor=2e-5, size_at_least=0.0):
     """docs/loss.md section 8: no larger than ``factor`` x the reference's error in the same dtype (inf-norm),
-    plus ``floor`` x max |truth|."""
+    plus ``floor`` x max |truth| (or x ``size_at_least`` where larger: the magnitude of an intermediate the
+    result is computed from, e.g. the cosine head's gradient before its projection)."""
     actual, truth_a = _finite_parts(name, actual, truth)
     ref, truth_r = _finite_parts(name + " (reference)", ref_same_dtype, truth)
     err, size = _max_err(actual, truth_a)
     ref_err, _ = _max_err(ref, truth_r)
+    size = max(size, size_at_least)
     assert err <= factor * ref_err + floor * size + 1e-30, \
         f"{name}: error {err:.3g} > {factor:g} x the reference's own error {ref_err:.3g} + {floor:g} x {size:.3g}"
 
