@@ -73,18 +73,15 @@ CpuKernels select_cpu_kernels() {
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512" && cpu::AVX512::vector_width() > 0) {
     return {cpu::AVX512::row_forward, cpu::AVX512::row_backward, cpu::AVX512::row_forward_backward,
-            cpu::AVX512::row_norms,
-            cpu::AVX512::project_rows, "AVX512"};
+            cpu::AVX512::row_norms, cpu::AVX512::project_rows, "AVX512"};
   }
   if ((capability == "AVX512" || capability == "AVX2") && cpu::AVX2::vector_width() > 0) {
     return {cpu::AVX2::row_forward, cpu::AVX2::row_backward, cpu::AVX2::row_forward_backward,
-            cpu::AVX2::row_norms,
-            cpu::AVX2::project_rows, "AVX2"};
+            cpu::AVX2::row_norms, cpu::AVX2::project_rows, "AVX2"};
   }
 #endif
   return {cpu::DEFAULT::row_forward, cpu::DEFAULT::row_backward, cpu::DEFAULT::row_forward_backward,
-            cpu::DEFAULT::row_norms,
-            cpu::DEFAULT::project_rows, "DEFAULT"};
+          cpu::DEFAULT::row_norms, cpu::DEFAULT::project_rows, "DEFAULT"};
 }
 
 const CpuKernels& cpu_kernels() {
@@ -242,10 +239,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor upstream = at::ones({}, f32);
   OptTensor denom;
   if (reduction == static_cast<int64_t>(Reduction::Mean)) denom = at::full({}, loss_denominator(fargs), f32);
-  BackwardCall bwd = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                      pair_perturbation, class_weight, fwd.lse, fwd.nll, fwd.target_grad, upstream,
-                                      denom, scale, label_smoothing, ignore_index, /*scale_grad=*/true, row_proj,
-                                      col_proj, /*col_stats=*/false, /*in_place=*/true);
+  // the forward's checked and converted inputs (raw: the caller's own tensor, row-major as checked above)
+  TORCH_INTERNAL_ASSERT(fwd.raw.is_same(raw_in), "fused_margin row_forward_backward: raw was copied");
+  BackwardCall bwd = prepare_backward(fwd, fwd.lse, fwd.nll, fwd.target_grad, upstream, denom, scale,
+                                      label_smoothing, ignore_index, /*scale_grad=*/true, row_proj, col_proj,
+                                      /*col_stats=*/false, /*in_place=*/true);
   RowBackwardArgs& bargs = bwd.args;
   const int64_t rows = bargs.rows, cols = bargs.cols;
   set_weight_sum_cpu(bwd, label_smoothing);
@@ -333,7 +331,6 @@ TORCH_LIBRARY(fused_margin, m) {
       "Tensor nll, Tensor target_grad, Tensor grad_rows, Tensor? denom, float scale, float label_smoothing, "
       "int ignore_index, bool scale_grad, Tensor? row_proj, Tensor? col_proj, bool col_stats) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // ||x_i||, 1 / max(||x_i||, eps) and the projection factor of the cosine head (fp32)
   // row_forward, then on each row dL/draw over raw in place and the sums (upstream gradient 1; CPU only)
   m.def(
       "row_forward_backward(Tensor(a!) raw, Tensor target, Tensor? row_scale, Tensor? col_scale, "
@@ -342,6 +339,7 @@ TORCH_LIBRARY(fused_margin, m) {
       "int fold, bool straight_through, float label_smoothing, int ignore_index, int reduction, "
       "Tensor? row_proj, Tensor? col_proj) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ||x_i||, 1 / max(||x_i||, eps) and the projection factor of the cosine head (fp32)
   m.def("row_norms(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // grad -= proj[:, None] * (grad . v) v per row in place, the dot from grad itself (fp32 math, one rounding):
   // the cosine head's projection

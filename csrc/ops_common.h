@@ -230,18 +230,17 @@ struct BackwardCall : RowInputs {
   }
 };
 
-inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor& target_in,
-                                     const OptTensor& row_scale, const OptTensor& col_scale,
-                                     const OptTensor& col_shift, const OptTensor& logit_offset,
-                                     const OptTensor& pair_perturbation, const OptTensor& class_weight,
-                                     const at::Tensor& lse, const at::Tensor& nll,
+// From inputs already prepared (prepare_inputs, or a ForwardCall's: row_forward_backward's backward reads
+// the forward's converted tables instead of converting them again). With in_place (row_forward_backward),
+// dL/draw overwrites raw itself, each element after its last read: raw must be the caller's own tensor
+// (row-major, so prepare_inputs kept it) and scale_grad set.
+inline BackwardCall prepare_backward(const RowInputs& inputs, const at::Tensor& lse, const at::Tensor& nll,
                                      const at::Tensor& target_grad, const at::Tensor& grad_rows,
                                      const OptTensor& denom, double scale, double label_smoothing,
                                      int64_t ignore_index, bool scale_grad, const OptTensor& row_proj,
-                                     const OptTensor& col_proj, bool col_stats, bool in_place = false) {
+                                     const OptTensor& col_proj, bool col_stats, bool in_place) {
   BackwardCall call;
-  static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                                 pair_perturbation, class_weight);
+  static_cast<RowInputs&>(call) = inputs;
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
   call.lse = float_table(lse, "lse", {rows}, raw);
@@ -253,16 +252,14 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   call.row_proj = float_table(row_proj, "row_proj", {rows}, raw);
   call.col_proj = float_table(col_proj, "col_proj", {cols}, raw);
   // a padded raw (the fused path's GEMM output) gets a padded gradient: its rows stay aligned for the
-  // backward GEMMs and vector stores (fused.py grad_row_stride says the same for the fake kernels); in
-  // place (row_forward_backward), dL/draw overwrites raw itself, each element after its last read
+  // backward GEMMs and vector stores (fused.py grad_row_stride says the same for the fake kernels)
   int64_t grad_stride = (raw.stride(0) == cols || cols % kClassAlign == 0)
                             ? cols
                             : (cols + kClassAlign - 1) / kClassAlign * kClassAlign;
   if (in_place) {
-    TORCH_CHECK(scale_grad && raw.is_same(raw_in), "fused_margin row kernels: an in-place gradient needs a "
-                "row-major raw and scale_grad");
-    call.grad = raw_in;
-    grad_stride = raw_in.stride(0);
+    TORCH_CHECK(scale_grad, "fused_margin row kernels: an in-place gradient needs scale_grad");
+    call.grad = raw;
+    grad_stride = raw.stride(0);
   } else {
     call.grad = at::empty({rows, grad_stride}, raw.options().dtype(scale_grad ? raw.scalar_type() : at::kFloat))
                     .narrow(1, 0, cols);
@@ -294,6 +291,21 @@ inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor&
   args.col_blocks = args.col_block_width = args.row_block = 1;
   args.col_sum_grad = col_stats;
   return call;
+}
+
+inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor& target_in,
+                                     const OptTensor& row_scale, const OptTensor& col_scale,
+                                     const OptTensor& col_shift, const OptTensor& logit_offset,
+                                     const OptTensor& pair_perturbation, const OptTensor& class_weight,
+                                     const at::Tensor& lse, const at::Tensor& nll,
+                                     const at::Tensor& target_grad, const at::Tensor& grad_rows,
+                                     const OptTensor& denom, double scale, double label_smoothing,
+                                     int64_t ignore_index, bool scale_grad, const OptTensor& row_proj,
+                                     const OptTensor& col_proj, bool col_stats) {
+  return prepare_backward(prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
+                                         pair_perturbation, class_weight),
+                          lse, nll, target_grad, grad_rows, denom, scale, label_smoothing, ignore_index, scale_grad,
+                          row_proj, col_proj, col_stats, /*in_place=*/false);
 }
 
 // project_out_rows_(grad, v, proj, scale): grad 2-D and contiguous (written in place), v of its shape and

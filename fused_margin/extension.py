@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .fused import RowKernel, empty_backward_outputs, empty_forward_outputs
+from .fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
 from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
 
 try:
@@ -69,10 +69,8 @@ def _row_backward_fake(*args, **kwargs):
 
 def _row_forward_backward_fake(*args, **kwargs):
     a = dict(zip(ROW_FORWARD_BACKWARD_ARGS, args), **kwargs)
-    raw = a["raw"]
-    sums = tuple(raw.new_empty((size if a[name] is not None else 0,), dtype=torch.float32)
-                 for name, size in (("row_proj", raw.shape[0]), ("col_proj", raw.shape[1])))
-    return empty_forward_outputs(raw, a["reduction"]) + sums
+    return (empty_forward_outputs(a["raw"], a["reduction"])
+            + empty_projection_sums(a["raw"], a["row_proj"], a["col_proj"]))
 
 
 def _row_norms_fake(x, eps):

@@ -163,18 +163,24 @@ def empty_forward_outputs(raw: torch.Tensor, reduction: int):
                  for name in ROW_FORWARD_OUTPUTS)
 
 
+def empty_projection_sums(raw: torch.Tensor, row_proj, col_proj):
+    """Uninitialised ``(row_coef, col_coef)`` of a forward that forms the gradient (the last two outputs of
+    :data:`~fused_margin.spec.ROW_FORWARD_BACKWARD_OUTPUTS`): fp32, B (or 0 without ``row_proj``) and C (or 0
+    without ``col_proj``) values."""
+    rows, cols = raw.shape
+    return (raw.new_empty((rows if row_proj is not None else 0,), dtype=torch.float32),
+            raw.new_empty((cols if col_proj is not None else 0,), dtype=torch.float32))
+
+
 def empty_backward_outputs(raw: torch.Tensor, scale_grad: bool, row_proj, col_proj, col_stats: bool):
     """Uninitialised outputs of a row backward (:data:`~fused_margin.spec.ROW_BACKWARD_OUTPUTS`): ``grad``
     (``raw``'s shape; its dtype with ``scale_grad``, else fp32), ``row_coef`` (B, or 0 without
     ``row_proj``), ``col_coef`` (C, or 0 without ``col_proj``), ``stats`` (3 x C with ``col_stats``, else
     0 values), all fp32 but ``grad``, which has the row stride of :func:`grad_row_stride`."""
     rows, cols = raw.shape
-    f32 = dict(dtype=torch.float32)
     grad = raw.new_empty((rows, grad_row_stride(raw)), dtype=raw.dtype if scale_grad else torch.float32)
-    return (grad[:, :cols],
-            raw.new_empty((rows if row_proj is not None else 0,), **f32),
-            raw.new_empty((cols if col_proj is not None else 0,), **f32),
-            raw.new_empty((len(COLUMN_STATS), cols) if col_stats else (0,), **f32))
+    return ((grad[:, :cols],) + empty_projection_sums(raw, row_proj, col_proj)
+            + (raw.new_empty((len(COLUMN_STATS), cols) if col_stats else (0,), dtype=torch.float32),))
 
 
 def scaled_scores(raw, row_scale, col_scale, col_shift):

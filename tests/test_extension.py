@@ -121,39 +121,14 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
         assert (got - value).abs().max() <= tol * value.abs().max() + 1e-30, key
 
 
-def _grads_with_upstream(upstream, flag, monkeypatch, dtype, head, bias=False):
-    from fused_margin import fused
-
-    monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
-    g = _gen(5)
-    x = torch.randn(12, 16, generator=g).to(dtype).requires_grad_()
-    w = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
-    y = torch.randint(0, 37, (12,), generator=g)
-    y[4] = -100
-    extra = dict(bias=torch.zeros(37, requires_grad=True)) if bias else {}
-    loss = fm.margin_cross_entropy(x, y, w, head=head, scale=30.0 if head == "cosine" else 1.0,
-                                   class_margins=torch.linspace(0.1, 0.5, 37), margin_type="additive_angular"
-                                   if head == "cosine" else "additive_cosine", backend="cpu", **extra)
-    first = torch.autograd.grad(loss * upstream, (x, w), retain_graph=True)
-    second = torch.autograd.grad(loss * upstream, (x, w))  # the saved gradient is read, not consumed
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    return first
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("head", ("cosine", "linear"))
 def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype, monkeypatch):
-    """loss * 2.5: the gradients formed for an upstream 1 in the forward are scaled in the backward, and
-    agree with the separate row backward, which takes 2.5 in the kernel (fp32: to rounding; bf16: one more
-    rounding of dL/draw), twice over the same graph."""
-    for upstream in (1.0, 2.5, -0.125):
-        early = _grads_with_upstream(upstream, True, monkeypatch, dtype, head)
-        late = _grads_with_upstream(upstream, False, monkeypatch, dtype, head)
-        for a, b in zip(early, late):
-            scale = b.float().abs().max().item()
-            tol = 1e-6 if dtype == torch.float32 else 2 ** -7
-            assert (a.float() - b.float()).abs().max().item() <= tol * scale, (upstream, head, dtype)
+    """loss * 2.5: the gradients formed for an upstream 1 in the forward are scaled in the backward (on the
+    cosine head inside the projections' pass), and agree with the separate row backward, which takes 2.5 in
+    the kernel (fp32: to rounding; bf16: one more rounding), twice over the same graph
+    (kernel_cases.check_upstream_gradient)."""
+    kernel_cases.check_upstream_gradient("cpu", dtype, head, monkeypatch)
 
 
 def test_when_the_forward_forms_the_gradient():

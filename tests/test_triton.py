@@ -358,33 +358,8 @@ def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype,
     """loss * k (k = 1, 2.5, -0.125): the gradient formed for an upstream 1 in the forward takes k in the
     backward (on the cosine head inside the projections' pass, project_out's scale; on the linear head one
     multiply of dL/draw) and agrees with the separate row backward, which takes k in the kernel (fp32: to
-    rounding; bf16: to two of its roundings), twice over one graph (the saved dL/draw is read, not consumed)."""
-    from fused_margin import fused
-
-    g = _gen(5)
-    x0, w0 = torch.randn(12, 16, generator=g), torch.randn(37, 16, generator=g)
-    y = torch.randint(0, 37, (12,), generator=g)
-    y[4] = -100
-    margins = torch.linspace(0.1, 0.5, 37)
-    for upstream in (1.0, 2.5, -0.125):
-        grads = {}
-        for flag in (True, False):
-            monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
-            x = x0.to(dtype).to(DEVICE).requires_grad_()
-            w = w0.to(dtype).to(DEVICE).requires_grad_()
-            with max_block(8):
-                loss = fm.margin_cross_entropy(x, y.to(DEVICE), w, head=head, scale=30.0 if head == "cosine" else 1.0,
-                                               class_margins=margins.to(DEVICE), backend="triton",
-                                               margin_type="additive_angular" if head == "cosine" else "additive_cosine")
-                first = torch.autograd.grad(loss * upstream, (x, w), retain_graph=True)
-                second = torch.autograd.grad(loss * upstream, (x, w))
-            for a, b in zip(first, second):
-                assert torch.equal(a, b)
-            grads[flag] = first
-        for a, b in zip(grads[True], grads[False]):
-            scale = b.float().abs().max().item()
-            tol = 1e-6 if dtype == torch.float32 else 2 ** -7
-            assert (a.float() - b.float()).abs().max().item() <= tol * scale, (upstream, head, dtype)
+    rounding; bf16: to two of its roundings), twice over one graph (kernel_cases.check_upstream_gradient)."""
+    kernel_cases.check_upstream_gradient("triton", dtype, head, monkeypatch, DEVICE, context=lambda: max_block(8))
 
 
 def test_forward_backward_op_writes_the_row_backwards_gradient_over_raw():

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused import empty_forward_outputs
+from ..fused import empty_forward_outputs, empty_projection_sums
 from ..spec import REDUCTION_CODES
 from ._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
                       block_logits, log1p, logit_grad, online_max, or_dummy, round_to, target_margin)
@@ -379,8 +379,7 @@ def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Opt
     outputs = _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
                       class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
                       label_smoothing, ignore_index, reduction, grad=True)
-    empty = raw.new_empty((0,), dtype=torch.float32)
-    return outputs + (empty, empty.clone())
+    return outputs + empty_projection_sums(raw, None, None)
 
 
 @row_forward_backward.register_fake
@@ -390,5 +389,4 @@ def _row_forward_backward_fake(raw, target, row_scale, col_scale, col_shift, cla
                                row_proj, col_proj):
     _check(raw, target)
     _check_forward_backward(raw, reduction, row_proj, col_proj)
-    empty = raw.new_empty((0,), dtype=torch.float32)
-    return empty_forward_outputs(raw, reduction) + (empty, empty.clone())
+    return empty_forward_outputs(raw, reduction) + empty_projection_sums(raw, None, None)
