@@ -178,6 +178,16 @@ def logit_grad(logits, is_target, keep, lse, nll, target_grad, weight, weight_y,
 
 
 @triton.jit
+def scalar_mask(condition):
+    """A scalar condition as a mask to combine with block masks (``block_mask & scalar_mask(c)``), the same
+    value and, once compiled, the same code (``select(c, true, false)`` folds to ``c``). Triton 3.9's
+    interpreter keeps a scalar comparison with its operands' integer type, so ``block_mask & (i < n)``
+    becomes an int32 block that it refuses as a load or store mask ("mask has unsupported dtype");
+    through ``tl.where`` the scalar is a proper boolean."""
+    return tl.where(condition, True, False)
+
+
+@triton.jit
 def round_to(x, DTYPE: tl.constexpr):
     """fp32 ``x`` cast to ``DTYPE`` with round-to-nearest-even. For bfloat16 the rounding is done on the
     fp32 bits first (``bits + 0x7FFF + lsb``, then drop the low half), so the cast itself is exact:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_config, launch_device, or_dummy, round_to
+from ._common import LAUNCH_OPTIONS, block_config, launch_device, or_dummy, round_to
 
 
 @triton.jit
@@ -62,10 +62,11 @@ def _block_partials_kernel(
 
     best = float("-inf")
     best_col = tl.zeros((), dtype=tl.int64)
-    first_nan = width
+    # int64 from the start: a loop-carried value keeps its type, and a GPU launch passes width as int32
+    first_nan = tl.zeros((), dtype=tl.int64) + width
     wrong = float("-inf")
     wrong_col = tl.zeros((), dtype=tl.int64)
-    wrong_nan = width
+    wrong_nan = tl.zeros((), dtype=tl.int64) + width
     z_y = 0.0
     run_max = float("-inf")
     run_sum = 0.0
@@ -204,7 +205,7 @@ def block_partials(buffers, raw: torch.Tensor, c0: int, target: torch.Tensor, *,
             FIRST=bool(first), HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
             HAS_COL_SHIFT=col_shift is not None, HAS_OFFSET=offset is not None, HAS_PAIR=pair is not None,
             HAS_WEIGHT=class_weight is not None, TRACK_WRONG=bool(track_wrong), SMOOTHING=bool(smoothing),
-            BLOCK=block, num_warps=num_warps)
+            BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
 
 
 @triton.jit
@@ -275,5 +276,6 @@ def block_grad(raw: torch.Tensor, c0: int, target: torch.Tensor, lse: torch.Tens
             out, out.stride(0), c0, col0, width, float(scale), int(ignore_index),
             HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
             HAS_COL_SHIFT=col_shift is not None, HAS_OFFSET=offset is not None, HAS_PAIR=pair is not None,
-            HAS_WEIGHT=class_weight is not None, SMOOTHING=smooth is not None, BLOCK=block, num_warps=num_warps)
+            HAS_WEIGHT=class_weight is not None, SMOOTHING=smooth is not None, BLOCK=block, num_warps=num_warps,
+            **LAUNCH_OPTIONS)
     return out

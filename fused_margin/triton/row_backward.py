@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..fused import empty_backward_outputs
 from ._common import (LAUNCH_OPTIONS, block_config, block_logits, io_columns, launch_device, logit_grad, or_dummy,
-                      round_to)
+                      round_to, scalar_mask)
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _row_backward_kernel(
     sum_dl = tl.zeros([BLOCK], dtype=tl.float32)
     for r in range(ROWS):
         row = row_block * ROWS + r
-        in_rows = row < rows
+        in_rows = scalar_mask(row < rows)
         row_c = tl.where(in_rows, row, 0)
         label = tl.load(target_ptr + row_c)
         kept = in_rows & (label != ignore_index)

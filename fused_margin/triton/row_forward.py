@@ -29,7 +29,8 @@ import triton.language as tl
 from ..fused import empty_forward_outputs, empty_projection_sums
 from ..spec import REDUCTION_CODES
 from ._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
-                      block_logits, log1p, logit_grad, online_max, or_dummy, round_to, target_margin)
+                      block_logits, log1p, logit_grad, online_max, or_dummy, round_to, scalar_mask,
+                      target_margin)
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,7 +51,7 @@ def _row_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(target_ptr + row)
     # a kept label out of range (the reduction kernel reports it) is read as an ignored row of class 0
-    kept = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    kept = scalar_mask((label != ignore_index) & (label >= 0) & (label < num_classes))
     y = tl.where(kept, label, 0)
     raw_row = raw_ptr + row * stride_raw_row
     pair_row = pair_ptr + row * stride_pair_row
