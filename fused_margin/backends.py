@@ -8,23 +8,30 @@ computes docs/loss.md.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .fused import RowKernel
+from .versions import UntestedTritonError
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned = set()
 
 
-def _load_triton() -> Optional[RowKernel]:
+def _triton_import() -> Tuple[Optional[RowKernel], Optional[ImportError]]:
+    """``(the Triton RowKernel, None)``, or ``(None, the ImportError)``: Triton not installed, or an untested
+    release (:class:`~fused_margin.versions.UntestedTritonError`, :mod:`fused_margin.versions`)."""
     try:
         from .triton import ROW_KERNEL
-    except ImportError:
-        return None
-    return ROW_KERNEL
+    except ImportError as error:
+        return None, error
+    return ROW_KERNEL, None
+
+
+def _load_triton() -> Optional[RowKernel]:
+    return _triton_import()[0]
 
 
 def _load_extension(device_type: str) -> Optional[RowKernel]:
@@ -56,8 +63,10 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.float32)
     status = {"reference": "ok"}
     fused_dtype_ok = dtype in _FUSED_DTYPES
     bad_dtype = f"fused kernels take float16, bfloat16 and float32, not {dtype}"
-    if _load_triton() is None:
-        status["triton"] = "triton is not installed"
+    triton_error = _triton_import()[1]
+    if triton_error is not None:
+        status["triton"] = (str(triton_error) if isinstance(triton_error, UntestedTritonError)
+                            else "triton is not installed")
     elif not triton_runs_on(device):
         status["triton"] = f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
     else:
@@ -66,7 +75,10 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.float32)
         if device.type != dev:
             status[name] = f"backend {name!r} runs on {dev} tensors, got {device.type}"
         elif _load_extension(dev) is None:
-            status[name] = f"the fused_margin C++ extension was not built with {dev} kernels"
+            from . import extension
+            status[name] = (f"the fused_margin C++ extension is not available: {extension.BUILD_ERROR}"
+                            if extension.BUILD_ERROR else f"the fused_margin C++ extension was built without {dev} "
+                            "kernels (torch was a CPU build, or no CUDA toolkit was found when it was built)")
         else:
             status[name] = "ok" if fused_dtype_ok else bad_dtype
     return status
@@ -84,6 +96,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> O
             raise RuntimeError(f"backend={backend!r} is not available: {status[backend]}")
         return _row_kernel(backend, device)
     order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    if (device.type == "cuda" and isinstance(_triton_import()[1], UntestedTritonError)
+            and "triton-version" not in _warned):
+        _warned.add("triton-version")
+        warnings.warn(f"fused_margin: backend='auto' does not take the Triton kernels: {status['triton']}",
+                      RuntimeWarning, stacklevel=3)
     for name in order:
         if status.get(name) == "ok":
             return _row_kernel(name, device)

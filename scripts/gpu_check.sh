@@ -139,6 +139,9 @@ if [ $DRY -eq 1 ]; then
   # a rehearsal on this machine: the same phases at tiny shapes, Triton in its interpreter
   BUILD_CUDA=""  # whatever this machine can build
   SHAPE="--B 16 --D 32 --C 70 --min-reps 1 --max-reps 2 --target-time 0 --warmup 1 --input-sets 1"
+  # face and vocab take the memory-lean path on a GPU (class_chunk="auto" past 64 MiB); at the tiny shape
+  # chunks of 32 classes do, so the rehearsal runs the class-block kernels too (Triton's in its interpreter)
+  LEAN_SHAPE="--class-chunk 32"
   export TRITON_INTERPRET=1
   TEST_SELECT=(tests/test_launch_diet.py)
   TRITON_SELECT=(tests/test_triton.py -k "fp32 and block")
@@ -146,13 +149,14 @@ if [ $DRY -eq 1 ]; then
 else
   BUILD_CUDA=1
   SHAPE=""
+  LEAN_SHAPE=""
   export TRITON_INTERPRET=0
   TEST_SELECT=(-m cuda tests)
   TRITON_SELECT=(tests/test_triton.py -m "not cuda")
   PROFILE_SHAPE="--preset inat --steps 20 --backends triton,triton/separate,cuda"
 fi
 
-export OUTDIR PY SHAPE BUILD_CUDA
+export OUTDIR PY SHAPE LEAN_SHAPE BUILD_CUDA
 export -f env_report build after_build bench
 note "gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes'), budget ${BUDGET}s, dry run $DRY, started $(date -u +%FT%TZ)"
 phase env 60 env_report
@@ -171,10 +175,12 @@ phase tests-cuda 150 "$PY" -m pytest -q -ra -p no:cacheprovider $(pytest_args) \
 phase profile 60 "$PY" scripts/profile_step.py --dtype bf16 --loss dbm-bs $PROFILE_SHAPE
 phase bench-inat-fp32 60 bench bench-inat-fp32 --preset inat --dtype fp32 --losses dbm-bs \
   --backends reference,triton,cuda,lean,torch-ce,floor --compile none
+# shellcheck disable=SC2086
 phase bench-face-bf16 60 bench bench-face-bf16 --preset face --dtype bf16 --losses dbm-bs --heads cosine \
-  --backends reference,triton,cuda,lean,torch-ce,liger,cce,floor --compile none
+  --backends reference,triton,cuda,lean,torch-ce,liger,cce,floor --compile none $LEAN_SHAPE
+# shellcheck disable=SC2086
 phase bench-vocab-bf16 90 bench bench-vocab-bf16 --preset vocab --dtype bf16 --losses dbm-bs --heads cosine \
-  --backends triton,cuda,lean,torch-ce,liger,cce,floor --compile none --check-rows 256
+  --backends triton,cuda,lean,torch-ce,liger,cce,floor --compile none --check-rows 256 $LEAN_SHAPE
 # shellcheck disable=SC2046
 phase tests-triton 150 "$PY" -m pytest -q -ra -p no:cacheprovider $(pytest_args) \
   --junitxml="$OUTDIR/tests-triton.xml" "${TRITON_SELECT[@]}"

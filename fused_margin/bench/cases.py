@@ -185,7 +185,8 @@ def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, c
         fn, fn_aux = _module_fns(LOSSES[loss].module(counts, head, name).to(device), class_chunk=cfg.class_chunk)
         note = _lean_note(cfg, name)
         if name == "triton" and device.type == "cpu":
-            note = "Triton interpreter (TRITON_INTERPRET=1): correct, but its time means nothing"
+            note = "; ".join(filter(None, ["Triton interpreter (TRITON_INTERPRET=1): correct, but its time means "
+                                           "nothing", note]))
         cases.append(Case(group, name, "margin", loss, head, fn, fn_aux, note=note))
     if "lean" in cfg.impls:
         chunk = auto_chunk(cfg.B, cfg.C)

@@ -9,15 +9,20 @@ a second small kernel), :func:`row_norms` (the cosine head's norms) and the proj
 ``torch.library`` custom ops (``fused_margin::triton_row_forward``, ``triton_row_backward``,
 ``triton_row_norms``, ``triton_project_out_rows_``) with fake kernels, so ``torch.compile`` traces
 through them.
-They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``. Importing this package with an
+untested Triton raises :class:`fused_margin.versions.UntestedTritonError` (:mod:`fused_margin.versions`).
 """
 import os
 
-from ..fused import RowKernel
-from ._common import max_block
-from .norms import project_out, row_norms
-from .row_backward import row_backward
-from .row_forward import row_forward, row_forward_backward
+from ..versions import check_triton
+
+check_triton()  # an untested Triton: UntestedTritonError, before any kernel is defined
+
+from ..fused import RowKernel  # noqa: E402
+from ._common import max_block  # noqa: E402
+from .norms import project_out, row_norms  # noqa: E402
+from .row_backward import row_backward  # noqa: E402
+from .row_forward import row_forward, row_forward_backward  # noqa: E402
 
 ROW_KERNEL = RowKernel("triton", row_forward, row_backward, row_norms, forward_backward=row_forward_backward,
                        project_out=project_out)
