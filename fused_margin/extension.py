@@ -1,4 +1,5 @@
-"""Thin wrapper over the C++/CUDA extension ``fused_margin._C`` (built by ``setup.py`` from ``csrc/``).
+"""Thin wrapper over the C++/CUDA extension ``fused_margin._C`` (sources in ``fused_margin/csrc/``; how it is
+built: :mod:`fused_margin._build`).
 
 Importing the extension registers ``torch.ops.fused_margin.row_forward`` and ``row_backward``, the row
 kernels of the fused margin loss (the contract in :mod:`fused_margin.fused`'s docstring, stated eagerly
@@ -6,25 +7,93 @@ in :mod:`fused_margin.row_torch`), with CPU kernels always and CUDA kernels when
 module adds their fake (meta) kernels, so ``torch.compile`` traces through them, and
 :func:`row_kernel`, which :mod:`fused_margin.backends` asks for a device's :class:`RowKernel`.
 
-Without the extension (``FUSED_MARGIN_NO_EXT=1``, or torch missing at build time) everything still
-imports and :func:`row_kernel` returns ``None``: the losses run on the reference or on Triton.
+Where the install built no extension (pip's default isolated build has no torch), the first import of this
+module builds it with ``torch.utils.cpp_extension.load`` (ninja; the sources and flags of setup.py; cached
+under torch's extensions folder, so once per Python, torch and fused_margin version), saying so in one line.
+Where it cannot (no C++ compiler, no ninja) or ``FUSED_MARGIN_NO_EXT=1`` is set, everything still imports,
+:func:`row_kernel` returns ``None`` and :data:`BUILD_ERROR` says why: the losses run on the reference or on
+Triton, and ``backend="cpu"`` names the fix.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+import shutil
+import sys
+import time
+import warnings
+from typing import Optional, Tuple
 
 import torch
 
+from . import _build
 from .fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
 from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
 
-try:
-    from . import _C
-except ImportError as error:  # not built: the pure-Python package
-    _C = None
-    BUILD_ERROR: Optional[str] = str(error)
-else:
-    BUILD_ERROR = None
+
+def _missing_tool() -> Optional[str]:
+    """Why the build on first use cannot run here, or None."""
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        return (f"no C++ compiler ({compiler!r} is not on the PATH): install one (Debian/Ubuntu: apt-get install "
+                "g++; conda: conda install gxx_linux-64), or set FUSED_MARGIN_NO_EXT=1 to run without the C++ "
+                "kernels")
+    if shutil.which("ninja") is None:
+        try:  # the ninja wheel's binary, in a virtual environment that is not activated
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            return "ninja is not installed (pip install ninja), or set FUSED_MARGIN_NO_EXT=1 to run without the C++ kernels"
+    return None
+
+
+def _build_now():
+    """Build and load ``fused_margin._C`` with ``torch.utils.cpp_extension.load``: ``(module, None)`` or
+    ``(None, why not)``."""
+    problem = _missing_tool()
+    if problem is not None:
+        return None, problem
+    from . import __version__
+    try:
+        plan = _build.plan()
+        from torch.utils.cpp_extension import load
+        directory = _build.build_directory(torch, plan.with_cuda, __version__)
+        os.makedirs(directory, exist_ok=True)
+        first = not os.path.exists(os.path.join(directory, "_C.so"))
+        if first:
+            for note in plan.notes:
+                print(f"fused_margin: {note}", file=sys.stderr, flush=True)
+            print(f"fused_margin: building the C++ kernels, once ({plan.summary}), in {directory} ...",
+                  file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        module = load(name="_C", sources=plan.sources, extra_cflags=plan.cxx_flags, extra_cuda_cflags=plan.nvcc_flags,
+                      extra_ldflags=plan.link_flags, extra_include_paths=plan.include_dirs,
+                      build_directory=directory, with_cuda=plan.with_cuda, verbose=False)
+    except Exception as error:  # a compiler error, a failed link: the package still runs, without it
+        return None, f"the build of the C++ kernels failed: {type(error).__name__}: {error}"
+    if first:
+        print(f"fused_margin: C++ kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    sys.modules[f"{__package__}._C"] = module
+    return module, None
+
+
+def _import_or_build() -> Tuple[Optional[object], Optional[str]]:
+    """``(fused_margin._C, None)``, or ``(None, why it is missing)``."""
+    if _build.flag("FUSED_MARGIN_NO_EXT"):
+        return None, "FUSED_MARGIN_NO_EXT=1"
+    try:
+        from . import _C
+        return _C, None
+    except ImportError as error:
+        installed = error
+    module, problem = _build_now()
+    if module is None:
+        problem = f"{problem} (the installed package has no usable extension: {installed})"
+        warnings.warn(f"fused_margin: no C++ kernels: {problem}; losses on CPU tensors run on the reference "
+                      "implementation", RuntimeWarning, stacklevel=2)
+    return module, problem
+
+
+_C, BUILD_ERROR = _import_or_build()
 
 
 def is_built() -> bool:
@@ -35,6 +104,18 @@ def is_built() -> bool:
 def cuda_built() -> bool:
     """Whether the extension was built with its CUDA kernels."""
     return _C is not None and bool(_C.WITH_CUDA)
+
+
+def describe() -> str:
+    """One line: which kernels the extension holds, and why the CUDA kernels or the whole extension are
+    missing."""
+    if _C is None:
+        return f"not available: {BUILD_ERROR}"
+    kernels = f"CPU kernels ({cpu_kernel_isa()})"
+    if cuda_built():
+        return f"{kernels} and CUDA kernels"
+    problem = _build.cuda_problem(torch, _build.find_cuda_home())
+    return f"{kernels}; no CUDA kernels: {problem or 'not built (FUSED_MARGIN_CUDA=0, or the build could not)'}"
 
 
 def cpu_kernel_isa() -> Optional[str]:

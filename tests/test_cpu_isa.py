@@ -27,7 +27,7 @@ if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR})", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROW_MATH = os.path.join(HERE, os.pardir, "csrc", "row_math.h")
+ROW_MATH = os.path.join(HERE, os.pardir, "fused_margin", "csrc", "row_math.h")
 X86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
 # namespaces named after an instruction set: fused_margin's kernels and row math, ATen's at::vec
 ISA_NAMESPACE = re.compile(r"(?:fused_margin::cpu::|fused_margin::row_math_|at::vec::|fused_margin::block::\(anonymous namespace\)::)(DEFAULT|AVX2|AVX512)::")

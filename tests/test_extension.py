@@ -540,15 +540,15 @@ def test_cuda_source_compiles_for_sm90():
                 f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
             includes = [tmp] + includes
         command = [nvcc, "-arch=sm_90", "-std=c++17", "-O3", "--fmad=false", "-DFUSED_MARGIN_WITH_CUDA",
-                   "-I", os.path.join(root, "csrc"), "-I", sysconfig.get_paths()["include"]]
+                   "-I", os.path.join(root, "fused_margin", "csrc"), "-I", sysconfig.get_paths()["include"]]
         for d in includes:
             command += ["-I", d]
-        command += ["-c", os.path.join(root, "csrc", "fused_margin_cuda.cu"), "-o", os.path.join(tmp, "k.o")]
+        command += ["-c", os.path.join(root, "fused_margin", "csrc", "fused_margin_cuda.cu"), "-o", os.path.join(tmp, "k.o")]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     # a host-only function called from device code is only a warning for nvcc (e.g. #20013, a constexpr
     # std::numeric_limits member without --expt-relaxed-constexpr): none in our sources
     ours = [line for line in result.stderr.splitlines()
-            if line.startswith(os.path.join(root, "csrc")) and "warning" in line]
+            if line.startswith(os.path.join(root, "fused_margin", "csrc")) and "warning" in line]
     assert not ours, "\n".join(ours[:20])
 
