@@ -4,9 +4,12 @@ Where one device cannot hold the classifier (face recognition with millions of i
 holds the classes ``[class_start, class_start + C_r)`` of ``W`` and the softmax over all ``C`` classes
 is computed with collectives (docs/loss.md section 9). Per forward and backward:
 
-1. ``all_reduce(MAX)`` of a few integers per rank: row counts, shard ranges, ``num_classes``, the
-   feature size, the dtype and a checksum of the scalar hyperparameters, so that every rank validates
-   the same facts and raises the same error (no rank waits forever on a rank that raised alone);
+1. ``all_reduce(MAX)`` of a few integers per rank: whether the rank's own argument checks failed, its row
+   count and shard range, and what all ranks must pass alike (the feature size, the dtype, ``num_classes``,
+   the head, each scalar option, an exact fingerprint of each class table's bits, the tables' finiteness),
+   so that every rank raises the same error, naming the rank, the option and each rank's value (no rank
+   waits forever on a rank that raised alone; only on that error path a second collective gathers the
+   messages);
 2. ``all_gather`` of the features with the labels packed into their rows (the labels' bytes viewed as
    extra feature columns; no arithmetic touches them), padded to the largest row count;
 3. each rank computes the partial statistics of its shard for every gathered row (chunked when the
@@ -34,13 +37,15 @@ supported here and raise.
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .class_split import Partials, combine, finish
+from .fused import first_order_backward
+from .functional import finite_error
 from .lean import BUDGET_BYTES, ClassBlock, auto_chunk, default_kernel, reduce_rows, row_grads
 from .reference import compute_dtype
 from .spec import LossTables, MarginAux, MarginLossSpec
@@ -73,42 +78,133 @@ def _world(group):
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _spec_checksum(spec: MarginLossSpec) -> int:
-    text = repr(tuple(getattr(spec, name) for name in _SPEC_OPTIONS) + (spec.head,))
-    return zlib.crc32(text.encode())
+class _Call(NamedTuple):
+    """One rank's checked call: what every rank must agree on, and what it passes to the loss."""
+    input: torch.Tensor
+    target: torch.Tensor
+    weight_shard: torch.Tensor
+    class_start: int
+    num_classes: int
+    chunk: Optional[int]
+    spec: MarginLossSpec
+    tables: Dict[str, Optional[torch.Tensor]]
 
 
-def _exchange_meta(input, weight_shard, class_start, num_classes, spec, group):
-    """One ``all_reduce(MAX)``: every rank learns every rank's row count and shard range, and whether
-    they agree on the feature size, dtype, ``num_classes`` and hyperparameters. Raises (on every rank
-    alike) where they do not, or where the shards do not tile ``[0, num_classes)``."""
+_FINGERPRINT_MODULUS = (1 << 61) - 1  # a prime; keeps a fingerprint and its negation inside int64
+
+
+def _option_fingerprint(value) -> int:
+    """An exact fingerprint of a scalar option (``repr`` round-trips floats)."""
+    return zlib.crc32(repr(value).encode())
+
+
+def _table_fingerprint(table: Optional[torch.Tensor]) -> torch.Tensor:
+    """An exact fingerprint of a table's bits, on its device (no host sync): the sum of each entry's bits
+    times an odd multiplier of its position, in wrapping int64 arithmetic (exact in any summation order),
+    folded under :data:`_FINGERPRINT_MODULUS`; -1 for an absent table."""
+    if table is None:
+        return torch.tensor(-1, dtype=torch.int64)
+    flat = table.detach().contiguous().view(-1)
+    bits = flat.view(torch.int64 if flat.element_size() == 8 else torch.int32).to(torch.int64)
+    positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+    mixed = (bits * (positions * 2654435761 | 1)).sum() + bits.numel()
+    return torch.remainder(mixed, _FINGERPRINT_MODULUS)
+
+
+def _agreement_items(call: _Call):
+    """``[(name, value)]``: what every rank must pass alike, as int64 (0-d tensors for the tables, computed on
+    their device), in a fixed order."""
+    items = [("the feature size D", call.input.shape[1]), ("num_classes", call.num_classes),
+             ("the dtype", _DTYPES.index(call.input.dtype)), ("head", _option_fingerprint(call.spec.head))]
+    items += [(name, _option_fingerprint(getattr(call.spec, name))) for name in _SPEC_OPTIONS]
+    items += [(name, _table_fingerprint(call.tables.get(name))) for name in _TABLES]
+    items += [(f"{name} finite", (torch.isfinite(call.tables[name]).all() if call.tables.get(name) is not None
+                                  else torch.tensor(True)).to(torch.int64)) for name in _TABLES]
+    return items
+
+
+def _describe(call: Optional[_Call], name: str) -> str:
+    """This rank's value of agreement item ``name``, for a message."""
+    if call is None:
+        return "-"
+    if name == "the feature size D":
+        return str(call.input.shape[1])
+    if name == "num_classes":
+        return str(call.num_classes)
+    if name == "the dtype":
+        return str(call.input.dtype)
+    if name in _TABLES:
+        table = call.tables.get(name)
+        return "not given" if table is None else f"a table with fingerprint {int(_table_fingerprint(table))}"
+    return repr(getattr(call.spec, name))
+
+
+def _collective_device(call: Optional[_Call], group) -> torch.device:
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return call.input.device if call is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _agree(call: Optional[_Call], error: Optional[Exception], group):
+    """The first collective of every call, one ``all_reduce(MAX)``: every rank learns whether any rank's
+    local checks failed (``error``), every rank's row count and shard range, and whether the ranks agree on
+    the feature size, the dtype, ``num_classes``, the head, each scalar option and each class table (an
+    exact fingerprint of its bits), and whether the tables are finite. Where any of that fails, every rank
+    raises the same error, naming the rank, the option and each rank's value (a second collective, only
+    then, gathers the messages). Returns ``(rows, starts, counts)`` per rank."""
     world, rank = _world(group)
-    agree = [input.shape[1], num_classes, _DTYPES.index(input.dtype), _spec_checksum(spec)]
-    per_rank = torch.full((3, world), -1, dtype=torch.int64)
-    per_rank[:, rank] = torch.tensor([input.shape[0], class_start, weight_shard.shape[0]])
-    meta = torch.cat([torch.tensor(agree + [-v for v in agree], dtype=torch.int64), per_rank.flatten()])
-    device = input.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    meta = meta.to(device)
+    device = _collective_device(call, group)
+    ok = call is not None
+    per_rank = torch.full((4, world), -1, dtype=torch.int64)
+    per_rank[:, rank] = torch.tensor([int(not ok), call.input.shape[0] if ok else 0, call.class_start if ok else 0,
+                                      call.weight_shard.shape[0] if ok else 0])
+    names, agree = [], torch.zeros(len(_SPEC_OPTIONS) + 4 + 2 * len(_TABLES), dtype=torch.int64, device=device)
+    if ok:
+        items = _agreement_items(call)
+        names = [name for name, _ in items]
+        agree = torch.stack([torch.as_tensor(value, dtype=torch.int64).to(device) for _, value in items])
+    meta = torch.cat([agree, -agree, per_rank.flatten().to(device)])
     dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=group)
     meta = meta.cpu()
-    k = len(agree)
+    k = agree.numel()
     high, low = meta[:k], -meta[k:2 * k]
-    for name, hi, lo in zip(("the feature size D", "num_classes", "the dtype", "the loss hyperparameters"), high, low):
-        if hi != lo:
-            raise ValueError(f"sharded_margin_cross_entropy: the ranks disagree on {name} "
-                             f"(values between {int(lo)} and {int(hi)})")
-    rows, starts, counts = meta[2 * k:].view(3, world).tolist()
+    failed, rows, starts, counts = meta[2 * k:].view(4, world).tolist()
+
+    if any(failed):
+        gathered = [None] * world
+        dist.all_gather_object(gathered, None if ok else (type(error).__name__, str(error)), group=group)
+        bad = [(r, kind, message) for r, entry in enumerate(gathered) if entry is not None for kind, message in [entry]]
+        kind = {"TypeError": TypeError, "ValueError": ValueError}.get(bad[0][1], RuntimeError)
+        text = "; ".join(f"rank {r}: {message}" for r, _, message in bad)
+        raise kind(f"sharded_margin_cross_entropy: {text}") from error
+    differ = [name for name, hi, lo in zip(names, high.tolist(), low.tolist()) if hi != lo]
+    if differ:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {name: _describe(call, name) for name in differ if not name.endswith(" finite")},
+                               group=group)
+        parts = []
+        for name in differ:
+            if name.endswith(" finite"):
+                continue  # follows from a table that differs
+            values = ", ".join(f"rank {r}: {gathered[r][name]}" for r in range(world))
+            parts.append(f"{name} ({values})")
+        raise ValueError(f"sharded_margin_cross_entropy: the ranks disagree on {'; '.join(parts)}")
+    for name, value in zip(names, high.tolist()):
+        if name.endswith(" finite") and value == 0:
+            table_name = name[:-len(" finite")]
+            raise finite_error(table_name, call.tables[table_name])
+
     order = sorted(range(world), key=lambda r: starts[r])
     expected = 0
     for r in order:
         if counts[r] < 1 or starts[r] != expected:
             shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + counts[q]})" for q in range(world))
-            raise ValueError(f"sharded_margin_cross_entropy: the weight shards must tile [0, {num_classes}) "
+            raise ValueError(f"sharded_margin_cross_entropy: the weight shards must tile [0, {call.num_classes}) "
                              f"without gaps or overlaps, each with one class or more; got {shards}")
         expected += counts[r]
-    if expected != num_classes:
+    if expected != call.num_classes:
         raise ValueError(f"sharded_margin_cross_entropy: the shards cover {expected} classes but num_classes is "
-                         f"{num_classes}")
+                         f"{call.num_classes}")
     return rows, starts, counts
 
 
@@ -174,17 +270,27 @@ def _check_labels(labels, num_classes, ignore_index, rows):
                          f"out of range: labels must be in [0, {num_classes}) or equal ignore_index ({ignore_index})")
 
 
+_SHARDED_INPUTS = ("spec", "group", "rows", "starts", "class_start", "num_classes", "chunk", "kernel",
+                   "input_grad_scale", "input", "target", "weight_shard", "class_margins", "logit_offset",
+                   "class_weight")
+
+
+def _sharded_first_order_error() -> str:
+    return ("the class-sharded loss gives first-order gradients only (no create_graph=True, no nested "
+            "torch.func.grad)")
+
+
 class _ShardedMarginCE(torch.autograd.Function):
+    """``forward`` + ``setup_context`` (what ``torch.func.grad`` and ``vjp`` need); ``forward`` returns, after
+    ``(loss, lse, pred, hard)``, the residuals ``backward`` needs (the gathered rows and labels, the rows'
+    statistics), which the caller drops."""
+
     @staticmethod
-    def forward(ctx, spec, group, class_start, num_classes, chunk, input_grad_scale, input, target, weight_shard,
-                class_margins, logit_offset, class_weight):
-        rows, starts, counts = _exchange_meta(input, weight_shard, class_start, num_classes, spec, group)
+    def forward(spec, group, rows, starts, class_start, num_classes, chunk, kernel, input_grad_scale, input, target,
+                weight_shard, class_margins, logit_offset, class_weight):
         features, labels = _gather_rows(input, target, rows, group)
         _check_labels(labels, num_classes, spec.ignore_index, rows)
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
-        if chunk is None:
-            chunk = auto_chunk(features.shape[0], weight_shard.shape[0], BUDGET_BYTES)
-        kernel = default_kernel(features.device, features.dtype)
         block = ClassBlock(spec, features, weight_shard, None, tables, start=class_start,
                            count=weight_shard.shape[0], chunk=chunk, kernel=kernel)
         kept = labels != spec.ignore_index
@@ -203,21 +309,34 @@ class _ShardedMarginCE(torch.autograd.Function):
         result = finish(merged, y, kept, spec, num_classes, class_margins=class_margins, logit_offset=logit_offset,
                         class_weight=None if class_weight is None else class_weight.to(cd))
         loss, denom = reduce_rows(result.loss, y, kept, class_weight, spec.reduction)
-
-        ctx.spec, ctx.group, ctx.class_start, ctx.num_classes, ctx.chunk = spec, group, class_start, num_classes, chunk
-        ctx.kernel = kernel
-        ctx.rows, ctx.rank, ctx.input_grad_scale = rows, rank, input_grad_scale
-        ctx.save_for_backward(features, labels, weight_shard, class_margins, logit_offset, class_weight, result.lse,
-                              result.nll, result.target_grad, denom)
-        ctx.mark_non_differentiable(result.lse, result.pred, result.hard)
-        return loss, result.lse, result.pred, result.hard
+        return loss, result.lse, result.pred, result.hard, features, labels, result.nll, result.target_grad, denom
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_pred, _grad_hard):
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(_SHARDED_INPUTS, inputs))
+        loss, lse, pred, hard, features, labels, nll, target_grad, denom = output
+        ctx.spec, ctx.group, ctx.rows = args["spec"], args["group"], args["rows"]
+        ctx.class_start, ctx.num_classes = args["class_start"], args["num_classes"]
+        ctx.chunk, ctx.kernel = args["chunk"], args["kernel"]
+        ctx.input_grad_scale, ctx.input_dtype = args["input_grad_scale"], args["input"].dtype
+        ctx.save_for_backward(features, labels, args["weight_shard"], args["class_margins"], args["logit_offset"],
+                              args["class_weight"], lse, nll, target_grad, denom)
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError("the class-sharded loss does not support torch.func.vmap (its collectives and chunk "
+                           "kernels have no batching rule); loop over the batch instead")
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_outputs):
+        return first_order_backward(lambda: _ShardedMarginCE._backward(ctx, grad_loss), grad_loss,
+                                    _sharded_first_order_error(), ctx.saved_tensors)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         (features, labels, weight_shard, class_margins, logit_offset, class_weight, lse, nll, target_grad,
          denom) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            raise RuntimeError("the sharded loss gives first-order gradients only (no create_graph=True)")
         spec, group = ctx.spec, ctx.group
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
         block = ClassBlock(spec, features, weight_shard, None, tables, start=ctx.class_start,
@@ -225,12 +344,14 @@ class _ShardedMarginCE(torch.autograd.Function):
         kept = labels != spec.ignore_index
         y = torch.where(kept, labels, torch.zeros_like(labels))
         g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)
-        need_input, need_weight = ctx.needs_input_grad[6], ctx.needs_input_grad[8]
-        need = {"input"} | ({"weight"} if need_weight else set())  # every rank takes part in the reduction
-        grads = block.backward(y, kept, g, nll, target_grad, lse, ctx.num_classes, need)
+        need = dict(zip(_SHARDED_INPUTS, ctx.needs_input_grad))
+        need_input, need_weight = need["input"], need["weight_shard"]
+        wanted = {"input"} | ({"weight"} if need_weight else set())  # every rank takes part in the reduction
+        grads = block.backward(y, kept, g, nll, target_grad, lse, ctx.num_classes, wanted)
 
         # dL/dX_g summed over the shards, then each rank's own rows
-        world, rank, rows = *_world(group), ctx.rows
+        world, rank = _world(group)
+        rows = ctx.rows
         most = max(rows)
         padded = grads["input"].new_zeros((world * most, features.shape[1]))
         start = 0
@@ -248,9 +369,10 @@ class _ShardedMarginCE(torch.autograd.Function):
             grad_input = own[:rows[rank]]
             if ctx.input_grad_scale != 1.0:
                 grad_input = grad_input * ctx.input_grad_scale
-            grad_input = grad_input.to(features.dtype)
+            grad_input = grad_input.to(ctx.input_dtype)
         grad_weight = grads["weight"].to(weight_shard.dtype) if need_weight else None
-        return (None,) * 6 + (grad_input, None, grad_weight, None, None, None)
+        grads_by_name = dict(input=grad_input, weight_shard=grad_weight)
+        return tuple(grads_by_name.get(name) for name in _SHARDED_INPUTS)
 
 
 def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight_shard: torch.Tensor, *,
@@ -287,6 +409,26 @@ def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weig
         raise RuntimeError("sharded_margin_cross_entropy needs torch.distributed to be initialised "
                            "(dist.init_process_group)")
     group = process_group if process_group is not None else dist.group.WORLD
+    try:  # this rank's own checks; their outcome is part of the first collective, so every rank raises alike
+        call, error = _check_call(input, target, weight_shard, class_start, num_classes, head, class_chunk,
+                                  margin_kwargs), None
+    except (TypeError, ValueError) as caught:
+        call, error = None, caught
+    rows, starts, _ = _agree(call, error, group)
+    world, _ = _world(group)
+    scale = float(world) if backbone_ddp else 1.0
+    chunk = call.chunk if call.chunk is not None else auto_chunk(sum(rows), weight_shard.shape[0], BUDGET_BYTES)
+    kernel = default_kernel(input.device, input.dtype)
+    tables = call.tables
+    loss, lse, pred, hard = _ShardedMarginCE.apply(
+        call.spec, group, rows, starts, class_start, num_classes, chunk, kernel, scale, input, target, weight_shard,
+        tables.get("class_margins"), tables.get("logit_offset"), tables.get("class_weight"))[:4]
+    return (loss, MarginAux(lse, pred, hard)) if return_aux else loss
+
+
+def _check_call(input, target, weight_shard, class_start, num_classes, head, class_chunk, margin_kwargs) -> _Call:
+    """This rank's arguments checked (a ``TypeError``/``ValueError`` naming the bad one) and normalised."""
+    margin_kwargs = dict(margin_kwargs)
     for name in _UNSUPPORTED:
         if margin_kwargs.get(name) is not None and margin_kwargs.get(name) is not False:
             raise ValueError(f"sharded_margin_cross_entropy does not support {name}; use margin_cross_entropy on "
@@ -310,13 +452,16 @@ def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weig
         raise ValueError(f"weight_shard must be C_r x D with D = input.shape[1] = {input.shape[1]}, got "
                          f"{tuple(weight_shard.shape)}")
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.shape != (input.shape[0],):
-        raise TypeError(f"target must be an int64 tensor of shape ({input.shape[0]},)")
-    for name in ("class_start", "num_classes"):
-        value = locals()[name]
+        got = f"{target.dtype} of shape {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
+        raise TypeError(f"target must be an int64 tensor of shape ({input.shape[0]},), got {got}")
+    for name, value in (("class_start", class_start), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if class_chunk is not None and (isinstance(class_chunk, bool) or not isinstance(class_chunk, int)
+                                    or class_chunk < 1):
+        raise ValueError(f"class_chunk must be None or a positive int (classes per chunk), got {class_chunk!r}")
     tables = {}
     for name in _TABLES:
         table = margin_kwargs.pop(name, None)
@@ -327,12 +472,7 @@ def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weig
                 raise ValueError(f"{name} requires grad, but the sharded loss treats class tables as constants")
             tables[name] = table.to(device=input.device, dtype=compute_dtype(input.dtype))
     spec = MarginLossSpec(head=head, **margin_kwargs)
-    world, _ = _world(group)
-    scale = float(world) if backbone_ddp else 1.0
-    loss, lse, pred, hard = _ShardedMarginCE.apply(spec, group, class_start, num_classes, class_chunk, scale, input,
-                                                   target, weight_shard, tables.get("class_margins"),
-                                                   tables.get("logit_offset"), tables.get("class_weight"))
-    return (loss, MarginAux(lse, pred, hard)) if return_aux else loss
+    return _Call(input, target, weight_shard, class_start, num_classes, class_chunk, spec, tables)
 
 
 class ShardedCosineClassifier(nn.Module):

@@ -106,13 +106,17 @@ def _check_finite(name, value):
         return
     if _known_finite(value):
         return
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise finite_error(name, value)
+    _mark_finite(value)
+
+
+def finite_error(name: str, value: torch.Tensor) -> ValueError:
+    """The ``ValueError`` for a table ``name`` with a NaN or inf entry, naming the first one."""
     bad = ~torch.isfinite(value.detach())
-    if not bool(bad.any()):
-        _mark_finite(value)
-        return
     i = tuple(int(k) for k in bad.nonzero()[0])
     index = ", ".join(map(str, i))
-    raise ValueError(f"{name} must be finite, got {name}[{index}] = {float(value.detach()[i])}")
+    return ValueError(f"{name} must be finite, got {name}[{index}] = {float(value.detach()[i])}")
 
 
 def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables) -> int:

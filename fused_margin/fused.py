@@ -74,7 +74,7 @@ separate ops; library functions (``exp``, ``log``, ``cos``) keep their own inter
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -242,6 +242,41 @@ def _first_order_error(kernel_name: str) -> str:
             "backend='reference'")
 
 
+def first_order_backward(backward: Callable[[], tuple], grad_output: torch.Tensor, message: str,
+                         saved: Sequence[Optional[torch.Tensor]] = ()) -> tuple:
+    """``backward()``, the gradients of a backward that gives first-order gradients only, with the refusals
+    every such ``autograd.Function`` makes (the fused row path, the memory-lean path, the class shards):
+
+    * a backward over a batch of cotangents (``torch.func.jacrev``/``jacfwd``, ``vmap`` of a ``vjp``): a
+      ``RuntimeError`` naming ``backend='reference'`` (the kernels have no batching rules);
+    * under nested ``torch.func`` transforms (``grad`` of ``grad``): ``RuntimeError(message)``;
+    * a backward that builds a graph (``create_graph=True``; ``torch.func.grad`` and the function of
+      ``torch.func.vjp`` always ask for one): the first-order gradients, which raise ``message`` when
+      differentiated again (torch's ``once_differentiable`` rule), so a second derivative is never
+      silently wrong. ``saved``: the function's saved tensors; those that require grad link the error into
+      the graph, so that differentiating the gradients with respect to them reaches it."""
+    if torch._C._functorch.is_batchedtensor(grad_output):
+        raise RuntimeError("fused_margin's fused backends, memory-lean path and class shards give one gradient "
+                           "at a time: torch.func.jacrev, jacfwd and vmap over their backward need "
+                           "backend='reference' (with class_chunk='off')")
+    if not torch.is_grad_enabled():
+        return backward()
+    if torch._C._functorch.get_dynamic_layer_stack_depth() > 1:  # nested transforms
+        raise RuntimeError(message)
+    with torch.no_grad():
+        grads = backward()
+    present = [g for g in grads if g is not None]
+    # outside transforms, the error node also takes the saved tensors that require grad (the inputs), so it
+    # sits between the gradients and them; under one torch.func.grad the gradients are wrapped at its level
+    anchors = [t for t in saved if isinstance(t, torch.Tensor) and t.requires_grad] \
+        if torch._C._functorch.get_dynamic_layer_stack_depth() == 0 else []
+    if present:
+        wrapped = torch._C._functions.DelayedError(message.encode(), len(present) + len(anchors))(*present, *anchors)
+        wrapped = iter((wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped)
+        grads = tuple(None if g is None else next(wrapped) for g in grads)
+    return grads
+
+
 class _Residuals(NamedTuple):
     """What ``_FusedMarginCE.forward`` computes for ``backward`` (returned after ``(loss, lse, pred, hard)``
     and dropped by the caller). ``None`` where absent, or where it would repeat an input or another
@@ -370,23 +405,8 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _first_order_backward(ctx, grad_loss):
-        kernel = ctx.kernel
-        if torch.is_grad_enabled():
-            # a create_graph backward: refused outright (a plain create_graph=True, nested torch.func.grad),
-            # except under one torch.func.grad transform, which always asks for one; there the gradients
-            # are returned as first-order only (differentiating them again raises)
-            if torch._C._functorch.get_dynamic_layer_stack_depth() != 1:  # not one torch.func.grad
-                raise RuntimeError(_first_order_error(kernel.name))
-            with torch.no_grad():
-                grads = _FusedMarginCE._backward(ctx, grad_loss)
-            present = [g for g in grads if g is not None]
-            if present:
-                wrapped = torch._C._functions.DelayedError(_first_order_error(kernel.name).encode(),
-                                                           len(present))(*present)
-                wrapped = iter((wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped)
-                grads = tuple(None if g is None else next(wrapped) for g in grads)
-            return grads
-        return _FusedMarginCE._backward(ctx, grad_loss)
+        return first_order_backward(lambda: _FusedMarginCE._backward(ctx, grad_loss), grad_loss,
+                                    _first_order_error(ctx.kernel.name), ctx.saved_tensors)
 
     @staticmethod
     def _backward(ctx, grad_loss):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_split import Partials, block_partials, combine, empty_partials, finish
-from .fused import _autocast_enabled, inverse_norms, project_rows_
+from .fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
 from .reference import compute_dtype
 from .spec import NORM_EPS, LossTables, MarginLossSpec
 
@@ -468,9 +468,23 @@ def row_grads(grad_loss, denom, kept, reduction, rows, dtype):
 _GRAD_ORDER = ("input", None, "weight", "bias", None, "logit_offset", "pair_perturbation", None, "omega", "beta", None)
 
 
+_LEAN_INPUTS = ("spec", "chunk", "kernel", "input", "target", "weight", "bias", "class_margins", "logit_offset",
+                "pair_perturbation", "class_weight", "omega", "beta", "class_norms")
+
+
+def _lean_first_order_error() -> str:
+    return ("the memory-lean path (an int class_chunk, or class_chunk='auto' on a large B x C) gives first-order "
+            "gradients only; for create_graph=True (double backward, meta-learning) pass double_backward=True to "
+            "the loss, or class_chunk='off' with backend='reference'")
+
+
 class _LeanMarginCE(torch.autograd.Function):
+    """``forward`` + ``setup_context`` (what ``torch.func.grad`` and ``vjp`` need); ``forward`` returns, after
+    ``(loss, lse, pred, hard)``, the residuals ``(nll, target_grad, denom)`` that ``backward`` needs, which
+    the caller drops."""
+
     @staticmethod
-    def forward(ctx, spec: MarginLossSpec, chunk: int, kernel: str, input, target, weight, bias, class_margins,
+    def forward(spec: MarginLossSpec, chunk: int, kernel: str, input, target, weight, bias, class_margins,
                 logit_offset, pair_perturbation, class_weight, omega, beta, class_norms):
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
         block = ClassBlock(spec, input, weight, bias, tables, chunk=chunk, kernel=kernel)
@@ -480,29 +494,40 @@ class _LeanMarginCE(torch.autograd.Function):
         rows = finish(block.partials(y, kept), y, kept, spec, num_classes, class_margins=class_margins,
                       logit_offset=logit_offset, class_weight=None if class_weight is None else class_weight.to(block.cd))
         loss, denom = reduce_rows(rows.loss, y, kept, class_weight, spec.reduction)
-        ctx.spec, ctx.chunk, ctx.kernel = spec, chunk, kernel
-        ctx.save_for_backward(input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight,
-                              omega, beta, class_norms, rows.lse, rows.nll, rows.target_grad, denom)
-        ctx.mark_non_differentiable(rows.lse, rows.pred, rows.hard)
-        return loss, rows.lse, rows.pred, rows.hard
+        return loss, rows.lse, rows.pred, rows.hard, rows.nll, rows.target_grad, denom
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_pred, _grad_hard):
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(_LEAN_INPUTS, inputs))
+        _, lse, pred, hard, nll, target_grad, denom = output
+        ctx.spec, ctx.chunk, ctx.kernel = args["spec"], args["chunk"], args["kernel"]
+        ctx.save_for_backward(*(args[name] for name in _LEAN_INPUTS[3:]), lse, nll, target_grad, denom)
+        ctx.mark_non_differentiable(*(t for t in (lse, pred, hard, nll, target_grad, denom) if t is not None))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError("the memory-lean path does not support torch.func.vmap (its chunk kernels have no "
+                           "batching rule); use class_chunk='off' with backend='reference' under vmap, or loop")
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_outputs):
         device_type = ctx.saved_tensors[0].device.type
         if _autocast_enabled(device_type):
             # a backward inside an autocast region: as the forward, with autocast off (the chunk GEMMs and
             # the row dots of the projection would otherwise be recast to the low-precision dtype)
             with torch.autocast(device_type, enabled=False):
-                return _LeanMarginCE._backward(ctx, grad_loss)
-        return _LeanMarginCE._backward(ctx, grad_loss)
+                return _LeanMarginCE._first_order_backward(ctx, grad_loss)
+        return _LeanMarginCE._first_order_backward(ctx, grad_loss)
+
+    @staticmethod
+    def _first_order_backward(ctx, grad_loss):
+        return first_order_backward(lambda: _LeanMarginCE._backward(ctx, grad_loss), grad_loss,
+                                    _lean_first_order_error(), ctx.saved_tensors)
 
     @staticmethod
     def _backward(ctx, grad_loss):
         (input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight, omega, beta,
          class_norms, lse, nll, target_grad, denom) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            raise RuntimeError("the memory-lean path gives first-order gradients only; for create_graph=True "
-                               "(double backward, meta-learning) use backend='reference'")
         spec = ctx.spec
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
         block = ClassBlock(spec, input, weight, bias, tables, chunk=ctx.chunk, kernel=ctx.kernel)
@@ -539,4 +564,4 @@ def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight:
         chunk = auto_chunk(input.shape[0], num_classes)
     return _LeanMarginCE.apply(spec, int(chunk), kernel, input, target, weight, bias, tables.class_margins,
                                tables.logit_offset, tables.pair_perturbation, tables.class_weight, tables.omega,
-                               tables.beta, tables.class_norms)
+                               tables.beta, tables.class_norms)[:4]

@@ -4,6 +4,8 @@
 Every check runs inside the spawned ranks; a failed assertion on any rank fails the test with that
 rank's traceback (``torch.multiprocessing.spawn`` re-raises it).
 """
+import datetime
+import gc
 import os
 import tempfile
 
@@ -24,9 +26,24 @@ def _spawn(worker, world, *args):
         mp.spawn(worker, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
 
 
+#: every collective of these tests gives up after this long, so a rank left waiting fails the test instead of
+#: hanging CI for gloo's default half hour
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+
 def _init(rank, world, store):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
+
+
+def _finish():
+    """Leave together, with no reference to the group left: the exceptions the tests catch keep frames (and
+    through them the process group) alive in reference cycles, and a gloo group destroyed only at interpreter
+    exit aborts the process (std::terminate, SIGABRT)."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class _Counter:
@@ -146,7 +163,7 @@ def _parity_worker(rank, world, store, shards, rows):
                 for chunk in (None, 3):
                     _run_case(rank, world, name, shards, rows, dtype, chunk)
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_world_2_uneven_shards_and_rows_match_the_single_process_loss():
@@ -176,8 +193,8 @@ def _errors_worker(rank, world, store):
 
         expect("tile", class_start=3 * rank)                              # overlapping shards
         expect("tile", class_start=6 * rank)                              # a gap
-        expect("disagree on num_classes", num_classes=10 + rank)
-        expect("disagree on the loss hyperparameters", scale=30.0 + rank)
+        expect(r"disagree on num_classes \(rank 0: 10, rank 1: 11\)", num_classes=10 + rank)
+        expect(r"disagree on scale \(rank 0: 30.0, rank 1: 31.0\)", scale=30.0 + rank)
         bad = y.clone()
         bad[2] = 10 if rank == 1 else 2
         expect(r"target\[2\] = 10 on rank 1 is out of range", target=bad)
@@ -188,11 +205,136 @@ def _errors_worker(rank, world, store):
         loss = fmd.sharded_margin_cross_entropy(x, y, w, class_start=5 * rank, num_classes=10, scale=2.0)
         assert torch.isfinite(loss)
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_bad_input_raises_the_same_error_on_every_rank():
     _spawn(_errors_worker, 2)
+
+
+def _same_error_on_every_rank(kind, pattern, call):
+    """``call()`` raises ``kind`` matching ``pattern`` on this rank, and every rank raised the same message."""
+    with pytest.raises(kind, match=pattern) as caught:
+        call()
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, str(caught.value))
+    assert len(set(messages)) == 1, messages
+    return messages[0]
+
+
+def _faults_worker(rank, world, store):
+    """An argument error on one rank only: every rank raises it (its checks are part of the first
+    collective), naming the rank; tables that differ between ranks or hold a NaN: the same error on every
+    rank. Under the tests' short collective timeout, a rank left waiting would fail the test."""
+    _init(rank, world, store)
+    try:
+        C, D = 10, 4
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, D, generator=g, dtype=torch.float64)
+        w = torch.randn(5, D, generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 4, 7])
+        margins = torch.full((C,), 0.2, dtype=torch.float64)
+        one = rank == 1
+
+        def run(**kwargs):
+            call = dict(input=x, target=y, weight_shard=w, class_start=5 * rank, num_classes=C, scale=30.0)
+            call.update(kwargs)
+            return fmd.sharded_margin_cross_entropy(call.pop("input"), call.pop("target"), call.pop("weight_shard"),
+                                                    **call)
+
+        _same_error_on_every_rank(ValueError, r"rank 1: scale must be > 0, got -1.0",
+                                  lambda: run(scale=30.0 if not one else -1.0))
+        _same_error_on_every_rank(TypeError, r"rank 1: target must be an int64 tensor of shape \(3,\), got "
+                                             r"torch.int32", lambda: run(target=y.int() if one else y))
+        _same_error_on_every_rank(ValueError, "rank 1: sharded_margin_cross_entropy does not support "
+                                              "pair_perturbation",
+                                  lambda: run(pair_perturbation=torch.zeros(3, C) if one else None))
+        _same_error_on_every_rank(TypeError, r"rank 1: .*unexpected keyword argument\(s\) \['lable_smoothing'\]",
+                                  lambda: run(**({"lable_smoothing": 0.1} if one else {})))
+        _same_error_on_every_rank(TypeError, r"rank 0: input must be a 2-D floating-point tensor; rank 1: weight_shard",
+                                  lambda: run(input=x[0]) if not one else run(weight_shard=w[0]))
+        # tables: present on one rank only, different values (DRW weights of different epochs), NaN
+        message = _same_error_on_every_rank(
+            ValueError, r"the ranks disagree on class_margins \(rank 0: a table with fingerprint \d+, rank 1: "
+                        r"not given\)", lambda: run(class_margins=None if one else margins))
+        assert "logit_offset" not in message
+        weights = fm.drw_weights(torch.tensor([50, 30, 20, 10, 8, 5, 4, 3, 2, 1]), epoch=0 if one else 200,
+                                 step=160).double()
+        _same_error_on_every_rank(ValueError, r"the ranks disagree on class_weight \(rank 0: a table with "
+                                              r"fingerprint \d+, rank 1: a table with fingerprint \d+\)",
+                                  lambda: run(class_weight=weights))
+        nan_margins = margins.clone()
+        nan_margins[6] = float("nan")
+        _same_error_on_every_rank(ValueError, r"class_margins must be finite, got class_margins\[6\] = nan",
+                                  lambda: run(class_margins=nan_margins))
+        inf_offset = torch.zeros(C, dtype=torch.float64)
+        inf_offset[2] = float("inf")
+        _same_error_on_every_rank(ValueError, r"logit_offset must be finite, got logit_offset\[2\] = inf",
+                                  lambda: run(logit_offset=inf_offset))
+        # hyperparameters and dtypes by name, with each rank's value
+        _same_error_on_every_rank(ValueError, r"the ranks disagree on margin_type \(rank 0: 'additive_cosine', "
+                                              r"rank 1: 'additive_angular'\)",
+                                  lambda: run(margin_type="additive_angular" if one else "additive_cosine"))
+        _same_error_on_every_rank(ValueError, r"the ranks disagree on the dtype \(rank 0: torch.float64, rank 1: "
+                                              r"torch.float32\)",
+                                  lambda: run(input=x.float() if one else x, weight_shard=w.float() if one else w))
+        # equal tables, passed as different tensors (and dtypes): no error, and the group still works
+        loss = run(class_margins=margins.clone() if one else margins, class_weight=weights if False else None)
+        assert torch.isfinite(loss)
+        losses = [None] * world
+        dist.all_gather_object(losses, float(loss))
+        assert losses[0] == losses[1]
+    finally:
+        _finish()
+
+
+def test_faults_on_one_rank_raise_the_same_error_on_every_rank():
+    _spawn(_faults_worker, 2)
+
+
+def _transforms_worker(rank, world, store):
+    """torch.func.grad and vjp through the sharded loss give what loss.backward() gives."""
+    _init(rank, world, store)
+    try:
+        C, D = 9, 5
+        g = torch.Generator().manual_seed(3)
+        X = torch.randn(8, D, generator=g, dtype=torch.float64)
+        W = torch.randn(C, D, generator=g, dtype=torch.float64)
+        Y = torch.randint(0, C, (8,), generator=g)
+        shards = fmd.even_shards(C, world)
+        start, count = shards[rank]
+        x, y, w = X[4 * rank:4 * rank + 4], Y[4 * rank:4 * rank + 4], W[start:start + count]
+        margins = torch.linspace(0.1, 0.4, C, dtype=torch.float64)
+
+        def loss_fn(x, w):
+            return fmd.sharded_margin_cross_entropy(x, y, w, class_start=start, num_classes=C, scale=8.0,
+                                                    class_margins=margins, lambda_inst=1.0,
+                                                    margin_type="additive_angular")
+
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = loss_fn(xr, wr)
+        loss.backward()
+        gx, gw = torch.func.grad(loss_fn, argnums=(0, 1))(x, w)
+        torch.testing.assert_close(gx, xr.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gw, wr.grad, rtol=1e-12, atol=1e-14)
+        value, vjp_fn = torch.func.vjp(loss_fn, x, w)
+        torch.testing.assert_close(value, loss.detach())
+        vx, vw = vjp_fn(torch.tensor(2.0, dtype=torch.float64))
+        torch.testing.assert_close(vx, 2 * xr.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(vw, 2 * wr.grad, rtol=1e-12, atol=1e-14)
+        with pytest.raises(RuntimeError, match="does not support torch.func.vmap"):
+            torch.func.vmap(loss_fn, in_dims=(0, None))(x.unsqueeze(0).expand(2, -1, -1), w)
+        (gx_graph,) = torch.autograd.grad(loss_fn(xr, wr), xr, create_graph=True)
+        with pytest.raises(RuntimeError, match="first-order gradients only"):
+            torch.autograd.grad(gx_graph.sum(), wr)
+        # the group is still in step after the refusals
+        assert torch.isfinite(loss_fn(x, w))
+    finally:
+        _finish()
+
+
+def test_torch_func_grad_and_vjp_through_the_sharded_loss():
+    _spawn(_transforms_worker, 2)
 
 
 def _classifier_and_ddp_worker(rank, world, store):
@@ -231,7 +373,7 @@ def _classifier_and_ddp_worker(rank, world, store):
         torch.testing.assert_close(head.weight.grad, W.grad[head.class_start:head.class_start + head.num_local],
                                    rtol=1e-10, atol=1e-12)
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_sharded_classifier_checkpoint_and_ddp_recipe():

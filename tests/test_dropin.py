@@ -175,14 +175,27 @@ def test_double_backward_on_a_fused_backend_fails_before_any_work(monkeypatch):
         fm.margin_cross_entropy(x, y, w, double_backward="yes")
 
 
-def test_fused_create_graph_error_names_the_option():
-    if fm.available_backends("cpu", torch.float32)["cpu"] != "ok":
+@pytest.mark.parametrize("path", ["cpu", "lean", "reference-lean"])
+def test_fused_create_graph_error_names_the_option(path):
+    """A create_graph backward gives the first-order gradients (torch.func.vjp asks for one); differentiating
+    them again raises, naming the option that gives second derivatives."""
+    kwargs = {"cpu": dict(backend="cpu"), "lean": dict(class_chunk=2),
+              "reference-lean": dict(backend="reference", class_chunk=2)}[path]
+    if path == "cpu" and fm.available_backends("cpu", torch.float32)["cpu"] != "ok":
         pytest.skip("no cpu backend")
     x, w, _, y = _data()
     x.requires_grad_()
-    loss = fm.margin_cross_entropy(x, y, w, backend="cpu")
-    with pytest.raises(RuntimeError, match="pass double_backward=True"):
-        torch.autograd.grad(loss, x, create_graph=True)
+    w.requires_grad_()
+    loss = fm.margin_cross_entropy(x, y, w, **kwargs)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (first,) = torch.autograd.grad(fm.margin_cross_entropy(x, y, w, **kwargs), x)
+    torch.testing.assert_close(gx.detach(), first)
+    expected = "pass double_backward=True" if path == "cpu" else \
+        "memory-lean path .*first-order gradients only.*double_backward=True.*class_chunk='off' with backend='reference'"
+    with pytest.raises(RuntimeError, match=expected):
+        torch.autograd.grad(gx.sum(), w)
+    with pytest.raises(RuntimeError, match=expected):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize("head", ["cosine", "linear", "logits"])

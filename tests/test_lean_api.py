@@ -110,3 +110,51 @@ def test_forced_lean_path_allocates_no_b_by_c_tensor():
     with _Shapes() as rec:
         fm.dbm_loss(x, y, w, class_counts=counts, variant="bs", backend="reference", class_chunk="off").backward()
     assert any(n >= B * C for _, n in rec.sizes)
+
+
+def _lean_paths():
+    paths = [dict(backend="reference", class_chunk=7), dict(class_chunk=7)]
+    return paths
+
+
+@pytest.mark.parametrize("kwargs", _lean_paths(), ids=["reference-chunks", "auto-chunks"])
+def test_torch_func_grad_and_vjp_through_the_lean_path(kwargs):
+    """The memory-lean path under torch.func.grad and vjp gives loss.backward()'s gradients (as the row path
+    does); with the default class_chunk='auto' it is taken past the budget, so a growing batch keeps working."""
+    x, w, y, counts = _case()
+    margins = fm.ldam_margins(counts).double()
+
+    def loss_fn(x, w):
+        return fm.margin_cross_entropy(x, y, w, scale=8.0, class_margins=margins, lambda_inst=1.0,
+                                       margin_type="additive_angular", **kwargs)
+
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss_fn(xr, wr).backward()
+    gx, gw = torch.func.grad(loss_fn, argnums=(0, 1))(x, w)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gw, wr.grad, rtol=1e-12, atol=1e-14)
+    value, vjp_fn = torch.func.vjp(loss_fn, x, w)
+    vx, vw = vjp_fn(torch.tensor(-0.5, dtype=torch.float64))
+    torch.testing.assert_close(vx, -0.5 * xr.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(vw, -0.5 * wr.grad, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="memory-lean path does not support torch.func.vmap"):
+        torch.func.vmap(loss_fn, in_dims=(0, None))(x.unsqueeze(0).expand(2, -1, -1), w)
+    with pytest.raises(RuntimeError, match="jacrev, jacfwd and vmap over their backward need backend='reference'"):
+        torch.func.jacrev(lambda x: fm.margin_cross_entropy(x, y, w, reduction="none", **kwargs))(x)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_jacrev_names_the_backend_that_supports_it(backend):
+    """jacrev (a vmap over the backward): a clear error naming backend='reference' on the fused backends,
+    and the full Jacobian from the reference itself."""
+    x, w, y, _ = _case(B=4, C=6)
+    if backend == "cpu":
+        if fm.available_backends("cpu", torch.float64)["cpu"] != "ok":
+            pytest.skip("C++ extension not built")
+        with pytest.raises(RuntimeError, match="backend='reference'"):
+            torch.func.jacrev(lambda x: fm.margin_cross_entropy(x, y, w, reduction="none", backend="cpu"))(x)
+        return
+    jac = torch.func.jacrev(lambda x: fm.margin_cross_entropy(x, y, w, reduction="none", backend="reference"))(x)
+    rows = [torch.autograd.grad(fm.margin_cross_entropy(x.requires_grad_(), y, w, reduction="none",
+                                                        backend="reference")[i], x)[0] for i in range(4)]
+    torch.testing.assert_close(jac, torch.stack(rows))

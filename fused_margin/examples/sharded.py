@@ -97,8 +97,9 @@ def _worker(rank, world, store, args):
     torch.set_num_threads(1)
     try:
         losses = sharded(rank, world, args)
+        single = single_process(args) if rank == 0 else None
+        dist.barrier()  # the ranks leave together: none tears the group down while another still uses it
         if rank == 0:
-            single = single_process(args)
             print(f"{'step':>4} {'sharded (' + str(world) + ' ranks)':>22} {'single process':>16}")
             for step in range(0, args.steps, max(1, args.steps // 10)):
                 print(f"{step:>4} {losses[step]:>22.10f} {single[step]:>16.10f}")
