@@ -1,8 +1,8 @@
 """Builds fused_margin's C++/CUDA extension ``fused_margin._C`` at install time, where torch can be imported
 (``pip install --no-build-isolation .``). Name, version, dependencies and packages: pyproject.toml.
 
-What is built, and how, is fused_margin/_build.py, shared with the build on first use
-(fused_margin/extension.py): where torch cannot be imported here (pip's default isolated build), the wheel
+What is built, and how, is fused_margin/backends/_build.py, shared with the build on first use
+(fused_margin/backends/extension.py): where torch cannot be imported here (pip's default isolated build), the wheel
 is pure Python and the extension is built the first time a loss needs it. ``FUSED_MARGIN_NO_EXT=1``: no
 extension at all; ``FUSED_MARGIN_CUDA=0/1``: without / requiring the CUDA kernels.
 """
@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_build_module():
-    """fused_margin/_build.py by path: importing the package would import torch and every module."""
-    spec = importlib.util.spec_from_file_location("_fused_margin_build", os.path.join(ROOT, "fused_margin",
-                                                                                       "_build.py"))
+    """fused_margin/backends/_build.py by path: importing the package would import torch and every module."""
+    spec = importlib.util.spec_from_file_location("_fused_margin_build",
+                                                  os.path.join(ROOT, "fused_margin", "backends", "_build.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # for its dataclass
     spec.loader.exec_module(module)

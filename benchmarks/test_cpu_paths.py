@@ -17,7 +17,7 @@ from fused_margin.bench.cases import (InputSet, class_counts, make_inputs, refer
 from fused_margin.bench.check import build_truth, judge, run_outputs
 from fused_margin.bench.config import LOSSES, BenchConfig
 from fused_margin.bench.measure import Op
-from fused_margin.row_torch import ROW_KERNEL
+from row_torch import ROW_KERNEL
 
 CFG = BenchConfig(device="cpu", B=128, D=256, C=4096, dtype="fp32")
 GROUPS = [("dbm-bs", "cosine"), ("ldam", "linear")]

@@ -1,13 +1,13 @@
 """fused_margin: fused kernels for margin-based softmax cross-entropy losses (docs/loss.md)."""
-from .backends import available_backends
-from .builders import (class_balanced_weights, dbm_class_margins, drw_weights, ldam_margins, log_prior,
+from fused_margin.backends import available_backends
+from fused_margin.core.builders import (class_balanced_weights, dbm_class_margins, drw_weights, ldam_margins, log_prior,
                        long_tailed_counts, marc_weights)
-from .functional import (arcface_loss, balanced_softmax_loss, cosface_loss, dbm_loss, elm_loss, ldam_loss,
+from fused_margin.functional import (arcface_loss, balanced_softmax_loss, cosface_loss, dbm_loss, elm_loss, ldam_loss,
                          logit_adjusted_loss, margin_cross_entropy, set_sync_label_check)
-from .modules import (ArcFaceLoss, BalancedSoftmaxLoss, CosFaceLoss, CosineClassifier, DBMLoss, ELMLoss,
+from fused_margin.modules import (ArcFaceLoss, BalancedSoftmaxLoss, CosFaceLoss, CosineClassifier, DBMLoss, ELMLoss,
                       LDAMLoss, LogitAdjustedLoss, MarginLoss)
-from .spec import LossTables, MarginAux, MarginLossSpec
-from .training import (MARC, ClassStatistics, DRWSchedule, MetaLAD, balanced_indices, class_counts_of,
+from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
+from fused_margin.training import (MARC, ClassStatistics, DRWSchedule, MetaLAD, balanced_indices, class_counts_of,
                        dataset_labels, long_tailed_indices, long_tailed_subset, pair_perturbation_terms, shot_accuracy,
                        shot_groups)
 

@@ -14,12 +14,12 @@ from typing import Optional, Union
 
 import torch
 
-from . import builders
-from .backends import BACKENDS, resolve_backend
-from .fused import fused_margin_cross_entropy
-from .lean import BUDGET_BYTES, lean_margin_cross_entropy
-from .reference import compute_dtype, margin_cross_entropy_reference
-from .spec import LossTables, MarginAux, MarginLossSpec
+from fused_margin.core import builders
+from fused_margin.backends import BACKENDS, resolve_backend
+from fused_margin.paths.fused import fused_margin_cross_entropy
+from fused_margin.paths.lean import BUDGET_BYTES, lean_margin_cross_entropy
+from fused_margin.core.reference import compute_dtype, margin_cross_entropy_reference
+from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 
 __all__ = [
     "margin_cross_entropy",
@@ -423,7 +423,7 @@ def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTa
                return_aux=False, class_chunk="auto"):
     """Run validated inputs through the chosen backend (see :func:`margin_cross_entropy`). The labels'
     range is checked here, before any kernel reads them, except on the fused row path, whose kernels
-    check it themselves (the contract of :mod:`fused_margin.fused`: no extra op in the step)."""
+    check it themselves (the contract of :mod:`fused_margin.paths.fused`: no extra op in the step)."""
     kernel = resolve_backend(backend, input.device, input.dtype)
     num_classes = _num_classes(input, weight)
     lean = uses_lean_path(class_chunk, kernel, spec, input.shape[0], num_classes)

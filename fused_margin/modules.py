@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import builders
-from .backends import BACKENDS
-from .functional import check_class_chunk, check_option_names, dbm_tables, margin_cross_entropy
-from .reference import compute_dtype
-from .spec import MarginLossSpec
+from fused_margin.core import builders
+from fused_margin.backends import BACKENDS
+from fused_margin.functional import check_class_chunk, check_option_names, dbm_tables, margin_cross_entropy
+from fused_margin.core.reference import compute_dtype
+from fused_margin.core.spec import MarginLossSpec
 
 __all__ = [
     "MarginLoss",

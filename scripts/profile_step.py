@@ -64,7 +64,7 @@ def _triton_kernel_report() -> list:
     try:
         from triton.runtime.jit import JITFunction
 
-        import fused_margin.triton as package
+        import fused_margin.backends.triton as package
     except Exception as error:  # noqa: BLE001
         return [(f"(no Triton kernels: {error})", "", "", "", "")]
     rows, seen = [], set()
@@ -92,7 +92,7 @@ def _triton_kernel_report() -> list:
 
 def profile_backend(backend: str, args, device) -> str:
     """One backend (``NAME`` or ``NAME/separate``, see the module docstring)."""
-    from fused_margin import fused
+    from fused_margin.paths import fused
 
     name, _, variant = backend.partition("/")
     if variant not in ("", "separate"):

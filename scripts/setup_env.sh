@@ -25,9 +25,9 @@ fi
 VPY=.venv/bin/python
 "$VPY" scripts/ensure_deps.py requirements-dev.txt
 stamp=.venv/.fused_margin_installed
-if [ ! -f "$stamp" ] || [ -n "$(find setup.py pyproject.toml fused_margin/_build.py fused_margin/csrc -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find setup.py pyproject.toml fused_margin/backends/_build.py fused_margin/backends/csrc -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
   echo "[setup] installing fused_margin (builds the C++ extension; about 2 minutes on 2 cores)"
   "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
   touch "$stamp"
-  "$VPY" -c "from fused_margin import extension; print('[setup] C++ extension:', extension.describe())"
+  "$VPY" -c "from fused_margin.backends import extension; print('[setup] C++ extension:', extension.describe())"
 fi

@@ -13,7 +13,7 @@ and judges it against the float64 reference run on the same rounded inputs (docs
 
 Where the two backends' tests differ, the harness takes a parameter: the ``device`` to run on and a
 ``context`` entered around each run (the Triton tests force a small column block with
-``fused_margin.triton.max_block``).
+``fused_margin.backends.triton.max_block``).
 
 pytest puts this directory on ``sys.path`` (rootdir-relative test modules, no ``__init__.py``), so the
 test modules import this one as ``kernel_cases``; they register it for assertion rewriting first.
@@ -24,8 +24,8 @@ import zlib
 import torch
 
 import fused_margin as fm
-from fused_margin import reference
-from fused_margin.spec import LossTables, MarginLossSpec
+from fused_margin.core import reference
+from fused_margin.core.spec import LossTables, MarginLossSpec
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MODEL_TENSORS = ("input", "weight", "bias")  # take the run's dtype; the tables stay fp32 (fp64 for the truth)
@@ -95,7 +95,7 @@ def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", con
     (B = 12, D = 16, C = 37, one ignored row; the cosine head with angular margins at scale 30, the linear
     head with cosine margins at scale 1), its gradients taken twice over one graph: equal bit for bit (a
     saved dL/draw is read, not consumed). ``context()`` holds each run."""
-    from fused_margin import fused
+    from fused_margin.paths import fused
 
     g = _gen(5)
     x0, w0 = torch.randn(12, 16, generator=g), torch.randn(37, 16, generator=g)

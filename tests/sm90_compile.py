@@ -30,12 +30,12 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, compile
 from triton.runtime.jit import JITFunction
 
-import fused_margin.triton as package
-from fused_margin.triton._common import LAUNCH_OPTIONS
-from fused_margin.triton.class_block import _block_grad_kernel, _block_partials_kernel
-from fused_margin.triton.norms import _project_out_kernel, _row_norms_kernel
-from fused_margin.triton.row_backward import _backward_sums_kernel, _row_backward_kernel
-from fused_margin.triton.row_forward import _reduce_rows_kernel, _row_forward_kernel
+import fused_margin.backends.triton as package
+from fused_margin.backends.triton._common import LAUNCH_OPTIONS
+from fused_margin.backends.triton.class_block import _block_grad_kernel, _block_partials_kernel
+from fused_margin.backends.triton.norms import _project_out_kernel, _row_norms_kernel
+from fused_margin.backends.triton.row_backward import _backward_sums_kernel, _row_backward_kernel
+from fused_margin.backends.triton.row_forward import _reduce_rows_kernel, _row_forward_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 

@@ -6,6 +6,7 @@ row-kernel route (the loss's keyword arguments) computes the same loss as the pr
 """
 import csv
 import json
+import os
 import math
 import sys
 import types
@@ -21,8 +22,8 @@ from fused_margin.bench.check import Outputs, Truth, build_truth, judge, run_out
 from fused_margin.bench.cli import build_parser, main
 from fused_margin.bench.config import LOSSES
 from fused_margin.bench.runner import FIELDS
-from fused_margin.fused import RowKernel
-from fused_margin.row_torch import ROW_KERNEL
+from fused_margin.paths.fused import RowKernel
+from row_torch import ROW_KERNEL
 
 
 def _wrong_loss(*args):
@@ -253,9 +254,10 @@ def test_large_vocabulary_check_takes_the_chunked_reference(monkeypatch):
 
 _STOPPED_RUN = """
 import os, signal, sys, types
+sys.path.insert(0, TESTS)  # row_torch, the row-kernel contract in eager torch (a test double)
 from fused_margin.bench.cli import main
-from fused_margin.fused import RowKernel
-from fused_margin.row_torch import ROW_KERNEL
+from fused_margin.paths.fused import RowKernel
+from row_torch import ROW_KERNEL
 
 def forward(*args):  # a time limit's SIGTERM arriving in the middle of a case
     os.kill(os.getpid(), signal.SIGTERM)
@@ -277,7 +279,8 @@ def test_a_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
             "--backends", "reference,floor", "--row-kernel", "stop=stop_kernels:STOP", "--target-time", "0",
             "--min-reps", "1", "--max-reps", "1", "--warmup", "1", "--threads", "1", "--quiet", "--no-plot",
             "--out", str(out)]
-    done = subprocess.run([sys.executable, "-c", _STOPPED_RUN, *argv], capture_output=True, text=True, timeout=300)
+    code = _STOPPED_RUN.replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 130, done.stderr[-2000:]
     payload = json.loads((out / "results.json").read_text())
     assert payload["interrupted"] is True
@@ -308,7 +311,8 @@ def test_profile_step_runs_a_backend_with_and_without_the_gradient_in_the_forwar
     import importlib.util
     import pathlib
 
-    from fused_margin import backends, fused
+    from fused_margin import backends
+    from fused_margin.paths import fused
 
     if backends.available_backends("cpu")["cpu"] != "ok":
         pytest.skip("the C++ extension is not built")

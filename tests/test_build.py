@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fused_margin import _build
+from fused_margin.backends import _build
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_a_cuda_torch_without_a_gpu_or_an_arch_list_builds_for_the_default_archi
     clean_env.setattr(torch.version, "cuda", "13.0")
     clean_env.setattr(torch.cuda, "is_available", lambda: False)
     plan = _build.plan(relative_to=os.path.dirname(_build.PACKAGE_DIR))
-    assert plan.with_cuda and "fused_margin/csrc/fused_margin_cuda.cu" in plan.sources
+    assert plan.with_cuda and "fused_margin/backends/csrc/fused_margin_cuda.cu" in plan.sources
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.DEFAULT_ARCHS
     assert plan.notes == [f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: architectures {_build.DEFAULT_ARCHS}"]
     assert plan.summary == f"CPU and CUDA kernels (CUDA 13.0 at {toolkit}, architectures {_build.DEFAULT_ARCHS})"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin import builders
+from fused_margin.core import builders
 
 COUNTS = [500, 120, 37, 9]
 

@@ -1,9 +1,9 @@
 """One definition of the row-kernel contract (issue 10): the names and order of the row ops' arguments
-and the integer codes of ``margin_type`` / ``fold`` are tabled once in :mod:`fused_margin.spec`
+and the integer codes of ``margin_type`` / ``fold`` are tabled once in :mod:`fused_margin.core.spec`
 (``ROW_FORWARD_ARGS``, ``ROW_BACKWARD_ARGS``, ``MARGIN_TYPE_CODES``, ``FOLD_CODES``); these tests fail when
 another statement of them disagrees: the C++ op schema and the C++ enums (``fused_margin._C.contract()``),
 the eager contract (``row_torch``), the Triton ops and their constexpr codes, the fake kernels, and the
-way :mod:`fused_margin.fused` packs its arguments.
+way :mod:`fused_margin.paths.fused` packs its arguments.
 """
 import importlib
 import inspect
@@ -11,10 +11,12 @@ import inspect
 import pytest
 import torch
 
-from fused_margin import extension
-from fused_margin import fused, row_torch, spec
-from fused_margin.reference import margin_cross_entropy_reference
-from fused_margin.spec import (COLUMN_STATS, FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, ROW_BACKWARD_ARGS,
+from fused_margin.backends import extension
+from fused_margin.paths import fused
+import row_torch
+from fused_margin.core import spec
+from fused_margin.core.reference import margin_cross_entropy_reference
+from fused_margin.core.spec import (COLUMN_STATS, FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, ROW_BACKWARD_ARGS,
                                ROW_BACKWARD_OUTPUTS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS,
                                ROW_FORWARD_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
                                MarginLossSpec)
@@ -24,8 +26,8 @@ needs_extension = pytest.mark.skipif(not extension.is_built(), reason="the C++ e
 
 def _triton():
     pytest.importorskip("triton")
-    from fused_margin import triton as fm_triton
-    from fused_margin.triton import _common
+    from fused_margin.backends import triton as fm_triton
+    from fused_margin.backends.triton import _common
     return fm_triton, _common
 
 
@@ -80,7 +82,7 @@ def _kernels():
         import triton  # noqa: F401
     except ImportError:
         return kernels
-    from fused_margin import triton as fm_triton
+    from fused_margin.backends import triton as fm_triton
     if fm_triton.INTERPRETED:
         kernels.append(fm_triton.ROW_KERNEL)
     return kernels
@@ -152,8 +154,8 @@ def test_eager_contract_signatures_match_the_python_table():
 
 def test_triton_signatures_and_schemas_match_the_python_table():
     _triton()
-    row_forward = importlib.import_module("fused_margin.triton.row_forward")
-    row_backward = importlib.import_module("fused_margin.triton.row_backward")
+    row_forward = importlib.import_module("fused_margin.backends.triton.row_forward")
+    row_backward = importlib.import_module("fused_margin.backends.triton.row_backward")
     assert _parameter_names(row_forward._row_forward_fake) == ROW_FORWARD_ARGS
     assert _parameter_names(row_backward._row_backward_fake) == ROW_BACKWARD_ARGS
     forward = torch.ops.fused_margin.triton_row_forward.default._schema
@@ -199,7 +201,7 @@ def _same(a, b):
 
 
 def test_fused_passes_each_argument_under_its_name():
-    """A spy kernel binds what :mod:`fused_margin.fused` passes to the table's names: every scalar option
+    """A spy kernel binds what :mod:`fused_margin.paths.fused` passes to the table's names: every scalar option
     (all different, so a swap of two positions shows) and every table arrives where its name says."""
     g = torch.Generator().manual_seed(3)
     B, C, D = 5, 6, 4
@@ -250,12 +252,3 @@ def test_fused_passes_each_argument_under_its_name():
         # the learnable logit offset takes its gradient from the stats; the pair perturbation (not
         # learnable here) would need G in fp32 instead of dL/draw
         assert b["col_stats"] and b["scale_grad"]
-
-
-def test_the_former_module_name_is_the_extension_module():
-    """``fused_margin.cuda`` (the wrapper's old name) imports as the very module ``fused_margin.extension``:
-    old imports keep working and nothing registers twice."""
-    import fused_margin.cuda
-    import fused_margin.extension
-    assert fused_margin.cuda is fused_margin.extension
-    assert fused_margin.cuda.row_kernel is fused_margin.extension.row_kernel

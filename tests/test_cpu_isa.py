@@ -21,13 +21,13 @@ import textwrap
 
 import pytest
 
-from fused_margin import extension
+from fused_margin.backends import extension
 
 if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR})", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROW_MATH = os.path.join(HERE, os.pardir, "fused_margin", "csrc", "row_math.h")
+ROW_MATH = os.path.join(HERE, os.pardir, "fused_margin", "backends", "csrc", "row_math.h")
 X86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
 # namespaces named after an instruction set: fused_margin's kernels and row math, ATen's at::vec
 ISA_NAMESPACE = re.compile(r"(?:fused_margin::cpu::|fused_margin::row_math_|at::vec::|fused_margin::block::\(anonymous namespace\)::)(DEFAULT|AVX2|AVX512)::")
@@ -138,15 +138,15 @@ def test_no_wide_instruction_outside_the_instruction_set_namespaces():
 
 _BASELINE_SCRIPT = textwrap.dedent("""
     import torch
-    from fused_margin import extension
+    from fused_margin.backends import extension
     import kernel_cases as k
     print("isa", extension.cpu_kernel_isa(), extension.class_block_isa(), flush=True)
     assert extension.cpu_kernel_isa() == "DEFAULT", extension.cpu_kernel_isa()
     assert extension.class_block_isa() == "DEFAULT", extension.class_block_isa()
     # the memory-lean path's class-block loops (DEFAULT too) against the reference, chunks of 7
-    from fused_margin.lean import lean_margin_cross_entropy
-    from fused_margin.reference import margin_cross_entropy_reference
-    from fused_margin.spec import LossTables, MarginLossSpec
+    from fused_margin.paths.lean import lean_margin_cross_entropy
+    from fused_margin.core.reference import margin_cross_entropy_reference
+    from fused_margin.core.spec import LossTables, MarginLossSpec
     g = torch.Generator().manual_seed(0)
     spec = MarginLossSpec(head="cosine", scale=30.0, margin_type="additive_angular", lambda_inst=1.0,
                           lambda_elm=0.5, label_smoothing=0.1)

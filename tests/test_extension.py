@@ -22,11 +22,12 @@ import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin import backends, row_torch
-from fused_margin.reference import margin_cross_entropy_reference
-from fused_margin.spec import (REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
+from fused_margin import backends
+import row_torch
+from fused_margin.core.reference import margin_cross_entropy_reference
+from fused_margin.core.spec import (REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
                                MarginLossSpec)
-from fused_margin import extension
+from fused_margin.backends import extension
 
 if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR}); build it with "
@@ -82,7 +83,7 @@ def test_matches_reference_low_precision(name, dtype, device):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_fp32_with_the_separate_row_backward(name, monkeypatch):
-    from fused_margin import fused
+    from fused_margin.paths import fused
 
     monkeypatch.setattr(fused, "GRAD_IN_FORWARD", False)
     options = dict(CASES[name])
@@ -99,7 +100,7 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     exp(l_j - lse) (fp32: within 1e-5 of the largest gradient; bf16/fp16: two units of the dtype's
     rounding of it, dL/draw being rounded to the dtype before the GEMMs). The separate path is checked
     against the reference above, in every dtype."""
-    from fused_margin import fused
+    from fused_margin.paths import fused
 
     options = dict(CASES[name])
     options["reduction"] = "sum" if options.get("reduction") == "sum" else "mean"
@@ -134,8 +135,8 @@ def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype,
 def test_when_the_forward_forms_the_gradient():
     """fused.grad_in_forward: only a training step of a reduced loss on a GEMM head, with only the features
     or class weights requiring grad, on a kernel that has the op."""
-    from fused_margin import fused
-    from fused_margin.spec import LossTables, MarginLossSpec
+    from fused_margin.paths import fused
+    from fused_margin.core.spec import LossTables, MarginLossSpec
 
     kernel = extension.row_kernel("cpu")
     spec = MarginLossSpec(head="cosine")
@@ -468,7 +469,7 @@ _ISA_SCRIPT = textwrap.dedent("""
     @torch.library.custom_op("fused_margin::_probe_before_extension", mutates_args=())
     def probe(x: torch.Tensor) -> torch.Tensor:
         return x + 1
-    from fused_margin import extension
+    from fused_margin.backends import extension
     import test_extension as t
     if extension.cpu_kernel_isa() != {isa!r}:
         print("isa-mismatch", extension.cpu_kernel_isa())
@@ -540,15 +541,15 @@ def test_cuda_source_compiles_for_sm90():
                 f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
             includes = [tmp] + includes
         command = [nvcc, "-arch=sm_90", "-std=c++17", "-O3", "--fmad=false", "-DFUSED_MARGIN_WITH_CUDA",
-                   "-I", os.path.join(root, "fused_margin", "csrc"), "-I", sysconfig.get_paths()["include"]]
+                   "-I", os.path.join(root, "fused_margin", "backends", "csrc"), "-I", sysconfig.get_paths()["include"]]
         for d in includes:
             command += ["-I", d]
-        command += ["-c", os.path.join(root, "fused_margin", "csrc", "fused_margin_cuda.cu"), "-o", os.path.join(tmp, "k.o")]
+        command += ["-c", os.path.join(root, "fused_margin", "backends", "csrc", "fused_margin_cuda.cu"), "-o", os.path.join(tmp, "k.o")]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     # a host-only function called from device code is only a warning for nvcc (e.g. #20013, a constexpr
     # std::numeric_limits member without --expt-relaxed-constexpr): none in our sources
     ours = [line for line in result.stderr.splitlines()
-            if line.startswith(os.path.join(root, "fused_margin", "csrc")) and "warning" in line]
+            if line.startswith(os.path.join(root, "fused_margin", "backends", "csrc")) and "warning" in line]
     assert not ours, "\n".join(ours[:20])
 

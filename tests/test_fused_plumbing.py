@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_margin import fused, reference, row_torch
-from fused_margin.spec import LossTables, MarginLossSpec
+from fused_margin.paths import fused
+from fused_margin.core import reference
+import row_torch
+from fused_margin.core.spec import LossTables, MarginLossSpec
 
 KERNEL = row_torch.ROW_KERNEL
 F64 = torch.float64

@@ -25,7 +25,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = ("import fused_margin as fm, torch; s = fm.available_backends(torch.device('cpu'), torch.float32); "
-         "print('cpu:', s['cpu']); from fused_margin import extension; print('from:', extension._C.__file__)")
+         "print('cpu:', s['cpu']); from fused_margin.backends import extension; print('from:', extension._C.__file__)")
 
 
 def _run(command, env, cwd, timeout=900):
@@ -113,8 +113,8 @@ def test_sdist_and_wheel_hold_the_package_and_its_sources(project, tmp_path):
     with zipfile.ZipFile(wheel) as whl:
         in_wheel = whl.namelist()
     for names in (in_sdist, in_wheel):
-        assert "fused_margin/__init__.py" in names and "fused_margin/csrc/fused_margin.cpp" in names
-        assert "fused_margin/csrc/row_kernel.h" in names and "fused_margin/csrc/fused_margin_cuda.cu" in names
+        assert "fused_margin/__init__.py" in names and "fused_margin/backends/csrc/fused_margin.cpp" in names
+        assert "fused_margin/backends/csrc/row_kernel.h" in names and "fused_margin/backends/csrc/fused_margin_cuda.cu" in names
         assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "scripts/"))], names
     assert "setup.py" in in_sdist and "pyproject.toml" in in_sdist
 
@@ -126,7 +126,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch
     import fused_margin as fm
-    from fused_margin import extension
+    from fused_margin.backends import extension
 assert extension._C is None
 assert "no C++ compiler ('no-such-c++' is not on the PATH)" in extension.BUILD_ERROR, extension.BUILD_ERROR
 assert "apt-get install g++" in extension.BUILD_ERROR and "FUSED_MARGIN_NO_EXT=1" in extension.BUILD_ERROR

@@ -131,7 +131,7 @@ def test_the_cpu_step_needs_one_class_matrix_less_when_the_forward_forms_the_gra
     """With fused.GRAD_IN_FORWARD (the default), the cpu backend's forward writes dL/draw over the GEMM output,
     so a step's peak memory (torch.profiler's allocation events, as the benchmark measures it) is one
     B x C fp32 buffer lower than with the separate row backward, which allocates dL/draw anew."""
-    from fused_margin import fused
+    from fused_margin.paths import fused
     from fused_margin.bench.cases import InputSet
     from fused_margin.bench.measure import Op, peak_extra_mib
 

@@ -1,5 +1,5 @@
-"""The memory-lean path (``fused_margin.lean``) and the class-split contract it runs on
-(``fused_margin.class_split``), against the reference (docs/loss.md sections 8 and 9).
+"""The memory-lean path (``fused_margin.paths.lean``) and the class-split contract it runs on
+(``fused_margin.core.class_split``), against the reference (docs/loss.md sections 8 and 9).
 
 Chunks of 7 classes put argmax ties, labels, ELM's strongest wrong class and NaNs on chunk boundaries
 and in the last, partial chunk; float64 runs must match the reference to rounding, fp32 and bf16 runs are
@@ -13,10 +13,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernel_cases as kc
-from fused_margin import class_split, reference
-from fused_margin.lean import auto_chunk, cpp_block_ops_available, lean_margin_cross_entropy
-from fused_margin.reference import margin_cross_entropy_reference
-from fused_margin.spec import LossTables, MarginLossSpec
+from fused_margin.core import class_split, reference
+from fused_margin.paths.lean import auto_chunk, cpp_block_ops_available, lean_margin_cross_entropy
+from fused_margin.core.reference import margin_cross_entropy_reference
+from fused_margin.core.spec import LossTables, MarginLossSpec
 
 
 TRITON_RUNS = importlib.util.find_spec("triton") is not None and (

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
-from fused_margin import extension
+from fused_margin.backends import extension
 
 HAVE_CUDA = torch.cuda.is_available()
 TRITON_RUNS = HAVE_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
@@ -263,7 +263,7 @@ def test_non_finite_inputs_match_the_reference(backend, device, name, dtype):
     x, y, options = _nonfinite_case(name)
     want = _run_aux("reference", "cpu", x, y, options, dtype)
     if backend == "triton":
-        from fused_margin.triton import max_block
+        from fused_margin.backends.triton import max_block
         context = max_block(2)  # the online max and sum merged across column blocks
     else:
         context = _nullcontext()
@@ -367,7 +367,8 @@ def test_fp16_cosine_head_stays_in_range(backend, device, x_norm, w_norm):
 def test_fp16_rescaling_does_not_touch_fp32_and_bf16():
     """Only fp16 is rescaled: fp32 and bf16 give bit-identical results to the unscaled GEMM path (through the
     eager row kernel, whose raw must be exactly x @ w.T)."""
-    from fused_margin import fused, row_torch
+    from fused_margin.paths import fused
+    import row_torch
     kernel = row_torch.ROW_KERNEL
     g = _gen(9)
     for dtype in (torch.float32, torch.bfloat16):
@@ -446,7 +447,7 @@ if TRITON_RUNS:
     import triton
     import triton.language as tl
 
-    from fused_margin.triton._common import round_to
+    from fused_margin.backends.triton._common import round_to
 
     @triton.jit
     def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fused_margin as fm  # noqa: E402
-from fused_margin.spec import NORM_EPS  # noqa: E402
+from fused_margin.core.spec import NORM_EPS  # noqa: E402
 import kernel_cases  # noqa: E402
 from kernel_cases import (MODEL_TENSORS, assert_pred_hard, assert_within_reference_error,  # noqa: E402
                           make_case)
@@ -287,7 +287,7 @@ def test_fuzz_triton_backend_against_the_reference(drawn, block):
     """Under the interpreter, with the column block capped so that the loop over blocks and the masked
     tail of the last block run on small C."""
     _skip_unless("triton")
-    from fused_margin.triton import max_block
+    from fused_margin.backends.triton import max_block
     check(*drawn[:1], "triton", *drawn[2:], drawn[1], context=lambda: max_block(block))
 
 

@@ -29,11 +29,13 @@ import triton.language as tl  # noqa: E402
 
 import fused_margin as fm  # noqa: E402
 import kernel_cases  # noqa: E402
-from fused_margin import row_torch  # noqa: E402
-from fused_margin.triton import (INTERPRETED, ROW_KERNEL, max_block, row_backward, row_forward,  # noqa: E402
+import row_torch  # noqa: E402
+from fused_margin.core import rowmath  # noqa: E402
+from fused_margin.core.spec import MarginLossSpec  # noqa: E402
+from fused_margin.backends.triton import (INTERPRETED, ROW_KERNEL, max_block, row_backward, row_forward,  # noqa: E402
                                   row_forward_backward)
-from fused_margin.spec import REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS  # noqa: E402
-from fused_margin.triton._common import round_to, target_margin  # noqa: E402
+from fused_margin.core.spec import REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS  # noqa: E402
+from fused_margin.backends.triton._common import round_to, target_margin  # noqa: E402
 from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODULES, _counts,  # noqa: E402
                           _gen, _upstream, assert_fp32_close, make_case)
 
@@ -201,7 +203,7 @@ def test_large_common_offset_with_label_smoothing():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the row kernels directly: the contract of fused_margin.fused, against its eager statement
+# the row kernels directly: the contract of fused_margin.paths.fused, against its eager statement
 
 def _row_args(B=5, C=23, dtype=torch.float32, seed=0, ignore=(1,)):
     g = _gen(seed)
@@ -321,7 +323,7 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     ``logit_grad`` expression; the GPU compiler may schedule the two kernels' divisions differently, so
     there within two units of the dtype's rounding). The cases' fp32 runs against the reference above take
     this path wherever it applies; this also keeps the separate backward under test on every case."""
-    from fused_margin import fused
+    from fused_margin.paths import fused
 
     if dtype != torch.float32 and name not in _LOW_PRECISION_FORWARD_BACKWARD:
         pytest.skip("the low-precision runs take a few cases (each is two interpreted steps)")
@@ -450,7 +452,8 @@ def test_angular_margin_accuracy(fold):
     _psi_kernel[(triton.cdiv(c.numel(), 1024),)](c, m, dm, value, grad, c.numel(), MARGIN_TYPE=1, FOLD=fold,
                                                  STRAIGHT_THROUGH=False, BLOCK=1024)
     want_value, want_grad = _psi_truth(c.double(), m.double(), dm.double(), fold)
-    eager_value, eager_grad = row_torch.target_margin(c, m, dm, 1.0, 1, fold, False)
+    eager_value, eager_grad = rowmath.target_logit(c, m, dm, MarginLossSpec(
+        head="logits", input_is_cosine=True, margin_type="additive_angular", angular_fold=(None, "threshold", "easy")[fold]))
     # away from the fold boundary, where fp32 and fp64 may take different branches
     if fold == 1:
         check = (c.double() - torch.cos(torch.pi - m.double())).abs() > 1e-6
@@ -527,7 +530,7 @@ def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype):
     """The Triton projection's update: (grad + c v) scale in fp32, one rounding (to nearest even) to grad's
     dtype, with and without the upstream ``scale``; small integers and a power-of-two proj make every step
     exact but the final rounding, so the result is checked bit for bit."""
-    from fused_margin.triton.norms import project_out_rows_
+    from fused_margin.backends.triton.norms import project_out_rows_
 
     g = _gen(11)
     grad = torch.randint(-8, 9, (37, 300), generator=g).to(dtype)
@@ -551,7 +554,7 @@ def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
     """The Triton projection: grad_i - proj_i (grad_i . v_i) v_i, the dot of grad's rounded values in fp32,
     one rounding; on a mostly radial input the rows end orthogonal to v to the output's rounding; rows with
     proj 0 unchanged (cols not a multiple of the block, rows not of the row block)."""
-    from fused_margin.triton.norms import project_out
+    from fused_margin.backends.triton.norms import project_out
 
     g = _gen(12)
     v = torch.randn(37, 300, generator=g).to(dtype)
@@ -586,12 +589,12 @@ def test_ops_coexist_with_the_cxx_extension():
     module imported it), the extension first in a fresh interpreter."""
     import subprocess
     import sys
-    from fused_margin import extension
+    from fused_margin.backends import extension
     if not extension.is_built():
         pytest.skip(f"the C++ extension is not built: {extension.BUILD_ERROR}")
     check = _COEXIST_CHECK.replace("{device}", DEVICE)
     exec(check, {})
-    code = "import fused_margin.extension, fused_margin.triton\n" + check
+    code = "import fused_margin.backends.extension, fused_margin.backends.triton\n" + check
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -618,7 +621,7 @@ def test_kernels_compile_for_sm90():
 def test_the_fused_path_pads_the_class_stride():
     """What makes the launches above see a row stride divisible by 16: the GEMM writes raw into a buffer with
     the class stride padded (no copy), and the backward's dL/draw gets the same stride."""
-    from fused_margin import fused
+    from fused_margin.paths import fused
     x, w = torch.randn(3, 8).to(DEVICE), torch.randn(8142, 8).to(DEVICE)
     raw = fused.class_padded_mm(x, w)
     assert raw.shape == (3, 8142) and raw.stride() == (8144, 1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin import builders
+from fused_margin.core import builders
 
 B, D, C = 4, 3, 5
 

@@ -87,11 +87,11 @@ except RuntimeError as error:
 else:
     raise AssertionError("backend='triton' ran on an untested Triton")
 try:
-    import fused_margin.triton
+    import fused_margin.backends.triton
 except fm.versions.UntestedTritonError as error:
     assert "tested: 3.6 to 3.9" in str(error)
 else:
-    raise AssertionError("fused_margin.triton imported on an untested Triton")
+    raise AssertionError("fused_margin.backends.triton imported on an untested Triton")
 print("refused")
 """
 
@@ -102,7 +102,7 @@ import triton
 triton.__version__ = "3.10.0"
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import fused_margin.triton
+    import fused_margin.backends.triton
 assert any("Triton 3.10.0 is untested" in str(w.message) for w in caught), [str(w.message) for w in caught]
 import fused_margin as fm
 x, w, y = torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])

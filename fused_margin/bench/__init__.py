@@ -8,9 +8,9 @@ correctness check against a float64 reference before it is timed. Programmatic u
     run = run_benchmark(BenchConfig(B=64, D=128, C=1000, losses=("dbm-bs",)))
     print(format_table(run)); write_outputs(run, pathlib.Path("out"))
 """
-from .cli import main
-from .config import LOSSES, PRESETS, BenchConfig
-from .report import format_table, write_outputs
-from .runner import BenchRun, run_benchmark
+from fused_margin.bench.cli import main
+from fused_margin.bench.config import LOSSES, PRESETS, BenchConfig
+from fused_margin.bench.report import format_table, write_outputs
+from fused_margin.bench.runner import BenchRun, run_benchmark
 
 __all__ = ["main", "run_benchmark", "BenchConfig", "BenchRun", "format_table", "write_outputs", "LOSSES", "PRESETS"]

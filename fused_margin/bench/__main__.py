@@ -1,4 +1,4 @@
 """``python -m fused_margin.bench``."""
-from .cli import main
+from fused_margin.bench.cli import main
 
 raise SystemExit(main())

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 import fused_margin as fm
 from fused_margin.functional import LEAN_KERNELS, uses_lean_path
-from fused_margin.fused import RowKernel, fused_margin_cross_entropy
-from fused_margin.lean import auto_chunk
-from fused_margin.spec import LossTables, MarginLossSpec
+from fused_margin.paths.fused import RowKernel, fused_margin_cross_entropy
+from fused_margin.paths.lean import auto_chunk
+from fused_margin.core.spec import LossTables, MarginLossSpec
 
-from .config import FUSED_BACKENDS, LOSSES, BenchConfig
+from fused_margin.bench.config import FUSED_BACKENDS, LOSSES, BenchConfig
 
 #: how strongly a feature points at its class's weight: about half of the rows are then predicted
 #: right (the max of C random cosines is about sqrt(2 ln C / D)), so hard and easy rows both occur.

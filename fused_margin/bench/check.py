@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fused_margin.spec import NORM_EPS
+from fused_margin.core.spec import NORM_EPS
 
 #: relative error floors by dtype (added to twice the eager reference's error).
 ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-10}

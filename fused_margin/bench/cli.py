@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from .config import (ALL_IMPLS, DEFAULT_LOSSES, DTYPES, IMPL_HELP, LOSSES, MODE_HELP, MODES, PRESETS,
+from fused_margin.bench.config import (ALL_IMPLS, DEFAULT_LOSSES, DTYPES, IMPL_HELP, LOSSES, MODE_HELP, MODES, PRESETS,
                      BenchConfig)
 
 DESCRIPTION = """\
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--backends", default="all", help="comma list of implementations, or 'all': "
                       + ", ".join(ALL_IMPLS) + " [all]")
     what.add_argument("--row-kernel", action="append", default=[], metavar="NAME=MODULE:ATTR",
-                      help="also run a fused_margin.fused.RowKernel (e.g. one under development) through the "
+                      help="also run a fused_margin.paths.fused.RowKernel (e.g. one under development) through the "
                       "fused autograd plumbing; repeatable")
     what.add_argument("--class-chunk", default="auto", metavar="auto|off|N",
                       help="class_chunk of the fused backend rows: 'auto' takes the memory-lean path (class "
@@ -116,7 +116,7 @@ def _load_row_kernel(spec: str):
     name, target = spec.split("=", 1)
     module, attr = target.split(":", 1)
     kernel = getattr(importlib.import_module(module), attr)
-    from fused_margin.fused import RowKernel
+    from fused_margin.paths.fused import RowKernel
     if not isinstance(kernel, RowKernel):
         raise SystemExit(f"--row-kernel {name}: {target} is a {type(kernel).__name__}, not a fused_margin RowKernel")
     return name, kernel
@@ -163,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def list_everything(device: str, dtype: str) -> str:
     """The text of ``--list``: presets, losses with heads, implementations and their status on this machine."""
     import fused_margin as fm
-    from .cases import installed
+    from fused_margin.bench.cases import installed
     lines = ["presets (B x D x C):"]
     for name, ((B, D, C), text) in PRESETS.items():
         lines.append(f"  {name:12s} {B:>6d} x {D:>5d} x {C:>7d}   {text}")
@@ -205,8 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from .report import format_table, write_outputs
-    from .runner import run_benchmark
+    from fused_margin.bench.report import format_table, write_outputs
+    from fused_margin.bench.runner import run_benchmark
     out_dir = args.out or Path("benchmarks") / "results" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     # a time limit's SIGTERM (timeout, a job scheduler) stops the run as Ctrl-C does: what was measured is written
     main_thread = threading.current_thread() is threading.main_thread()

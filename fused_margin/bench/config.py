@@ -3,7 +3,7 @@
 Each loss is described twice, on purpose: as the ``nn.Module`` preset a user trains with (used for the
 named backends, the eager reference and ``torch.compile``) and as the keyword arguments of
 :func:`fused_margin.margin_cross_entropy` that the preset stands for (used to run a bare
-:class:`fused_margin.fused.RowKernel`, e.g. a kernel under development, through the fused plumbing).
+:class:`fused_margin.paths.fused.RowKernel`, e.g. a kernel under development, through the fused plumbing).
 The correctness check judges both against the same float64 reference, so the two cannot drift apart
 unnoticed.
 """

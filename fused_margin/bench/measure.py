@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .cases import InputSet
+from fused_margin.bench.cases import InputSet
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory allocated before the call",

@@ -73,7 +73,7 @@ def machine_info(device: torch.device) -> dict:
         "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     try:
-        from fused_margin import extension
+        from fused_margin.backends import extension
         info["cpu_kernel_isa"] = extension.cpu_kernel_isa()
     except (ImportError, AttributeError):
         info["cpu_kernel_isa"] = None
@@ -199,7 +199,7 @@ MACHINE_COLUMNS = ("machine", "device", "torch", "triton")
 
 
 def write_csv(run, path: Path) -> None:
-    from .runner import FIELDS
+    from fused_margin.bench.runner import FIELDS
     m = run.machine
     machine = {"machine": m["name"], "device": m["device"], "torch": m["torch"], "triton": m["triton"]}
     with path.open("w", newline="") as f:

@@ -17,12 +17,12 @@ import torch
 
 import fused_margin as fm
 
-from . import cases as cases_mod
-from .cases import Case
-from .check import QUANTITIES, Truth, Verdict, build_truth, judge, run_outputs
-from .config import BenchConfig
-from .measure import MEMORY_METHOD, Op, peak_extra_mib, time_op
-from .report import machine_info
+from fused_margin.bench import cases as cases_mod
+from fused_margin.bench.cases import Case
+from fused_margin.bench.check import QUANTITIES, Truth, Verdict, build_truth, judge, run_outputs
+from fused_margin.bench.config import BenchConfig
+from fused_margin.bench.measure import MEMORY_METHOD, Op, peak_extra_mib, time_op
+from fused_margin.bench.report import machine_info
 
 #: the check runs on at most this many elements of the B x C matrix (the float64 reference holds a
 #: dozen such temporaries); larger shapes are checked on their first rows.

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .. import builders
+from fused_margin.core import builders
 
 __all__ = [
     "dataset_labels",

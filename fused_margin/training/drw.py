@@ -17,7 +17,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .. import builders
+from fused_margin.core import builders
 
 __all__ = ["DRWSchedule"]
 

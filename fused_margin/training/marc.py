@@ -28,8 +28,8 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .. import builders
-from ..functional import margin_cross_entropy
+from fused_margin.core import builders
+from fused_margin.functional import margin_cross_entropy
 
 __all__ = ["MARC"]
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .. import builders
-from ..functional import margin_cross_entropy
+from fused_margin.core import builders
+from fused_margin.functional import margin_cross_entropy
 
 __all__ = ["ClassStatistics", "MetaLAD", "pair_perturbation_terms"]
 

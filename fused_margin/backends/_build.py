@@ -1,5 +1,5 @@
 """How the C++/CUDA extension ``fused_margin._C`` is built: its sources, flags and CUDA decision, in one
-place for ``setup.py`` (a build at install time) and :mod:`fused_margin.extension` (a build on first use,
+place for ``setup.py`` (a build at install time) and :mod:`fused_margin.backends.extension` (a build on first use,
 through ``torch.utils.cpp_extension.load``).
 
 * The CPU kernels are always built (``-O3``, OpenMP as torch's ``at::parallel_for`` uses it); on x86-64
@@ -31,8 +31,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(PACKAGE_DIR, "csrc")
+#: the fused_margin package's folder, and the C++/CUDA sources' one inside it
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(PACKAGE_DIR, "backends", "csrc")
 
 #: architectures of a CUDA build on a machine without a visible GPU and without TORCH_CUDA_ARCH_LIST:
 #: Turing (T4), Ampere (A100; its cubins run on the 8.6/8.9 consumer parts) and Hopper, plus Hopper's

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import ACOS_CLAMP
+from fused_margin.core.spec import ACOS_CLAMP
 
 ACOS_LO = tl.constexpr(-1.0 + ACOS_CLAMP)
 ACOS_HI = tl.constexpr(1.0 - ACOS_CLAMP)
@@ -73,7 +73,7 @@ def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD:
 def load_scaled_scores(raw_ptr, offsets, mask, raw_mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
                        HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
     """``z' = raw * row_scale * col_scale + col_shift`` in fp32 (the row-kernel contract of
-    ``fused_margin.fused``); lanes outside ``mask`` hold garbage, for the caller to mask. ``raw`` is read
+    ``fused_margin.paths.fused``); lanes outside ``mask`` hold garbage, for the caller to mask. ``raw`` is read
     under ``raw_mask`` (columns below :func:`io_columns`: with a padded class stride, the padding too, so
     that the mask is constant over 16 columns and the load vectorises), the C-sized tables under ``mask``.
     ``offsets`` are int64 (``cols * stride`` overflows int32 on a transposed ``raw`` once B C > 2^31)."""
@@ -158,7 +158,7 @@ def block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr, pair_ptrs
 def logit_grad(logits, is_target, keep, lse, nll, target_grad, weight, weight_y, weight_sum, g, scale,
                label_smoothing, num_classes, SMOOTHING: tl.constexpr):
     """``G = dL/dz'`` on one block of a row from the row's statistics (the row-kernel contract of
-    ``fused_margin.fused``): with ``p_j = exp(l_j - lse)`` and the upstream gradient ``g`` of the loss row,
+    ``fused_margin.paths.fused``): with ``p_j = exp(l_j - lse)`` and the upstream gradient ``g`` of the loss row,
     ``dl_j = g ((1 - eps) w_y p_j + eps / C (W p_j - w_j))`` and ``G_j = s dl_j`` off the target;
     ``dl_y = g ((1 - eps) w_y expm1(-nll) + eps / C ((W - w_y) + W expm1(-nll)))`` (``p_y - 1`` from the
     precise ``nll``) and ``G_y = target_grad dl_y`` on it; 0 outside ``keep``. Returns ``(G, dl_y, G_y)``.
@@ -270,7 +270,7 @@ def io_columns(raw: torch.Tensor) -> int:
     backward's gradient then has the same stride), else C. A bound divisible by 16 lets Triton prove the
     masks constant over 16 columns, so the loads and stores vectorise (tests/test_triton.py, the sm_90
     compile)."""
-    from ..fused import padded_classes
+    from fused_margin.paths.fused import padded_classes
     cols = raw.shape[1]
     padded = padded_classes(cols)
     return padded if raw.dim() == 2 and raw.stride(1) == 1 and raw.stride(0) >= padded else cols

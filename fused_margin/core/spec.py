@@ -160,7 +160,7 @@ class MarginLossSpec:
 
 #: The arguments of the row kernels' forward, in the order every backend takes them (the op schema of
 #: ``torch.ops.fused_margin.row_forward`` in csrc/fused_margin.cpp, ``row_torch.row_forward``, the Triton
-#: and C++/CUDA ops; the contract is stated in :mod:`fused_margin.fused`). tests/test_contract.py checks
+#: and C++/CUDA ops; the contract is stated in :mod:`fused_margin.paths.fused`). tests/test_contract.py checks
 #: each backend's signature and the C++ op schema against this table.
 ROW_FORWARD_ARGS = ("raw", "target", "row_scale", "col_scale", "col_shift", "class_margins", "logit_offset",
                     "pair_perturbation", "class_weight", "scale", "margin_type", "lambda_inst", "hard_all",

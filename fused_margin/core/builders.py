@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .spec import as_int, as_real
+from fused_margin.core.spec import as_int, as_real
 
 __all__ = [
     "as_class_counts",

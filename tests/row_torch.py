@@ -1,4 +1,4 @@
-"""The row-kernel contract of :mod:`fused_margin.fused` in eager PyTorch, with hand-derived gradients.
+"""The row-kernel contract of :mod:`fused_margin.paths.fused` in eager PyTorch, with hand-derived gradients.
 
 This is the executable statement of what the Triton, C++ and CUDA row kernels compute (same inputs,
 same outputs, same fp32 math), checked against the autograd reference in the tests. It materialises
@@ -6,47 +6,12 @@ B x C temporaries, so it is a specification and a test double, not a fast path.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .fused import RowKernel, inverse_norms, scaled_scores
-from .reference import compute_dtype
-from .spec import ACOS_CLAMP, REDUCTION_CODES
-
-
-def target_margin(c, margin, dmargin_dc, scale, margin_type, fold, straight_through):
-    """``(s psi(c, M), s dpsi/dc)`` with ``dM/dc = dmargin_dc`` (the DBM instance-margin path).
-
-    additive_cosine: ``psi = c - M``, ``dpsi/dc = 1 - dM/dc``.
-    additive_angular: ``psi = cos(theta + M)``, ``theta = acos(clamp(c))``,
-    ``dpsi/dc = sin(theta + M) / sin(theta) [c inside the clamp] - sin(theta + M) dM/dc``;
-    fold "threshold" (``c <= cos(pi - M)``): ``psi = c - M sin M``,
-    ``dpsi/dc = 1 - (sin M + M cos M) dM/dc``; fold "easy" (``c <= 0``): ``psi = c``, ``dpsi/dc = 1``.
-    straight_through: ``dpsi/dc = 1``.
-    """
-    if margin_type == 0:
-        value = c - margin
-        grad = 1.0 - dmargin_dc
-    else:
-        lo, hi = -1.0 + ACOS_CLAMP, 1.0 - ACOS_CLAMP
-        cc = c.clamp(lo, hi)
-        inside = ((c >= lo) & (c <= hi)).to(c.dtype)
-        theta = torch.acos(cc)
-        sin_shift = torch.sin(theta + margin)
-        value = torch.cos(theta + margin)
-        grad = sin_shift / torch.sin(theta) * inside - sin_shift * dmargin_dc
-        if fold == 1:
-            folded = c <= torch.cos(math.pi - margin)
-            value = torch.where(folded, c - margin * torch.sin(margin), value)
-            grad = torch.where(folded, 1.0 - (torch.sin(margin) + margin * torch.cos(margin)) * dmargin_dc, grad)
-        elif fold == 2:
-            folded = c <= 0
-            value = torch.where(folded, c, value)
-            grad = torch.where(folded, torch.ones_like(grad), grad)
-    if straight_through:
-        grad = torch.ones_like(grad)
-    return scale * value, scale * grad
+from fused_margin.core import rowmath
+from fused_margin.core.reference import compute_dtype
+from fused_margin.core.spec import FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, MarginLossSpec
+from fused_margin.paths.fused import RowKernel, inverse_norms, scaled_scores
 
 
 def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
@@ -66,20 +31,13 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
     pred = z.argmax(1)
     c = z.gather(1, y[:, None]).squeeze(1)
     hard = kept.clone() if hard_all else (pred != y) & kept
-    if class_margins is not None:
-        m = class_margins.to(z.dtype)
-        m_y = m[y]
-        h = hard.to(z.dtype)
-        margin = m_y * (1.0 + lambda_inst * h * (1.0 - c) / 2.0)
-        dmargin_dc = -m_y * lambda_inst * h / 2.0
-        if lambda_elm != 0.0:
-            wrong = z.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf")).argmax(1)
-            margin = margin - lambda_elm * m[wrong]
-    else:
-        margin = torch.zeros_like(c)
-        dmargin_dc = torch.zeros_like(c)
-    target_logit, target_grad = target_margin(c, margin, dmargin_dc, scale, margin_type, fold,
-                                                       straight_through)
+    spec = _spec(scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
+                 ignore_index)
+    wrong = None
+    if class_margins is not None and lambda_elm != 0.0:
+        wrong = z.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf")).argmax(1)
+    margin, dmargin_dc = rowmath.target_margin(class_margins, y, hard, c, spec, wrong)
+    target_logit, target_grad = rowmath.target_logit(c, margin, dmargin_dc, spec)
     logits = scale * z
     if logit_offset is not None:
         logits = logits + logit_offset.to(z.dtype)[None, :]
@@ -108,28 +66,22 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
 
 
 def nll_from_others(others, target_logit, lse):
-    """``nll = lse - t`` from the non-target logits ``others`` (the target's column at -inf), relative to
-    their maximum ``M`` with ``S = sum_{j != y} exp(l_j - M)`` (docs/loss.md section 8, confident rows):
-    ``log1p(S exp(M - t))`` where ``t >= M``, ``(M - t) + log(S + exp(t - M))`` where ``t < M`` (then
-    ``nll >= log 2``); ``lse - t`` where ``t`` or ``M`` is not finite (as ``F.cross_entropy``)."""
+    """``nll = lse - t`` from the non-target logits ``others`` (the target's column at -inf):
+    :func:`fused_margin.core.rowmath.nll_from_others` with their max and shifted sum."""
     m = others.max(1).values
-    finite = torch.isfinite(target_logit) & torch.isfinite(m)
-    zero = torch.zeros_like(m)
-    gap = torch.where(finite, m - target_logit, zero)
-    shift = torch.where(finite, m, zero)
-    total = torch.exp(others - shift[:, None]).sum(1)
-    top = gap <= 0
-    nll_top = torch.log1p(total * torch.exp(torch.where(top, gap, zero)))
-    nll_low = gap + torch.log(total + torch.exp(torch.where(top, zero, -gap)))
-    return torch.where(finite, torch.where(top, nll_top, nll_low), lse - target_logit)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return rowmath.nll_from_others(target_logit, m, torch.exp(others - shift[:, None]).sum(1), lse - target_logit)
 
 
-def target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes):
-    """``dL/dt`` per unit upstream gradient: ``(1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y)`` with
-    ``p_y = exp(-nll)`` and ``p_y - 1 = expm1(-nll)`` (precise where the row is confident), the smoothing
-    term as ``eps / C ((W - w_y) + W expm1(-nll))``."""
-    pm1 = torch.expm1(-nll)
-    return (1.0 - label_smoothing) * w_y * pm1 + label_smoothing / num_classes * ((w_sum - w_y) + w_sum * pm1)
+def _spec(scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
+          ignore_index):
+    """The loss options of the row ops' scalar arguments (their codes decoded)."""
+    return MarginLossSpec(head="logits", input_is_cosine=True, scale=scale,
+                          margin_type={v: k for k, v in MARGIN_TYPE_CODES.items()}[int(margin_type)],
+                          lambda_inst=lambda_inst, hard_mode="all" if hard_all else "hard", lambda_elm=lambda_elm,
+                          angular_fold={v: k for k, v in FOLD_CODES.items()}[int(fold)],
+                          margin_grad="straight_through" if straight_through else "exact",
+                          label_smoothing=label_smoothing, ignore_index=ignore_index)
 
 
 def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
@@ -152,7 +104,7 @@ def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pai
     else:
         w_y, w_sum, w_j = torch.ones_like(lse), float(num_classes), 1.0
     dl = (1.0 - label_smoothing) * w_y[:, None] * p + label_smoothing / num_classes * (w_sum * p - w_j)
-    dl_y = target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes)
+    dl_y = rowmath.target_column_grad(nll, w_y, w_sum, label_smoothing, num_classes)
     g = grad_rows.to(z.dtype).expand(lse.shape)
     if denom is not None:
         g = torch.where(denom != 0, g / denom, torch.full_like(g, float("nan")))

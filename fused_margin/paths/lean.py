@@ -1,7 +1,7 @@
 """The memory-lean execution of the loss for large vocabularies: never a B x C matrix.
 
 The forward loops over chunks of classes: the GEMM of the features with one chunk of the class
-weights, that chunk's partial statistics (:mod:`fused_margin.class_split`), and the chunk is dropped;
+weights, that chunk's partial statistics (:mod:`fused_margin.core.class_split`), and the chunk is dropped;
 the partials are merged and the rows finished from O(B) data. The backward loops over the chunks
 again: it recomputes each chunk's GEMM (a fourth GEMM in all), forms the chunk's ``dL/dz'`` from the
 saved ``lse``, ``nll``, target logit and ``dt/dz'_y``, accumulates the features' gradient in fp32
@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .class_split import Partials, block_partials, combine, empty_partials, finish
-from .fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
-from .reference import compute_dtype
-from .spec import NORM_EPS, LossTables, MarginLossSpec
+from fused_margin.core.class_split import Partials, block_partials, combine, empty_partials, finish
+from fused_margin.paths.fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
+from fused_margin.core.reference import compute_dtype
+from fused_margin.core.spec import NORM_EPS, LossTables, MarginLossSpec
 
 #: default byte budget for the per-chunk buffers of the lean path (B x chunk elements, several of them).
 BUDGET_BYTES = 64 * 2 ** 20
@@ -49,9 +49,9 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
 
 def _project_scaled_(grad: torch.Tensor, rows: torch.Tensor, inv_sq: torch.Tensor) -> torch.Tensor:
     """``g - (w . g) / |w|^2 w`` row by row, in place (``inv_sq``: the projection factor of
-    :func:`fused_margin.fused.inverse_norms`, 0 below eps, so ``g`` stays there): the normalisation's
+    :func:`fused_margin.paths.fused.inverse_norms`, 0 below eps, so ``g`` stays there): the normalisation's
     projection for a ``grad`` that already carries ``1 / max(|w|, eps)``; two passes (the dots, then
-    :func:`fused_margin.fused.project_rows_`)."""
+    :func:`fused_margin.paths.fused.project_rows_`)."""
     dots = torch.linalg.vecdot(rows.to(grad.dtype), grad)
     return project_rows_(grad, rows, (dots * inv_sq).neg_())
 
@@ -67,7 +67,7 @@ def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torc
 class CppBlockOps:
     """The C++ class-block ops of the extension (``torch.ops.fused_margin.block_partials_`` and
     ``block_grad``; csrc/class_block.h states their contract, csrc/class_block_cpu.cpp the CPU kernels)
-    behind the interface of :mod:`fused_margin.triton.class_block`: CPU tensors (class_block_cpu.cpp), or
+    behind the interface of :mod:`fused_margin.backends.triton.class_block`: CPU tensors (class_block_cpu.cpp), or
     CUDA tensors when the extension was built with CUDA (fused_margin_cuda.cu); raw in fp32, bf16, fp16
     (fp32 math) or fp64 (fp64 math)."""
 
@@ -95,7 +95,7 @@ class CppBlockOps:
 
 def cpp_block_ops_available(device_type: str = "cpu") -> bool:
     """Whether the C++ extension's class-block ops are built for ``device_type`` ("cpu" or "cuda")."""
-    from . import extension
+    from fused_margin.backends import extension
     if not (extension.is_built() and hasattr(torch.ops.fused_margin, "block_grad")):
         return False
     return device_type == "cpu" or (device_type == "cuda" and extension.cuda_built())
@@ -110,7 +110,7 @@ def default_kernel(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and cpp_block_ops_available("cuda"):
         return "cuda"
     if device.type == "cuda" and dtype != torch.float64:
-        from .backends import available_backends
+        from fused_margin.backends import available_backends
         if available_backends(device, dtype).get("triton") == "ok":
             return "triton"
     return "torch"
@@ -122,7 +122,7 @@ class ClassBlock:
     ``weight`` (and a linear head's ``bias``) hold just these classes (row ``c - start`` for class ``c``:
     the whole classifier on one device, a shard of it on a rank); the tables stay the global C-sized
     ones. ``input`` is every row the block sees (a rank's gathered batch). :meth:`partials` gives the
-    merged :class:`~fused_margin.class_split.Partials` of the block, :meth:`backward` its gradients.
+    merged :class:`~fused_margin.core.class_split.Partials` of the block, :meth:`backward` its gradients.
     """
 
     def __init__(self, spec: MarginLossSpec, input, weight, bias, tables: LossTables, *, start=0, count=None,
@@ -223,7 +223,7 @@ class ClassBlock:
     def _block_ops(self):
         """The chunk kernels' module: ``triton.class_block`` or :class:`CppBlockOps` (same interface)."""
         if self.kernel == "triton":
-            from .triton import class_block
+            from fused_margin.backends.triton import class_block
             return class_block
         return CppBlockOps
 
@@ -556,7 +556,7 @@ def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight:
     if kernel not in ("torch", "triton", "cpu", "cuda"):
         raise ValueError(f"kernel must be 'torch', 'triton', 'cpu' or 'cuda', got {kernel!r}")
     if kernel in ("cpu", "cuda") and not cpp_block_ops_available(kernel):
-        from . import extension
+        from fused_margin.backends import extension
         raise RuntimeError(f"kernel={kernel!r} needs the fused_margin C++ extension built for {kernel} "
                            f"({extension.BUILD_ERROR or 'built without its CUDA kernels'})")
     num_classes = input.shape[1] if spec.head == "logits" else weight.shape[0]

@@ -12,8 +12,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .fused import RowKernel
-from .versions import UntestedTritonError
+from fused_margin.paths.fused import RowKernel
+from fused_margin.versions import UntestedTritonError
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -24,7 +24,7 @@ def _triton_import() -> Tuple[Optional[RowKernel], Optional[ImportError]]:
     """``(the Triton RowKernel, None)``, or ``(None, the ImportError)``: Triton not installed, or an untested
     release (:class:`~fused_margin.versions.UntestedTritonError`, :mod:`fused_margin.versions`)."""
     try:
-        from .triton import ROW_KERNEL
+        from fused_margin.backends.triton import ROW_KERNEL
     except ImportError as error:
         return None, error
     return ROW_KERNEL, None
@@ -36,7 +36,7 @@ def _load_triton() -> Optional[RowKernel]:
 
 def _load_extension(device_type: str) -> Optional[RowKernel]:
     try:
-        from . import extension
+        from fused_margin.backends import extension
     except ImportError:
         return None
     return extension.row_kernel(device_type)
@@ -48,12 +48,12 @@ def _row_kernel(name: str, device: torch.device) -> Optional[RowKernel]:
 
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
-    :mod:`fused_margin.triton` was imported (Triton chooses the interpreter at that point)."""
+    :mod:`fused_margin.backends.triton` was imported (Triton chooses the interpreter at that point)."""
     if device.type == "cuda":
         return True
     if device.type != "cpu":
         return False
-    from .triton import INTERPRETED
+    from fused_margin.backends.triton import INTERPRETED
     return INTERPRETED
 
 
@@ -75,7 +75,7 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.float32)
         if device.type != dev:
             status[name] = f"backend {name!r} runs on {dev} tensors, got {device.type}"
         elif _load_extension(dev) is None:
-            from . import extension
+            from fused_margin.backends import extension
             status[name] = (f"the fused_margin C++ extension is not available: {extension.BUILD_ERROR}"
                             if extension.BUILD_ERROR else f"the fused_margin C++ extension was built without {dev} "
                             "kernels (torch was a CPU build, or no CUDA toolkit was found when it was built)")

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .spec import ACOS_CLAMP, NORM_EPS, LossTables, MarginAux, MarginLossSpec
+from fused_margin.core import rowmath
+from fused_margin.core.spec import NORM_EPS, LossTables, MarginAux, MarginLossSpec
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,24 +42,6 @@ def base_scores(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     return z
 
 
-def target_margin(c: torch.Tensor, margin: torch.Tensor, spec: MarginLossSpec) -> torch.Tensor:
-    """The margined target score ``psi(c, M)`` with the fold and gradient options of docs/loss.md section 3
-    (autograd gives ``dpsi/dc``). One function under one name: ``row_torch.target_margin`` and the Triton
-    kernels' ``target_margin`` compute it too, returning ``(s psi, s dpsi/dc)``."""
-    if spec.margin_type == "additive_cosine":
-        value = c - margin
-    else:
-        theta = torch.acos(torch.clamp(c, -1.0 + ACOS_CLAMP, 1.0 - ACOS_CLAMP))
-        value = torch.cos(theta + margin)
-        if spec.angular_fold == "threshold":
-            value = torch.where(c <= torch.cos(torch.pi - margin), c - margin * torch.sin(margin), value)
-        elif spec.angular_fold == "easy":
-            value = torch.where(c <= 0, c, value)
-    if spec.margin_grad == "straight_through":
-        value = c + (value - c).detach()
-    return value
-
-
 def _no_grad_rows(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``values`` with the rows where ``kept`` is False detached (same values, no gradient path)."""
     mask = kept if values.dim() == 1 else kept[:, None]
@@ -67,31 +50,22 @@ def _no_grad_rows(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def precise_nll(logits: torch.Tensor, target_logit: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """``nll_i = lse_i - t_i`` (``t`` the target logit, also at ``logits[i, y_i]``) formed relative to the
-    row's largest logit, so that confident rows keep full precision (docs/loss.md section 8), and
-    differentiable by autograd with the same precision.
-
-    With ``M = max_{j != y} l_j``: ``nll = log1p(sum_{j != y} e^{l_j - t})`` where ``t >= M`` (the
-    target is the maximum: no ``1 - p_y`` cancellation, in the value or in its gradient
-    ``-sum_j p_j``) and ``(M - t) + log(sum_j e^{l_j - M})`` otherwise (then ``p_y <= 1/2`` and
-    ``nll >= log 2``). Where ``t`` or ``M`` is not finite it is ``logsumexp(l) - t``, as
-    ``F.cross_entropy`` (``+inf`` target: NaN; ``-inf`` target: ``+inf``). Rows without a target
-    (``onehot`` all False) get ``logsumexp(l) - t`` too; callers mask them."""
+    row's largest logit (:func:`fused_margin.core.rowmath.nll_from_others`), so that confident rows keep
+    full precision (docs/loss.md section 8), and differentiable by autograd with the same precision. Where
+    ``t`` or the other logits' max is not finite it is ``logsumexp(l) - t``, as ``F.cross_entropy``
+    (``+inf`` target: NaN; ``-inf`` target: ``+inf``). Rows without a target (``onehot`` all False) get
+    ``logsumexp(l) - t`` too; callers mask them."""
     others = logits.masked_fill(onehot, float("-inf"))
     m_other = others.max(dim=1).values
     finite = torch.isfinite(target_logit) & torch.isfinite(m_other) & onehot.any(dim=1)
-    # the branches see only finite rows (inputs replaced by 0 elsewhere) so that neither their values
-    # nor their gradients (masked to 0 by the final where) turn into NaN
-    safe_logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+    # the formula sees only finite rows (inputs replaced elsewhere) so that neither its values nor its
+    # gradients (masked to 0 by the final where) turn into NaN; the max is a constant for autograd, as in
+    # logsumexp
     safe_others = torch.where(finite[:, None], others, torch.full_like(others, float("-inf")))
     t = torch.where(finite, target_logit, torch.zeros_like(target_logit))
-    m = torch.where(finite, m_other, torch.zeros_like(m_other))
-    top = t >= m
-    gap_top = torch.where(top[:, None], safe_others - t[:, None], torch.full_like(others, float("-inf")))
-    nll_top = torch.log1p(torch.exp(gap_top).sum(1))
-    # t < M: M is the row's maximum; the shift is a constant for autograd, as in logsumexp
-    shift = torch.where(top, t, m).detach()
-    nll_low = (shift - t) + torch.log(torch.exp(safe_logits - shift[:, None]).sum(1))
-    precise = torch.where(top, nll_top, nll_low)
+    m = torch.where(finite, m_other, torch.zeros_like(m_other)).detach()
+    others_sum = torch.exp(safe_others - m[:, None]).sum(1)
+    precise = rowmath.nll_from_others(t, m, others_sum, torch.zeros_like(t))
     return torch.where(finite, precise, torch.logsumexp(logits, dim=1) - target_logit)
 
 
@@ -117,17 +91,13 @@ def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
     z_y = z.gather(1, y[:, None]).squeeze(1)
     hard = (pred != y) & kept if spec.hard_mode == "hard" else kept.clone()
 
-    if tables.class_margins is not None:
-        m = tables.class_margins.to(cd)
-        margin = m[y] * (1.0 + spec.lambda_inst * hard.to(cd) * (1.0 - z_y) / 2.0)
-        if spec.lambda_elm != 0.0:
-            strongest_wrong = z.detach().masked_fill(F.one_hot(y, num_classes).bool(), float("-inf")).argmax(1)
-            margin = margin - spec.lambda_elm * m[strongest_wrong]
-    else:
-        margin = torch.zeros_like(z_y)
+    strongest_wrong = None
+    if tables.class_margins is not None and spec.lambda_elm != 0.0:
+        strongest_wrong = z.detach().masked_fill(F.one_hot(y, num_classes).bool(), float("-inf")).argmax(1)
+    margin, _ = rowmath.target_margin(tables.class_margins, y, hard, z_y, spec, strongest_wrong)
 
     logits = spec.scale * z
-    target_logit = spec.scale * target_margin(z_y, margin, spec)
+    target_logit, _ = rowmath.target_logit(z_y, margin, torch.zeros_like(margin), spec)  # autograd differentiates
     if tables.logit_offset is not None:
         offset = tables.logit_offset.to(cd)
         logits = logits + offset

@@ -1,11 +1,11 @@
-"""Triton kernels of the memory-lean path (:mod:`fused_margin.lean`): one launch per chunk of classes.
+"""Triton kernels of the memory-lean path (:mod:`fused_margin.paths.lean`): one launch per chunk of classes.
 
 ``block_partials`` reads a chunk's GEMM output ``raw`` (B x k) once per row and merges that chunk's
-partial statistics (:class:`fused_margin.class_split.Partials`) into running per-row buffers, in
+partial statistics (:class:`fused_margin.core.class_split.Partials`) into running per-row buffers, in
 place: the first index and value of the max of ``z'`` (``torch.argmax`` order: the first NaN wins,
 ties to the lower index), the same off the label column (ELM's ``c*``), ``z'_y`` where the label is in
 the chunk, and the online logsumexp of the non-target logits with the label-smoothing sums, merged by
-the rule of :func:`fused_margin.class_split.combine` (``torch.logsumexp``'s shift: the max where finite,
+the rule of :func:`fused_margin.core.class_split.combine` (``torch.logsumexp``'s shift: the max where finite,
 else 0). Chunks are merged in class order, so a later chunk wins an argmax only when strictly better.
 
 ``block_grad`` writes ``dL/dz'`` of a chunk (or ``dL/dz``, times MARC's ``omega``) from the finished rows'
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, block_config, launch_device, or_dummy, round_to
+from fused_margin.backends.triton._common import LAUNCH_OPTIONS, block_config, launch_device, or_dummy, round_to
 
 
 @triton.jit

@@ -22,7 +22,7 @@ label_smoothing, ignore_index, reduction) -> (loss, lse, pred, hard, nll, target
     row is ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - l_j) + w_y nll)``. Ignored rows: loss 0,
     ``nll`` 0, ``target_grad`` 0, ``lse`` of ``s z' + a + P``. ``denom`` (0-d) is the mean's denominator,
     ``sum`` of ``w_y`` over the kept rows (their count without class weights); ``loss`` is the rows'
-    values for ``reduction`` 0 (``"none"``, :data:`~fused_margin.spec.REDUCTION_CODES`), their sum over
+    values for ``reduction`` 0 (``"none"``, :data:`~fused_margin.core.spec.REDUCTION_CODES`), their sum over
     ``denom`` for 1 (``"mean"``; NaN where ``denom`` is 0, as ``F.cross_entropy``'s 0 / 0), their sum for
     2 (``"sum"``). Labels out of range raise (a ``ValueError`` naming the row on CPU, a device assertion
     on CUDA), so the caller need not check them.
@@ -43,7 +43,7 @@ col_proj, col_stats) -> (grad, row_coef, col_coef, stats)``
     ``row_coef_i = -row_proj_i sum_j G_ij row_scale_i col_scale_j raw_ij`` (with ``row_proj = 1 /
     ||x||^2``: ``dX = dL/draw W + row_coef X`` is the cosine head's normalisation Jacobian),
     ``col_coef_j = -col_proj_j sum_i G_ij row_scale_i col_scale_j raw_ij`` (the same for ``W``), and with
-    ``col_stats`` the C-vectors of :data:`~fused_margin.spec.COLUMN_STATS` (3 x C): ``sum_i G_ij`` (bias,
+    ``col_stats`` the C-vectors of :data:`~fused_margin.core.spec.COLUMN_STATS` (3 x C): ``sum_i G_ij`` (bias,
     MARC's ``beta``), ``sum_i G_ij row_scale_i raw_ij`` (MARC's ``omega``) and ``sum_i dL/dl_ij`` (the logit
     offset). Each sum is formed in a fixed order (per-block partials, no float atomics): deterministic.
 
@@ -78,8 +78,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from .reference import compute_dtype
-from .spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
+from fused_margin.core.reference import compute_dtype
+from fused_margin.core.spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
                    row_backward_args, row_forward_args, row_forward_backward_args)
 
 
@@ -153,7 +153,7 @@ def grad_row_stride(raw: torch.Tensor) -> int:
 
 
 def empty_forward_outputs(raw: torch.Tensor, reduction: int):
-    """Uninitialised outputs of a row forward (:data:`~fused_margin.spec.ROW_FORWARD_OUTPUTS`) for ``raw``
+    """Uninitialised outputs of a row forward (:data:`~fused_margin.core.spec.ROW_FORWARD_OUTPUTS`) for ``raw``
     (B x C): one value a row, fp32 but ``pred`` (int64) and ``hard`` (bool); ``loss`` 0-d but for
     ``reduction`` 0 (``"none"``), ``denom`` 0-d. The fake kernels return these."""
     rows = raw.shape[0]
@@ -165,7 +165,7 @@ def empty_forward_outputs(raw: torch.Tensor, reduction: int):
 
 def empty_projection_sums(raw: torch.Tensor, row_proj, col_proj):
     """Uninitialised ``(row_coef, col_coef)`` of a forward that forms the gradient (the last two outputs of
-    :data:`~fused_margin.spec.ROW_FORWARD_BACKWARD_OUTPUTS`): fp32, B (or 0 without ``row_proj``) and C (or 0
+    :data:`~fused_margin.core.spec.ROW_FORWARD_BACKWARD_OUTPUTS`): fp32, B (or 0 without ``row_proj``) and C (or 0
     without ``col_proj``) values."""
     rows, cols = raw.shape
     return (raw.new_empty((rows if row_proj is not None else 0,), dtype=torch.float32),
@@ -173,7 +173,7 @@ def empty_projection_sums(raw: torch.Tensor, row_proj, col_proj):
 
 
 def empty_backward_outputs(raw: torch.Tensor, scale_grad: bool, row_proj, col_proj, col_stats: bool):
-    """Uninitialised outputs of a row backward (:data:`~fused_margin.spec.ROW_BACKWARD_OUTPUTS`): ``grad``
+    """Uninitialised outputs of a row backward (:data:`~fused_margin.core.spec.ROW_BACKWARD_OUTPUTS`): ``grad``
     (``raw``'s shape; its dtype with ``scale_grad``, else fp32), ``row_coef`` (B, or 0 without
     ``row_proj``), ``col_coef`` (C, or 0 without ``col_proj``), ``stats`` (3 x C with ``col_stats``, else
     0 values), all fp32 but ``grad``, which has the row stride of :func:`grad_row_stride`."""

@@ -315,9 +315,9 @@ void project_out_rows_cpu(const Tensor& grad, const Tensor& v, const Tensor& pro
 TORCH_LIBRARY(fused_margin, m) {
   // the fake kernels that torch.compile needs live in this Python module
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-  m.set_python_module("fused_margin.extension");
+  m.set_python_module("fused_margin.backends.extension");
 #else
-  m.impl_abstract_pystub("fused_margin.extension");
+  m.impl_abstract_pystub("fused_margin.backends.extension");
 #endif
   m.def(
       "row_forward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "

@@ -1,6 +1,6 @@
 """The forward row kernel in Triton: one program per row, one pass over the row of ``raw``.
 
-For row ``i`` with label ``y`` (docs/loss.md sections 2-4; the contract of ``fused_margin.fused``, stated in
+For row ``i`` with label ``y`` (docs/loss.md sections 2-4; the contract of ``fused_margin.paths.fused``, stated in
 eager torch by ``fused_margin.row_torch.row_forward``), looping over the classes in blocks:
 
 * ``z'_ij = raw_ij row_scale_i col_scale_j + col_shift_j`` in fp32;
@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused import empty_forward_outputs, empty_projection_sums
-from ..spec import REDUCTION_CODES
-from ._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
+from fused_margin.paths.fused import empty_forward_outputs, empty_projection_sums
+from fused_margin.core.spec import REDUCTION_CODES
+from fused_margin.backends.triton._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
                       block_logits, log1p, logit_grad, online_max, or_dummy, round_to, scalar_mask,
                       target_margin)
 
@@ -332,7 +332,7 @@ def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[tor
                 reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward row kernel and the reduction kernel; returns ``(loss, lse, pred, hard, nll,
-    target_grad, denom)`` (the contract of :mod:`fused_margin.fused`). A label out of range raises a
+    target_grad, denom)`` (the contract of :mod:`fused_margin.paths.fused`). A label out of range raises a
     ``ValueError`` naming its row on CPU tensors (the interpreter), a device-side assertion on CUDA."""
     return _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
                    class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
@@ -371,7 +371,7 @@ def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Opt
                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward and, in the same program right after each row's forward (the row still in cache), the
     row backward's dL/draw for the upstream gradient 1 of the reduced loss, written over ``raw`` in its
-    dtype (``RowKernel.forward_backward`` of :mod:`fused_margin.fused`): one pass less over B x C and no
+    dtype (``RowKernel.forward_backward`` of :mod:`fused_margin.paths.fused`): one pass less over B x C and no
     second B x C buffer. The gradient is the backward kernel's own expression (``logit_grad``), so it is
     that kernel's output bit for bit where the compiler keeps the same instructions (the interpreter does).
     ``row_coef``/``col_coef`` come back empty: ``row_proj``/``col_proj`` must be None (the projections form

@@ -1,8 +1,8 @@
-"""Thin wrapper over the C++/CUDA extension ``fused_margin._C`` (sources in ``fused_margin/csrc/``; how it is
-built: :mod:`fused_margin._build`).
+"""Thin wrapper over the C++/CUDA extension ``fused_margin._C`` (sources in ``fused_margin/backends/csrc/``; how it is
+built: :mod:`fused_margin.backends._build`).
 
 Importing the extension registers ``torch.ops.fused_margin.row_forward`` and ``row_backward``, the row
-kernels of the fused margin loss (the contract in :mod:`fused_margin.fused`'s docstring, stated eagerly
+kernels of the fused margin loss (the contract in :mod:`fused_margin.paths.fused`'s docstring, stated eagerly
 in :mod:`fused_margin.row_torch`), with CPU kernels always and CUDA kernels when built with CUDA. This
 module adds their fake (meta) kernels, so ``torch.compile`` traces through them, and
 :func:`row_kernel`, which :mod:`fused_margin.backends` asks for a device's :class:`RowKernel`.
@@ -25,9 +25,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _build
-from .fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
-from .spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
+from fused_margin.backends import _build
+from fused_margin.paths.fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
+from fused_margin.core.spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
 
 
 def _missing_tool() -> Optional[str]:
@@ -52,7 +52,7 @@ def _build_now():
     problem = _missing_tool()
     if problem is not None:
         return None, problem
-    from . import __version__
+    from fused_margin import __version__
     try:
         plan = _build.plan()
         from torch.utils.cpp_extension import load
@@ -72,7 +72,7 @@ def _build_now():
         return None, f"the build of the C++ kernels failed: {type(error).__name__}: {error}"
     if first:
         print(f"fused_margin: C++ kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    sys.modules[f"{__package__}._C"] = module
+    sys.modules["fused_margin._C"] = module
     return module, None
 
 
@@ -81,7 +81,7 @@ def _import_or_build() -> Tuple[Optional[object], Optional[str]]:
     if _build.flag("FUSED_MARGIN_NO_EXT"):
         return None, "FUSED_MARGIN_NO_EXT=1"
     try:
-        from . import _C
+        from fused_margin import _C
         return _C, None
     except ImportError as error:
         installed = error
@@ -132,8 +132,8 @@ def class_block_isa() -> Optional[str]:
 def contract() -> Optional[dict]:
     """The C++ side of the row-op contract, or None without the extension: ``{"margin_type": {name:
     code}, "fold": {name: code}, "reduction": {name: code}}`` from the enums the kernels read
-    (csrc/row_kernel.h), to compare with :data:`fused_margin.spec.MARGIN_TYPE_CODES`,
-    :data:`~fused_margin.spec.FOLD_CODES` and :data:`~fused_margin.spec.REDUCTION_CODES`. The argument
+    (csrc/row_kernel.h), to compare with :data:`fused_margin.core.spec.MARGIN_TYPE_CODES`,
+    :data:`~fused_margin.core.spec.FOLD_CODES` and :data:`~fused_margin.core.spec.REDUCTION_CODES`. The argument
     names are the op schema's (``torch.ops.fused_margin.row_forward.default._schema``)."""
     return None if _C is None else _C.contract()
 

@@ -1,5 +1,5 @@
 """The cosine head's row norms in Triton (the ``norms`` op of the row-kernel contract of
-:mod:`fused_margin.fused`): per row of ``x``, ``||x_i||`` (squares and sum in fp32, as
+:mod:`fused_margin.paths.fused`): per row of ``x``, ``||x_i||`` (squares and sum in fp32, as
 ``torch.linalg.vector_norm``), ``1 / max(||x_i||, eps)`` and ``1 / ||x_i||^2`` where ``||x_i|| >= eps``
 (else 0), one program per block of rows, in one launch."""
 from typing import Optional, Tuple
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, launch_device, round_to
+from fused_margin.backends.triton._common import LAUNCH_OPTIONS, launch_device, round_to
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -27,8 +27,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .row_torch import target_margin
-from .spec import MarginLossSpec
+from fused_margin.core import rowmath
+from fused_margin.core.spec import MarginLossSpec
 
 
 class Partials(NamedTuple):
@@ -178,18 +178,8 @@ def finish(p: Partials, target: torch.Tensor, kept: torch.Tensor, spec: MarginLo
     hard = kept.clone() if spec.hard_mode == "all" else kept & (pred != target)
     c = p.z_y
     zero = torch.zeros_like(c)
-    if class_margins is not None:
-        m = class_margins.to(cd)
-        m_y = m[target]
-        h = hard.to(cd)
-        margin = m_y * (1.0 + spec.lambda_inst * h * (1.0 - c) / 2.0)
-        dmargin_dc = -m_y * spec.lambda_inst * h / 2.0
-        if spec.lambda_elm != 0.0:
-            margin = margin - spec.lambda_elm * m[p.wrong_arg]
-    else:
-        margin, dmargin_dc = zero, zero
-    t, t_grad = target_margin(c, margin, dmargin_dc, spec.scale, spec.margin_code, spec.fold_code,
-                                       spec.margin_grad == "straight_through")
+    margin, dmargin_dc = rowmath.target_margin(class_margins, target, hard, c, spec, p.wrong_arg)
+    t, t_grad = rowmath.target_logit(c, margin, dmargin_dc, spec)
     if logit_offset is not None:
         t = t + logit_offset.to(cd)[target]
 
@@ -201,13 +191,7 @@ def finish(p: Partials, target: torch.Tensor, kept: torch.Tensor, spec: MarginLo
     lse_kept = torch.log(total) + shift
     lse = torch.where(kept, lse_kept, torch.log(p.l_sum) + shift_nt)
 
-    # nll relative to the larger of t and M
-    finite = torch.isfinite(t) & torch.isfinite(p.l_max)
-    gap = torch.where(finite, p.l_max - t, zero)
-    target_top = gap <= 0
-    nll_top = torch.log1p(p.l_sum * torch.exp(torch.where(target_top, gap, zero)))
-    nll_low = gap + torch.log(p.l_sum + torch.exp(torch.where(target_top, zero, -gap)))
-    nll = torch.where(finite, torch.where(target_top, nll_top, nll_low), lse_kept - t)
+    nll = rowmath.nll_from_others(t, p.l_max, p.l_sum, lse_kept - t)
 
     w_y = class_weight.to(cd)[target] if class_weight is not None else torch.ones_like(c)
     eps = spec.label_smoothing

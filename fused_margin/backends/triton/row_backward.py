@@ -1,7 +1,7 @@
 """The backward row kernel in Triton: ``dL/dz'`` (or ``dL/draw``) from the saved row statistics.
 
 Given the forward's ``lse_i``, ``nll_i = lse_i - t_i`` and ``dt_i/dz'_iy``, every entry is independent
-(the contract of ``fused_margin.fused``; ``fused_margin.row_torch.row_backward`` in eager torch), so the
+(the contract of ``fused_margin.paths.fused``; ``fused_margin.row_torch.row_backward`` in eager torch), so the
 grid is rows x column blocks. With ``p_ij = exp(l_ij - lse_i)``, ``l_ij = s z'_ij + a_j + P_ij``, and
 ``g_i`` the upstream gradient of the loss row, off the target
 
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused import empty_backward_outputs
-from ._common import (LAUNCH_OPTIONS, block_config, block_logits, io_columns, launch_device, logit_grad, or_dummy,
+from fused_margin.paths.fused import empty_backward_outputs
+from fused_margin.backends.triton._common import (LAUNCH_OPTIONS, block_config, block_logits, io_columns, launch_device, logit_grad, or_dummy,
                       round_to, scalar_mask)
 
 
@@ -183,7 +183,7 @@ def row_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[to
                  col_proj: Optional[torch.Tensor],
                  col_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward row kernel (and, for the sums, :func:`_backward_sums_kernel`); returns
-    ``(grad, row_coef, col_coef, stats)`` (the contract of :mod:`fused_margin.fused`)."""
+    ``(grad, row_coef, col_coef, stats)`` (the contract of :mod:`fused_margin.paths.fused`)."""
     if raw.dim() != 2 or raw.shape[1] < 2:
         raise ValueError(f"raw must be B x C with C >= 2, got shape {tuple(raw.shape)}")
     grad, row_coef, col_coef, stats = outputs = empty_backward_outputs(raw, scale_grad, row_proj, col_proj, col_stats)
