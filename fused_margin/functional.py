@@ -19,6 +19,7 @@ from fused_margin.backends import BACKENDS, resolve_backend
 from fused_margin.paths.fused import fused_margin_cross_entropy
 from fused_margin.paths.lean import BUDGET_BYTES, lean_margin_cross_entropy
 from fused_margin.core.reference import compute_dtype, margin_cross_entropy_reference
+from fused_margin.core import options
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 
 __all__ = [
@@ -188,20 +189,15 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
     return num_classes
 
 
+@options.takes_options
 def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                          *, bias: Optional[torch.Tensor] = None, head: Optional[str] = None,
-                         input_is_cosine: bool = False, scale: float = 1.0,
-                         class_margins: Optional[torch.Tensor] = None, margin_type: str = "additive_cosine",
-                         lambda_inst: float = 0.0, hard_mode: str = "hard", lambda_elm: float = 0.0,
-                         angular_fold: Optional[str] = None, margin_grad: str = "exact",
-                         logit_offset: Optional[torch.Tensor] = None,
-                         pair_perturbation: Optional[torch.Tensor] = None,
-                         omega: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
-                         class_norms: Optional[torch.Tensor] = None,
-                         class_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
-                         ignore_index: int = -100, label_smoothing: float = 0.0, return_aux: bool = False,
+                         class_margins: Optional[torch.Tensor] = None, logit_offset: Optional[torch.Tensor] = None,
+                         pair_perturbation: Optional[torch.Tensor] = None, omega: Optional[torch.Tensor] = None,
+                         beta: Optional[torch.Tensor] = None, class_norms: Optional[torch.Tensor] = None,
+                         class_weight: Optional[torch.Tensor] = None, return_aux: bool = False,
                          backend: str = "auto", class_chunk: Union[str, int] = "auto",
-                         double_backward: bool = False):
+                         double_backward: bool = False, **loss_options):
     r"""Margin softmax cross-entropy (docs/loss.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
     softmax, logit adjustment, MARC and MetaLAD.
 
@@ -213,19 +209,12 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
             ``head="linear"``: ``X_i . W_j + b_j``.
         head: ``None`` applies the package's head rule (:data:`HEAD_RULE`): ``"logits"`` without
             ``weight``; with ``weight``, the preset's default feature head, here ``"cosine"``.
-        input_is_cosine: with ``head="logits"``, says the input holds cosines (needed for angular margins).
-        scale: ``s``. class_margins: ``m`` (C). margin_type: ``"additive_cosine"`` (``psi = c - M``:
-            CosFace, LDAM, ELM) or ``"additive_angular"`` (``psi = cos(acos(c) + M)``: ArcFace, DBM).
-        lambda_inst: DBM instance margin ``M = m_y (1 + lambda_inst h (1 - z'_y) / 2)``, ``h`` = hard
-            positive (``hard_mode="hard"``: argmax of the base scores != label) or 1 (``"all"``).
-        lambda_elm: ELM, ``M -= lambda_elm m_{c*}`` with ``c*`` the strongest wrong class.
-        angular_fold: ``None``, ``"threshold"`` (ArcFace's ``c - M sin M`` past ``cos(pi - M)``) or
-            ``"easy"`` (no margin where ``c <= 0``). margin_grad: ``"exact"`` or ``"straight_through"``.
+        class_margins: ``m`` (C), the class margins of ``M`` (docs/loss.md section 2).
         logit_offset: ``a`` (C) added after the scale (balanced softmax ``log p``, logit adjustment).
         pair_perturbation: ``P`` (B x C) added to non-target logits (MetaLAD).
         omega, beta: MARC's ``z' = omega_j z + beta_j ||W_j||`` (trainable); ``class_norms`` gives
             ``||W_j||`` for the logits head.
-        class_weight, reduction, ignore_index, label_smoothing: as ``F.cross_entropy``.
+        class_weight: ``w`` (C), as ``F.cross_entropy``'s ``weight``.
         return_aux: also return :class:`MarginAux` ``(lse, pred, hard)``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
         class_chunk: the memory-lean path for large vocabularies (docs/loss.md section 9): ``"auto"``
@@ -241,6 +230,10 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
             reference (with ``backend="auto"`` or ``"reference"``; a fused ``backend`` or an int
             ``class_chunk`` is a ``ValueError`` now, before any work). Without it a ``create_graph``
             backward through a fused backend raises, pointing here.
+
+    The loss's options (keyword-only; fused_margin/core/options.py declares them):
+
+        {options}
 
     Mixed precision: inside a ``torch.autocast`` region (CPU or CUDA) the cosine and linear heads follow
     ``F.linear``: ``input``, ``weight`` and ``bias`` (floating, not float64) are cast to the autocast
@@ -271,11 +264,9 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
 
     Returns the loss (fp32; fp64 for fp64 input), and the side outputs with ``return_aux``.
     """
+    options.check_names(loss_options, "margin_cross_entropy()")
     head = resolve_head(head, weight, "cosine")
-    spec = MarginLossSpec(head=head, input_is_cosine=input_is_cosine, scale=scale, margin_type=margin_type,
-                          lambda_inst=lambda_inst, hard_mode=hard_mode, lambda_elm=lambda_elm,
-                          angular_fold=angular_fold, margin_grad=margin_grad,
-                          label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    spec = MarginLossSpec(head=head, **loss_options)
     tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
     autocast_device = autocast_device_of(input) if head != "logits" else None
     if autocast_device is not None:

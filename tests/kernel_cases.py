@@ -25,7 +25,8 @@ import torch
 
 import fused_margin as fm
 from fused_margin.core import reference
-from fused_margin.core.spec import LossTables, MarginLossSpec
+from fused_margin.core.options import vectors
+from fused_margin.core.spec import LossTables, MarginLossSpec, row_tables
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MODEL_TENSORS = ("input", "weight", "bias")  # take the run's dtype; the tables stay fp32 (fp64 for the truth)
@@ -86,6 +87,24 @@ def make_case(head="cosine", *, B=6, C=37, D=8, seed=0, scale=30.0, margins=None
         target[row] = options.get("ignore_index", -100)
     names = ["input"] + (["weight"] if "weight" in tensors else []) + list(grads)
     return {"tensors": tensors, "target": target, "options": dict(scale=scale, **options), "grads": names}
+
+
+def forward_args(raw, target, tables=None, **values):
+    """A row op's forward arguments ``(raw, target, tables, floats, ints)`` from named tables (a dict; absent
+    ones None) and the kernels' option values by their kernel names (``scale=3.0, margin_type=1, ...``;
+    fused_margin.core.options.vectors)."""
+    floats, ints = vectors(**values)
+    return raw, target, row_tables(**(tables or {})), floats, ints
+
+
+def backward_args(raw, target, tables, lse, nll, target_grad, grad_rows, denom, *, scale_grad=True, row_proj=None,
+                  col_proj=None, col_stats=False, **values):
+    """A row op's backward arguments (the contract's order) from named tables (``class_margins`` is
+    ignored) and the kernels' option values."""
+    floats, ints = vectors(**values)
+    tables = {k: v for k, v in (tables or {}).items() if k != "class_margins"}
+    return (raw, target, row_tables(**tables), lse, nll, target_grad, grad_rows, denom, floats, ints, scale_grad,
+            row_proj, col_proj, col_stats)
 
 
 def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", context=contextlib.nullcontext):

@@ -10,14 +10,22 @@ import torch
 
 from fused_margin.core import rowmath
 from fused_margin.core.reference import compute_dtype
-from fused_margin.core.spec import FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, MarginLossSpec
+from fused_margin.core import options
+from fused_margin.core.spec import MarginLossSpec, named_tables
 from fused_margin.paths.fused import RowKernel, inverse_norms, scaled_scores
 
 
-def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
-                pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
-                fold, straight_through, label_smoothing, ignore_index, reduction):
-    z = scaled_scores(raw, row_scale, col_scale, col_shift)
+def _spec(floats, ints):
+    """The loss options of the row ops' option vectors (their codes decoded)."""
+    return MarginLossSpec(head="logits", input_is_cosine=True, **options.decode(floats, ints))
+
+
+def row_forward(raw, target, tables, floats, ints):
+    t, spec = named_tables(tables), _spec(floats, ints)
+    class_margins, logit_offset, class_weight = t["class_margins"], t["logit_offset"], t["class_weight"]
+    pair_perturbation = t["pair_perturbation"]
+    scale, ignore_index, label_smoothing = spec.scale, spec.ignore_index, spec.label_smoothing
+    z = scaled_scores(raw, t["row_scale"], t["col_scale"], t["col_shift"])
     rows, num_classes = z.shape
     kept = target != ignore_index
     bad = kept & ((target < 0) | (target >= num_classes))
@@ -30,11 +38,9 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
 
     pred = z.argmax(1)
     c = z.gather(1, y[:, None]).squeeze(1)
-    hard = kept.clone() if hard_all else (pred != y) & kept
-    spec = _spec(scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
-                 ignore_index)
+    hard = kept.clone() if spec.hard_mode == "all" else (pred != y) & kept
     wrong = None
-    if class_margins is not None and lambda_elm != 0.0:
+    if class_margins is not None and spec.lambda_elm != 0.0:
         wrong = z.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf")).argmax(1)
     margin, dmargin_dc = rowmath.target_margin(class_margins, y, hard, c, spec, wrong)
     target_logit, target_grad = rowmath.target_logit(c, margin, dmargin_dc, spec)
@@ -58,9 +64,9 @@ def row_forward(raw, target, row_scale, col_scale, col_shift, class_margins, log
     zero = torch.zeros_like(loss)
     loss = torch.where(kept, loss, zero)
     denom = torch.where(kept, w_y, zero).sum()
-    if reduction == REDUCTION_CODES["mean"]:
+    if spec.reduction == "mean":
         loss = torch.where(denom != 0, loss.sum() / denom, torch.full_like(denom, float("nan")))
-    elif reduction == REDUCTION_CODES["sum"]:
+    elif spec.reduction == "sum":
         loss = loss.sum()
     return (loss, lse, pred, hard, torch.where(kept, nll, zero), torch.where(kept, target_grad, zero), denom)
 
@@ -73,21 +79,13 @@ def nll_from_others(others, target_logit, lse):
     return rowmath.nll_from_others(target_logit, m, torch.exp(others - shift[:, None]).sum(1), lse - target_logit)
 
 
-def _spec(scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
-          ignore_index):
-    """The loss options of the row ops' scalar arguments (their codes decoded)."""
-    return MarginLossSpec(head="logits", input_is_cosine=True, scale=scale,
-                          margin_type={v: k for k, v in MARGIN_TYPE_CODES.items()}[int(margin_type)],
-                          lambda_inst=lambda_inst, hard_mode="all" if hard_all else "hard", lambda_elm=lambda_elm,
-                          angular_fold={v: k for k, v in FOLD_CODES.items()}[int(fold)],
-                          margin_grad="straight_through" if straight_through else "exact",
-                          label_smoothing=label_smoothing, ignore_index=ignore_index)
-
-
-def row_backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-                 class_weight, lse, nll, target_grad, grad_rows, denom, scale, label_smoothing,
-                 ignore_index, scale_grad, row_proj, col_proj, col_stats):
-    z = scaled_scores(raw, row_scale, col_scale, col_shift)
+def row_backward(raw, target, tables, lse, nll, target_grad, grad_rows, denom, floats, ints, scale_grad, row_proj,
+                 col_proj, col_stats):
+    t, spec = named_tables(tables), _spec(floats, ints)
+    row_scale, col_scale, logit_offset, class_weight = t["row_scale"], t["col_scale"], t["logit_offset"], t["class_weight"]
+    pair_perturbation = t["pair_perturbation"]
+    scale, ignore_index, label_smoothing = spec.scale, spec.ignore_index, spec.label_smoothing
+    z = scaled_scores(raw, row_scale, col_scale, t["col_shift"])
     num_classes = z.shape[1]
     kept = target != ignore_index
     y = torch.where(kept, target, torch.zeros_like(target))

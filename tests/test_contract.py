@@ -1,9 +1,9 @@
-"""One definition of the row-kernel contract (issue 10): the names and order of the row ops' arguments
-and the integer codes of ``margin_type`` / ``fold`` are tabled once in :mod:`fused_margin.core.spec`
-(``ROW_FORWARD_ARGS``, ``ROW_BACKWARD_ARGS``, ``MARGIN_TYPE_CODES``, ``FOLD_CODES``); these tests fail when
-another statement of them disagrees: the C++ op schema and the C++ enums (``fused_margin._C.contract()``),
-the eager contract (``row_torch``), the Triton ops and their constexpr codes, the fake kernels, and the
-way :mod:`fused_margin.paths.fused` packs its arguments.
+"""One definition of the row-kernel contract: the names and order of the row ops' arguments are tabled in
+:mod:`fused_margin.core.spec` (``ROW_FORWARD_ARGS``, ``ROW_BACKWARD_ARGS``), the options' slots and the codes of
+the choice options in :mod:`fused_margin.core.options`; these tests fail when another statement of them
+disagrees: the C++ op schemas and enums (``fused_margin._C.contract()``, the generated options.h), the eager
+contract (``row_torch``), the Triton ops and their constexpr codes, the fake kernels, and the way
+:mod:`fused_margin.paths.fused` packs its arguments.
 """
 import importlib
 import inspect
@@ -11,10 +11,12 @@ import inspect
 import pytest
 import torch
 
-from fused_margin.backends import extension
-from fused_margin.paths import fused
 import row_torch
-from fused_margin.core import spec
+from kernel_cases import backward_args, forward_args
+
+from fused_margin.backends import extension
+from fused_margin.core import options, spec
+from fused_margin.paths import fused
 from fused_margin.core.reference import margin_cross_entropy_reference
 from fused_margin.core.spec import (COLUMN_STATS, FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, ROW_BACKWARD_ARGS,
                                ROW_BACKWARD_OUTPUTS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS,
@@ -34,15 +36,21 @@ def _triton():
 # ---------------------------------------------------------------------------------------------------
 # the codes
 
+def _code(spec_, kernel_name):
+    floats, ints = spec_.kernel_options()
+    return options.unpack(floats, ints)[kernel_name]
+
+
 def test_python_codes_are_one_table():
-    assert spec.MARGIN_TYPES == tuple(MARGIN_TYPE_CODES) and spec.ANGULAR_FOLDS == tuple(FOLD_CODES)
+    assert options.BY_NAME["margin_type"].choices == tuple(MARGIN_TYPE_CODES)
+    assert options.BY_NAME["angular_fold"].choices == tuple(FOLD_CODES)
     assert sorted(MARGIN_TYPE_CODES.values()) == list(range(len(MARGIN_TYPE_CODES)))
     assert sorted(FOLD_CODES.values()) == list(range(len(FOLD_CODES)))
     for margin_type, code in MARGIN_TYPE_CODES.items():
         head = "cosine" if margin_type == "additive_angular" else "linear"
-        assert MarginLossSpec(head=head, margin_type=margin_type).margin_code == code
+        assert _code(MarginLossSpec(head=head, margin_type=margin_type), "margin_type") == code
     for fold, code in FOLD_CODES.items():
-        assert MarginLossSpec(head="cosine", margin_type="additive_angular", angular_fold=fold).fold_code == code
+        assert _code(MarginLossSpec(head="cosine", margin_type="additive_angular", angular_fold=fold), "fold") == code
 
 
 @needs_extension
@@ -54,17 +62,18 @@ def test_cpp_codes_match_the_python_table():
 @needs_extension
 def test_cpp_refuses_an_unknown_code_naming_the_codes():
     raw, target = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
-    values = dict(raw=raw, target=target, row_scale=None, col_scale=None, col_shift=None, class_margins=None,
-                  logit_offset=None, pair_perturbation=None, class_weight=None, scale=1.0, margin_type=0,
-                  lambda_inst=0.0, hard_all=False, lambda_elm=0.0, fold=0, straight_through=False,
-                  label_smoothing=0.0, ignore_index=-100, reduction=0)
     with pytest.raises(RuntimeError, match=r"reduction must be 0 \(none\), 1 \(mean\) or 2 \(sum\), got 5"):
-        torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, reduction=5)))
+        torch.ops.fused_margin.row_forward(*forward_args(raw, target, reduction=5))
     with pytest.raises(RuntimeError, match=r"margin_type must be 0 \(additive_cosine\) or 1 \(additive_angular\), "
                                            r"got 2"):
-        torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, margin_type=2)))
+        torch.ops.fused_margin.row_forward(*forward_args(raw, target, margin_type=2))
     with pytest.raises(RuntimeError, match=r"fold must be 0 \(None\), 1 \(threshold\) or 2 \(easy\), got 3"):
-        torch.ops.fused_margin.row_forward(*spec.row_forward_args(**dict(values, fold=3)))
+        torch.ops.fused_margin.row_forward(*forward_args(raw, target, fold=3))
+    floats, ints = options.vectors()
+    with pytest.raises(RuntimeError, match="the option vectors must hold 4 floats and 6 ints"):
+        torch.ops.fused_margin.row_forward(raw, target, [None] * 7, floats + [1.0], ints)
+    with pytest.raises(RuntimeError, match=r"tables must list 7 entries"):
+        torch.ops.fused_margin.row_forward(raw, target, [None] * 6, floats, ints)
 
 
 def test_triton_constexpr_codes_match_the_python_table():
@@ -137,10 +146,8 @@ def test_column_stats_match_the_cpp_enum():
     checked on values, sum_i G_ij (the bias) against sum_i dL/dl_ij (the offset): with ``s = 2`` and no
     target in a column they differ by that factor."""
     raw, target = torch.randn(3, 5), torch.tensor([0, 0, 1])
-    fwd = row_torch.row_forward(raw, target, None, None, None, None, None, None, None, 2.0, 0, 0.0, False, 0.0,
-                                0, False, 0.0, -100, 0)
-    args = (raw, target, None, None, None, None, None, None, fwd[1], fwd[4], fwd[5], torch.ones(3), None, 2.0, 0.0,
-            -100, True, None, None, True)
+    fwd = row_torch.row_forward(*forward_args(raw, target, scale=2.0, reduction=0))
+    args = backward_args(raw, target, None, fwd[1], fwd[4], fwd[5], torch.ones(3), None, scale=2.0, col_stats=True)
     for kernel in filter(None, (row_torch.ROW_KERNEL, extension.row_kernel("cpu"))):
         stats = dict(zip(COLUMN_STATS, kernel.backward(*args)[3]))
         torch.testing.assert_close(stats["sum_grad"][2:], 2.0 * stats["sum_logit_grad"][2:])
@@ -173,8 +180,8 @@ def test_packing_by_name():
     values = {name: object() for name in ROW_FORWARD_ARGS}
     packed = spec.row_forward_args(**values)
     assert packed == tuple(values[name] for name in ROW_FORWARD_ARGS)
-    with pytest.raises(TypeError, match=r"missing arguments \['fold'\]"):
-        spec.row_forward_args(**{k: v for k, v in values.items() if k != "fold"})
+    with pytest.raises(TypeError, match=r"missing arguments \['ints'\]"):
+        spec.row_forward_args(**{k: v for k, v in values.items() if k != "ints"})
     with pytest.raises(TypeError, match=r"unknown arguments \['margin'\]"):
         spec.row_forward_args(**values, margin=1)
     backward = {name: object() for name in ROW_BACKWARD_ARGS}
@@ -183,14 +190,15 @@ def test_packing_by_name():
         spec.row_backward_args(**{k: v for k, v in backward.items() if k != "scale_grad"})
 
 
-def test_row_options_name_the_forward_scalars():
-    options = MarginLossSpec(head="cosine", margin_type="additive_angular", scale=7.0, lambda_inst=0.25,
-                             hard_mode="all", lambda_elm=0.5, angular_fold="easy", margin_grad="straight_through",
-                             label_smoothing=0.125, ignore_index=-7).row_options()
-    assert set(options) <= set(ROW_FORWARD_ARGS)
-    assert options == dict(scale=7.0, margin_type=MARGIN_TYPE_CODES["additive_angular"], lambda_inst=0.25,
-                           hard_all=True, lambda_elm=0.5, fold=FOLD_CODES["easy"], straight_through=True,
-                           label_smoothing=0.125, ignore_index=-7, reduction=REDUCTION_CODES["mean"])
+def test_kernel_options_name_the_kernels_scalars():
+    floats, ints = MarginLossSpec(head="cosine", margin_type="additive_angular", scale=7.0, lambda_inst=0.25,
+                                  hard_mode="all", lambda_elm=0.5, angular_fold="easy", margin_grad="straight_through",
+                                  label_smoothing=0.125, ignore_index=-7).kernel_options()
+    assert all(type(v) is float for v in floats) and all(type(v) is int for v in ints)
+    assert options.unpack(floats, ints) == dict(
+        scale=7.0, margin_type=MARGIN_TYPE_CODES["additive_angular"], lambda_inst=0.25, hard_all=1, lambda_elm=0.5,
+        fold=FOLD_CODES["easy"], straight_through=1, label_smoothing=0.125, ignore_index=-7,
+        reduction=REDUCTION_CODES["mean"])
 
 
 def _same(a, b):
@@ -232,19 +240,21 @@ def test_fused_passes_each_argument_under_its_name():
     loss.backward()
 
     f = seen["forward"]
-    for name, value in loss_spec.row_options().items():
-        assert f[name] == value and type(f[name]) is type(value), name
+    assert (f["floats"], f["ints"]) == loss_spec.kernel_options()
+    assert options.decode(f["floats"], f["ints"]) == {o.name: getattr(loss_spec, o.name) for o in options.OPTIONS
+                                                      if o.kernel is not None}
+    ft = spec.named_tables(f["tables"])
     assert f["raw"].shape == (B, C) and _same(f["target"], target)
-    assert f["row_scale"].shape == (B,) and f["col_scale"].shape == (C,) and f["col_shift"] is None
+    assert ft["row_scale"].shape == (B,) and ft["col_scale"].shape == (C,) and ft["col_shift"] is None
     for name in ("class_margins", "logit_offset", "pair_perturbation", "class_weight"):
-        assert _same(f[name], getattr(tables, name)), name
+        assert _same(ft[name], getattr(tables, name)), name
     assert seen["backward"], "the backward was not called"
     for b in seen["backward"]:
-        for name in ("scale", "label_smoothing", "ignore_index"):
-            assert b[name] == f[name] and type(b[name]) is type(f[name]), name
-        for name in ("raw", "target", "row_scale", "col_scale", "col_shift", "logit_offset", "pair_perturbation",
-                     "class_weight"):
-            assert _same(b[name], f[name]), name
+        assert (b["floats"], b["ints"]) == (f["floats"], f["ints"])
+        bt = spec.named_tables(b["tables"])
+        assert _same(b["raw"], f["raw"]) and _same(b["target"], f["target"])
+        for name in ("row_scale", "col_scale", "col_shift", "logit_offset", "pair_perturbation", "class_weight"):
+            assert _same(bt[name], ft[name]), name
         assert b["lse"].shape == b["nll"].shape == b["target_grad"].shape == (B,)
         assert b["grad_rows"].shape == () and b["denom"].shape == ()  # the mean's upstream gradient, shared
         assert isinstance(b["scale_grad"], bool) and isinstance(b["col_stats"], bool)

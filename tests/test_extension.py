@@ -25,6 +25,8 @@ import fused_margin as fm
 from fused_margin import backends
 import row_torch
 from fused_margin.core.reference import margin_cross_entropy_reference
+from fused_margin.core.options import vectors as kernel_vectors
+from fused_margin.core.spec import row_tables
 from fused_margin.core.spec import (REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
                                MarginLossSpec)
 from fused_margin.backends import extension
@@ -196,9 +198,10 @@ OUTPUTS = ROW_FORWARD_OUTPUTS
 
 def _forward_args(raw, target, tables, options, scale=30.0, ignore_index=-100, reduction=0):
     margin_type, lambda_inst, hard_all, lambda_elm, fold, straight, smoothing = options
-    return (raw, target, tables["row_scale"], tables["col_scale"], tables["col_shift"], tables["class_margins"],
-            tables["logit_offset"], tables["pair_perturbation"], tables["class_weight"], scale, margin_type,
-            lambda_inst, hard_all, lambda_elm, fold, straight, smoothing, ignore_index, reduction)
+    floats, ints = kernel_vectors(scale=scale, margin_type=margin_type, lambda_inst=lambda_inst, hard_all=hard_all,
+                                  lambda_elm=lambda_elm, fold=fold, straight_through=straight,
+                                  label_smoothing=smoothing, ignore_index=ignore_index, reduction=reduction)
+    return raw, target, row_tables(**tables), floats, ints
 
 
 def _backward_args(raw, target, tables, forward_out, grad_rows, smoothing, scale_grad, scale=30.0, denom=None,
@@ -210,9 +213,9 @@ def _backward_args(raw, target, tables, forward_out, grad_rows, smoothing, scale
     if sums:
         g = _gen(rows * 7 + cols)
         proj = (torch.rand(rows, generator=g).to(raw.device), torch.rand(cols, generator=g).to(raw.device), True)
-    return (raw, target, tables["row_scale"], tables["col_scale"], tables["col_shift"], tables["logit_offset"],
-            tables["pair_perturbation"], tables["class_weight"], lse, nll, target_grad, grad_rows, denom, scale,
-            smoothing, -100, scale_grad) + proj
+    floats, ints = kernel_vectors(scale=scale, label_smoothing=smoothing)
+    return (raw, target, row_tables(**dict(tables, class_margins=None)), lse, nll, target_grad, grad_rows, denom, floats,
+            ints, scale_grad) + proj
 
 
 def _close(name, got, want, rtol):

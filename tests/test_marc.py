@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fused_margin import marc_weights
 from fused_margin.training.marc import MARC
 
 COUNTS = [300, 80, 20, 5]
@@ -36,6 +37,85 @@ def test_initial_parameters_and_u_weights():
     np.testing.assert_allclose(marc.class_weight.numpy(), _u_numpy(COUNTS), rtol=1e-6)
 
 
+def test_u_weights_are_float32_until_moved_and_float64_after_double():
+    exact = marc_weights(COUNTS, 1.2, dtype=torch.float64)
+    rounded = marc_weights(COUNTS, 1.2)
+    assert not torch.equal(rounded.double(), exact)          # float32 rounding shows at float64
+    marc = MARC(COUNTS, gamma=1.2)
+    assert marc.class_weight.dtype == torch.float32 and torch.equal(marc.class_weight, rounded)
+    assert torch.equal(marc.double().class_weight, exact)    # the float64 values, not float32-rounded ones
+    assert torch.equal(MARC(COUNTS).to(torch.float64).class_weight, exact)
+    assert torch.equal(marc.float().class_weight, rounded)   # back to float32: the float32 path unchanged
+    assert torch.equal(marc.half().double().class_weight, exact)
+    assert torch.equal(MARC(COUNTS, gamma=0.5).double().class_weight, marc_weights(COUNTS, 0.5, dtype=torch.float64))
+
+
+def test_u_weights_assigned_by_hand_replace_the_float64_values():
+    marc = MARC(COUNTS)
+    marc.class_weight = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.equal(marc.double().class_weight, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+
+
+def test_loss_runs_in_the_compute_dtype_of_the_logits():
+    logits, y, norms = _random_case(3)
+    marc32, marc64 = MARC(COUNTS, scale=10.0), MARC(COUNTS, scale=10.0).double()
+    with torch.no_grad():
+        loss32 = marc32.loss(logits.float(), y, norms.float())
+        assert loss32.dtype == torch.float32
+        # the float32 path: U rounded to float32, whether the module holds it in float32 or float64
+        expected32 = _direct_loss(logits.float(), y, norms.float(), torch.ones(4), torch.zeros(4), 10.0, COUNTS)
+        torch.testing.assert_close(loss32, expected32)
+        assert torch.equal(marc64.loss(logits.float(), y, norms.float()), loss32)
+        for dtype in (torch.float16, torch.bfloat16):
+            assert marc32.loss(logits.to(dtype), y, norms).dtype == torch.float32
+        loss64 = marc64.loss(logits, y, norms)
+        assert loss64.dtype == torch.float64
+        expected64 = _direct_loss(logits, y, norms, torch.ones(4, dtype=torch.float64),
+                                  torch.zeros(4, dtype=torch.float64), 10.0, COUNTS)
+        torch.testing.assert_close(loss64, expected64, rtol=1e-13, atol=0)
+
+
+def test_state_dict_round_trip():
+    saved = MARC(COUNTS, scale=10.0)
+    with torch.no_grad():
+        saved.omega.copy_(torch.tensor([1.5, 0.5, 1.0, 2.0]))
+        saved.beta.copy_(torch.tensor([-0.1, 0.0, 0.2, 0.3]))
+    state = saved.state_dict()
+    assert set(state) == {"omega", "beta", "class_weight"} and state["class_weight"].dtype == torch.float32
+
+    loaded = MARC(COUNTS, scale=10.0)
+    loaded.load_state_dict(state)
+    for name in ("omega", "beta", "class_weight"):
+        assert torch.equal(getattr(loaded, name), getattr(saved, name))
+    # the same U saved in float32: a float64 module keeps (and later .double() gives) the float64 values
+    exact = marc_weights(COUNTS, 1.2, dtype=torch.float64)
+    loaded64 = MARC(COUNTS, scale=10.0).double()
+    loaded64.load_state_dict(state)
+    assert torch.equal(loaded64.class_weight, exact)
+    assert torch.equal(loaded64.omega, saved.omega.double()) and torch.equal(loaded64.beta, saved.beta.double())
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.double().class_weight, exact)
+    # a float64 state dict holds the float64 values and loads into either dtype
+    state64 = MARC(COUNTS).double().state_dict()
+    assert torch.equal(state64["class_weight"], exact)
+    into32 = MARC(COUNTS)
+    into32.load_state_dict(state64)
+    assert torch.equal(into32.class_weight, exact.float()) and torch.equal(into32.double().class_weight, exact)
+
+    # load_state_dict(assign=True) takes the saved tensors themselves
+    assigned = MARC(COUNTS).double()
+    assigned.load_state_dict(state, assign=True)
+    assert torch.equal(assigned.class_weight, state["class_weight"])
+    assert torch.equal(assigned.double().class_weight, exact)
+
+    # other values (U of another gamma) replace this module's U, in .double() too
+    other = MARC(COUNTS, gamma=0.5).state_dict()
+    for replaced in (MARC(COUNTS), MARC(COUNTS).double()):
+        replaced.load_state_dict(other)
+        assert torch.equal(replaced.float().class_weight, other["class_weight"])
+        assert torch.equal(replaced.double().class_weight, other["class_weight"].double())
+
+
 def test_calibrated_logits():
     marc = MARC(COUNTS, scale=16.0).double()
     logits, _, norms = _random_case()
@@ -57,16 +137,36 @@ def test_loss_and_gradients_match_a_direct_computation():
     omega = marc.omega.detach().clone().requires_grad_(True)
     beta = marc.beta.detach().clone().requires_grad_(True)
     expected = _direct_loss(logits, y, norms, omega, beta, 10.0, COUNTS)
-    # U is held in float32 (a module buffer), hence 1e-6 rather than float64 round-off
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    # after .double() U holds its float64 values, so the two agree to float64 round-off
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     loss.backward()
     expected.backward()
-    torch.testing.assert_close(marc.omega.grad, omega.grad, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(marc.beta.grad, beta.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(marc.omega.grad, omega.grad, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(marc.beta.grad, beta.grad, rtol=1e-11, atol=1e-14)
     # a plain mean over the batch: the weighted mean of F.cross_entropy(weight=U) is a different number
     weighted = F.cross_entropy(10.0 * (omega * logits + beta * norms), y,
                                weight=torch.tensor(_u_numpy(COUNTS)))
     assert abs(weighted.item() - loss.item()) > 1e-3
+
+
+def test_class_norms_of_a_cosine_classifier_are_its_raw_row_norms():
+    """Over the cosines of a cosine classifier, MARC with the raw row norms of its weight is the cosine head
+    of margin_cross_entropy with omega and beta; ones (the norms of the normalised rows) are not."""
+    import fused_margin as fm
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    w = 3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,), generator=g)
+    marc = MARC(COUNTS, scale=10.0).double()
+    with torch.no_grad():
+        marc.omega.copy_(torch.tensor([1.2, 0.9, 1.1, 1.3]))
+        marc.beta.copy_(torch.tensor([-0.05, 0.02, 0.1, 0.2]))
+    cosines = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
+    head = fm.margin_cross_entropy(x, y, w, head="cosine", scale=10.0, omega=marc.omega.detach(),
+                                   beta=marc.beta.detach(), class_weight=marc.class_weight, reduction="sum") / 12
+    with torch.no_grad():
+        torch.testing.assert_close(marc.loss(cosines, y, w.norm(dim=1)), head, rtol=1e-12, atol=0)
+        assert abs(marc.loss(cosines, y, torch.ones(4, dtype=torch.float64)).item() - head.item()) > 1e-2
 
 
 def test_ignored_rows_count_nowhere():

@@ -29,8 +29,10 @@ import triton.language as tl  # noqa: E402
 
 import fused_margin as fm  # noqa: E402
 import kernel_cases  # noqa: E402
+from kernel_cases import backward_args, forward_args  # noqa: E402
 import row_torch  # noqa: E402
 from fused_margin.core import rowmath  # noqa: E402
+from fused_margin.core.options import KERNEL_INTS  # noqa: E402
 from fused_margin.core.spec import MarginLossSpec  # noqa: E402
 from fused_margin.backends.triton import (INTERPRETED, ROW_KERNEL, max_block, row_backward, row_forward,  # noqa: E402
                                   row_forward_backward)
@@ -222,13 +224,13 @@ def _row_args(B=5, C=23, dtype=torch.float32, seed=0, ignore=(1,)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_kernels_match_eager_contract(margin_type, fold, straight_through, dtype):
     raw, target, t = _row_args(dtype=dtype)
-    args = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["class_margins"], t["logit_offset"],
-            t["pair_perturbation"], t["class_weight"], 3.0, margin_type, 1.0, False, 0.5, fold, straight_through,
-            0.1, -100)
+    options = dict(scale=3.0, margin_type=margin_type, lambda_inst=1.0, lambda_elm=0.5, fold=fold,
+                   straight_through=straight_through, label_smoothing=0.1)
     for reduction in REDUCTION_CODES.values():
+        args = forward_args(raw, target, t, **options, reduction=reduction)
         with max_block(8):
-            got = ROW_KERNEL.forward(*args, reduction)
-        want = row_torch.row_forward(*args, reduction)
+            got = ROW_KERNEL.forward(*args)
+        want = row_torch.row_forward(*args)
         for name, a, b in zip(ROW_FORWARD_OUTPUTS, got, want):
             assert a.dtype == b.dtype and a.shape == b.shape, name
             if a.is_floating_point():
@@ -242,9 +244,9 @@ def test_row_kernels_match_eager_contract(margin_type, fold, straight_through, d
     for scale_grad in (False, True):
         for upstream, denom, proj, stats in ((grad_rows, None, (None, None), False),
                                              (torch.tensor(0.7).to(DEVICE), want[-1], projections, True)):
-            back = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["logit_offset"],
-                    t["pair_perturbation"], t["class_weight"], want[1], want[4], want[5], upstream, denom, 3.0, 0.1,
-                    -100, scale_grad, *proj, stats)
+            back = backward_args(raw, target, t, want[1], want[4], want[5], upstream, denom, scale=3.0,
+                                 label_smoothing=0.1, scale_grad=scale_grad, row_proj=proj[0], col_proj=proj[1],
+                                 col_stats=stats)
             with max_block(8):  # several column blocks, and (B = 5) one partial block of rows
                 got_b = ROW_KERNEL.backward(*back)
             want_b = row_torch.row_backward(*back)
@@ -260,32 +262,36 @@ def test_row_kernels_match_eager_contract(margin_type, fold, straight_through, d
 
 def test_row_kernels_without_optional_tables_and_empty_batch():
     raw, target, _ = _row_args(B=4, C=9)
-    args = (raw, target, None, None, None, None, None, None, None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100, 0)
+    args = forward_args(raw, target, reduction=0)
     got, want = ROW_KERNEL.forward(*args), row_torch.row_forward(*args)
     for a, b in zip(got, want):
         if a.is_floating_point():
             assert_fp32_close("row output", a, b, rtol=2e-6)
         else:
             assert torch.equal(a, b)
-    empty = ROW_KERNEL.forward(raw[:0], target[:0], *args[2:])
+    empty = ROW_KERNEL.forward(*forward_args(raw[:0], target[:0], reduction=0))
     assert [o.shape for o in empty] == [torch.Size([0])] * 6 + [torch.Size([])]
     assert empty[-1].item() == 0  # no kept row
-    mean = ROW_KERNEL.forward(raw[:0], target[:0], *args[2:-1], REDUCTION_CODES["mean"])
+    mean = ROW_KERNEL.forward(*forward_args(raw[:0], target[:0], reduction=REDUCTION_CODES["mean"]))
     assert mean[0].shape == () and mean[0].isnan()  # 0 / 0, as F.cross_entropy
-    grad, row_coef, col_coef, stats = ROW_KERNEL.backward(
-        raw[:0], target[:0], None, None, None, None, None, None, *empty[1:2], *empty[4:6], empty[0], None, 1.0, 0.0,
-        -100, True, torch.ones(0, device=DEVICE), torch.ones(9, device=DEVICE), True)
+    grad, row_coef, col_coef, stats = ROW_KERNEL.backward(*backward_args(
+        raw[:0], target[:0], None, *empty[1:2], *empty[4:6], empty[0], None, row_proj=torch.ones(0, device=DEVICE),
+        col_proj=torch.ones(9, device=DEVICE), col_stats=True))
     assert grad.shape == (0, 9) and row_coef.shape == (0,)
     assert torch.equal(col_coef, torch.zeros(9, device=DEVICE)) and torch.equal(stats, torch.zeros(3, 9, device=DEVICE))
 
 
 def test_bad_arguments_are_named():
     raw, target, _ = _row_args(B=2, C=4)
-    args = (None, None, None, None, None, None, None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100, 0)
+    args = forward_args(raw, target)[2:]
     with pytest.raises(ValueError, match=r"target\[1\] = 4 is out of range"):  # checked by the kernel
         ROW_KERNEL.forward(raw, torch.tensor([0, 4]).to(DEVICE), *args)
     with pytest.raises(ValueError, match="reduction"):
-        ROW_KERNEL.forward(raw, target, *args[:-1], 3)
+        ROW_KERNEL.forward(*forward_args(raw, target, reduction=3))
+    with pytest.raises(ValueError, match="the row ops take 4 float and 6 int options"):
+        ROW_KERNEL.forward(raw, target, args[0], args[1][:-1], args[2])
+    with pytest.raises(ValueError, match="the row ops take 7 tables"):
+        ROW_KERNEL.forward(raw, target, args[0][:-1], *args[1:])
     with pytest.raises(TypeError, match="raw"):
         ROW_KERNEL.forward(raw.double(), target, *args)
     with pytest.raises(ValueError, match="target"):
@@ -375,14 +381,15 @@ def test_forward_backward_op_writes_the_row_backwards_gradient_over_raw():
             buffer = torch.full((6, 32), float("nan"), dtype=dtype, device=DEVICE)
             raw = buffer[:, :21]
             raw.copy_(raw0)
-            args = (target, t["row_scale"], t["col_scale"], t["col_shift"], t["class_margins"], t["logit_offset"],
-                    None, t["class_weight"], 3.0, 1, 1.0, False, 0.5, 0, False, 0.1, -100, reduction)
+            tables = dict(t, pair_perturbation=None)
+            options = dict(scale=3.0, margin_type=1, lambda_inst=1.0, lambda_elm=0.5, label_smoothing=0.1)
+            args = forward_args(raw0, target, tables, **options, reduction=reduction)
             with max_block(8):
-                want = row_forward(raw0, *args)
-                grad = row_backward(raw0, *args[:4], *args[5:8], want[1], want[4], want[5],
-                                    torch.ones((), device=DEVICE), want[6] if reduction == 1 else None, 3.0, 0.1,
-                                    -100, True, None, None, False)[0]
-                got = row_forward_backward(raw, *args, None, None)
+                want = row_forward(*args)
+                grad = row_backward(*backward_args(raw0, target, tables, want[1], want[4], want[5],
+                                                   torch.ones((), device=DEVICE), want[6] if reduction == 1 else None,
+                                                   **options))[0]
+                got = row_forward_backward(raw, *args[1:], None, None)
             for label, a, b in zip(ROW_FORWARD_OUTPUTS, got, want):
                 assert torch.equal(a.nan_to_num(), b.nan_to_num()), label
             assert got[7].numel() == 0 and got[8].numel() == 0
@@ -392,16 +399,16 @@ def test_forward_backward_op_writes_the_row_backwards_gradient_over_raw():
             # the padding is read in whole vectors (io_columns) but its NaN reaches no column of raw
             assert torch.isfinite(raw).all() and not buffer[:, 21:].nan_to_num().any()
     raw, target, _ = _row_args(B=2, C=4)
-    args = (None,) * 7 + (1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100)
+    args, none = forward_args(raw, target, reduction=1)[2:], forward_args(raw, target, reduction=0)[2:]
     with pytest.raises(ValueError, match="reduction must be the code of 'mean'"):
-        row_forward_backward(raw.clone(), target, *args, 0, None, None)
+        row_forward_backward(raw.clone(), target, *none, None, None)
     with pytest.raises(ValueError, match="row_proj and col_proj must be None"):
-        row_forward_backward(raw.clone(), target, *args, 1, torch.ones(2, device=DEVICE), None)
+        row_forward_backward(raw.clone(), target, *args, torch.ones(2, device=DEVICE), None)
     with pytest.raises(ValueError, match="unit column stride"):
-        row_forward_backward(raw.t().contiguous().t(), target, *args, 1, None, None)
+        row_forward_backward(raw.t().contiguous().t(), target, *args, None, None)
     if INTERPRETED:  # on a GPU, a device assertion (test_bad_arguments_are_named's forward check runs on CPU)
         with pytest.raises(ValueError, match=r"target\[1\] = 4 is out of range"):
-            row_forward_backward(raw.clone(), torch.tensor([0, 4]).to(DEVICE), *args, 1, None, None)
+            row_forward_backward(raw.clone(), torch.tensor([0, 4]).to(DEVICE), *args, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,13 +503,21 @@ def test_gradient_store_rounds_to_nearest_even(dtype):
 
 def _op_args(scale_grad=True):
     raw, target, t = _row_args(B=4, C=11)
-    forward = (raw, target, t["row_scale"], t["col_scale"], None, t["class_margins"], t["logit_offset"], None,
-               t["class_weight"], 5.0, 1, 1.0, False, 0.5, 1, False, 0.1, -100, 1)
+    tables = dict(t, col_shift=None, pair_perturbation=None)
+    options = dict(scale=5.0, margin_type=1, lambda_inst=1.0, lambda_elm=0.5, fold=1, label_smoothing=0.1)
+    forward = forward_args(raw, target, tables, **options, reduction=1)
     lse, nll, target_grad, denom = [o for i, o in enumerate(row_forward(*forward)) if i in (1, 4, 5, 6)]
-    backward = (raw, target, t["row_scale"], t["col_scale"], None, t["logit_offset"], None, t["class_weight"],
-                lse, nll, target_grad, torch.tensor(0.5).to(DEVICE), denom, 5.0, 0.1, -100, scale_grad,
-                torch.rand(4).to(DEVICE), torch.rand(11).to(DEVICE), True)
+    backward = backward_args(raw, target, tables, lse, nll, target_grad, torch.tensor(0.5).to(DEVICE), denom,
+                             **options, scale_grad=scale_grad, row_proj=torch.rand(4).to(DEVICE),
+                             col_proj=torch.rand(11).to(DEVICE), col_stats=True)
     return forward, backward
+
+
+def _with_reduction(forward, reduction):
+    """Forward arguments with another reduction code."""
+    ints = list(forward[4])
+    ints[[arg.name for arg in KERNEL_INTS].index("reduction")] = reduction
+    return forward[:4] + (ints,)
 
 
 def test_ops_are_registered_and_pass_opcheck():
@@ -511,7 +526,7 @@ def test_ops_are_registered_and_pass_opcheck():
     assert torch.ops.fused_margin.triton_row_backward.default is not None
     forward, backward = _op_args()
     for op, args in ((torch.ops.fused_margin.triton_row_forward.default, forward),
-                     (torch.ops.fused_margin.triton_row_forward.default, forward[:-1] + (0,)),
+                     (torch.ops.fused_margin.triton_row_forward.default, _with_reduction(forward, 0)),
                      (torch.ops.fused_margin.triton_row_backward.default, backward),
                      (torch.ops.fused_margin.triton_row_backward.default, _op_args(False)[1]),
                      (torch.ops.fused_margin.triton_row_norms.default, (forward[0], 1e-12))):
@@ -522,7 +537,7 @@ def test_ops_are_registered_and_pass_opcheck():
     assert ROW_KERNEL.forward_backward is row_forward_backward
     for reduction in (1, 2):
         torch.library.opcheck(torch.ops.fused_margin.triton_row_forward_backward.default,
-                              forward[:-1] + (reduction, None, None))
+                              _with_reduction(forward, reduction) + (None, None))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
@@ -577,8 +592,8 @@ import torch
 ops = torch.ops.fused_margin
 assert hasattr(ops, "row_forward") and hasattr(ops, "row_backward")
 raw = torch.tensor([[0.3, -0.2, 0.9]], device="{device}")
-out = ops.triton_row_forward(raw, torch.tensor([2], device=raw.device), None, None, None, None, None, None,
-                             None, 1.0, 0, 0.0, False, 0.0, 0, False, 0.0, -100, 0)
+out = ops.triton_row_forward(raw, torch.tensor([2], device=raw.device), [None] * 7, [1.0, 0.0, 0.0, 0.0],
+                             [0, 0, 0, 0, -100, 0])
 assert abs(out[0].item() - (torch.logsumexp(raw[0], 0) - raw[0, 2]).item()) < 1e-6
 """
 
@@ -685,19 +700,18 @@ def test_cuda_class_counts(num_classes):
 @pytest.mark.cuda
 def test_cuda_row_kernels_make_no_host_sync():
     raw, target, t = _row_args(B=512, C=8142, dtype=torch.bfloat16)
-    args = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["class_margins"], t["logit_offset"],
-            t["pair_perturbation"], t["class_weight"], 30.0, 1, 1.0, False, 0.5, 0, False, 0.1, -100, 1)
+    options = dict(scale=30.0, margin_type=1, lambda_inst=1.0, lambda_elm=0.5, label_smoothing=0.1)
+    args = forward_args(raw, target, t, **options, reduction=1)
     out = ROW_KERNEL.forward(*args)  # compile the kernels outside the check
-    proj = (torch.rand(512, device="cuda"), torch.rand(8142, device="cuda"), True)
-    backward = (raw, target, t["row_scale"], t["col_scale"], t["col_shift"], t["logit_offset"],
-                t["pair_perturbation"], t["class_weight"], out[1], out[4], out[5], out[0], out[6], 30.0, 0.1, -100)
+    proj = dict(row_proj=torch.rand(512, device="cuda"), col_proj=torch.rand(8142, device="cuda"), col_stats=True)
     # the forward that forms the gradient (of the mean: its denominator pass first), and the projection
     # with a device scale (the upstream gradient folded into it)
-    both = (raw.clone(),) + args[1:7] + (None,) + args[8:] + (None, None)
+    both = forward_args(raw.clone(), target, dict(t, pair_perturbation=None), **options, reduction=1) + (None, None)
     grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     project = (grad, torch.randn_like(grad), proj[0], torch.tensor(2.0, device="cuda"))
     for scale_grad in (False, True):
-        ROW_KERNEL.backward(*backward, scale_grad, *proj)
+        ROW_KERNEL.backward(*backward_args(raw, target, t, out[1], out[4], out[5], out[0], out[6], **options,
+                                           scale_grad=scale_grad, **proj))
     ROW_KERNEL.norms(raw, 1e-12)
     ROW_KERNEL.forward_backward(*both)
     ROW_KERNEL.project_out(*project)

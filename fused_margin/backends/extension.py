@@ -27,6 +27,7 @@ import torch
 
 from fused_margin.backends import _build
 from fused_margin.paths.fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
+from fused_margin.core import options
 from fused_margin.core.spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
 
 
@@ -138,9 +139,13 @@ def contract() -> Optional[dict]:
     return None if _C is None else _C.contract()
 
 
+def _reduction(a) -> int:
+    return options.unpack(a["floats"], a["ints"]).reduction
+
+
 def _row_forward_fake(*args, **kwargs):
     a = dict(zip(ROW_FORWARD_ARGS, args), **kwargs)
-    return empty_forward_outputs(a["raw"], a["reduction"])
+    return empty_forward_outputs(a["raw"], _reduction(a))
 
 
 def _row_backward_fake(*args, **kwargs):
@@ -150,7 +155,7 @@ def _row_backward_fake(*args, **kwargs):
 
 def _row_forward_backward_fake(*args, **kwargs):
     a = dict(zip(ROW_FORWARD_BACKWARD_ARGS, args), **kwargs)
-    return (empty_forward_outputs(a["raw"], a["reduction"])
+    return (empty_forward_outputs(a["raw"], _reduction(a))
             + empty_projection_sums(a["raw"], a["row_proj"], a["col_proj"]))
 
 

@@ -9,9 +9,14 @@ Row kernel contract (``z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j`
 scale is 1 and a missing shift 0; ``raw`` is row-major, its class stride possibly padded, see
 :func:`class_padded_mm`):
 
-``forward(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
-class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-label_smoothing, ignore_index, reduction) -> (loss, lse, pred, hard, nll, target_grad, denom)``
+The ops take the loss's tables as one list, ``tables``, in the order of
+:data:`~fused_margin.core.spec.ROW_TABLES` (``row_scale, col_scale, col_shift, class_margins, logit_offset,
+pair_perturbation, class_weight``; ``None`` where absent), and its options as two vectors, ``floats`` and
+``ints`` (:mod:`fused_margin.core.options`: ``scale, lambda_inst, lambda_elm, label_smoothing`` and
+``margin_type, hard_all, fold, straight_through, ignore_index, reduction`` as their codes), so an option or
+table added to the loss changes no op's schema.
+
+``forward(raw, target, tables, floats, ints) -> (loss, lse, pred, hard, nll, target_grad, denom)``
 
     per row: the loss of docs/loss.md section 4 before the reduction (``w_y``-weighted, smoothed; 0 on
     ignored rows), ``lse``, ``pred = argmax z'`` (int64), ``hard`` (bool), ``nll = lse - t`` for the
@@ -27,8 +32,7 @@ label_smoothing, ignore_index, reduction) -> (loss, lse, pred, hard, nll, target
     2 (``"sum"``). Labels out of range raise (a ``ValueError`` naming the row on CPU, a device assertion
     on CUDA), so the caller need not check them.
 
-``backward(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight,
-lse, nll, target_grad, grad_rows, denom, scale, label_smoothing, ignore_index, scale_grad, row_proj,
+``backward(raw, target, tables, lse, nll, target_grad, grad_rows, denom, floats, ints, scale_grad, row_proj,
 col_proj, col_stats) -> (grad, row_coef, col_coef, stats)``
 
     ``G = dL/dz'`` from the saved row statistics and the upstream gradient ``g_i`` (``grad_rows``, one
@@ -47,7 +51,7 @@ col_proj, col_stats) -> (grad, row_coef, col_coef, stats)``
     MARC's ``beta``), ``sum_i G_ij row_scale_i raw_ij`` (MARC's ``omega``) and ``sum_i dL/dl_ij`` (the logit
     offset). Each sum is formed in a fixed order (per-block partials, no float atomics): deterministic.
 
-``forward_backward(raw, ... as forward ..., reduction, row_proj, col_proj) -> (loss, lse, pred, hard, nll,
+``forward_backward(raw, target, tables, floats, ints, row_proj, col_proj) -> (loss, lse, pred, hard, nll,
 target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU and Triton kernels have it)
 
     the forward and, on each row right after it (the row still in cache), the backward for the upstream
@@ -80,7 +84,7 @@ import torch
 
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
-                   row_backward_args, row_forward_args, row_forward_backward_args)
+                   row_backward_args, row_forward_args, row_forward_backward_args, row_tables)
 
 
 def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -351,17 +355,18 @@ class _FusedMarginCE(torch.autograd.Function):
             col_shift = beta_shift if col_shift is None else col_shift + beta_shift
 
         # the loss comes reduced (mean / sum) from the kernel, with the mean's denominator
-        tables = dict(raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
-                      class_margins=class_margins, logit_offset=logit_offset, pair_perturbation=pair_perturbation,
-                      class_weight=class_weight, **spec.row_options())
+        floats, ints = spec.kernel_options()
+        args = dict(raw=raw, target=target, floats=floats, ints=ints, tables=row_tables(
+            row_scale=row_scale, col_scale=col_scale, col_shift=col_shift, class_margins=class_margins,
+            logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight))
         row_coef = col_coef = None
         if grad_in_forward:  # raw becomes dL/draw (upstream gradient 1), with the backward's sums
             sums = kernel.project_out is None  # else the projections form their coefficients themselves
             loss, lse, pred, hard, nll, target_grad, denom, row_coef, col_coef = kernel.forward_backward(
-                *row_forward_backward_args(**tables, row_proj=row_proj if sums else None,
+                *row_forward_backward_args(**args, row_proj=row_proj if sums else None,
                                            col_proj=col_proj if sums else None))
         else:
-            loss, lse, pred, hard, nll, target_grad, denom = kernel.forward(*row_forward_args(**tables))
+            loss, lse, pred, hard, nll, target_grad, denom = kernel.forward(*row_forward_args(**args))
         residuals = _Residuals(
             raw=None if head == "logits" else raw, row_scale=row_scale, col_scale=col_scale,
             col_shift=None if col_shift is base_shift else col_shift,
@@ -450,12 +455,13 @@ class _FusedMarginCE(torch.autograd.Function):
                     row_coef = row_coef * grad_loss if row_coef is not None else None
                     col_coef = col_coef * grad_loss if col_coef is not None else None
         else:
+            floats, ints = spec.kernel_options()
             grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
-                raw=raw, target=target, row_scale=row_scale, col_scale=col_scale, col_shift=col_shift,
-                logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight,
+                raw=raw, target=target, tables=row_tables(
+                    row_scale=row_scale, col_scale=col_scale, col_shift=col_shift, logit_offset=logit_offset,
+                    pair_perturbation=pair_perturbation, class_weight=class_weight),
                 lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss,
-                denom=saved.denom, scale=float(spec.scale), label_smoothing=float(spec.label_smoothing),
-                ignore_index=int(spec.ignore_index), scale_grad=not need_pair,
+                denom=saved.denom, floats=floats, ints=ints, scale_grad=not need_pair,
                 row_proj=saved.row_proj if cosine and need_input and not out_proj else None,
                 col_proj=saved.col_proj if cosine and need_weight and not out_proj else None,
                 col_stats=bool(need_bias or need_offset or need_omega or need_beta or beta_weight)))

@@ -48,12 +48,13 @@ from fused_margin.paths.fused import first_order_backward
 from fused_margin.functional import finite_error
 from fused_margin.paths.lean import BUDGET_BYTES, ClassBlock, auto_chunk, default_kernel, reduce_rows, row_grads
 from fused_margin.core.reference import compute_dtype
+from fused_margin.core import options
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 
 __all__ = ["sharded_margin_cross_entropy", "ShardedCosineClassifier", "even_shards"]
 
-_SPEC_OPTIONS = ("scale", "margin_type", "lambda_inst", "hard_mode", "lambda_elm", "angular_fold", "margin_grad",
-                 "label_smoothing", "ignore_index", "reduction")
+#: the loss's options the sharded loss takes (every one but the logits head's): fused_margin.core.options
+_SPEC_OPTIONS = tuple(option.name for option in options.OPTIONS if option.name != "input_is_cosine")
 _TABLES = ("class_margins", "logit_offset", "class_weight")
 _UNSUPPORTED = ("bias", "pair_perturbation", "omega", "beta", "class_norms", "input_is_cosine")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -6,19 +6,34 @@ learns two numbers per class that move its decision boundaries:
 
     z'_j = omega_j z_j + beta_j ||W_j||          (omega initialised to 1, beta to 0)
 
-with ``z`` the frozen model's scores and ``||W_j||`` the L2 norms of its classifier rows. The second stage
-minimises the re-weighted cross-entropy of the paper's Algorithm 2, a plain mean over the batch:
+with ``z`` the frozen model's scores and ``||W_j||`` the L2 norm of row ``j`` of its classifier weight ``W``
+(C x D) as stored, never of a normalised row. The second stage minimises the re-weighted cross-entropy of
+the paper's Algorithm 2, a plain mean over the batch:
 
     L = (1 / B) sum_i U_{y_i} CE(s z'_i, y_i),    U_y = C n_y^-gamma / sum_j n_j^-gamma  (gamma = 1.2)
 
 (not the weighted mean ``sum U_y CE / sum U_y`` of ``F.cross_entropy(weight=U)``). ``s`` is the scale of
 the frozen model's logits: 1 for a linear classifier, the cosine classifier's scale when ``z`` are its
-cosines. ``||W_j||`` are the norms of the rows the scores are computed with: a cosine classifier scores with
-the normalised rows, so pass ones there (``beta_j`` is then a per-class bias); the raw rows' norms never
-reach its output, and they can be large enough (with ``s`` multiplying them) to make the second stage's
-SGD diverge. The loss runs through :func:`fused_margin.margin_cross_entropy` (``omega=``, ``beta=``,
-``class_norms=``, ``class_weight=U``, ``reduction="sum"`` divided by the number of kept rows), so the fused
-kernels are used where they exist.
+cosines.
+
+Which norm ``||W_j||`` is, by classifier (this module takes scores, so the caller passes the norms as
+``class_norms``: those of the classifier that produced the scores, ``W.detach().norm(dim=1)``):
+
+* ``nn.Linear`` (the setting of the published MARC code): ``z_j = x . W_j + b_j`` and ``||W_j||`` the raw
+  row norm, so ``omega_j`` scales the bias too;
+* a cosine classifier: ``z_j = x_hat . W_j / ||W_j||`` and ``||W_j||`` still the raw row norm of ``W``, not
+  the norm of the normalised row (which is 1). This is the ``z'`` of
+  :func:`fused_margin.margin_cross_entropy` with ``head="cosine"``, ``omega=`` and ``beta=``, which takes the
+  norms of the ``weight`` it is given.
+
+Passing ones as ``class_norms`` makes ``beta_j`` a per-class bias that does not depend on the rows: a
+different calibration, equal to the one above only where every row has norm 1. The gradient of ``beta_j``
+carries the factor ``s ||W_j||`` (that of ``omega_j`` the factor ``s z_ij``), so the learning rate that suits
+``beta`` depends on the size of the norms.
+
+The loss runs through :func:`fused_margin.margin_cross_entropy` (``omega=``, ``beta=``, ``class_norms=``,
+``class_weight=U``, ``reduction="sum"`` divided by the number of kept rows), so the fused kernels are used
+where they exist.
 """
 from __future__ import annotations
 
@@ -29,9 +44,13 @@ import torch
 from torch import nn
 
 from fused_margin.core import builders
+from fused_margin.core.reference import compute_dtype
 from fused_margin.functional import margin_cross_entropy
 
 __all__ = ["MARC"]
+
+#: MARC's per-class tables held as buffers (float64 values kept for ``.double()``)
+_TABLES = ("class_weight",)
 
 
 class _PlainProgress:
@@ -67,8 +86,16 @@ class MARC(nn.Module):
         scale: ``s``, the factor of the frozen logits (1 for ``nn.Linear``; e.g. 30 over cosines).
         backend: passed to :func:`fused_margin.margin_cross_entropy`.
 
-    ``forward(logits, class_norms)`` (= :meth:`calibrated_logits`) returns ``s (omega z + beta ||W||)``;
-    :meth:`loss` the training objective above; :meth:`fit` runs the second stage.
+    ``forward(logits, class_norms)`` (= :meth:`calibrated_logits`) returns ``s (omega_j z_j + beta_j ||W_j||)``
+    with ``class_norms`` the ``||W_j||``: the raw row norms of the classifier weight that produced ``logits``
+    (for a cosine classifier too, see the module docstring). :meth:`loss` is the training objective above;
+    :meth:`fit` runs the second stage.
+
+    ``U`` is the buffer ``class_weight``, computed in float64 and stored as float32; ``.double()`` (or
+    ``.to(torch.float64)``) gives the float64 values themselves, not float32-rounded ones. :meth:`loss` uses
+    ``U`` in the compute dtype of ``logits`` (float64 for float64 logits, float32 otherwise). ``state_dict``
+    holds ``omega``, ``beta`` and ``class_weight``; loading a ``class_weight`` equal to this module's ``U``
+    at the precision it was saved in keeps the float64 values, other values replace them.
     """
 
     def __init__(self, class_counts, gamma: float = 1.2, scale: float = 1.0, backend: str = "auto"):
@@ -80,7 +107,46 @@ class MARC(nn.Module):
         self.gamma, self.scale, self.backend = float(gamma), float(scale), backend
         self.omega = nn.Parameter(torch.ones(self.num_classes))
         self.beta = nn.Parameter(torch.zeros(self.num_classes))
-        self.register_buffer("class_weight", builders.marc_weights(counts, gamma))
+        # U is computed in float64 and kept: the buffer is float32 until the module is moved, and
+        # .double() (or .to(torch.float64)) gives these values, not float32-rounded ones
+        exact = builders.marc_weights(counts, gamma, dtype=torch.float64)
+        self._exact = {"class_weight": exact}
+        self.register_buffer("class_weight", exact.to(torch.float32))
+
+    def __setattr__(self, name, value):
+        # a table assigned by hand replaces the float64 values kept for .double()
+        if name in _TABLES and "_exact" in self.__dict__:
+            self._exact.pop(name, None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        for name, exact in self._exact.items():
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype == torch.float64:
+                # the float64 values, not float32-rounded ones; a copy, so that in-place writes to the buffer
+                # (load_state_dict) leave the kept values alone
+                self._buffers[name] = exact.to(device=buf.device, copy=True)
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = {name: state_dict.get(prefix + name) for name in _TABLES}
+        kept = dict(self._exact)  # load_state_dict(assign=True) sets the buffer by attribute, which drops it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name, value in saved.items():
+            exact, buf = kept.get(name), self._buffers.get(name)
+            if exact is None or buf is None or not isinstance(value, torch.Tensor) or value.shape != exact.shape:
+                continue
+            if torch.equal(value.detach().cpu(), exact.to(value.dtype)):
+                # the same table, saved at the precision it was held in: keep the float64 values
+                self._exact[name] = exact
+                if buf.dtype == torch.float64 and not torch.equal(buf.detach().cpu(), exact):
+                    with torch.no_grad():
+                        buf.copy_(exact)
+            else:
+                self._exact.pop(name, None)  # other values were loaded: they replace the ones kept for .double()
 
     def _check(self, logits: torch.Tensor, class_norms: torch.Tensor) -> None:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
@@ -106,8 +172,8 @@ class MARC(nn.Module):
         total = margin_cross_entropy(logits.detach(), target, head="logits", scale=self.scale,
                                      omega=self.omega.to(logits.dtype), beta=self.beta.to(logits.dtype),
                                      class_norms=class_norms.detach(),
-                                     class_weight=self.class_weight.to(logits.dtype), reduction="sum",
-                                     ignore_index=ignore_index, backend=self.backend)
+                                     class_weight=self.class_weight.to(compute_dtype(logits.dtype)),
+                                     reduction="sum", ignore_index=ignore_index, backend=self.backend)
         kept = (target != ignore_index).sum()
         return total / kept
 

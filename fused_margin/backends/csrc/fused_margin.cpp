@@ -118,17 +118,11 @@ void reduce_loss_cpu(ForwardCall& call) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cpu(
-    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
-    const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
-    const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
-    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
-    double label_smoothing, int64_t ignore_index, int64_t reduction) {
-  ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
-                                     logit_offset, pair_perturbation, class_weight, scale, margin_type,
-                                     lambda_inst, hard_all, lambda_elm, fold, straight_through, label_smoothing,
-                                     ignore_index, reduction);
+    const Tensor& raw_in, const Tensor& target_in, const TableList& tables, at::ArrayRef<double> floats,
+    at::ArrayRef<int64_t> ints) {
+  ForwardCall call = prepare_forward(raw_in, target_in, tables, floats, ints);
   const RowForwardArgs& args = call.args;
-  check_labels(call.target, args.cols, ignore_index);
+  check_labels(call.target, args.cols, args.ignore_index);
   if (args.rows > 0) {
     const cpu::RowForwardFn forward = cpu_kernels().forward;
     at::parallel_for(0, args.rows, row_grain(args.cols),
@@ -145,8 +139,8 @@ constexpr int64_t kBackwardRowBlock = 32;
 
 // sum(w) as row_torch: torch's fp32 sum of the weights (C without weights, prepare_backward's default);
 // only label smoothing uses it
-void set_weight_sum_cpu(BackwardCall& call, double label_smoothing) {
-  if (call.class_weight.defined() && label_smoothing != 0.0) {
+void set_weight_sum_cpu(BackwardCall& call) {
+  if (call.class_weight.defined() && call.args.label_smoothing != 0.f) {
     call.args.weight_sum = call.class_weight.sum().item<float>();
   }
 }
@@ -171,19 +165,16 @@ void finish_backward_sums(BackwardCall& call, int64_t row_blocks, bool col_stats
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
-    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
-    const OptTensor& col_shift, const OptTensor& logit_offset, const OptTensor& pair_perturbation,
-    const OptTensor& class_weight, const Tensor& lse, const Tensor& nll, const Tensor& target_grad,
-    const Tensor& grad_rows, const OptTensor& denom, double scale, double label_smoothing, int64_t ignore_index,
-    bool scale_grad, const OptTensor& row_proj, const OptTensor& col_proj, bool col_stats) {
-  BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                       pair_perturbation, class_weight, lse, nll, target_grad, grad_rows, denom,
-                                       scale, label_smoothing, ignore_index, scale_grad, row_proj, col_proj,
-                                       col_stats);
+    const Tensor& raw_in, const Tensor& target_in, const TableList& tables, const Tensor& lse, const Tensor& nll,
+    const Tensor& target_grad, const Tensor& grad_rows, const OptTensor& denom, at::ArrayRef<double> floats,
+    at::ArrayRef<int64_t> ints, bool scale_grad, const OptTensor& row_proj, const OptTensor& col_proj,
+    bool col_stats) {
+  BackwardCall call = prepare_backward(raw_in, target_in, tables, lse, nll, target_grad, grad_rows, denom, floats,
+                                       ints, scale_grad, row_proj, col_proj, col_stats);
   RowBackwardArgs& args = call.args;
   const int64_t rows = args.rows, cols = args.cols;
-  check_labels(call.target, cols, ignore_index);
-  set_weight_sum_cpu(call, label_smoothing);
+  check_labels(call.target, cols, args.ignore_index);
+  set_weight_sum_cpu(call);
   const bool col_sums = call.col_sums;
   const int64_t blocks = std::max<int64_t>(1, (cols + kBackwardColumnBlock - 1) / kBackwardColumnBlock);
   const int64_t block_cols = std::min(cols, kBackwardColumnBlock);
@@ -217,36 +208,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cpu(
 // sums (no row_proj/col_proj) each row's p_j reuses the logsumexp's exp(l_j - m_c) (m_c: the max of j's
 // chunk) times exp(m_c - lse): one exponential a chunk, and no second read of raw.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_backward_cpu(
-    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
-    const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
-    const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
-    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
-    double label_smoothing, int64_t ignore_index, int64_t reduction, const OptTensor& row_proj,
-    const OptTensor& col_proj) {
-  TORCH_CHECK(reduction == static_cast<int64_t>(Reduction::Mean) || reduction == static_cast<int64_t>(Reduction::Sum),
-              "fused_margin row_forward_backward: reduction must be mean or sum (the gradient of one loss), got ",
-              reduction);
+    const Tensor& raw_in, const Tensor& target_in, const TableList& tables, at::ArrayRef<double> floats,
+    at::ArrayRef<int64_t> ints, const OptTensor& row_proj, const OptTensor& col_proj) {
   TORCH_CHECK(raw_in.dim() == 2 && raw_in.stride(1) == 1 && raw_in.stride(0) >= raw_in.size(1),
               "fused_margin row_forward_backward: raw must be a row-major 2-D tensor (the gradient overwrites "
               "it), got strides ", raw_in.strides());
-  ForwardCall fwd = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
-                                    logit_offset, pair_perturbation, class_weight, scale, margin_type, lambda_inst,
-                                    hard_all, lambda_elm, fold, straight_through, label_smoothing, ignore_index,
-                                    reduction);
+  ForwardCall fwd = prepare_forward(raw_in, target_in, tables, floats, ints);
   const RowForwardArgs& fargs = fwd.args;
-  check_labels(fwd.target, fargs.cols, ignore_index);
+  TORCH_CHECK(fwd.reduction == Reduction::Mean || fwd.reduction == Reduction::Sum,
+              "fused_margin row_forward_backward: reduction must be mean or sum (the gradient of one loss), got ",
+              static_cast<int>(fwd.reduction));
+  check_labels(fwd.target, fargs.cols, fargs.ignore_index);
   const auto f32 = raw_in.options().dtype(at::kFloat);
   const Tensor upstream = at::ones({}, f32);
   OptTensor denom;
-  if (reduction == static_cast<int64_t>(Reduction::Mean)) denom = at::full({}, loss_denominator(fargs), f32);
+  if (fwd.reduction == Reduction::Mean) denom = at::full({}, loss_denominator(fargs), f32);
   // the forward's checked and converted inputs (raw: the caller's own tensor, row-major as checked above)
   TORCH_INTERNAL_ASSERT(fwd.raw.is_same(raw_in), "fused_margin row_forward_backward: raw was copied");
-  BackwardCall bwd = prepare_backward(fwd, fwd.lse, fwd.nll, fwd.target_grad, upstream, denom, scale,
-                                      label_smoothing, ignore_index, /*scale_grad=*/true, row_proj, col_proj,
-                                      /*col_stats=*/false, /*in_place=*/true);
+  BackwardCall bwd = prepare_backward(fwd, fwd.lse, fwd.nll, fwd.target_grad, upstream, denom, floats, ints,
+                                      /*scale_grad=*/true, row_proj, col_proj, /*col_stats=*/false,
+                                      /*in_place=*/true);
   RowBackwardArgs& bargs = bwd.args;
   const int64_t rows = bargs.rows, cols = bargs.cols;
-  set_weight_sum_cpu(bwd, label_smoothing);
+  set_weight_sum_cpu(bwd);
   // whole rows, in row blocks of kBackwardRowBlock when the column sums are formed, each row's backward in
   // the column blocks of row_backward_cpu (the same partial sums in the same order); without sums, from the
   // forward's exponentials where the row allows it (row_kernel_cpu.h row_forward_backward_typed)
@@ -319,24 +303,18 @@ TORCH_LIBRARY(fused_margin, m) {
 #else
   m.impl_abstract_pystub("fused_margin.backends.extension");
 #endif
+  // the loss's tables in the RowTable order and its options as the two vectors of options.h (fused_margin/core/
+  // options.py): a new option or table changes no schema
   m.def(
-      "row_forward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
-      "Tensor? class_margins, Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, "
-      "float scale, int margin_type, float lambda_inst, bool hard_all, float lambda_elm, int fold, "
-      "bool straight_through, float label_smoothing, int ignore_index, int reduction) "
+      "row_forward(Tensor raw, Tensor target, Tensor?[] tables, float[] floats, int[] ints) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "row_backward(Tensor raw, Tensor target, Tensor? row_scale, Tensor? col_scale, Tensor? col_shift, "
-      "Tensor? logit_offset, Tensor? pair_perturbation, Tensor? class_weight, Tensor lse, "
-      "Tensor nll, Tensor target_grad, Tensor grad_rows, Tensor? denom, float scale, float label_smoothing, "
-      "int ignore_index, bool scale_grad, Tensor? row_proj, Tensor? col_proj, bool col_stats) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "row_backward(Tensor raw, Tensor target, Tensor?[] tables, Tensor lse, Tensor nll, Tensor target_grad, "
+      "Tensor grad_rows, Tensor? denom, float[] floats, int[] ints, bool scale_grad, Tensor? row_proj, "
+      "Tensor? col_proj, bool col_stats) -> (Tensor, Tensor, Tensor, Tensor)");
   // row_forward, then on each row dL/draw over raw in place and the sums (upstream gradient 1; CPU only)
   m.def(
-      "row_forward_backward(Tensor(a!) raw, Tensor target, Tensor? row_scale, Tensor? col_scale, "
-      "Tensor? col_shift, Tensor? class_margins, Tensor? logit_offset, Tensor? pair_perturbation, "
-      "Tensor? class_weight, float scale, int margin_type, float lambda_inst, bool hard_all, float lambda_elm, "
-      "int fold, bool straight_through, float label_smoothing, int ignore_index, int reduction, "
+      "row_forward_backward(Tensor(a!) raw, Tensor target, Tensor?[] tables, float[] floats, int[] ints, "
       "Tensor? row_proj, Tensor? col_proj) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ||x_i||, 1 / max(||x_i||, eps) and the projection factor of the cosine head (fp32)
@@ -411,7 +389,7 @@ PyObject* code_dict(const fused_margin::NamedCode (&table)[N]) {
 // read (row_kernel.h), for tests/test_contract.py to compare with fused_margin/spec.py.
 PyObject* contract(PyObject*, PyObject*) {
   PyObject* margin_types = code_dict(fused_margin::kMarginTypeNames);
-  PyObject* folds = code_dict(fused_margin::kFoldNames);
+  PyObject* folds = code_dict(fused_margin::kAngularFoldNames);
   PyObject* reductions = code_dict(fused_margin::kReductionNames);
   PyObject* out = (margin_types && folds && reductions)
                       ? Py_BuildValue("{s:O,s:O,s:O}", "margin_type", margin_types, "fold", folds, "reduction",

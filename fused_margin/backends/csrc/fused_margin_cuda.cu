@@ -502,16 +502,10 @@ namespace {
 using at::Tensor;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> row_forward_cuda(
-    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
-    const OptTensor& col_shift, const OptTensor& class_margins, const OptTensor& logit_offset,
-    const OptTensor& pair_perturbation, const OptTensor& class_weight, double scale, int64_t margin_type,
-    double lambda_inst, bool hard_all, double lambda_elm, int64_t fold, bool straight_through,
-    double label_smoothing, int64_t ignore_index, int64_t reduction) {
+    const Tensor& raw_in, const Tensor& target_in, const TableList& tables, at::ArrayRef<double> floats,
+    at::ArrayRef<int64_t> ints) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
-  ForwardCall call = prepare_forward(raw_in, target_in, row_scale, col_scale, col_shift, class_margins,
-                                     logit_offset, pair_perturbation, class_weight, scale, margin_type,
-                                     lambda_inst, hard_all, lambda_elm, fold, straight_through,
-                                     label_smoothing, ignore_index, reduction);
+  ForwardCall call = prepare_forward(raw_in, target_in, tables, floats, ints);
   const RowForwardArgs& args = call.args;
   TORCH_CHECK(args.rows <= std::numeric_limits<int32_t>::max(), "fused_margin row_forward: too many rows (",
               args.rows, ")");
@@ -545,16 +539,13 @@ void launch_backward_typed(const RowBackwardArgs& args, int64_t rows_per_block, 
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cuda(
-    const Tensor& raw_in, const Tensor& target_in, const OptTensor& row_scale, const OptTensor& col_scale,
-    const OptTensor& col_shift, const OptTensor& logit_offset, const OptTensor& pair_perturbation,
-    const OptTensor& class_weight, const Tensor& lse, const Tensor& nll, const Tensor& target_grad,
-    const Tensor& grad_rows, const OptTensor& denom, double scale, double label_smoothing, int64_t ignore_index,
-    bool scale_grad, const OptTensor& row_proj, const OptTensor& col_proj, bool col_stats) {
+    const Tensor& raw_in, const Tensor& target_in, const TableList& tables, const Tensor& lse, const Tensor& nll,
+    const Tensor& target_grad, const Tensor& grad_rows, const OptTensor& denom, at::ArrayRef<double> floats,
+    at::ArrayRef<int64_t> ints, bool scale_grad, const OptTensor& row_proj, const OptTensor& col_proj,
+    bool col_stats) {
   const c10::cuda::CUDAGuard guard(raw_in.device());
-  BackwardCall call = prepare_backward(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                       pair_perturbation, class_weight, lse, nll, target_grad, grad_rows, denom,
-                                       scale, label_smoothing, ignore_index, scale_grad, row_proj, col_proj,
-                                       col_stats);
+  BackwardCall call = prepare_backward(raw_in, target_in, tables, lse, nll, target_grad, grad_rows, denom, floats,
+                                       ints, scale_grad, row_proj, col_proj, col_stats);
   RowBackwardArgs& args = call.args;
   const int64_t rows = args.rows, cols = args.cols;
   const bool col_sums = call.col_sums;
@@ -564,7 +555,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cuda(
     return call.outputs();
   }
   // sum(w) stays on the device: no host sync; only label smoothing uses it
-  if (call.class_weight.defined() && label_smoothing != 0.0) {
+  if (call.class_weight.defined() && args.label_smoothing != 0.f) {
     call.weight_sum = call.class_weight.sum();
     args.weight_sum_device = call.weight_sum.const_data_ptr<float>();
   }

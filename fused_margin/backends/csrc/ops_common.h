@@ -2,6 +2,7 @@
 // (fused_margin_cuda.cu) implementations of the fused_margin row ops.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -17,6 +18,8 @@
 namespace fused_margin {
 
 using OptTensor = std::optional<at::Tensor>;
+// The row ops' tables, in the order of the RowTable slots (options.h): absent ones are None.
+using TableList = c10::List<std::optional<at::Tensor>>;
 
 // The class stride of padded B x C buffers: a multiple of 16 elements (fused.py CLASS_ALIGN).
 constexpr int64_t kClassAlign = 16;
@@ -65,13 +68,27 @@ std::string list_codes(const NamedCode (&table)[N]) {
   return out;
 }
 
-inline void check_codes(int64_t margin_type, int64_t fold, int64_t reduction) {
-  TORCH_CHECK(known_code(kReductionNames, reduction), "fused_margin row_forward: reduction must be ",
-              list_codes(kReductionNames), ", got ", reduction);
-  TORCH_CHECK(known_code(kMarginTypeNames, margin_type), "fused_margin row_forward: margin_type must be ",
-              list_codes(kMarginTypeNames), ", got ", margin_type);
-  TORCH_CHECK(known_code(kFoldNames, fold), "fused_margin row_forward: fold must be ", list_codes(kFoldNames),
-              ", got ", fold);
+// The row ops' option vectors (fused_margin/core/options.py), checked (their lengths and codes) and
+// unpacked into `o`.
+inline void unpack_checked(at::ArrayRef<double> floats, at::ArrayRef<int64_t> ints, KernelOptions& o) {
+  TORCH_CHECK(floats.size() == kNumFloatOptions && ints.size() == kNumIntOptions,
+              "fused_margin row kernels: the option vectors must hold ", static_cast<int>(kNumFloatOptions),
+              " floats and ", static_cast<int>(kNumIntOptions), " ints (options.h), got ", floats.size(), " and ",
+              ints.size());
+  TORCH_CHECK(known_code(kReductionNames, ints[kReduction]), "fused_margin row kernels: reduction must be ",
+              list_codes(kReductionNames), ", got ", ints[kReduction]);
+  TORCH_CHECK(known_code(kMarginTypeNames, ints[kMarginType]), "fused_margin row kernels: margin_type must be ",
+              list_codes(kMarginTypeNames), ", got ", ints[kMarginType]);
+  TORCH_CHECK(known_code(kAngularFoldNames, ints[kFold]), "fused_margin row kernels: fold must be ",
+              list_codes(kAngularFoldNames), ", got ", ints[kFold]);
+  unpack_options(floats, ints, o);
+}
+
+// One table of the row ops' list (the RowTable slot), checked for the list's length.
+inline OptTensor table_at(const TableList& tables, int slot) {
+  TORCH_CHECK(tables.size() == kNumRowTables, "fused_margin row kernels: tables must list ",
+              static_cast<int>(kNumRowTables), " entries (options.h RowTable), got ", tables.size());
+  return tables.get(slot);
 }
 
 // The float32 contiguous form (the tensor itself when it already is) of an optional table; an
@@ -99,10 +116,7 @@ struct RowInputs {
   at::Tensor raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation, class_weight;
 };
 
-inline RowInputs prepare_inputs(const at::Tensor& raw_in, const at::Tensor& target_in, const OptTensor& row_scale,
-                                const OptTensor& col_scale, const OptTensor& col_shift,
-                                const OptTensor& logit_offset, const OptTensor& pair_perturbation,
-                                const OptTensor& class_weight) {
+inline RowInputs prepare_inputs(const at::Tensor& raw_in, const at::Tensor& target_in, const TableList& tables) {
   check_raw_and_target(raw_in, target_in);
   RowInputs in;
   // row-major with a padded class stride (the fused path's GEMM output) is read in place
@@ -110,12 +124,13 @@ inline RowInputs prepare_inputs(const at::Tensor& raw_in, const at::Tensor& targ
   in.raw = row_major ? raw_in : raw_in.contiguous();
   in.target = target_in.contiguous();
   const int64_t rows = in.raw.size(0), cols = in.raw.size(1);
-  in.row_scale = float_table(row_scale, "row_scale", {rows}, in.raw);
-  in.col_scale = float_table(col_scale, "col_scale", {cols}, in.raw);
-  in.col_shift = float_table(col_shift, "col_shift", {cols}, in.raw);
-  in.logit_offset = float_table(logit_offset, "logit_offset", {cols}, in.raw);
-  in.pair_perturbation = float_table(pair_perturbation, "pair_perturbation", {rows, cols}, in.raw);
-  in.class_weight = float_table(class_weight, "class_weight", {cols}, in.raw);
+  in.row_scale = float_table(table_at(tables, kRowScaleTable), "row_scale", {rows}, in.raw);
+  in.col_scale = float_table(table_at(tables, kColScaleTable), "col_scale", {cols}, in.raw);
+  in.col_shift = float_table(table_at(tables, kColShiftTable), "col_shift", {cols}, in.raw);
+  in.logit_offset = float_table(table_at(tables, kLogitOffsetTable), "logit_offset", {cols}, in.raw);
+  in.pair_perturbation = float_table(table_at(tables, kPairPerturbationTable), "pair_perturbation", {rows, cols},
+                                     in.raw);
+  in.class_weight = float_table(table_at(tables, kClassWeightTable), "class_weight", {cols}, in.raw);
   return in;
 }
 
@@ -150,22 +165,16 @@ struct ForwardCall : RowInputs {
   }
 };
 
-inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& target_in,
-                                   const OptTensor& row_scale, const OptTensor& col_scale,
-                                   const OptTensor& col_shift, const OptTensor& class_margins,
-                                   const OptTensor& logit_offset, const OptTensor& pair_perturbation,
-                                   const OptTensor& class_weight, double scale, int64_t margin_type,
-                                   double lambda_inst, bool hard_all, double lambda_elm, int64_t fold,
-                                   bool straight_through, double label_smoothing, int64_t ignore_index,
-                                   int64_t reduction) {
+inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& target_in, const TableList& tables,
+                                   at::ArrayRef<double> floats, at::ArrayRef<int64_t> ints) {
   ForwardCall call;
-  static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                                 pair_perturbation, class_weight);
-  check_codes(margin_type, fold, reduction);
-  call.reduction = static_cast<Reduction>(reduction);
+  static_cast<RowInputs&>(call) = prepare_inputs(raw_in, target_in, tables);
+  RowForwardArgs& args = call.args;
+  unpack_checked(floats, ints, args);
+  call.reduction = args.reduction;
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
-  call.class_margins = float_table(class_margins, "class_margins", {cols}, raw);
+  call.class_margins = float_table(table_at(tables, kClassMarginsTable), "class_margins", {cols}, raw);
 
   const auto f32 = raw.options().dtype(at::kFloat);
   call.loss = at::empty({rows}, f32);
@@ -178,18 +187,8 @@ inline ForwardCall prepare_forward(const at::Tensor& raw_in, const at::Tensor& t
   call.denom = at::empty({}, f32);
   TORCH_CHECK(rows == 0 || cols > 0, "fused_margin row_forward: raw must have at least one column");
 
-  RowForwardArgs& args = call.args;
   point_at_inputs(call, args);
   args.class_margins = ptr_or_null(call.class_margins);
-  args.scale = static_cast<float>(scale);
-  args.lambda_inst = static_cast<float>(lambda_inst);
-  args.lambda_elm = static_cast<float>(lambda_elm);
-  args.label_smoothing = static_cast<float>(label_smoothing);
-  args.margin_type = static_cast<MarginType>(margin_type);
-  args.fold = static_cast<AngularFold>(fold);
-  args.hard_all = hard_all;
-  args.straight_through = straight_through;
-  args.ignore_index = ignore_index;
   args.loss = call.loss.mutable_data_ptr<float>();
   args.lse = call.lse.mutable_data_ptr<float>();
   args.pred = call.pred.mutable_data_ptr<int64_t>();
@@ -236,11 +235,12 @@ struct BackwardCall : RowInputs {
 // (row-major, so prepare_inputs kept it) and scale_grad set.
 inline BackwardCall prepare_backward(const RowInputs& inputs, const at::Tensor& lse, const at::Tensor& nll,
                                      const at::Tensor& target_grad, const at::Tensor& grad_rows,
-                                     const OptTensor& denom, double scale, double label_smoothing,
-                                     int64_t ignore_index, bool scale_grad, const OptTensor& row_proj,
+                                     const OptTensor& denom, at::ArrayRef<double> floats,
+                                     at::ArrayRef<int64_t> ints, bool scale_grad, const OptTensor& row_proj,
                                      const OptTensor& col_proj, bool col_stats, bool in_place) {
   BackwardCall call;
   static_cast<RowInputs&>(call) = inputs;
+  unpack_checked(floats, ints, call.args);
   const at::Tensor& raw = call.raw;
   const int64_t rows = raw.size(0), cols = raw.size(1);
   call.lse = float_table(lse, "lse", {rows}, raw);
@@ -278,11 +278,8 @@ inline BackwardCall prepare_backward(const RowInputs& inputs, const at::Tensor& 
   args.grad_rows = call.grad_rows.const_data_ptr<float>();
   args.grad_rows_shared = shared;
   args.denom = ptr_or_null(call.denom);
-  args.scale = static_cast<float>(scale);
-  args.label_smoothing = static_cast<float>(label_smoothing);
   args.weight_sum = static_cast<float>(cols);
   args.weight_sum_device = nullptr;
-  args.ignore_index = ignore_index;
   args.scale_grad = scale_grad;
   args.grad = call.grad.mutable_data_ptr();
   args.grad_stride = grad_stride;
@@ -293,19 +290,13 @@ inline BackwardCall prepare_backward(const RowInputs& inputs, const at::Tensor& 
   return call;
 }
 
-inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor& target_in,
-                                     const OptTensor& row_scale, const OptTensor& col_scale,
-                                     const OptTensor& col_shift, const OptTensor& logit_offset,
-                                     const OptTensor& pair_perturbation, const OptTensor& class_weight,
-                                     const at::Tensor& lse, const at::Tensor& nll,
-                                     const at::Tensor& target_grad, const at::Tensor& grad_rows,
-                                     const OptTensor& denom, double scale, double label_smoothing,
-                                     int64_t ignore_index, bool scale_grad, const OptTensor& row_proj,
+inline BackwardCall prepare_backward(const at::Tensor& raw_in, const at::Tensor& target_in, const TableList& tables,
+                                     const at::Tensor& lse, const at::Tensor& nll, const at::Tensor& target_grad,
+                                     const at::Tensor& grad_rows, const OptTensor& denom, at::ArrayRef<double> floats,
+                                     at::ArrayRef<int64_t> ints, bool scale_grad, const OptTensor& row_proj,
                                      const OptTensor& col_proj, bool col_stats) {
-  return prepare_backward(prepare_inputs(raw_in, target_in, row_scale, col_scale, col_shift, logit_offset,
-                                         pair_perturbation, class_weight),
-                          lse, nll, target_grad, grad_rows, denom, scale, label_smoothing, ignore_index, scale_grad,
-                          row_proj, col_proj, col_stats, /*in_place=*/false);
+  return prepare_backward(prepare_inputs(raw_in, target_in, tables), lse, nll, target_grad, grad_rows, denom, floats,
+                          ints, scale_grad, row_proj, col_proj, col_stats, /*in_place=*/false);
 }
 
 // project_out_rows_(grad, v, proj, scale): grad 2-D and contiguous (written in place), v of its shape and

@@ -4,39 +4,15 @@
 
 #include <cstdint>
 
+#include "options.h"
+
 namespace fused_margin {
 
 enum class RawType : int { Float = 0, BFloat16 = 1, Half = 2 };
 
-// The integer codes of the row_forward op's `margin_type` and `fold` arguments. The Python side's table
-// is fused_margin/spec.py (MARGIN_TYPE_CODES, FOLD_CODES); kMarginTypeNames / kFoldNames below name
-// each code, the extension returns them from fused_margin._C.contract(), and tests/test_contract.py
-// fails when the two sides (or the Triton kernels' constexpr codes) disagree.
-enum class MarginType : int { AdditiveCosine = 0, AdditiveAngular = 1 };
-enum class AngularFold : int { NoFold = 0, Threshold = 1, Easy = 2 };
-// The row_forward op's `reduction` code: the loss it returns (per row, their mean over the kept rows'
-// weights, or their sum); spec.py REDUCTION_CODES.
-enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
-
-struct NamedCode {
-  const char* name;  // the Python option's value; nullptr for Python's None
-  int code;
-};
-
-inline constexpr NamedCode kMarginTypeNames[] = {
-    {"additive_cosine", static_cast<int>(MarginType::AdditiveCosine)},
-    {"additive_angular", static_cast<int>(MarginType::AdditiveAngular)},
-};
-inline constexpr NamedCode kFoldNames[] = {
-    {nullptr, static_cast<int>(AngularFold::NoFold)},
-    {"threshold", static_cast<int>(AngularFold::Threshold)},
-    {"easy", static_cast<int>(AngularFold::Easy)},
-};
-inline constexpr NamedCode kReductionNames[] = {
-    {"none", static_cast<int>(Reduction::None)},
-    {"mean", static_cast<int>(Reduction::Mean)},
-    {"sum", static_cast<int>(Reduction::Sum)},
-};
+// The loss's options the kernels read (KernelOptions: scale, margins' settings, label smoothing,
+// ignore_index, reduction), the codes of the choice options and the slots of the op's option vectors are
+// generated from the Python registry (fused_margin/core/options.py) into options.h.
 
 // The column statistics of the backward (rows of its `stats` output, and of the per-row-block partials):
 // sum_i G_ij, sum_i G_ij row_scale_i raw_ij (row_scale 1 when absent) and sum_i dL/dl_ij (the logit
@@ -44,7 +20,7 @@ inline constexpr NamedCode kReductionNames[] = {
 enum ColumnStat : int { kSumG = 0, kSumGRaw = 1, kSumLogitGrad = 2, kNumColumnStats = 3 };
 
 // z'_ij = raw_ij * row_scale_i * col_scale_j + col_shift_j (fp32); a null table is absent.
-struct RowForwardArgs {
+struct RowForwardArgs : KernelOptions {
   const void* raw;     // rows x cols, row-major: row i at raw + i * raw_stride (the class stride may be padded)
   RawType raw_type;
   int64_t rows, cols;
@@ -57,11 +33,6 @@ struct RowForwardArgs {
   const float* logit_offset;       // cols
   const float* pair_perturbation;  // rows x cols
   const float* class_weight;       // cols
-  float scale, lambda_inst, lambda_elm, label_smoothing;
-  MarginType margin_type;
-  AngularFold fold;
-  bool hard_all, straight_through;
-  int64_t ignore_index;
   // outputs, one per row
   float* loss;
   float* lse;
@@ -71,7 +42,7 @@ struct RowForwardArgs {
   float* target_grad;  // dt/dz'_y
 };
 
-struct RowBackwardArgs {
+struct RowBackwardArgs : KernelOptions {
   const void* raw;
   RawType raw_type;
   int64_t rows, cols;
@@ -89,10 +60,8 @@ struct RowBackwardArgs {
   const float* grad_rows;  // rows entries, or one shared by every row (grad_rows_shared)
   bool grad_rows_shared;
   const float* denom;      // null, or the mean's denominator: g_i = grad_rows / denom (NaN where denom == 0)
-  float scale, label_smoothing;
   float weight_sum;                // sum_j w_j (C without class weights; label smoothing only); CPU kernels
   const float* weight_sum_device;  // the same on the device (CUDA kernels; null without weights or smoothing)
-  int64_t ignore_index;
   bool scale_grad;
   void* grad;  // rows x cols: raw's dtype when scale_grad, else float; row i at grad + i * grad_stride
   int64_t grad_stride;

@@ -16,12 +16,14 @@ the softmax cross-entropy derivative with ``F.cross_entropy``'s class weights an
 ``G_ij = s dl_ij`` off the target, ``G_iy = (dt_i/dz'_iy) dl_iy``, 0 on ignored rows. With ``scale_grad``
 the kernel writes ``G_ij row_scale_i col_scale_j`` (``dL/draw``) in ``raw``'s dtype, else ``G`` in fp32.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fused_margin.core import options
+from fused_margin.core.spec import named_tables
 from fused_margin.paths.fused import empty_backward_outputs
 from fused_margin.backends.triton._common import (LAUNCH_OPTIONS, block_config, block_logits, io_columns, launch_device, logit_grad, or_dummy,
                       round_to, scalar_mask)
@@ -174,16 +176,15 @@ ROWS_PER_PROGRAM = 16
 
 
 @torch.library.custom_op("fused_margin::triton_row_backward", mutates_args=())
-def row_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
-                 col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
-                 logit_offset: Optional[torch.Tensor], pair_perturbation: Optional[torch.Tensor],
-                 class_weight: Optional[torch.Tensor], lse: torch.Tensor, nll: torch.Tensor,
-                 target_grad: torch.Tensor, grad_rows: torch.Tensor, denom: Optional[torch.Tensor], scale: float,
-                 label_smoothing: float, ignore_index: int, scale_grad: bool, row_proj: Optional[torch.Tensor],
+def row_backward(raw: torch.Tensor, target: torch.Tensor, tables: List[Optional[torch.Tensor]], lse: torch.Tensor,
+                 nll: torch.Tensor, target_grad: torch.Tensor, grad_rows: torch.Tensor, denom: Optional[torch.Tensor],
+                 floats: List[float], ints: List[int], scale_grad: bool, row_proj: Optional[torch.Tensor],
                  col_proj: Optional[torch.Tensor],
                  col_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward row kernel (and, for the sums, :func:`_backward_sums_kernel`); returns
     ``(grad, row_coef, col_coef, stats)`` (the contract of :mod:`fused_margin.paths.fused`)."""
+    t, o = named_tables(tables), options.unpack(floats, ints)
+    row_scale, col_scale, class_weight = t["row_scale"], t["col_scale"], t["class_weight"]
     if raw.dim() != 2 or raw.shape[1] < 2:
         raise ValueError(f"raw must be B x C with C >= 2, got shape {tuple(raw.shape)}")
     grad, row_coef, col_coef, stats = outputs = empty_backward_outputs(raw, scale_grad, row_proj, col_proj, col_stats)
@@ -192,9 +193,9 @@ def row_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[to
         col_coef.zero_()
         stats.zero_()
         return outputs
-    smoothing = label_smoothing != 0.0
+    smoothing = o.label_smoothing != 0.0
     weight_sum = class_weight.sum(dtype=torch.float32) if smoothing and class_weight is not None else raw
-    pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
+    pair = raw if t["pair_perturbation"] is None else t["pair_perturbation"]  # read through its strides
     block, num_warps = block_config(num_classes, 1024)
     col_blocks = triton.cdiv(num_classes, block)
     row_dot_on = row_proj is not None
@@ -207,14 +208,14 @@ def row_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[to
     with launch_device(raw):
         _row_backward_kernel[(row_blocks, col_blocks)](
             raw, raw.stride(0), raw.stride(1), target.contiguous(), or_dummy(row_scale, raw),
-            or_dummy(col_scale, raw), or_dummy(col_shift, raw), or_dummy(logit_offset, raw),
+            or_dummy(col_scale, raw), or_dummy(t["col_shift"], raw), or_dummy(t["logit_offset"], raw),
             pair, pair.stride(0), pair.stride(1), or_dummy(class_weight, raw), weight_sum,
             lse.contiguous(), nll.contiguous(), target_grad.contiguous(), grad_rows.contiguous(),
             or_dummy(denom, raw), grad, grad.stride(0), row_dot, partial,
-            rows, num_classes, io_columns(raw), float(scale), float(label_smoothing), int(ignore_index),
+            rows=rows, num_classes=num_classes, io_cols=io_columns(raw), **options.triton_arguments(o, "backward"),
             HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
-            HAS_COL_SHIFT=col_shift is not None, HAS_OFFSET=logit_offset is not None,
-            HAS_PAIR=pair_perturbation is not None, HAS_WEIGHT=class_weight is not None,
+            HAS_COL_SHIFT=t["col_shift"] is not None, HAS_OFFSET=t["logit_offset"] is not None,
+            HAS_PAIR=t["pair_perturbation"] is not None, HAS_WEIGHT=class_weight is not None,
             SMOOTHING=smoothing, SCALE_GRAD=bool(scale_grad), SHARED_GRAD=grad_rows.dim() == 0,
             HAS_DENOM=denom is not None, ROW_DOT=row_dot_on, COL_SUMS=col_sums, ROWS=rows_per, BLOCK=block,
             num_warps=num_warps, **LAUNCH_OPTIONS)
@@ -225,7 +226,7 @@ def row_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[to
             _backward_sums_kernel[(row_programs + col_programs,)](
                 row_dot, partial, or_dummy(row_scale, raw), or_dummy(col_scale, raw), or_dummy(row_proj, raw),
                 or_dummy(col_proj, raw), row_coef if row_dot_on else raw, col_coef if col_proj is not None else raw,
-                stats if col_stats else raw, rows, num_classes, col_blocks, row_blocks, row_programs, float(scale),
+                stats if col_stats else raw, rows, num_classes, col_blocks, row_blocks, row_programs, o.scale,
                 HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None, ROW_COEF=row_dot_on,
                 COL_COEF=col_proj is not None, STATS=bool(col_stats), BLOCK=sums_block, num_warps=4,
                 **LAUNCH_OPTIONS)
@@ -233,7 +234,6 @@ def row_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[to
 
 
 @row_backward.register_fake
-def _row_backward_fake(raw, target, row_scale, col_scale, col_shift, logit_offset, pair_perturbation,
-                       class_weight, lse, nll, target_grad, grad_rows, denom, scale, label_smoothing,
-                       ignore_index, scale_grad, row_proj, col_proj, col_stats):
+def _row_backward_fake(raw, target, tables, lse, nll, target_grad, grad_rows, denom, floats, ints, scale_grad, row_proj,
+                       col_proj, col_stats):
     return empty_backward_outputs(raw, scale_grad, row_proj, col_proj, col_stats)

@@ -20,14 +20,15 @@ finite) and the loss row ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - 
 the unmargined logits.
 """
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fused_margin.paths.fused import empty_forward_outputs, empty_projection_sums
-from fused_margin.core.spec import REDUCTION_CODES
+from fused_margin.core import options
+from fused_margin.core.spec import REDUCTION_CODES, named_tables
 from fused_margin.backends.triton._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
                       block_logits, log1p, logit_grad, online_max, or_dummy, round_to, scalar_mask,
                       target_margin)
@@ -272,15 +273,16 @@ def _check(raw: torch.Tensor, target: torch.Tensor):
                          f"{tuple(target.shape)}")
 
 
-def _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
-            class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-            label_smoothing, ignore_index, reduction, grad: bool):
+def _launch(raw, target, tables, floats, ints, grad: bool):
     """The forward row kernel between the reduction kernel's passes (the forward outputs of the contract);
     with ``grad`` the kernel also writes dL/draw over ``raw`` (for the mean, the denominator is formed from
     the labels first, by the reduction kernel without its loss)."""
     _check(raw, target)
+    t, o = named_tables(tables), options.unpack(floats, ints)
+    reduction, ignore_index = o.reduction, o.ignore_index
     if reduction not in REDUCTION_CODES.values():
         raise ValueError(f"reduction must be one of the codes {REDUCTION_CODES}, got {reduction!r}")
+    class_margins, class_weight, pair_perturbation = t["class_margins"], t["class_weight"], t["pair_perturbation"]
     outputs = empty_forward_outputs(raw, reduction)
     rows, num_classes = raw.shape
     _, lse, pred, hard, nll, target_grad, denom = outputs
@@ -291,7 +293,7 @@ def _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_o
     target = target.contiguous()
     weight = or_dummy(class_weight, raw)
     mean = reduction == REDUCTION_CODES["mean"]
-    smoothing = label_smoothing != 0.0
+    smoothing = o.label_smoothing != 0.0
     weight_sum = class_weight.sum(dtype=torch.float32) if grad and smoothing and class_weight is not None else raw
     pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
     block, num_warps = block_config(num_classes, 2048)
@@ -303,51 +305,41 @@ def _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_o
             reduce(LOSS=False)
         if rows > 0:
             _row_forward_kernel[(rows,)](
-                raw, raw.stride(0), raw.stride(1), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
-                or_dummy(col_shift, raw), or_dummy(class_margins, raw), or_dummy(logit_offset, raw),
-                pair, pair.stride(0), pair.stride(1), weight, weight_sum, denom,
-                loss, lse, pred, hard, nll, target_grad,
-                num_classes, io_columns(raw), float(scale), float(lambda_inst), float(lambda_elm),
-                float(label_smoothing),
-                int(ignore_index),
-                HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
-                HAS_COL_SHIFT=col_shift is not None, HAS_MARGINS=class_margins is not None,
-                HAS_OFFSET=logit_offset is not None, HAS_PAIR=pair_perturbation is not None,
-                HAS_WEIGHT=class_weight is not None, MARGIN_TYPE=int(margin_type), HARD_ALL=bool(hard_all),
-                ELM=class_margins is not None and lambda_elm != 0.0, FOLD=int(fold),
-                STRAIGHT_THROUGH=bool(straight_through), SMOOTHING=smoothing, GRAD=bool(grad),
-                HAS_DENOM=bool(grad and mean), BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
+                raw, raw.stride(0), raw.stride(1), target, or_dummy(t["row_scale"], raw),
+                or_dummy(t["col_scale"], raw), or_dummy(t["col_shift"], raw), or_dummy(class_margins, raw),
+                or_dummy(t["logit_offset"], raw), pair, pair.stride(0), pair.stride(1), weight, weight_sum, denom,
+                loss, lse, pred, hard, nll, target_grad, num_classes=num_classes, io_cols=io_columns(raw),
+                **options.triton_arguments(o, "forward"),
+                HAS_ROW_SCALE=t["row_scale"] is not None, HAS_COL_SCALE=t["col_scale"] is not None,
+                HAS_COL_SHIFT=t["col_shift"] is not None, HAS_MARGINS=class_margins is not None,
+                HAS_OFFSET=t["logit_offset"] is not None, HAS_PAIR=pair_perturbation is not None,
+                HAS_WEIGHT=class_weight is not None, ELM=class_margins is not None and o.lambda_elm != 0.0,
+                SMOOTHING=smoothing, GRAD=bool(grad), HAS_DENOM=bool(grad and mean), BLOCK=block,
+                num_warps=num_warps, **LAUNCH_OPTIONS)
         reduce(LOSS=True)
     check_labels(first_bad, target, rows, num_classes, int(ignore_index))
     return (out,) + outputs[1:]
 
 
 @torch.library.custom_op("fused_margin::triton_row_forward", mutates_args=())
-def row_forward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
-                col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
-                class_margins: Optional[torch.Tensor], logit_offset: Optional[torch.Tensor],
-                pair_perturbation: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
-                scale: float, margin_type: int, lambda_inst: float, hard_all: bool, lambda_elm: float,
-                fold: int, straight_through: bool, label_smoothing: float, ignore_index: int,
-                reduction: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_forward(raw: torch.Tensor, target: torch.Tensor, tables: List[Optional[torch.Tensor]], floats: List[float],
+                ints: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
     """Launch the forward row kernel and the reduction kernel; returns ``(loss, lse, pred, hard, nll,
-    target_grad, denom)`` (the contract of :mod:`fused_margin.paths.fused`). A label out of range raises a
-    ``ValueError`` naming its row on CPU tensors (the interpreter), a device-side assertion on CUDA."""
-    return _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
-                   class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-                   label_smoothing, ignore_index, reduction, grad=False)
+    target_grad, denom)`` (the contract of :mod:`fused_margin.paths.fused`: ``tables`` in the order of
+    ``ROW_TABLES``, the options as ``floats``/``ints``). A label out of range raises a ``ValueError`` naming its
+    row on CPU tensors (the interpreter), a device-side assertion on CUDA."""
+    return _launch(raw, target, tables, floats, ints, grad=False)
 
 
 @row_forward.register_fake
-def _row_forward_fake(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
-                      pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm,
-                      fold, straight_through, label_smoothing, ignore_index, reduction):
+def _row_forward_fake(raw, target, tables, floats, ints):
     _check(raw, target)
-    return empty_forward_outputs(raw, reduction)
+    return empty_forward_outputs(raw, options.unpack(floats, ints).reduction)
 
 
-def _check_forward_backward(raw, reduction, row_proj, col_proj):
+def _check_forward_backward(raw, floats, ints, row_proj, col_proj):
+    reduction = options.unpack(floats, ints).reduction
     if reduction not in (REDUCTION_CODES["mean"], REDUCTION_CODES["sum"]):
         raise ValueError(f"reduction must be the code of 'mean' ({REDUCTION_CODES['mean']}) or 'sum' "
                          f"({REDUCTION_CODES['sum']}): the gradient is that of the reduced loss; got {reduction!r}")
@@ -360,13 +352,9 @@ def _check_forward_backward(raw, reduction, row_proj, col_proj):
 
 
 @torch.library.custom_op("fused_margin::triton_row_forward_backward", mutates_args=("raw",))
-def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Optional[torch.Tensor],
-                         col_scale: Optional[torch.Tensor], col_shift: Optional[torch.Tensor],
-                         class_margins: Optional[torch.Tensor], logit_offset: Optional[torch.Tensor],
-                         pair_perturbation: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
-                         scale: float, margin_type: int, lambda_inst: float, hard_all: bool, lambda_elm: float,
-                         fold: int, straight_through: bool, label_smoothing: float, ignore_index: int,
-                         reduction: int, row_proj: Optional[torch.Tensor], col_proj: Optional[torch.Tensor]
+def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, tables: List[Optional[torch.Tensor]],
+                         floats: List[float], ints: List[int], row_proj: Optional[torch.Tensor],
+                         col_proj: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward and, in the same program right after each row's forward (the row still in cache), the
@@ -376,18 +364,13 @@ def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, row_scale: Opt
     that kernel's output bit for bit where the compiler keeps the same instructions (the interpreter does).
     ``row_coef``/``col_coef`` come back empty: ``row_proj``/``col_proj`` must be None (the projections form
     their coefficients themselves, ``project_out_rows_``)."""
-    _check_forward_backward(raw, reduction, row_proj, col_proj)
-    outputs = _launch(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset, pair_perturbation,
-                      class_weight, scale, margin_type, lambda_inst, hard_all, lambda_elm, fold, straight_through,
-                      label_smoothing, ignore_index, reduction, grad=True)
+    _check_forward_backward(raw, floats, ints, row_proj, col_proj)
+    outputs = _launch(raw, target, tables, floats, ints, grad=True)
     return outputs + empty_projection_sums(raw, None, None)
 
 
 @row_forward_backward.register_fake
-def _row_forward_backward_fake(raw, target, row_scale, col_scale, col_shift, class_margins, logit_offset,
-                               pair_perturbation, class_weight, scale, margin_type, lambda_inst, hard_all,
-                               lambda_elm, fold, straight_through, label_smoothing, ignore_index, reduction,
-                               row_proj, col_proj):
+def _row_forward_backward_fake(raw, target, tables, floats, ints, row_proj, col_proj):
     _check(raw, target)
-    _check_forward_backward(raw, reduction, row_proj, col_proj)
-    return empty_forward_outputs(raw, reduction) + empty_projection_sums(raw, None, None)
+    _check_forward_backward(raw, floats, ints, row_proj, col_proj)
+    return empty_forward_outputs(raw, options.unpack(floats, ints).reduction) + empty_projection_sums(raw, None, None)
