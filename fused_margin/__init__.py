@@ -1,5 +1,6 @@
 """fused_margin: fused kernels for margin-based softmax cross-entropy losses (docs/loss.md)."""
 from fused_margin.backends import available_backends
+from fused_margin.config import config, configure
 from fused_margin.core.builders import (class_balanced_weights, dbm_class_margins, drw_weights, ldam_margins, log_prior,
                        long_tailed_counts, marc_weights)
 from fused_margin.functional import (arcface_loss, balanced_softmax_loss, cosface_loss, dbm_loss, elm_loss, ldam_loss,
@@ -20,7 +21,7 @@ __all__ = [
     "LogitAdjustedLoss", "CosineClassifier",
     "ldam_margins", "dbm_class_margins", "log_prior", "class_balanced_weights", "drw_weights", "marc_weights",
     "long_tailed_counts",
-    "MarginLossSpec", "LossTables", "MarginAux", "available_backends",
+    "MarginLossSpec", "LossTables", "MarginAux", "available_backends", "config", "configure",
     "DRWSchedule", "MARC", "ClassStatistics", "MetaLAD", "pair_perturbation_terms",
     "long_tailed_indices", "long_tailed_subset", "balanced_indices", "dataset_labels", "class_counts_of",
     "shot_groups", "shot_accuracy",

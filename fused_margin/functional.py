@@ -19,6 +19,7 @@ from fused_margin.backends import BACKENDS, resolve_backend
 from fused_margin.paths.fused import fused_margin_cross_entropy
 from fused_margin.paths.lean import BUDGET_BYTES, lean_margin_cross_entropy
 from fused_margin.core.reference import compute_dtype, margin_cross_entropy_reference
+from fused_margin.config import CONFIG, configure
 from fused_margin.core import options
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 
@@ -46,18 +47,15 @@ def _check_tensor(name, value, device, *, dims, floating=True):
         raise ValueError(f"{name} is on {value.device} but input is on {device}")
 
 
-_SYNC_LABEL_CHECK = {"enabled": False}
-
-
 def set_sync_label_check(enabled: bool) -> None:
     """Check labels and tables on accelerators with a host sync and a ``ValueError`` naming the bad entry
-    (slower; for debugging).
+    (slower; for debugging): ``fm.configure(sync_checks=enabled)`` (:mod:`fused_margin.config`).
 
     By default labels on CPU tensors are checked that way, and labels on CUDA tensors with an
     asynchronous device assertion (no host sync in the training step, as ``F.cross_entropy``); the
     per-class tables are checked for NaN/inf on CPU only (see :func:`margin_cross_entropy`). With this
     switch on, CUDA labels and tables get the CPU's checks."""
-    _SYNC_LABEL_CHECK["enabled"] = bool(enabled)
+    configure(sync_checks=bool(enabled))
 
 
 def _check_labels(target, num_classes, ignore_index):
@@ -67,7 +65,7 @@ def _check_labels(target, num_classes, ignore_index):
         # labels (on the reference and the memory-lean path)
         torch._assert_async(~bad.any(), f"fused_margin: target has a label out of range: labels must be in "
                                         f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
-    elif target.device.type == "cpu" or _SYNC_LABEL_CHECK["enabled"]:
+    elif target.device.type == "cpu" or CONFIG.sync_checks:
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in "
@@ -99,7 +97,7 @@ def _check_finite(name, value):
     are not read back on the host per call (the modules and builders check theirs at construction).
     A table is read once per version: the same tensor, unchanged since it was found finite, is not read
     again (so a module's buffers cost nothing per step)."""
-    if value.device.type != "cpu" and not _SYNC_LABEL_CHECK["enabled"]:
+    if value.device.type != "cpu" and not CONFIG.sync_checks:
         return
     if torch.compiler.is_compiling():
         if value.device.type == "cpu":
@@ -381,8 +379,6 @@ def resolve_head(head: Optional[str], weight, default_feature_head: str) -> str:
 #: ``class_chunk="auto"`` takes the memory-lean path when a B x C fp32 matrix would exceed this many bytes.
 LEAN_THRESHOLD_BYTES = BUDGET_BYTES
 
-#: the lean path's chunk kernel for each backend's row kernel (``None``: the reference).
-LEAN_KERNELS = {None: "torch", "torch": "torch", "triton": "triton", "cpu": "cpu", "cuda": "cuda"}
 
 
 def check_class_chunk(class_chunk) -> Union[str, int]:
@@ -400,14 +396,14 @@ def check_class_chunk(class_chunk) -> Union[str, int]:
     raise ValueError(f"class_chunk must be 'auto', 'off' or a positive int (classes per chunk), got {class_chunk!r}")
 
 
-def uses_lean_path(class_chunk, kernel, spec: MarginLossSpec, rows: int, num_classes: int) -> bool:
+def uses_lean_path(class_chunk, fused: bool, spec: MarginLossSpec, rows: int, num_classes: int) -> bool:
     """Whether :func:`apply_loss` takes the memory-lean path (see ``class_chunk`` of
-    :func:`margin_cross_entropy`)."""
+    :func:`margin_cross_entropy`) with a fused backend (``fused``) or the reference."""
     if class_chunk == "off":
         return False
     if class_chunk != "auto":
         return True
-    return kernel is not None and spec.head != "logits" and rows * num_classes * 4 > LEAN_THRESHOLD_BYTES
+    return fused and spec.head != "logits" and rows * num_classes * 4 > LEAN_THRESHOLD_BYTES
 
 
 def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables, *, backend="auto",
@@ -415,17 +411,17 @@ def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTa
     """Run validated inputs through the chosen backend (see :func:`margin_cross_entropy`). The labels'
     range is checked here, before any kernel reads them, except on the fused row path, whose kernels
     check it themselves (the contract of :mod:`fused_margin.paths.fused`: no extra op in the step)."""
-    kernel = resolve_backend(backend, input.device, input.dtype)
+    entry = resolve_backend(backend, input.device, input.dtype)
+    kernel = entry.row_kernel(input.device.type)
     num_classes = _num_classes(input, weight)
-    lean = uses_lean_path(class_chunk, kernel, spec, input.shape[0], num_classes)
-    synced = _SYNC_LABEL_CHECK["enabled"] and input.device.type != "cpu"  # the debugging switch's ValueError
+    lean = uses_lean_path(class_chunk, entry.fused, spec, input.shape[0], num_classes)
+    synced = CONFIG.sync_checks and input.device.type != "cpu"  # the debugging switch's ValueError
     if (lean or kernel is None or synced) and input.shape[0] > 0:
         _check_labels(target, num_classes, spec.ignore_index)
     if lean:
         chunk = None if class_chunk == "auto" else min(class_chunk, num_classes)
         loss, lse, pred, hard = lean_margin_cross_entropy(
-            input, target, weight, bias, spec, tables, chunk=chunk,
-            kernel=LEAN_KERNELS[None if kernel is None else kernel.name])
+            input, target, weight, bias, spec, tables, chunk=chunk, kernel=entry.name)
         aux = MarginAux(lse, pred, hard)
     elif kernel is None:
         loss, aux = margin_cross_entropy_reference(input, target, weight, bias, spec, tables)

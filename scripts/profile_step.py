@@ -10,7 +10,7 @@ For each backend asked for, one step of ``LOSS`` (a benchmark loss, see ``python
 * on a GPU, the registers, spills and shared memory of every Triton kernel compiled so far (a row
   kernel that spills or runs at low occupancy shows here).
 
-A backend written ``NAME/separate`` runs with ``fused.GRAD_IN_FORWARD`` off: the separate row backward
+A backend written ``NAME/separate`` runs with the ``grad_in_forward`` switch off (fused_margin.config): the separate row backward
 instead of the forward that forms ``dL/draw`` (``RowKernel.forward_backward``), to measure what that saves.
 
 Usage (scripts/gpu_check.sh runs it on a GPU; on a CPU it works too, the device columns then empty)::
@@ -92,17 +92,13 @@ def _triton_kernel_report() -> list:
 
 def profile_backend(backend: str, args, device) -> str:
     """One backend (``NAME`` or ``NAME/separate``, see the module docstring)."""
-    from fused_margin.paths import fused
+    import fused_margin as fm
 
     name, _, variant = backend.partition("/")
     if variant not in ("", "separate"):
         raise ValueError(f"a backend is NAME or NAME/separate, got {backend!r}")
-    previous = fused.GRAD_IN_FORWARD
-    fused.GRAD_IN_FORWARD = variant != "separate"
-    try:
+    with fm.config(grad_in_forward=variant != "separate"):
         return _profile(name, backend, args, device)
-    finally:
-        fused.GRAD_IN_FORWARD = previous
 
 
 def _profile(backend: str, label: str, args, device) -> str:

@@ -23,6 +23,8 @@ import zlib
 
 import torch
 
+from fused_margin.config import CONFIG
+
 import fused_margin as fm
 from fused_margin.core import reference
 from fused_margin.core.options import vectors
@@ -109,7 +111,7 @@ def backward_args(raw, target, tables, lse, nll, target_grad, grad_rows, denom, 
 
 def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", context=contextlib.nullcontext):
     """``loss * k`` (k = 1, 2.5, -0.125) on ``backend`` with the gradient formed in the forward
-    (``fused.GRAD_IN_FORWARD``: formed for an upstream 1, given k in the backward) against the separate row
+    (``the grad_in_forward switch``: formed for an upstream 1, given k in the backward) against the separate row
     backward (k in the kernel): fp32 within 1e-6, bf16 within 2^-7 of the largest gradient. A fixed draw
     (B = 12, D = 16, C = 37, one ignored row; the cosine head with angular margins at scale 30, the linear
     head with cosine margins at scale 1), its gradients taken twice over one graph: equal bit for bit (a
@@ -126,7 +128,7 @@ def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", con
     for upstream in (1.0, 2.5, -0.125):
         grads = {}
         for flag in (True, False):
-            monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+            monkeypatch.setattr(CONFIG, "grad_in_forward", flag)
             x = x0.to(dtype).to(device).requires_grad_()
             w = w0.to(dtype).to(device).requires_grad_()
             with context():

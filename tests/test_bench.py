@@ -306,13 +306,13 @@ def test_gpu_check_script_parses_and_names_its_arguments():
 
 def test_profile_step_runs_a_backend_with_and_without_the_gradient_in_the_forward(capsys):
     """scripts/profile_step.py (the GPU check's profile phase): ``NAME/separate`` profiles the same step with
-    the separate row backward (fused.GRAD_IN_FORWARD off, restored afterwards); a bad variant is named and
+    the separate row backward (the grad_in_forward switch off, restored afterwards); a bad variant is named and
     the others still run (exit 1)."""
     import importlib.util
     import pathlib
 
     from fused_margin import backends
-    from fused_margin.paths import fused
+    from fused_margin.config import CONFIG
 
     if backends.available_backends("cpu")["cpu"] != "ok":
         pytest.skip("the C++ extension is not built")
@@ -322,7 +322,7 @@ def test_profile_step_runs_a_backend_with_and_without_the_gradient_in_the_forwar
     spec.loader.exec_module(profile_step)
     assert profile_step.main(["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu",
                               "--backends", "cpu,cpu/separate"]) == 0
-    assert fused.GRAD_IN_FORWARD
+    assert CONFIG.grad_in_forward
     blocks = capsys.readouterr().out.split("== ")
     together = next(b for b in blocks if b.startswith("dbm-bs/cosine backend=cpu "))
     separate = next(b for b in blocks if b.startswith("dbm-bs/cosine backend=cpu/separate "))

@@ -21,6 +21,8 @@ import textwrap
 import pytest
 import torch
 
+from fused_margin.config import CONFIG
+
 import fused_margin as fm
 from fused_margin import backends
 import row_torch
@@ -78,7 +80,7 @@ def test_matches_reference_low_precision(name, dtype, device):
             assert got[key].dtype == dtype, key
 
 
-# The cpu backend forms dL/draw in its forward for a training step (fused.GRAD_IN_FORWARD, the op
+# The cpu backend forms dL/draw in its forward for a training step (the grad_in_forward switch, the op
 # row_forward_backward): the tests above take that path wherever it applies (a reduced loss on a GEMM head,
 # no table requiring grad). These keep the separate row backward checked on the same cases, check that
 # path in bf16/fp16 with a reduced loss, and an upstream gradient other than 1.
@@ -87,7 +89,7 @@ def test_matches_reference_low_precision(name, dtype, device):
 def test_matches_reference_fp32_with_the_separate_row_backward(name, monkeypatch):
     from fused_margin.paths import fused
 
-    monkeypatch.setattr(fused, "GRAD_IN_FORWARD", False)
+    monkeypatch.setattr(CONFIG, "grad_in_forward", False)
     options = dict(CASES[name])
     head = options.pop("head", "cosine")
     compare(make_case(head, seed=_seed(name), **options), "cpu")
@@ -111,7 +113,7 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     case = make_case(head, seed=_seed(name) + 2, **options)
     runs = {}
     for flag in (True, False):
-        monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+        monkeypatch.setattr(CONFIG, "grad_in_forward", flag)
         runs[flag] = kernel_cases.evaluate(case, "cpu", dtype)
     tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     for key, value in runs[False].items():
@@ -433,7 +435,9 @@ def test_opcheck():
 # discovery, compile, instruction sets
 
 def test_auto_picks_the_cpu_kernel():
-    kernel = backends.resolve_backend("auto", torch.device("cpu"), torch.float32)
+    entry = backends.resolve_backend("auto", torch.device("cpu"), torch.float32)
+    assert entry is backends.REGISTRY["cpu"] and entry.block_ops("cpu") is extension.CppBlockOps
+    kernel = entry.row_kernel("cpu")
     assert kernel is not None and kernel.name == "cpu"
     assert kernel.forward is OPS.row_forward and kernel.backward is OPS.row_backward
     assert extension.row_kernel("cpu") is kernel

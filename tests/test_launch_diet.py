@@ -14,6 +14,8 @@ import collections
 
 import pytest
 import torch
+
+from fused_margin.config import CONFIG
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_margin as fm
@@ -128,7 +130,7 @@ def test_only_the_gemms_the_row_kernels_and_the_norms_touch_big_tensors(backend)
 
 
 def test_the_cpu_step_needs_one_class_matrix_less_when_the_forward_forms_the_gradient(monkeypatch):
-    """With fused.GRAD_IN_FORWARD (the default), the cpu backend's forward writes dL/draw over the GEMM output,
+    """With the grad_in_forward switch (the default), the cpu backend's forward writes dL/draw over the GEMM output,
     so a step's peak memory (torch.profiler's allocation events, as the benchmark measures it) is one
     B x C fp32 buffer lower than with the separate row backward, which allocates dL/draw anew."""
     from fused_margin.paths import fused
@@ -145,7 +147,7 @@ def test_the_cpu_step_needs_one_class_matrix_less_when_the_forward_forms_the_gra
     op = Op("fwdbwd", inputs, lambda x, w, y: module(x, y, w))
     peaks = {}
     for flag in (True, False):
-        monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+        monkeypatch.setattr(CONFIG, "grad_in_forward", flag)
         op.run(0, None)  # warm: table checks
         peaks[flag] = peak_extra_mib(op, torch.device("cpu"))
     class_matrix = B * fused.padded_classes(C) * 4 / 2**20

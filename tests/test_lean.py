@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernel_cases as kc
 from fused_margin.core import class_split, reference
-from fused_margin.paths.lean import auto_chunk, cpp_block_ops_available, lean_margin_cross_entropy
+from fused_margin import backends
+from fused_margin.paths.lean import auto_chunk, lean_margin_cross_entropy
 from fused_margin.core.reference import margin_cross_entropy_reference
 from fused_margin.core.spec import LossTables, MarginLossSpec
 
@@ -23,12 +24,18 @@ TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 #: the lean path's kernels: eager torch everywhere; Triton where it runs (here: CPU tensors under the
 #: interpreter; the device follows the tensors, so a GPU run tests the compiled kernels on CUDA tensors)
-KERNELS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+def _blocks(name, device_type):
+    """Why backend ``name``'s chunk kernels cannot run here (None when they can)."""
+    status = backends.get(name).status(device_type, torch.float32, block=True)
+    return None if status == "ok" else status
+
+
+KERNELS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_RUNS, reason="Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")),
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not cpp_block_ops_available("cpu"), reason="the fused_margin C++ extension is not built")),
+    pytest.param("cpu", marks=pytest.mark.skipif(_blocks("cpu", "cpu") is not None, reason=str(_blocks("cpu", "cpu")))),
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not cpp_block_ops_available("cuda"), reason="the extension was built without its CUDA kernels")])]
+        not torch.cuda.is_available() or _blocks("cuda", "cuda") is not None,
+        reason="the extension was built without its CUDA kernels, or no GPU")])]
 
 
 def _device(kernel):
@@ -45,7 +52,7 @@ def kernel(request):
     return request.param
 
 
-def _run(case, impl, dtype, chunk=7, run_dtype=None, kernel="torch"):
+def _run(case, impl, dtype, chunk=7, run_dtype=None, kernel="reference"):
     """Loss, lse and the gradients of ``case`` (a ``kernel_cases.make_case``) through ``impl`` ("lean" or
     "reference"), model tensors rounded to ``run_dtype`` (default ``dtype``) and run in ``dtype``; the
     lean path with ``kernel`` (on CUDA tensors for ``"cuda"``); the outputs come back on the CPU."""

@@ -153,3 +153,20 @@ def test_a_new_option_changes_the_registry_and_no_schema(tmp_path):
                             env=env, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"{ROW_FORWARD_ARGS} {ROW_BACKWARD_ARGS}"
+
+
+def test_the_switches_are_one_documented_config():
+    from fused_margin.config import CONFIG
+    assert (CONFIG.grad_in_forward, CONFIG.sync_checks) == (True, False)
+    with fm.config(grad_in_forward=False) as current:
+        assert current.grad_in_forward is False and CONFIG.grad_in_forward is False
+    assert CONFIG.grad_in_forward is True
+    with pytest.raises(TypeError, match=r"unknown fused_margin switch\(es\) \['grad_in_fwd'\]"):
+        fm.configure(grad_in_fwd=False)
+    with pytest.raises(TypeError, match="sync_checks must be a bool"):
+        fm.configure(sync_checks=1)
+    fm.set_sync_label_check(True)
+    try:
+        assert CONFIG.sync_checks is True
+    finally:
+        fm.configure(sync_checks=False)

@@ -18,6 +18,8 @@ import os
 import pytest
 import torch
 
+from fused_margin.config import CONFIG
+
 if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run in Triton's CPU "
                 "interpreter (scripts/test.sh sets it on CPU-only machines)", allow_module_level=True)
@@ -304,7 +306,7 @@ def test_bad_arguments_are_named():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the forward that forms the gradient (row_forward_backward, fused.GRAD_IN_FORWARD)
+# the forward that forms the gradient (row_forward_backward, the grad_in_forward switch)
 
 class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
@@ -341,7 +343,7 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     block = 512 if name == "longer_than_a_chunk" else 8  # still several blocks a row, in a tenth of the time
     runs, names = {}, {}
     for flag in (True, False):
-        monkeypatch.setattr(fused, "GRAD_IN_FORWARD", flag)
+        monkeypatch.setattr(CONFIG, "grad_in_forward", flag)
         with _OpNames() as log:
             runs[flag] = kernel_cases.evaluate(case, "triton", dtype, DEVICE, context=lambda: max_block(block))
         names[flag] = log.names

@@ -163,6 +163,37 @@ def _row_norms_fake(x, eps):
     return tuple(x.new_empty((x.shape[0],), dtype=torch.float32) for _ in range(3))
 
 
+class CppBlockOps:
+    """The C++ class-block ops of the extension (``torch.ops.fused_margin.block_partials_`` and
+    ``block_grad``; csrc/class_block.h states their contract, csrc/class_block_cpu.cpp the CPU kernels)
+    behind the interface of :mod:`fused_margin.backends.triton.class_block`: CPU tensors (class_block_cpu.cpp), or
+    CUDA tensors when the extension was built with CUDA (fused_margin_cuda.cu); raw in fp32, bf16, fp16
+    (fp32 math) or fp64 (fp64 math)."""
+
+    #: the dtype of the ``has_y`` buffer the ops write (``class_split.empty_partials``)
+    FLAG_DTYPE = torch.bool
+    #: the ops read the tables, the pair perturbation included, in the compute dtype
+    PAIR_IN_COMPUTE_DTYPE = True
+
+    @staticmethod
+    def block_partials(buffers, raw, c0, target, *, first, scale, ignore_index, col0=0, row_scale=None,
+                       col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None,
+                       track_wrong=False, smoothing=False):
+        b = buffers
+        torch.ops.fused_margin.block_partials_(
+            raw, int(c0), target, b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y, b.l_max, b.l_sum,
+            b.dev, b.weight, bool(first), float(scale), int(ignore_index), int(col0), row_scale, col_scale,
+            col_shift, offset, pair, class_weight, bool(track_wrong), bool(smoothing))
+
+    @staticmethod
+    def block_grad(raw, c0, target, lse, coef, smooth, target_value, out, *, scale, ignore_index, col0=0,
+                   row_scale=None, col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None):
+        torch.ops.fused_margin.block_grad(
+            raw, int(c0), target, lse, coef, smooth, target_value, out, float(scale), int(ignore_index), int(col0),
+            row_scale, col_scale, col_shift, offset, pair, class_weight)
+        return out
+
+
 _CPU_KERNEL: Optional[RowKernel] = None
 _CUDA_KERNEL: Optional[RowKernel] = None
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
-from fused_margin.functional import LEAN_KERNELS, uses_lean_path
+from fused_margin.functional import uses_lean_path
 from fused_margin.paths.fused import RowKernel, fused_margin_cross_entropy
 from fused_margin.paths.lean import auto_chunk
 from fused_margin.core.spec import LossTables, MarginLossSpec
@@ -203,15 +203,13 @@ def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, c
 def _lean_kernel(device) -> str:
     """The lean path's chunk kernel that backend='auto' picks on ``device``."""
     from fused_margin.backends import resolve_backend
-    kernel = resolve_backend("auto", device, torch.float32)
-    return LEAN_KERNELS[None if kernel is None else kernel.name]
+    return resolve_backend("auto", device, torch.float32).name
 
 
 def _lean_note(cfg: BenchConfig, name: str) -> str:
     """Which path a fused backend row takes at this shape (``class_chunk`` of the run)."""
     spec = MarginLossSpec(head="cosine")
-    kernel = RowKernel(name, None, None, None)
-    if uses_lean_path(cfg.class_chunk, kernel, spec, cfg.B, cfg.C):
+    if uses_lean_path(cfg.class_chunk, True, spec, cfg.B, cfg.C):
         chunk = auto_chunk(cfg.B, cfg.C) if cfg.class_chunk == "auto" else cfg.class_chunk
         return f"lean path (class_chunk={cfg.class_chunk!r}: chunks of {chunk})"
     return ""

@@ -62,7 +62,7 @@ target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU and Triton kern
     ``row_coef``/``col_coef`` are the backward's sums (empty without ``row_proj``/``col_proj``; a kernel
     with ``project_out``, which is then given neither, may refuse them, as Triton's does). :func:`fused_margin_cross_entropy`
     takes it for a training step (grad enabled, features or weights requiring grad, no other input
-    requiring grad, not under ``torch.compile`` or a ``torch.func`` transform; :data:`GRAD_IN_FORWARD`) and
+    requiring grad, not under ``torch.compile`` or a ``torch.func`` transform; the ``grad_in_forward`` switch of :mod:`fused_margin.config`) and
     multiplies by the actual upstream gradient in the backward when it is not 1.
 
 ``norms(x, eps) -> (norm, inv, proj)``
@@ -82,6 +82,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
+from fused_margin.config import CONFIG
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
                    row_backward_args, row_forward_args, row_forward_backward_args, row_tables)
@@ -111,12 +112,6 @@ class RowKernel(NamedTuple):
     #: upstream gradient applied in the same pass) or None (optional; then the row kernels form no row/column
     #: sums for the projections, see :meth:`_FusedMarginCE._backward`)
     project_out: Optional[Callable] = None
-
-
-#: whether a training step may form dL/draw in the forward (``RowKernel.forward_backward``, where the kernel
-#: has it and the step allows it; see :func:`grad_in_forward`). False always runs the separate row backward
-#: (the tests compare both).
-GRAD_IN_FORWARD = True
 
 
 #: the class stride of the B x C buffers of the fused path is padded to a multiple of this many elements
@@ -536,8 +531,8 @@ def grad_in_forward(kernel: RowKernel, spec: MarginLossSpec, input: torch.Tensor
     reduced loss on a GEMM head (grad enabled; the features or the class weights, and no other input, require
     grad; no MARC ``beta``, whose weight gradient needs the column sums), outside ``torch.compile`` and
     ``torch.func`` transforms (which trace or transform the ops themselves), where the kernel has the op and
-    :data:`GRAD_IN_FORWARD` is on."""
-    if kernel.forward_backward is None or not GRAD_IN_FORWARD or tables.beta is not None:
+    the ``grad_in_forward`` switch of :mod:`fused_margin.config` is on."""
+    if kernel.forward_backward is None or not CONFIG.grad_in_forward or tables.beta is not None:
         return False
     if spec.head == "logits" or spec.reduction == "none" or not torch.is_grad_enabled():
         return False

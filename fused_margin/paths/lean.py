@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fused_margin import backends
 from fused_margin.core.class_split import Partials, block_partials, combine, empty_partials, finish
 from fused_margin.paths.fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
 from fused_margin.core.reference import compute_dtype
@@ -64,58 +65,6 @@ def _project(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torc
     return (grad - radial) / norm.clamp_min(NORM_EPS)[:, None]
 
 
-class CppBlockOps:
-    """The C++ class-block ops of the extension (``torch.ops.fused_margin.block_partials_`` and
-    ``block_grad``; csrc/class_block.h states their contract, csrc/class_block_cpu.cpp the CPU kernels)
-    behind the interface of :mod:`fused_margin.backends.triton.class_block`: CPU tensors (class_block_cpu.cpp), or
-    CUDA tensors when the extension was built with CUDA (fused_margin_cuda.cu); raw in fp32, bf16, fp16
-    (fp32 math) or fp64 (fp64 math)."""
-
-    #: the dtype of the ``has_y`` buffer the ops write (``class_split.empty_partials``)
-    FLAG_DTYPE = torch.bool
-
-    @staticmethod
-    def block_partials(buffers, raw, c0, target, *, first, scale, ignore_index, col0=0, row_scale=None,
-                       col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None,
-                       track_wrong=False, smoothing=False):
-        b = buffers
-        torch.ops.fused_margin.block_partials_(
-            raw, int(c0), target, b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y, b.l_max, b.l_sum,
-            b.dev, b.weight, bool(first), float(scale), int(ignore_index), int(col0), row_scale, col_scale,
-            col_shift, offset, pair, class_weight, bool(track_wrong), bool(smoothing))
-
-    @staticmethod
-    def block_grad(raw, c0, target, lse, coef, smooth, target_value, out, *, scale, ignore_index, col0=0,
-                   row_scale=None, col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None):
-        torch.ops.fused_margin.block_grad(
-            raw, int(c0), target, lse, coef, smooth, target_value, out, float(scale), int(ignore_index), int(col0),
-            row_scale, col_scale, col_shift, offset, pair, class_weight)
-        return out
-
-
-def cpp_block_ops_available(device_type: str = "cpu") -> bool:
-    """Whether the C++ extension's class-block ops are built for ``device_type`` ("cpu" or "cuda")."""
-    from fused_margin.backends import extension
-    if not (extension.is_built() and hasattr(torch.ops.fused_margin, "block_grad")):
-        return False
-    return device_type == "cpu" or (device_type == "cuda" and extension.cuda_built())
-
-
-def default_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """The chunk kernel for tensors on ``device`` in ``dtype`` when no backend chose one (the sharded
-    loss): the C++ ops where the extension is built for the device, else Triton on a GPU where it imports
-    (fp32 and below), else eager torch."""
-    if device.type == "cpu" and cpp_block_ops_available("cpu"):
-        return "cpu"
-    if device.type == "cuda" and cpp_block_ops_available("cuda"):
-        return "cuda"
-    if device.type == "cuda" and dtype != torch.float64:
-        from fused_margin.backends import available_backends
-        if available_backends(device, dtype).get("triton") == "ok":
-            return "triton"
-    return "torch"
-
-
 class ClassBlock:
     """The classes ``[start, start + count)`` of a loss, computed in chunks of ``chunk`` classes.
 
@@ -126,9 +75,11 @@ class ClassBlock:
     """
 
     def __init__(self, spec: MarginLossSpec, input, weight, bias, tables: LossTables, *, start=0, count=None,
-                 chunk: int, kernel: str = "torch"):
+                 chunk: int, kernel: str = "reference"):
         self.spec, self.input, self.weight, self.bias, self.tables = spec, input, weight, bias, tables
         self.kernel = kernel
+        #: the backend's chunk kernels (fused_margin.backends.BlockOps), or None: eager torch
+        self.ops = backends.get(kernel).block_ops(input.device.type)
         self.start = start
         self.count = (input.shape[1] if spec.head == "logits" else weight.shape[0]) if count is None else count
         self.chunk = chunk
@@ -220,13 +171,6 @@ class ClassBlock:
     def _labels(self, y, kept):
         return torch.where(kept, y, torch.full_like(y, self.spec.ignore_index))
 
-    def _block_ops(self):
-        """The chunk kernels' module: ``triton.class_block`` or :class:`CppBlockOps` (same interface)."""
-        if self.kernel == "triton":
-            from fused_margin.backends.triton import class_block
-            return class_block
-        return CppBlockOps
-
     def _kernel_tables(self) -> dict:
         """The chunk kernels' table arguments, the same for every chunk of a pass, so formed once:
         ``col_scale``/``col_shift`` (:meth:`_column_tables`), ``offset`` and ``class_weight`` in the
@@ -235,14 +179,14 @@ class ClassBlock:
         t, cd = self.tables, self.cd
         col_scale, col_shift, _ = self._column_tables()
         pair = t.pair_perturbation
-        if pair is not None and self.kernel in ("cpu", "cuda"):
+        if pair is not None and self.ops is not None and self.ops.PAIR_IN_COMPUTE_DTYPE:
             pair = pair.to(cd)
         return dict(col_scale=col_scale, col_shift=col_shift,
                     offset=None if t.logit_offset is None else t.logit_offset.to(cd), pair=pair,
                     class_weight=None if t.class_weight is None else t.class_weight.to(cd))
 
     def _partials_kernel(self, y, kept) -> Partials:
-        class_block = self._block_ops()
+        class_block = self.ops
         spec, t = self.spec, self.tables
         labels = self._labels(y, kept)
         tables = self._kernel_tables()
@@ -258,7 +202,7 @@ class ClassBlock:
         return buffers._replace(has_y=buffers.has_y != 0)
 
     def _backward_kernel(self, y, kept, g, nll, target_grad, lse, num_classes, need):
-        class_block = self._block_ops()
+        class_block = self.ops
         spec, cd, input, weight = self.spec, self.cd, self.input, self.weight
         eps = spec.label_smoothing
         tables = self._kernel_tables()
@@ -321,7 +265,7 @@ class ClassBlock:
     # ---- both paths
 
     def partials(self, y, kept) -> Partials:
-        if self.kernel != "torch":
+        if self.ops is not None:
             return self._partials_kernel(y, kept)
         return self._partials_torch(y, kept)
 
@@ -333,7 +277,7 @@ class ClassBlock:
         tables' gradients over the global C classes (zero outside the block). The Triton kernels serve
         the gradients of ``input`` and ``weight`` (Triton or C++ kernels); the tables' gradients take the
         eager path."""
-        if self.kernel != "torch" and need <= {"input", "weight"}:
+        if self.ops is not None and need <= {"input", "weight"}:
             return self._backward_kernel(y, kept, g, nll, target_grad, lse, num_classes, need)
         return self._backward_torch(y, kept, g, nll, target_grad, lse, num_classes, need)
 
@@ -544,21 +488,18 @@ class _LeanMarginCE(torch.autograd.Function):
 
 def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                               bias: Optional[torch.Tensor], spec: MarginLossSpec, tables: LossTables,
-                              chunk: Optional[int] = None, kernel: str = "torch"):
+                              chunk: Optional[int] = None, kernel: str = "reference"):
     """The loss over class chunks of ``chunk`` classes (:func:`auto_chunk` when None); returns
     ``(loss, lse, pred, hard)`` like the fused path. Inputs must be validated already.
 
-    ``kernel``: ``"torch"`` (eager partials and gradients; any device and dtype), ``"triton"`` (one
-    Triton launch per chunk for the partials and one for ``dL/draw``; CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``; fp16/bf16/fp32) or ``"cpu"`` (the C++ extension's class-block ops,
-    :class:`CppBlockOps`, one call each per chunk; CPU tensors, fp16/bf16/fp32/fp64) or ``"cuda"`` (the
-    same ops' CUDA kernels; CUDA tensors, an extension built with CUDA)."""
-    if kernel not in ("torch", "triton", "cpu", "cuda"):
-        raise ValueError(f"kernel must be 'torch', 'triton', 'cpu' or 'cuda', got {kernel!r}")
-    if kernel in ("cpu", "cuda") and not cpp_block_ops_available(kernel):
-        from fused_margin.backends import extension
-        raise RuntimeError(f"kernel={kernel!r} needs the fused_margin C++ extension built for {kernel} "
-                           f"({extension.BUILD_ERROR or 'built without its CUDA kernels'})")
+    ``kernel``: the backend whose chunk kernels run it (:data:`fused_margin.backends.REGISTRY`):
+    ``"reference"`` (eager partials and gradients; any device and dtype), ``"triton"`` (one Triton launch per
+    chunk for the partials and one for ``dL/draw``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
+    fp16/bf16/fp32), ``"cpu"`` or ``"cuda"`` (the C++ extension's class-block ops, one call each per chunk;
+    fp16/bf16/fp32/fp64). A ``RuntimeError`` says why one cannot run here."""
+    status = backends.get(kernel).status(input.device, input.dtype, block=True)
+    if status != "ok":
+        raise RuntimeError(f"kernel={kernel!r} cannot run the memory-lean path here: {status}")
     num_classes = input.shape[1] if spec.head == "logits" else weight.shape[0]
     if chunk is None:
         chunk = auto_chunk(input.shape[0], num_classes)

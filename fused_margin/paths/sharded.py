@@ -46,7 +46,8 @@ from torch import nn
 from fused_margin.core.class_split import Partials, combine, finish
 from fused_margin.paths.fused import first_order_backward
 from fused_margin.functional import finite_error
-from fused_margin.paths.lean import BUDGET_BYTES, ClassBlock, auto_chunk, default_kernel, reduce_rows, row_grads
+from fused_margin import backends
+from fused_margin.paths.lean import BUDGET_BYTES, ClassBlock, auto_chunk, reduce_rows, row_grads
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core import options
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
@@ -419,7 +420,7 @@ def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weig
     world, _ = _world(group)
     scale = float(world) if backbone_ddp else 1.0
     chunk = call.chunk if call.chunk is not None else auto_chunk(sum(rows), weight_shard.shape[0], BUDGET_BYTES)
-    kernel = default_kernel(input.device, input.dtype)
+    kernel = backends.block_backend(input.device, input.dtype).name
     tables = call.tables
     loss, lse, pred, hard = _ShardedMarginCE.apply(
         call.spec, group, rows, starts, class_start, num_classes, chunk, kernel, scale, input, target, weight_shard,

@@ -177,6 +177,8 @@ def _block_partials_kernel(
 
 #: the dtype of the ``has_y`` buffer this module's kernels store (``class_split.empty_partials``)
 FLAG_DTYPE = torch.int8
+#: the kernels load the pair perturbation in any float dtype (fused_margin.backends.BlockOps)
+PAIR_IN_COMPUTE_DTYPE = False
 
 
 def block_partials(buffers, raw: torch.Tensor, c0: int, target: torch.Tensor, *, first: bool,
