@@ -411,111 +411,135 @@ class _FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_loss):
         """The gradients from one row-kernel backward (``dL/draw`` and the sums of the contract), the two
-        GEMMs and C- or B-sized finishing ops; the projections of the cosine head are one in-place op
-        each on the GEMM outputs (``kernel.project``) (docs/loss.md section 5). Only the pair perturbation's gradient, itself
-        B x C, is formed in eager torch from ``G``."""
+        GEMMs and C- or B-sized finishing ops; the projections of the cosine head are one in-place op each
+        on the GEMM outputs (docs/loss.md section 5). Only the pair perturbation's gradient, itself B x C, is
+        formed in eager torch from ``G``. Three steps: :func:`_draw` (``dL/draw``), :func:`_head_grads` (the
+        features, the classifier, the bias) and :func:`_table_grads` (offset, MARC's omega and beta)."""
         saved = _Saved(*ctx.saved_tensors)
-        (input, target, weight, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms) = (
-            getattr(saved, name) for name in _SAVED_INPUTS)
-        row_scale, col_scale, x_pow, w_pow = saved.row_scale, saved.col_scale, saved.x_pow, saved.w_pow
-        raw = input if ctx.raw_is_input else saved.raw
-        base_shift = saved.base_shift
-        col_shift = base_shift if ctx.col_shift_is_base else saved.col_shift
-        base_col_scale = col_scale if ctx.base_col_scale_is_col else saved.base_col_scale
-        spec, kernel = ctx.spec, ctx.kernel
         need = dict(zip(INPUT_NAMES, ctx.needs_input_grad))
-        need_input, need_weight, need_bias = need["input"], need["weight"], need["bias"]
-        need_offset, need_pair = need["logit_offset"], need["pair_perturbation"]
-        need_omega, need_beta = need["omega"], need["beta"]
-        cosine = spec.head == "cosine"
-        beta_weight = beta is not None and need_weight  # d(beta_j ||W_j||) / dW_j
-        # the projections' coefficients: from the GEMM outputs themselves (kernel.project_out: the radial
-        # part then cancels to the final rounding, whatever the rounding of dL/draw and of the GEMMs), else
-        # from the row kernel's sums of dL/draw raw
-        out_proj = kernel.project_out is not None
-
-        upstream = None  # an upstream gradient the projections apply in their own pass (project_out's scale)
-        if ctx.grad_in_forward:
-            # dL/draw and its sums came with the forward, for an upstream gradient of 1 (no other input
-            # needs a gradient there: grad_in_forward); scaled when the actual one may not be 1 (on a GPU,
-            # always: reading it would sync). On the cosine head with project_out, every gradient (dX, dW)
-            # goes through a projection, which is linear in dL/draw: it applies the factor in its pass over
-            # its GEMM output, and dL/draw (B x C) needs no pass of its own
-            grad, row_coef, col_coef, stats = raw, saved.row_coef, saved.col_coef, None
-            if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
-                if cosine and out_proj:
-                    upstream = grad_loss
-                else:
-                    grad = grad * grad_loss  # one op, in fp32 and rounded once to raw's dtype (0-d: no promotion)
-                    row_coef = row_coef * grad_loss if row_coef is not None else None
-                    col_coef = col_coef * grad_loss if col_coef is not None else None
-        else:
-            floats, ints = spec.kernel_options()
-            grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
-                raw=raw, target=target, tables=row_tables(
-                    row_scale=row_scale, col_scale=col_scale, col_shift=col_shift, logit_offset=logit_offset,
-                    pair_perturbation=pair_perturbation, class_weight=class_weight),
-                lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss,
-                denom=saved.denom, floats=floats, ints=ints, scale_grad=not need_pair,
-                row_proj=saved.row_proj if cosine and need_input and not out_proj else None,
-                col_proj=saved.col_proj if cosine and need_weight and not out_proj else None,
-                col_stats=bool(need_bias or need_offset or need_omega or need_beta or beta_weight)))
-        grad_raw = grad
-        if need_pair:  # grad is G (fp32): dL/draw from it, and dL/dP = dL/dl off the target (B x C)
-            kept = target != spec.ignore_index
-            onehot = torch.nn.functional.one_hot(torch.where(kept, target, 0), raw.shape[1]).bool() & kept[:, None]
-            grad_pair = (grad / spec.scale).masked_fill_(onehot, 0.0).to(pair_perturbation.dtype)
-            if row_scale is not None:
-                grad_raw = grad_raw * row_scale[:, None]
-            if col_scale is not None:
-                grad_raw = grad_raw * col_scale[None, :]
-            grad_raw = grad_raw.to(raw.dtype)
-
-        grads = {}  # by input name
-        if need_pair:
-            grads["pair_perturbation"] = grad_pair
-        if spec.head == "logits":
-            if need_input:
-                grads["input"] = grad_raw.to(input.dtype)
-        else:
-            x_op, w_op = input, weight
-            if x_pow is not None:  # the fp16 cosine head's rescaled operands (see _cosine_operands)
-                x_op = input * x_pow.to(input.dtype)[:, None]
-                w_op = weight * w_pow.to(weight.dtype)[:, None]
-            if need_input:
-                grad_x = grad_raw @ w_op
-                if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
-                    grad_x = (kernel.project_out(grad_x, x_op, saved.row_proj, upstream) if out_proj
-                              else kernel.project(grad_x, x_op, row_coef))
-                    if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
-                        grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
-                grads["input"] = grad_x.to(input.dtype)
-            if need_weight:
-                grad_w = grad_raw.t() @ x_op
-                if cosine:
-                    grad_w = (kernel.project_out(grad_w, w_op, saved.col_proj, upstream) if out_proj
-                              else kernel.project(grad_w, w_op, col_coef))
-                    if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
-                        grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
-                if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
-                    w_norm = saved.w_norm
-                    coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * stats[0] / w_norm.clamp_min(NORM_EPS), 0.0)
-                    grad_w = grad_w.addcmul_(weight, coef.to(grad_w.dtype)[:, None])
-                grads["weight"] = grad_w.to(weight.dtype)
-            if need_bias:  # dz'_j / db_j = omega_j
-                col = stats[0] * omega.to(stats.dtype) if omega is not None else stats[0]
-                grads["bias"] = col.to(ctx.dtypes["bias"])
-        if need_offset:
-            grads["logit_offset"] = stats[2].to(logit_offset.dtype)
-        if need_omega:  # sum_i G_ij z_ij with z = raw row_scale base_col_scale + base_shift
-            col = stats[1] if base_col_scale is None else stats[1] * base_col_scale
-            if base_shift is not None:
-                col = col + stats[0] * base_shift
-            grads["omega"] = col.to(omega.dtype)
-        if need_beta:
-            norms = saved.w_norm if weight is not None else class_norms.to(stats.dtype)
-            grads["beta"] = (stats[0] * norms).to(beta.dtype)
+        grad_raw, grad_pair, row_coef, col_coef, stats, upstream = _draw(ctx, saved, grad_loss, need)
+        grads = {"pair_perturbation": grad_pair} if grad_pair is not None else {}
+        grads.update(_head_grads(ctx, saved, need, grad_raw, row_coef, col_coef, stats, upstream))
+        grads.update(_table_grads(ctx, saved, need, stats))
         return tuple(grads.get(name) for name in INPUT_NAMES)
+
+
+def _draw(ctx, saved: "_Saved", grad_loss, need):
+    """``(dL/draw, dL/dP, row_coef, col_coef, stats, upstream)``: the row kernel's part of the backward.
+    ``dL/draw`` came with the forward (``grad_in_forward``) or comes from the row backward; ``dL/dP`` (the
+    pair perturbation's gradient, ``dL/dl`` off the target) only where it is asked for; ``upstream`` is an
+    upstream gradient the projections still have to apply (``project_out``'s scale), else None."""
+    spec, kernel = ctx.spec, ctx.kernel
+    input, target = saved.input, saved.target
+    raw = input if ctx.raw_is_input else saved.raw
+    cosine = spec.head == "cosine"
+    # the projections' coefficients: from the GEMM outputs themselves (kernel.project_out: the radial part then
+    # cancels to the final rounding, whatever the rounding of dL/draw and of the GEMMs), else from the row
+    # kernel's sums of dL/draw raw
+    out_proj = kernel.project_out is not None
+    upstream = None
+    if ctx.grad_in_forward:
+        # dL/draw and its sums came with the forward, for an upstream gradient of 1 (no other input needs a
+        # gradient there: grad_in_forward); scaled when the actual one may not be 1 (on a GPU, always: reading
+        # it would sync). On the cosine head with project_out, every gradient (dX, dW) goes through a
+        # projection, which is linear in dL/draw: it applies the factor in its pass over its GEMM output, and
+        # dL/draw (B x C) needs no pass of its own
+        grad, row_coef, col_coef = raw, saved.row_coef, saved.col_coef
+        if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
+            if cosine and out_proj:
+                upstream = grad_loss
+            else:
+                grad = grad * grad_loss  # one op, in fp32 and rounded once to raw's dtype (0-d: no promotion)
+                row_coef = row_coef * grad_loss if row_coef is not None else None
+                col_coef = col_coef * grad_loss if col_coef is not None else None
+        return grad, None, row_coef, col_coef, None, upstream
+    col_shift = saved.base_shift if ctx.col_shift_is_base else saved.col_shift
+    beta_weight = saved.beta is not None and need["weight"]  # d(beta_j ||W_j||) / dW_j
+    floats, ints = spec.kernel_options()
+    grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
+        raw=raw, target=target, tables=row_tables(
+            row_scale=saved.row_scale, col_scale=saved.col_scale, col_shift=col_shift,
+            logit_offset=saved.logit_offset, pair_perturbation=saved.pair_perturbation,
+            class_weight=saved.class_weight),
+        lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss, denom=saved.denom,
+        floats=floats, ints=ints, scale_grad=not need["pair_perturbation"],
+        row_proj=saved.row_proj if cosine and need["input"] and not out_proj else None,
+        col_proj=saved.col_proj if cosine and need["weight"] and not out_proj else None,
+        col_stats=bool(need["bias"] or need["logit_offset"] or need["omega"] or need["beta"] or beta_weight)))
+    if not need["pair_perturbation"]:
+        return grad, None, row_coef, col_coef, stats, upstream
+    # grad is G (fp32): dL/draw from it, and dL/dP = dL/dl off the target (B x C)
+    kept = target != spec.ignore_index
+    onehot = torch.nn.functional.one_hot(torch.where(kept, target, 0), raw.shape[1]).bool() & kept[:, None]
+    grad_pair = (grad / spec.scale).masked_fill_(onehot, 0.0).to(saved.pair_perturbation.dtype)
+    grad_raw = grad
+    if saved.row_scale is not None:
+        grad_raw = grad_raw * saved.row_scale[:, None]
+    if saved.col_scale is not None:
+        grad_raw = grad_raw * saved.col_scale[None, :]
+    return grad_raw.to(raw.dtype), grad_pair, row_coef, col_coef, stats, upstream
+
+
+def _head_grads(ctx, saved: "_Saved", need, grad_raw, row_coef, col_coef, stats, upstream) -> dict:
+    """The gradients of the features (the logits on the logits head), the classifier weight and the bias
+    from ``dL/draw``: the two backward GEMMs, the cosine head's projections (one in-place op each on the GEMM
+    output), and the C-sized finishing of the bias and of MARC's ``beta ||W_j||`` term."""
+    spec, kernel = ctx.spec, ctx.kernel
+    input, weight, beta = saved.input, saved.weight, saved.beta
+    grads = {}
+    if spec.head == "logits":
+        if need["input"]:
+            grads["input"] = grad_raw.to(input.dtype)
+        return grads
+    cosine = spec.head == "cosine"
+    out_proj = kernel.project_out is not None
+    x_pow, w_pow = saved.x_pow, saved.w_pow
+    x_op, w_op = input, weight
+    if x_pow is not None:  # the fp16 cosine head's rescaled operands (see _cosine_operands)
+        x_op = input * x_pow.to(input.dtype)[:, None]
+        w_op = weight * w_pow.to(weight.dtype)[:, None]
+    if need["input"]:
+        grad_x = grad_raw @ w_op
+        if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
+            grad_x = (kernel.project_out(grad_x, x_op, saved.row_proj, upstream) if out_proj
+                      else kernel.project(grad_x, x_op, row_coef))
+            if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
+                grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
+        grads["input"] = grad_x.to(input.dtype)
+    if need["weight"]:
+        grad_w = grad_raw.t() @ x_op
+        if cosine:
+            grad_w = (kernel.project_out(grad_w, w_op, saved.col_proj, upstream) if out_proj
+                      else kernel.project(grad_w, w_op, col_coef))
+            if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
+                grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
+        if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
+            w_norm = saved.w_norm
+            coef = torch.where(w_norm > 0, beta.to(w_norm.dtype) * stats[0] / w_norm.clamp_min(NORM_EPS), 0.0)
+            grad_w = grad_w.addcmul_(weight, coef.to(grad_w.dtype)[:, None])
+        grads["weight"] = grad_w.to(weight.dtype)
+    if need["bias"]:  # dz'_j / db_j = omega_j
+        omega = saved.omega
+        col = stats[0] * omega.to(stats.dtype) if omega is not None else stats[0]
+        grads["bias"] = col.to(ctx.dtypes["bias"])
+    return grads
+
+
+def _table_grads(ctx, saved: "_Saved", need, stats) -> dict:
+    """The gradients of the logit offset and of MARC's ``omega``/``beta`` from the column stats."""
+    grads = {}
+    if need["logit_offset"]:
+        grads["logit_offset"] = stats[2].to(saved.logit_offset.dtype)
+    if need["omega"]:  # sum_i G_ij z_ij with z = raw row_scale base_col_scale + base_shift
+        base_col_scale = saved.col_scale if ctx.base_col_scale_is_col else saved.base_col_scale
+        col = stats[1] if base_col_scale is None else stats[1] * base_col_scale
+        if saved.base_shift is not None:
+            col = col + stats[0] * saved.base_shift
+        grads["omega"] = col.to(saved.omega.dtype)
+    if need["beta"]:
+        norms = saved.w_norm if saved.weight is not None else saved.class_norms.to(stats.dtype)
+        grads["beta"] = (stats[0] * norms).to(saved.beta.dtype)
+    return grads
 
 
 # autograd.Function.apply binds the arguments to forward's signature on every call (setup_context style):

@@ -60,7 +60,8 @@ class _PlainProgress:
         self.iterable, self.desc, self.enabled, self.step = iterable, desc, enabled, 0
 
     def __iter__(self):
-        for self.step, item in enumerate(self.iterable, 1):
+        for step, item in enumerate(self.iterable, 1):
+            self.step = step
             yield item
 
     def set_postfix(self, **values):
