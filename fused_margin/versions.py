@@ -1,7 +1,7 @@
 """The torch and Triton versions fused_margin is tested with, and the check made when its Triton kernels
 are imported.
 
-The package metadata (``pyproject.toml``) declares the same bounds; tests/test_versions.py holds the two
+The package metadata (``pyproject.toml``) declares the same bounds; tests/integration/test_versions.py holds the two
 equal. An untested Triton is refused when a Triton kernel is asked for (``import fused_margin.backends.triton``,
 ``backend="triton"``, or ``backend="auto"`` on a GPU, which then takes the next fused backend and says
 why): new Triton releases have changed what the kernels' code means before (a block mask combined with a

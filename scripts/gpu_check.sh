@@ -143,8 +143,8 @@ if [ $DRY -eq 1 ]; then
   # chunks of 32 classes do, so the rehearsal runs the class-block kernels too (Triton's in its interpreter)
   LEAN_SHAPE="--class-chunk 32"
   export TRITON_INTERPRET=1
-  TEST_SELECT=(tests/test_launch_diet.py)
-  TRITON_SELECT=(tests/test_triton.py -k "fp32 and block")
+  TEST_SELECT=(tests/paths/test_op_budget.py)
+  TRITON_SELECT=(tests/backends/test_triton.py -k "fp32 and block")
   PROFILE_SHAPE="--preset tiny --steps 2 --backends cpu,cpu/separate"
 else
   BUILD_CUDA=1
@@ -152,7 +152,7 @@ else
   LEAN_SHAPE=""
   export TRITON_INTERPRET=0
   TEST_SELECT=(-m cuda tests)
-  TRITON_SELECT=(tests/test_triton.py -m "not cuda")
+  TRITON_SELECT=(tests/backends/test_triton.py -m "not cuda")
   PROFILE_SHAPE="--preset inat --steps 20 --backends triton,triton/separate,cuda"
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Triton tests under the newest tested Triton (requirements-triton-newest.txt), installed into a folder of
 # its own (.venv/triton-<version>, put first on PYTHONPATH) so the main virtual environment keeps the pinned
-# Triton. Every Triton kernel and option runs in the interpreter (tests/test_triton.py; the memory-lean and
+# Triton. Every Triton kernel and option runs in the interpreter (tests/backends/test_triton.py; the memory-lean and
 # launch-count tests' Triton cases; the Triton fuzz), and every kernel is compiled for sm_90 with its
 # registers and spills printed. Extra arguments go to pytest. CI runs it after scripts/test.sh.
 set -euo pipefail
@@ -20,7 +20,7 @@ export PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}"
 found=$(.venv/bin/python -c 'import triton; print(triton.__version__)')
 [ "$found" = "$version" ] || { echo "[newest-triton] expected Triton $version, found $found" >&2; exit 1; }
 echo "[newest-triton] Triton $found"
-env -u TRITON_INTERPRET .venv/bin/python tests/sm90_compile.py
+env -u TRITON_INTERPRET .venv/bin/python tests/helpers/sm90_compile.py
 export TRITON_INTERPRET="${TRITON_INTERPRET:-$(.venv/bin/python -c 'import torch; print(0 if torch.cuda.is_available() else 1)')}"
-exec .venv/bin/python -m pytest -q -ra -p no:cacheprovider tests/test_triton.py tests/test_versions.py \
-  tests/test_lean.py tests/test_launch_diet.py tests/test_property.py -k "triton or Triton or test_versions" "$@"
+exec .venv/bin/python -m pytest -q -ra -p no:cacheprovider tests/backends/test_triton.py tests/integration/test_versions.py \
+  tests/paths/test_lean.py tests/paths/test_op_budget.py tests/backends/test_fuzz.py -k "triton or Triton or test_versions" "$@"

@@ -134,7 +134,7 @@ def plan(relative_to: Optional[str] = None) -> Plan:
     # The AVX2/AVX-512 objects share no inline function of fused_margin's own (row_math.h and the kernels
     # live in namespaces named after the instruction set; csrc/row_kernel_cpu.h). Inline code of
     # third-party headers (c10, the standard library) is still emitted in every object: the baseline objects
-    # come first so that GNU ld keeps their copies (see csrc/row_kernel_cpu_avx2.cpp); tests/test_cpu_isa.py
+    # come first so that GNU ld keeps their copies (see csrc/row_kernel_cpu_avx2.cpp); tests/backends/test_cpu_isa.py
     # checks the linked extension for AVX instructions outside those namespaces.
     names = ["fused_margin.cpp", "row_kernel_cpu.cpp", "class_block_cpu.cpp"]
     if with_cuda:

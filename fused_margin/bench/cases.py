@@ -117,7 +117,7 @@ CHUNKED_TRUTH_BYTES = 1 << 30
 def truth_class_chunk(rows: int, num_classes: int, dim: int) -> Optional[int]:
     """``class_chunk`` of the check's references: None (the eager reference, one B x C pass) unless the
     float64 class weights exceed :data:`CHUNKED_TRUTH_BYTES`; then the reference backend's own chunked
-    path (eager torch over class chunks, tested against the unchunked reference in tests/test_lean.py)."""
+    path (eager torch over class chunks, tested against the unchunked reference in tests/paths/test_lean.py)."""
     if num_classes * dim * 8 <= CHUNKED_TRUTH_BYTES:
         return None
     return auto_chunk(rows, num_classes)

@@ -27,7 +27,8 @@ if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR})", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROW_MATH = os.path.join(HERE, os.pardir, "fused_margin", "backends", "csrc", "row_math.h")
+HELPERS = os.path.join(HERE, os.pardir, "helpers")
+ROW_MATH = os.path.join(HERE, os.pardir, os.pardir, "fused_margin", "backends", "csrc", "row_math.h")
 X86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
 # namespaces named after an instruction set: fused_margin's kernels and row math, ATen's at::vec
 ISA_NAMESPACE = re.compile(r"(?:fused_margin::cpu::|fused_margin::row_math_|at::vec::|fused_margin::block::\(anonymous namespace\)::)(DEFAULT|AVX2|AVX512)::")
@@ -174,11 +175,12 @@ _BASELINE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_baseline_kernels_with_the_avx_variants_disabled():
     """ATEN_CPU_CAPABILITY=default in a fresh process: the DEFAULT kernels are picked (on any CPU) and
     the public API's losses and gradients through them match the float64 reference (fp32, bf16, fp16)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), \

@@ -37,7 +37,6 @@ if not extension.is_built():
     pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR}); build it with "
                 "pip install --no-build-isolation --no-deps -e . (scripts/setup_env.sh does)",
                 allow_module_level=True)
-pytest.register_assert_rewrite("kernel_cases")
 
 import kernel_cases  # noqa: E402
 from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODEL_TENSORS, MODULES,  # noqa: E402
@@ -489,6 +488,7 @@ _ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
 def test_every_instruction_set_matches_the_contract(isa):
     """Each compiled instruction set (ATEN_CPU_CAPABILITY picks it, as it picks torch's own kernels) in a
@@ -498,7 +498,9 @@ def test_every_instruction_set_matches_the_contract(isa):
     if isa == extension.cpu_kernel_isa():
         pytest.skip(f"{isa} is this process's kernel set, tested by the other tests")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa.lower(),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.join(os.path.dirname(__file__), os.pardir,
+                                                                                  "helpers"),
+                                           os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], env=env, capture_output=True,
                             text=True, timeout=120)
     if result.stdout.startswith("isa-mismatch"):
@@ -526,6 +528,7 @@ def test_cuda_ops_match_the_row_contract():
                 check_ops_against_contract(*shape, dtype, options, full=i % 2 == 0, device="cuda", seed=i)
 
 
+@pytest.mark.slow
 def test_cuda_source_compiles_for_sm90():
     """The CUDA kernels cannot run here, but nvcc can compile them (for sm_90, with setup.py's flags,
     --fmad=false included) against the installed torch's headers: type errors, the whole-warp
@@ -539,7 +542,7 @@ def test_cuda_source_compiles_for_sm90():
                                     if cpp_extension.CUDA_HOME else None)
     if nvcc is None or not os.path.exists(nvcc):
         pytest.skip("no nvcc")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory() as tmp:
         includes = cpp_extension.include_paths()
         if not any(os.path.exists(os.path.join(d, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for d in includes):

@@ -27,7 +27,6 @@ from unittest import mock
 import pytest
 import torch
 
-pytest.register_assert_rewrite("kernel_cases")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -274,6 +273,7 @@ def _skip_unless(backend):
         pytest.skip(status)
 
 
+@pytest.mark.slow
 @_settings("cpu")
 @given(fuzz_cases())
 def test_fuzz_cpu_backend_against_the_reference(drawn):
@@ -281,6 +281,7 @@ def test_fuzz_cpu_backend_against_the_reference(drawn):
     check(*drawn[:1], "cpu", *drawn[2:], drawn[1])
 
 
+@pytest.mark.slow
 @_settings("triton")
 @given(fuzz_cases(max_classes=24), st.sampled_from([4, 8, 16]))
 def test_fuzz_triton_backend_against_the_reference(drawn, block):

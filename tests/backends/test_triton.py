@@ -24,7 +24,6 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run in Triton's CPU "
                 "interpreter (scripts/test.sh sets it on CPU-only machines)", allow_module_level=True)
 pytest.importorskip("triton")
-pytest.register_assert_rewrite("kernel_cases")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -73,6 +72,7 @@ def test_block_size_does_not_change_the_result(block):
 # ---------------------------------------------------------------------------------------------------
 # fp16 / bf16 (the interpreter runs both)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", LOW_PRECISION_CASES)
 def test_matches_reference_low_precision(name, dtype):
@@ -362,6 +362,7 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
         assert (got - value).abs().max() <= tol * value.abs().max(), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("head", ("cosine", "linear"))
 def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype, monkeypatch):
@@ -612,20 +613,21 @@ def test_ops_coexist_with_the_cxx_extension():
     check = _COEXIST_CHECK.replace("{device}", DEVICE)
     exec(check, {})
     code = "import fused_margin.backends.extension, fused_margin.backends.triton\n" + check
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Every ``@triton.jit`` kernel of the package compiles ahead of time for sm_90 with a launch's argument
-    types, its PTX free of contracted FMAs, the row kernels' I/O in 16-byte vectors (tests/sm90_compile.py,
+    types, its PTX free of contracted FMAs, the row kernels' I/O in 16-byte vectors (tests/helpers/sm90_compile.py,
     in a fresh interpreter without TRITON_INTERPRET); prints each variant's registers and spills."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, os.path.join("tests", "sm90_compile.py")], capture_output=True,
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, os.path.join("tests", "helpers", "sm90_compile.py")], capture_output=True,
                             text=True, timeout=600, cwd=root, env=env)
     if result.returncode != 0 and ("No module named 'triton" in result.stderr or "ptxas" in result.stderr.lower()
                                    and "not found" in result.stderr.lower()):
@@ -710,10 +712,11 @@ def test_cuda_row_kernels_make_no_host_sync():
     # with a device scale (the upstream gradient folded into it)
     both = forward_args(raw.clone(), target, dict(t, pair_perturbation=None), **options, reduction=1) + (None, None)
     grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
-    project = (grad, torch.randn_like(grad), proj[0], torch.tensor(2.0, device="cuda"))
-    for scale_grad in (False, True):
-        ROW_KERNEL.backward(*backward_args(raw, target, t, out[1], out[4], out[5], out[0], out[6], **options,
-                                           scale_grad=scale_grad, **proj))
+    project = (grad, torch.randn_like(grad), proj["row_proj"], torch.tensor(2.0, device="cuda"))
+    backwards = [backward_args(raw, target, t, out[1], out[4], out[5], out[0], out[6], **options,
+                               scale_grad=scale_grad, **proj) for scale_grad in (False, True)]
+    for backward in backwards:
+        ROW_KERNEL.backward(*backward)
     ROW_KERNEL.norms(raw, 1e-12)
     ROW_KERNEL.forward_backward(*both)
     ROW_KERNEL.project_out(*project)
@@ -722,8 +725,8 @@ def test_cuda_row_kernels_make_no_host_sync():
     try:
         ROW_KERNEL.forward(*args)
         ROW_KERNEL.norms(raw, 1e-12)
-        for scale_grad in (False, True):
-            ROW_KERNEL.backward(*backward, scale_grad, *proj)
+        for backward in backwards:
+            ROW_KERNEL.backward(*backward)
         ROW_KERNEL.forward_backward(*both)
         ROW_KERNEL.project_out(*project)
     finally:

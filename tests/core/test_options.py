@@ -15,7 +15,7 @@ import fused_margin as fm
 from fused_margin.core import options
 from fused_margin.core.spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, MarginLossSpec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_the_generated_header_is_current():

@@ -628,7 +628,7 @@ GRADCHECK_CASES = [(head, option) for head in HEADS for option in OPTIONS
 
 @pytest.mark.parametrize("head,option", GRADCHECK_CASES, ids=[f"{h}-{o}" for h, o in GRADCHECK_CASES])
 def test_gradcheck_every_option(head, option):
-    """Angular margins on the linear head are rejected (tests/test_validation.py), so not listed."""
+    """Angular margins on the linear head are rejected (tests/core/test_validation.py), so not listed."""
     gradcheck_case(head, OPTIONS[option], reference_loss)
 
 

@@ -15,8 +15,8 @@ Where the two backends' tests differ, the harness takes a parameter: the ``devic
 ``context`` entered around each run (the Triton tests force a small column block with
 ``fused_margin.backends.triton.max_block``).
 
-pytest puts this directory on ``sys.path`` (rootdir-relative test modules, no ``__init__.py``), so the
-test modules import this one as ``kernel_cases``; they register it for assertion rewriting first.
+tests/conftest.py puts this directory on ``sys.path`` and registers this module for assertion rewriting, so the
+test modules import it as ``kernel_cases``.
 """
 import contextlib
 import zlib

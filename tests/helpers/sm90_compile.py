@@ -1,7 +1,7 @@
 """Compile every Triton kernel of fused_margin ahead of time for sm_90, without a GPU.
 
-Run by tests/test_triton.py::test_kernels_compile_for_sm90 in a fresh interpreter without
-``TRITON_INTERPRET`` (``python tests/sm90_compile.py``). The interpreter runs kernels as Python and so
+Run by tests/backends/test_triton.py::test_kernels_compile_for_sm90 in a fresh interpreter without
+``TRITON_INTERPRET`` (``python tests/helpers/sm90_compile.py``). The interpreter runs kernels as Python and so
 cannot see what only the GPU compiler rejects (types of loop-carried values, scalar masks, casts); this
 script takes each kernel through Triton's frontend, LLVM and the bundled ptxas to an sm_90 cubin, with
 scalar arguments typed as a launch passes them (Python ints as i32, floats as fp32), in fp32, bf16 and fp16
@@ -143,7 +143,7 @@ while frontier:
     source = inspect.getsource(jitted[name].fn)
     frontier += [n for n in jitted if n not in reached and re.search(rf"\b{n}\(", source)]
 missing = sorted(set(jitted) - reached)
-assert not missing, f"@triton.jit functions not compiled for sm_90 (add them to tests/sm90_compile.py): {missing}"
+assert not missing, f"@triton.jit functions not compiled for sm_90 (add them to tests/helpers/sm90_compile.py): {missing}"
 kernels = sorted(k.__name__ for k in compiled_kernels)
 
 # --- vector access -----------------------------------------------------------------------------------------

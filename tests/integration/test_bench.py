@@ -279,7 +279,8 @@ def test_a_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
             "--backends", "reference,floor", "--row-kernel", "stop=stop_kernels:STOP", "--target-time", "0",
             "--min-reps", "1", "--max-reps", "1", "--warmup", "1", "--threads", "1", "--quiet", "--no-plot",
             "--out", str(out)]
-    code = _STOPPED_RUN.replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
+    helpers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
+    code = _STOPPED_RUN.replace("TESTS", repr(helpers))
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 130, done.stderr[-2000:]
     payload = json.loads((out / "results.json").read_text())
@@ -296,7 +297,7 @@ def test_gpu_check_script_parses_and_names_its_arguments():
     import pathlib
     import subprocess
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
@@ -316,7 +317,7 @@ def test_profile_step_runs_a_backend_with_and_without_the_gradient_in_the_forwar
 
     if backends.available_backends("cpu")["cpu"] != "ok":
         pytest.skip("the C++ extension is not built")
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "profile_step.py"
     spec = importlib.util.spec_from_file_location("profile_step", path)
     profile_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_step)

@@ -23,7 +23,7 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECK = ("import fused_margin as fm, torch; s = fm.available_backends(torch.device('cpu'), torch.float32); "
          "print('cpu:', s['cpu']); from fused_margin.backends import extension; print('from:', extension._C.__file__)")
 

@@ -9,7 +9,7 @@ import pytest
 
 from fused_margin import versions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bounds(requirement):

@@ -110,6 +110,7 @@ def test_float32_within_tolerance(name, kernel):
     kc.assert_pred_hard(got, {**truth, "z": _base_scores(case)}, case, gap=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", kc.LOW_PRECISION_CASES)
 def test_bfloat16_within_reference_error(name, kernel):
     opts = dict(kc.CASES[name], B=24, reduction="none")

@@ -166,11 +166,13 @@ def _parity_worker(rank, world, store, shards, rows):
         _finish()
 
 
+@pytest.mark.slow
 def test_world_2_uneven_shards_and_rows_match_the_single_process_loss():
     # ranks hold classes [13, 20) and [0, 13): out of rank order, uneven; 7 and 5 rows
     _spawn(_parity_worker, 2, [(13, 7), (0, 13)], [7, 5])
 
 
+@pytest.mark.slow
 def test_world_3_uneven_shards_match_the_single_process_loss():
     # shards [0, 7), [7, 8), [8, 19): the boundary at 7 splits the tie of row 0; a one-class shard
     _spawn(_parity_worker, 3, [(0, 7), (7, 1), (8, 11)], [4, 4, 5])
@@ -208,6 +210,7 @@ def _errors_worker(rank, world, store):
         _finish()
 
 
+@pytest.mark.slow
 def test_bad_input_raises_the_same_error_on_every_rank():
     _spawn(_errors_worker, 2)
 
@@ -288,6 +291,7 @@ def _faults_worker(rank, world, store):
         _finish()
 
 
+@pytest.mark.slow
 def test_faults_on_one_rank_raise_the_same_error_on_every_rank():
     _spawn(_faults_worker, 2)
 
@@ -333,6 +337,7 @@ def _transforms_worker(rank, world, store):
         _finish()
 
 
+@pytest.mark.slow
 def test_torch_func_grad_and_vjp_through_the_sharded_loss():
     _spawn(_transforms_worker, 2)
 
@@ -376,6 +381,7 @@ def _classifier_and_ddp_worker(rank, world, store):
         _finish()
 
 
+@pytest.mark.slow
 def test_sharded_classifier_checkpoint_and_ddp_recipe():
     _spawn(_classifier_and_ddp_worker, 3)
 

@@ -268,7 +268,7 @@ def io_columns(raw: torch.Tensor) -> int:
     """The columns a row kernel may read (and, for the gradient, write) in each row of ``raw``: C rounded up
     to ``fused.CLASS_ALIGN`` when raw's rows are padded that far (the fused path's GEMM output; the
     backward's gradient then has the same stride), else C. A bound divisible by 16 lets Triton prove the
-    masks constant over 16 columns, so the loads and stores vectorise (tests/test_triton.py, the sm_90
+    masks constant over 16 columns, so the loads and stores vectorise (tests/backends/test_triton.py, the sm_90
     compile)."""
     from fused_margin.paths.fused import padded_classes
     cols = raw.shape[1]
