@@ -1,4 +1,5 @@
 """The benchmarks time the eager row-kernel double of the test suite (tests/helpers/row_torch.py) too."""
+
 import os
 import sys
 

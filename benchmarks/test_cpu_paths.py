@@ -8,16 +8,24 @@ extension is not built), the eager-torch row kernel through the fused autograd p
 test double: it shows what the plumbing costs around a row kernel) and the three-GEMM floor. The full
 comparison, with torch.compile, memory and plots, is ``python -m fused_margin.bench``.
 """
+
 import pytest
 import torch
+from row_torch import ROW_KERNEL
 
 import fused_margin as fm
-from fused_margin.bench.cases import (InputSet, class_counts, make_inputs, reference_fn, reference_rows_fn,
-                                      row_kernel_fns, tie_options)
+from fused_margin.bench.cases import (
+    InputSet,
+    class_counts,
+    make_inputs,
+    reference_fn,
+    reference_rows_fn,
+    row_kernel_fns,
+    tie_options,
+)
 from fused_margin.bench.check import build_truth, judge, run_outputs
 from fused_margin.bench.config import LOSSES, BenchConfig
 from fused_margin.bench.measure import Op
-from row_torch import ROW_KERNEL
 
 CFG = BenchConfig(device="cpu", B=128, D=256, C=4096, dtype="fp32")
 GROUPS = [("dbm-bs", "cosine"), ("ldam", "linear")]
@@ -46,13 +54,21 @@ def _fn(impl, loss, head, counts):
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpu", "row-torch"])
-@pytest.mark.parametrize("loss, head", GROUPS, ids=[f"{l}-{h}" for l, h in GROUPS])
+@pytest.mark.parametrize("loss, head", GROUPS, ids=[f"{loss}-{head}" for loss, head in GROUPS])
 def test_fwdbwd(benchmark, impl, loss, head, counts, inputs):
     fn, fn_aux = _fn(impl, loss, head, counts)
     ref, ref_aux = reference_fn(loss, head, counts, "cpu")
     rows = reference_rows_fn(loss, head, counts, "cpu")
-    truth = build_truth(ref, ref_aux, rows, head, inputs.X.detach(), inputs.W.detach(), inputs.y,
-                        **tie_options(loss, counts, CFG.C, head))
+    truth = build_truth(
+        ref,
+        ref_aux,
+        rows,
+        head,
+        inputs.X.detach(),
+        inputs.W.detach(),
+        inputs.y,
+        **tie_options(loss, counts, CFG.C, head),
+    )
     verdict = judge(run_outputs(fn_aux, *truth.inputs, True), truth)
     assert verdict.ok, f"{impl} {loss}/{head} is WRONG: {verdict.detail}"
     benchmark.group = f"{loss}/{head} fwdbwd B={CFG.B} D={CFG.D} C={CFG.C}"

@@ -19,6 +19,7 @@ Nothing else in the package changes behaviour behind the caller's back; the one 
 tables were found finite, per tensor version, so a module's buffers are not read every step) changes no
 result.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ The loss is docs/loss.md's: base scores from a cosine, linear or logits head, op
 margin (class table, DBM instance margin on hard positives, ELM's strongest wrong class; angular or
 cosine), logit offset, pair perturbation, class weights and label smoothing, with PyTorch's reductions.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -14,14 +15,13 @@ from typing import Optional, Union
 
 import torch
 
-from fused_margin.core import builders
 from fused_margin.backends import BACKENDS, resolve_backend
+from fused_margin.config import CONFIG, configure
+from fused_margin.core import builders, options
+from fused_margin.core.reference import compute_dtype, margin_cross_entropy_reference
+from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 from fused_margin.paths.fused import fused_margin_cross_entropy
 from fused_margin.paths.lean import BUDGET_BYTES, lean_margin_cross_entropy
-from fused_margin.core.reference import compute_dtype, margin_cross_entropy_reference
-from fused_margin.config import CONFIG, configure
-from fused_margin.core import options
-from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 
 __all__ = [
     "margin_cross_entropy",
@@ -63,16 +63,24 @@ def _check_labels(target, num_classes, ignore_index):
     if torch.compiler.is_compiling():
         # traced into the graph: no host sync, no graph break, and it runs before any kernel reads the
         # labels (on the reference and the memory-lean path)
-        torch._assert_async(~bad.any(), f"fused_margin: target has a label out of range: labels must be in "
-                                        f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+        torch._assert_async(
+            ~bad.any(),
+            f"fused_margin: target has a label out of range: labels must be in "
+            f"[0, {num_classes}) or equal ignore_index ({ignore_index})",
+        )
     elif target.device.type == "cpu" or CONFIG.sync_checks:
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in "
-                             f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+            raise ValueError(
+                f"target[{i}] = {int(target[i])} is out of range: labels must be in "
+                f"[0, {num_classes}) or equal ignore_index ({ignore_index})"
+            )
     else:
-        torch._assert_async(~bad.any(), f"fused_margin: target has a label out of range: labels must be in "
-                                        f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+        torch._assert_async(
+            ~bad.any(),
+            f"fused_margin: target has a label out of range: labels must be in "
+            f"[0, {num_classes}) or equal ignore_index ({ignore_index})",
+        )
 
 
 #: tables found finite, with the version counter they had then (a table is read again only once changed
@@ -124,9 +132,11 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
     device = input.device
     _check_tensor("input", input, device, dims=2)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        raise ValueError(f"weight is the C x D classifier weight (2-D, the nn.Linear layout), got a 1-D tensor "
-                         f"of shape {tuple(weight.shape)}: per-class weights (F.cross_entropy's weight) go in "
-                         "class_weight=")
+        raise ValueError(
+            f"weight is the C x D classifier weight (2-D, the nn.Linear layout), got a 1-D tensor "
+            f"of shape {tuple(weight.shape)}: per-class weights (F.cross_entropy's weight) go in "
+            "class_weight="
+        )
     rows = input.shape[0]
     if spec.head == "logits":
         if weight is not None:
@@ -139,15 +149,18 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
         if weight.dtype != input.dtype:
             raise TypeError(f"weight has dtype {weight.dtype} but input has {input.dtype}")
         if weight.shape[1] != input.shape[1]:
-            raise ValueError(f"weight must be C x D with D = input.shape[1] = {input.shape[1]}, "
-                             f"got shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must be C x D with D = input.shape[1] = {input.shape[1]}, got shape {tuple(weight.shape)}"
+            )
         num_classes = weight.shape[0]
     if num_classes < 2:
         raise ValueError(f"the number of classes C must be at least 2, got {num_classes}")
     if bias is not None:
         if spec.head != "linear":
-            raise ValueError(f"bias applies only to head='linear', got head={spec.head!r} "
-                             "(pass head='linear' for an nn.Linear classifier with a bias)")
+            raise ValueError(
+                f"bias applies only to head='linear', got head={spec.head!r} "
+                "(pass head='linear' for an nn.Linear classifier with a bias)"
+            )
         _check_tensor("bias", bias, device, dims=1)
         if bias.shape[0] != num_classes:
             raise ValueError(f"bias must have C = {num_classes} entries, got {bias.shape[0]}")
@@ -165,22 +178,31 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
         value = getattr(tables, name)
         if value is not None:
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor of C numbers, got {type(value).__name__} "
-                                f"{value!r}" + (" (build per-class weights with fm.class_balanced_weights or "
-                                                "fm.marc_weights)" if name == "class_weight" else ""))
+                raise TypeError(
+                    f"{name} must be a torch.Tensor of C numbers, got {type(value).__name__} "
+                    f"{value!r}"
+                    + (
+                        " (build per-class weights with fm.class_balanced_weights or fm.marc_weights)"
+                        if name == "class_weight"
+                        else ""
+                    )
+                )
             _check_tensor(name, value, device, dims=1)
             if value.shape[0] != num_classes:
                 raise ValueError(f"{name} must have C = {num_classes} entries, got {value.shape[0]}")
     if tables.pair_perturbation is not None:
         _check_tensor("pair_perturbation", tables.pair_perturbation, device, dims=2)
         if tuple(tables.pair_perturbation.shape) != (rows, num_classes):
-            raise ValueError(f"pair_perturbation must be B x C = {rows} x {num_classes}, "
-                             f"got {tuple(tables.pair_perturbation.shape)}")
+            raise ValueError(
+                f"pair_perturbation must be B x C = {rows} x {num_classes}, got {tuple(tables.pair_perturbation.shape)}"
+            )
     if tables.beta is not None and spec.head == "logits" and tables.class_norms is None:
         raise ValueError("beta on head='logits' needs class_norms, the classifier's row norms ||W_j||")
     if tables.class_norms is not None and (spec.head != "logits" or tables.beta is None):
-        raise ValueError("class_norms is used only with beta on head='logits' "
-                         "(the cosine and linear heads take the norms from weight)")
+        raise ValueError(
+            "class_norms is used only with beta on head='logits' "
+            "(the cosine and linear heads take the norms from weight)"
+        )
     for name, value in zip(LossTables._fields, tables):
         if value is not None:
             _check_finite(name, value)
@@ -188,14 +210,26 @@ def _validate(input, target, weight, bias, spec: MarginLossSpec, tables: LossTab
 
 
 @options.takes_options
-def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                         *, bias: Optional[torch.Tensor] = None, head: Optional[str] = None,
-                         class_margins: Optional[torch.Tensor] = None, logit_offset: Optional[torch.Tensor] = None,
-                         pair_perturbation: Optional[torch.Tensor] = None, omega: Optional[torch.Tensor] = None,
-                         beta: Optional[torch.Tensor] = None, class_norms: Optional[torch.Tensor] = None,
-                         class_weight: Optional[torch.Tensor] = None, return_aux: bool = False,
-                         backend: str = "auto", class_chunk: Union[str, int] = "auto",
-                         double_backward: bool = False, **loss_options):
+def margin_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    head: Optional[str] = None,
+    class_margins: Optional[torch.Tensor] = None,
+    logit_offset: Optional[torch.Tensor] = None,
+    pair_perturbation: Optional[torch.Tensor] = None,
+    omega: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    class_norms: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    return_aux: bool = False,
+    backend: str = "auto",
+    class_chunk: Union[str, int] = "auto",
+    double_backward: bool = False,
+    **loss_options,
+):
     r"""Margin softmax cross-entropy (docs/loss.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
     softmax, logit adjustment, MARC and MetaLAD.
 
@@ -273,11 +307,13 @@ def margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Opti
     class_chunk = check_class_chunk(class_chunk)
     backend, class_chunk = route_backend(backend, class_chunk, tables, double_backward)
     if autocast_device is None:
-        return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux,
-                          class_chunk=class_chunk)
+        return apply_loss(
+            input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux, class_chunk=class_chunk
+        )
     with torch.autocast(autocast_device, enabled=False):  # the row math in fp32, the GEMMs in the cast dtype
-        return apply_loss(input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux,
-                          class_chunk=class_chunk)
+        return apply_loss(
+            input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux, class_chunk=class_chunk
+        )
 
 
 def autocast_device_of(input) -> Optional[str]:
@@ -296,8 +332,10 @@ def autocast_operands(device_type: str, *tensors):
     the region's dtype (differentiably: a gradient comes back in the tensor's own dtype); anything else
     (None, float64, integer, non-tensors, left for the checks) unchanged."""
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in tensors)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
 
 
 #: tables whose gradient only the reference computes (see :func:`margin_cross_entropy`, "Learnable tables")
@@ -316,17 +354,24 @@ def route_backend(backend, class_chunk, tables: LossTables, double_backward: boo
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     learnable = []
     if torch.is_grad_enabled():
-        learnable = [name for name in REFERENCE_ONLY_GRADS
-                     if isinstance(getattr(tables, name), torch.Tensor) and getattr(tables, name).requires_grad]
+        learnable = [
+            name
+            for name in REFERENCE_ONLY_GRADS
+            if isinstance(getattr(tables, name), torch.Tensor) and getattr(tables, name).requires_grad
+        ]
     if not double_backward and not learnable:
         return backend, class_chunk
     if double_backward:
-        why = ("double_backward=True: the fused backends and the memory-lean path give first-order "
-               "gradients only, backend='reference' gives second derivatives")
+        why = (
+            "double_backward=True: the fused backends and the memory-lean path give first-order "
+            "gradients only, backend='reference' gives second derivatives"
+        )
     else:
-        why = (f"{', '.join(learnable)} requires grad: the fused backends and the memory-lean path give "
-               f"{'it' if len(learnable) == 1 else 'them'} no gradient, backend='reference' computes "
-               f"{'its' if len(learnable) == 1 else 'their'} gradient")
+        why = (
+            f"{', '.join(learnable)} requires grad: the fused backends and the memory-lean path give "
+            f"{'it' if len(learnable) == 1 else 'them'} no gradient, backend='reference' computes "
+            f"{'its' if len(learnable) == 1 else 'their'} gradient"
+        )
     if backend not in ("auto", "reference"):
         raise ValueError(f"{why}; got backend={backend!r}: pass backend='reference' (or 'auto')")
     if class_chunk not in ("auto", "off"):
@@ -339,8 +384,11 @@ def route_backend(backend, class_chunk, tables: LossTables, double_backward: boo
 
 #: every keyword option of :func:`margin_cross_entropy` (what ``**options`` of the presets and modules may
 #: name; a typo fails at construction against this set).
-OPTION_NAMES = frozenset(name for name, p in inspect.signature(margin_cross_entropy).parameters.items()
-                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+OPTION_NAMES = frozenset(
+    name
+    for name, p in inspect.signature(margin_cross_entropy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 def check_option_names(options, owner: str, taken=(), extra=()) -> None:
@@ -348,8 +396,10 @@ def check_option_names(options, owner: str, taken=(), extra=()) -> None:
     ``owner``'s own keywords), or that ``owner`` sets itself (``taken``), naming them and the valid set."""
     unknown = sorted(set(options) - OPTION_NAMES - set(extra))
     if unknown:
-        raise TypeError(f"{owner} got unknown option(s) {unknown}; valid options are "
-                        f"{sorted((OPTION_NAMES | set(extra)) - set(taken))}")
+        raise TypeError(
+            f"{owner} got unknown option(s) {unknown}; valid options are "
+            f"{sorted((OPTION_NAMES | set(extra)) - set(taken))}"
+        )
     clash = sorted(set(options) & set(taken))
     if clash:
         raise TypeError(f"{owner} sets {clash} itself; pass them through its own arguments")
@@ -363,9 +413,16 @@ logit adjustment (an ``nn.Linear`` classifier, bias allowed). ``head=`` (modules
 overrides it."""
 
 #: the head each entry point uses when ``weight`` is given without ``head`` (:data:`HEAD_RULE`).
-DEFAULT_FEATURE_HEADS = {"margin_cross_entropy": "cosine", "dbm_loss": "cosine", "ldam_loss": "cosine",
-                         "elm_loss": "cosine", "arcface_loss": "cosine", "cosface_loss": "cosine",
-                         "balanced_softmax_loss": "linear", "logit_adjusted_loss": "linear"}
+DEFAULT_FEATURE_HEADS = {
+    "margin_cross_entropy": "cosine",
+    "dbm_loss": "cosine",
+    "ldam_loss": "cosine",
+    "elm_loss": "cosine",
+    "arcface_loss": "cosine",
+    "cosface_loss": "cosine",
+    "balanced_softmax_loss": "linear",
+    "logit_adjusted_loss": "linear",
+}
 
 
 def resolve_head(head: Optional[str], weight, default_feature_head: str) -> str:
@@ -380,14 +437,17 @@ def resolve_head(head: Optional[str], weight, default_feature_head: str) -> str:
 LEAN_THRESHOLD_BYTES = BUDGET_BYTES
 
 
-
 def check_class_chunk(class_chunk) -> Union[str, int]:
     """``class_chunk`` checked: ``"auto"``, ``"off"`` or a positive int (NumPy/0-d tensor ints taken)."""
     if isinstance(class_chunk, str):
         if class_chunk in ("auto", "off"):
             return class_chunk
-    elif isinstance(class_chunk, torch.Tensor) and class_chunk.dim() == 0 and not class_chunk.is_floating_point() \
-            and class_chunk.dtype != torch.bool:
+    elif (
+        isinstance(class_chunk, torch.Tensor)
+        and class_chunk.dim() == 0
+        and not class_chunk.is_floating_point()
+        and class_chunk.dtype != torch.bool
+    ):
         class_chunk = int(class_chunk)
         if class_chunk >= 1:
             return class_chunk
@@ -406,8 +466,18 @@ def uses_lean_path(class_chunk, fused: bool, spec: MarginLossSpec, rows: int, nu
     return fused and spec.head != "logits" and rows * num_classes * 4 > LEAN_THRESHOLD_BYTES
 
 
-def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTables, *, backend="auto",
-               return_aux=False, class_chunk="auto"):
+def apply_loss(
+    input,
+    target,
+    weight,
+    bias,
+    spec: MarginLossSpec,
+    tables: LossTables,
+    *,
+    backend="auto",
+    return_aux=False,
+    class_chunk="auto",
+):
     """Run validated inputs through the chosen backend (see :func:`margin_cross_entropy`). The labels'
     range is checked here, before any kernel reads them, except on the fused row path, whose kernels
     check it themselves (the contract of :mod:`fused_margin.paths.fused`: no extra op in the step)."""
@@ -421,7 +491,8 @@ def apply_loss(input, target, weight, bias, spec: MarginLossSpec, tables: LossTa
     if lean:
         chunk = None if class_chunk == "auto" else min(class_chunk, num_classes)
         loss, lse, pred, hard = lean_margin_cross_entropy(
-            input, target, weight, bias, spec, tables, chunk=chunk, kernel=entry.name)
+            input, target, weight, bias, spec, tables, chunk=chunk, kernel=entry.name
+        )
         aux = MarginAux(lse, pred, hard)
     elif kernel is None:
         loss, aux = margin_cross_entropy_reference(input, target, weight, bias, spec, tables)
@@ -452,9 +523,26 @@ def _preset(name, input, target, weight, head, cosine_logits, preset_options, kw
     return margin_cross_entropy(input, target, weight, **options)
 
 
-def dbm_loss(input, target, weight=None, *, class_counts, variant="ce", K=0.1, tau=1.0, scale=30.0,
-             lambda_inst=1.0, margin_ref="min", hard_mode="hard", epoch=0, drw_betas=(0.0, 0.9999),
-             drw_step=160, cb_beta=0.9999, head=None, **kwargs):
+def dbm_loss(
+    input,
+    target,
+    weight=None,
+    *,
+    class_counts,
+    variant="ce",
+    K=0.1,
+    tau=1.0,
+    scale=30.0,
+    lambda_inst=1.0,
+    margin_ref="min",
+    hard_mode="hard",
+    epoch=0,
+    drw_betas=(0.0, 0.9999),
+    drw_step=160,
+    cb_beta=0.9999,
+    head=None,
+    **kwargs,
+):
     """DBM (difficulty-aware balancing margin, AAAI'25): ArcFace-style angular margin on a cosine
     classifier, ``M_i = m_y (1 + lambda_inst h_i (1 - cos_iy) / 2)`` with ``m_y = K (n_ref / n_y)^tau``.
 
@@ -463,16 +551,34 @@ def dbm_loss(input, target, weight=None, *, class_counts, variant="ce", K=0.1, t
     Head: ``weight`` given means features on the cosine head, else the input holds cosines
     (:data:`HEAD_RULE`). Tables are built in float64 and used in the input's compute dtype. Builds its
     tables on every call: in a training loop use :class:`fused_margin.DBMLoss`."""
-    tables = dbm_tables(class_counts, variant, K, tau, margin_ref, epoch, drw_betas, drw_step, cb_beta,
-                        dtype=torch.float64)
+    tables = dbm_tables(
+        class_counts, variant, K, tau, margin_ref, epoch, drw_betas, drw_step, cb_beta, dtype=torch.float64
+    )
     tables = {k: _table(v, input) for k, v in tables.items()}
-    return _preset("dbm_loss", input, target, weight, head, True,
-                   dict(scale=scale, margin_type="additive_angular", lambda_inst=lambda_inst,
-                        hard_mode=hard_mode, **tables), kwargs)
+    return _preset(
+        "dbm_loss",
+        input,
+        target,
+        weight,
+        head,
+        True,
+        dict(scale=scale, margin_type="additive_angular", lambda_inst=lambda_inst, hard_mode=hard_mode, **tables),
+        kwargs,
+    )
 
 
-def dbm_tables(class_counts, variant, K, tau, margin_ref, epoch=0, drw_betas=(0.0, 0.9999), drw_step=160,
-               cb_beta=0.9999, dtype=torch.float32):
+def dbm_tables(
+    class_counts,
+    variant,
+    K,
+    tau,
+    margin_ref,
+    epoch=0,
+    drw_betas=(0.0, 0.9999),
+    drw_step=160,
+    cb_beta=0.9999,
+    dtype=torch.float32,
+):
     """The tables of a DBM variant (see :func:`dbm_loss`), computed in float64 and cast to ``dtype``.
     ``drw_betas`` and ``drw_step`` are checked whatever ``epoch`` (so a bad schedule fails now)."""
     tables = {"class_margins": builders.dbm_class_margins(class_counts, K, tau, margin_ref, dtype=dtype)}
@@ -492,41 +598,70 @@ def ldam_loss(input, target, weight=None, *, class_counts, max_m=0.5, scale=30.0
     ``max_m``. Pass ``class_weight`` for LDAM-DRW. Head: ``weight`` given means features on the cosine
     head (``head="linear"`` for an unnormalised one), else the input holds cosines (:data:`HEAD_RULE`)."""
     margins = _table(builders.ldam_margins(class_counts, max_m, dtype=torch.float64), input)
-    return _preset("ldam_loss", input, target, weight, head, True,
-                   dict(scale=scale, class_margins=margins, margin_type="additive_cosine"), kwargs)
+    return _preset(
+        "ldam_loss",
+        input,
+        target,
+        weight,
+        head,
+        True,
+        dict(scale=scale, class_margins=margins, margin_type="additive_cosine"),
+        kwargs,
+    )
 
 
-def elm_loss(input, target, weight=None, *, class_counts, max_m=0.5, lambda_elm=1.0, scale=30.0, head=None,
-             **kwargs):
+def elm_loss(input, target, weight=None, *, class_counts, max_m=0.5, lambda_elm=1.0, scale=30.0, head=None, **kwargs):
     """ELM (Kato & Hotta, eq. 7): LDAM's margins with the strongest wrong class's margin added back,
     target ``s (cos_y - m_y + lambda_elm m_{c*})``. Head: ``weight`` given means the cosine head, else the
     input holds cosines (:data:`HEAD_RULE`)."""
     margins = _table(builders.ldam_margins(class_counts, max_m, dtype=torch.float64), input)
-    return _preset("elm_loss", input, target, weight, head, True,
-                   dict(scale=scale, class_margins=margins, margin_type="additive_cosine",
-                        lambda_elm=lambda_elm), kwargs)
+    return _preset(
+        "elm_loss",
+        input,
+        target,
+        weight,
+        head,
+        True,
+        dict(scale=scale, class_margins=margins, margin_type="additive_cosine", lambda_elm=lambda_elm),
+        kwargs,
+    )
 
 
 def _constant_margins(input, weight, margin):
     margin = builders._finite("margin", margin)
-    return torch.full((_num_classes(input, weight),), margin, device=input.device,
-                      dtype=compute_dtype(input.dtype))
+    return torch.full((_num_classes(input, weight),), margin, device=input.device, dtype=compute_dtype(input.dtype))
 
 
 def arcface_loss(input, target, weight=None, *, margin=0.5, scale=64.0, head=None, **kwargs):
     """ArcFace (Deng et al. 2019): ``s cos(theta_y + m)``; ``angular_fold="threshold"`` for its guard.
     Head: ``weight`` given means the cosine head, else the input holds cosines (:data:`HEAD_RULE`)."""
     margins = _constant_margins(input, weight, margin)
-    return _preset("arcface_loss", input, target, weight, head, True,
-                   dict(scale=scale, class_margins=margins, margin_type="additive_angular"), kwargs)
+    return _preset(
+        "arcface_loss",
+        input,
+        target,
+        weight,
+        head,
+        True,
+        dict(scale=scale, class_margins=margins, margin_type="additive_angular"),
+        kwargs,
+    )
 
 
 def cosface_loss(input, target, weight=None, *, margin=0.35, scale=64.0, head=None, **kwargs):
     """CosFace (Wang et al. 2018): ``s (cos_y - m)``. Head: ``weight`` given means the cosine head, else
     the input holds cosines (:data:`HEAD_RULE`)."""
     margins = _constant_margins(input, weight, margin)
-    return _preset("cosface_loss", input, target, weight, head, True,
-                   dict(scale=scale, class_margins=margins, margin_type="additive_cosine"), kwargs)
+    return _preset(
+        "cosface_loss",
+        input,
+        target,
+        weight,
+        head,
+        True,
+        dict(scale=scale, class_margins=margins, margin_type="additive_cosine"),
+        kwargs,
+    )
 
 
 def balanced_softmax_loss(input, target, weight=None, *, class_counts, head=None, **kwargs):
@@ -534,8 +669,7 @@ def balanced_softmax_loss(input, target, weight=None, *, class_counts, head=None
     Head: ``weight`` given means the linear head ``X W^T + b`` of the paper (``head="cosine"`` with a
     ``scale`` for a cosine classifier), else the input holds logits (:data:`HEAD_RULE`)."""
     offset = _table(builders.log_prior(class_counts, dtype=torch.float64), input)
-    return _preset("balanced_softmax_loss", input, target, weight, head, False, dict(logit_offset=offset),
-                   kwargs)
+    return _preset("balanced_softmax_loss", input, target, weight, head, False, dict(logit_offset=offset), kwargs)
 
 
 def logit_adjusted_loss(input, target, weight=None, *, class_counts, tau=1.0, head=None, **kwargs):
@@ -544,5 +678,4 @@ def logit_adjusted_loss(input, target, weight=None, *, class_counts, tau=1.0, he
     classifier), else the input holds logits (:data:`HEAD_RULE`)."""
     tau = builders._finite("tau", tau)
     offset = _table(builders.log_prior(class_counts, dtype=torch.float64) * tau, input)
-    return _preset("logit_adjusted_loss", input, target, weight, head, False, dict(logit_offset=offset),
-                   kwargs)
+    return _preset("logit_adjusted_loss", input, target, weight, head, False, dict(logit_offset=offset), kwargs)

@@ -1,4 +1,5 @@
 """``nn.Module`` losses (tables cached as buffers, so ``.to(device)`` moves them) and the cosine head."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +8,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fused_margin.core import builders
 from fused_margin.backends import BACKENDS
-from fused_margin.functional import check_class_chunk, check_option_names, dbm_tables, margin_cross_entropy
+from fused_margin.core import builders
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import MarginLossSpec
+from fused_margin.functional import check_class_chunk, check_option_names, dbm_tables, margin_cross_entropy
 
 __all__ = [
     "MarginLoss",
@@ -34,8 +35,10 @@ _MODULE_OPTIONS = ("feature_head", "cosine_input") + _TABLES
 def _check_options(options, owner, taken=()):
     for name, ours in (("head", "feature_head"), ("input_is_cosine", "cosine_input")):
         if name in options:
-            raise TypeError(f"{owner} takes {ours}= (the head when forward gets weight / whether logits are "
-                            f"cosines), not {name}=; forward(..., {name}=...) overrides it per call")
+            raise TypeError(
+                f"{owner} takes {ours}= (the head when forward gets weight / whether logits are "
+                f"cosines), not {name}=; forward(..., {name}=...) overrides it per call"
+            )
     check_option_names(options, owner, taken=tuple(taken) + ("head", "input_is_cosine"), extra=_MODULE_OPTIONS)
 
 
@@ -62,21 +65,41 @@ class MarginLoss(nn.Module):
     #: the head used when ``forward`` gets ``weight`` and ``feature_head`` was not given.
     default_feature_head = "cosine"
 
-    def __init__(self, *, class_margins=None, logit_offset=None, class_weight=None, scale=1.0,
-                 margin_type="additive_cosine", cosine_input=True, feature_head=None, reduction="mean",
-                 ignore_index=-100, label_smoothing=0.0, backend="auto", **options):
+    def __init__(
+        self,
+        *,
+        class_margins=None,
+        logit_offset=None,
+        class_weight=None,
+        scale=1.0,
+        margin_type="additive_cosine",
+        cosine_input=True,
+        feature_head=None,
+        reduction="mean",
+        ignore_index=-100,
+        label_smoothing=0.0,
+        backend="auto",
+        **options,
+    ):
         super().__init__()
         owner = type(self).__name__
         _check_options(options, owner)
         if feature_head is None:
             feature_head = self.default_feature_head
         if feature_head not in ("cosine", "linear"):
-            raise ValueError(f"feature_head must be 'cosine' or 'linear' (the head when forward gets weight), "
-                             f"got {feature_head!r}")
+            raise ValueError(
+                f"feature_head must be 'cosine' or 'linear' (the head when forward gets weight), got {feature_head!r}"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        options = dict(scale=scale, margin_type=margin_type, reduction=reduction, ignore_index=ignore_index,
-                       label_smoothing=label_smoothing, **options)
+        options = dict(
+            scale=scale,
+            margin_type=margin_type,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            **options,
+        )
         spec_options = {k: v for k, v in options.items() if k in _SPEC_FIELDS}
         spec = MarginLossSpec(head=feature_head, **spec_options)  # every value checked now
         options.update({k: getattr(spec, k) for k in spec_options})  # as plain Python numbers
@@ -132,8 +155,9 @@ class MarginLoss(nn.Module):
                 self._buffers[name] = exact.to(buf.device)  # the float64 values, not float32-rounded ones
         return result
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                **kwargs) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, **kwargs
+    ) -> torch.Tensor:
         options = {name: self._buffers[name] for name in _TABLES if self._buffers[name] is not None}
         options.update(self.options)
         if weight is None:
@@ -161,17 +185,37 @@ class DBMLoss(MarginLoss):
     it belongs to), so ``load_state_dict`` on a resumed run restores the DRW weights of that epoch.
     """
 
-    def __init__(self, class_counts, *, variant="ce", K=0.1, tau=1.0, scale=30.0, lambda_inst=1.0,
-                 margin_ref="min", hard_mode="hard", drw_betas: Sequence[float] = (0.0, 0.9999),
-                 drw_step=160, cb_beta=0.9999, backend="auto", **options):
+    def __init__(
+        self,
+        class_counts,
+        *,
+        variant="ce",
+        K=0.1,
+        tau=1.0,
+        scale=30.0,
+        lambda_inst=1.0,
+        margin_ref="min",
+        hard_mode="hard",
+        drw_betas: Sequence[float] = (0.0, 0.9999),
+        drw_step=160,
+        cb_beta=0.9999,
+        backend="auto",
+        **options,
+    ):
         counts = builders.as_class_counts(class_counts)
         drw_betas = builders.check_betas(drw_betas, "drw_betas")
         drw_step = builders._positive_int("drw_step", drw_step, 1, "> 0")
-        tables = dbm_tables(counts, variant, K, tau, margin_ref, 0, drw_betas, drw_step, cb_beta,
-                            dtype=torch.float64)
+        tables = dbm_tables(counts, variant, K, tau, margin_ref, 0, drw_betas, drw_step, cb_beta, dtype=torch.float64)
         _check_options(options, "DBMLoss", taken=("margin_type",) + tuple(tables))
-        super().__init__(**tables, scale=scale, margin_type="additive_angular", lambda_inst=lambda_inst,
-                         hard_mode=hard_mode, backend=backend, **options)
+        super().__init__(
+            **tables,
+            scale=scale,
+            margin_type="additive_angular",
+            lambda_inst=lambda_inst,
+            hard_mode=hard_mode,
+            backend=backend,
+            **options,
+        )
         self.class_counts = counts
         self.variant = variant
         self.drw_betas, self.drw_step = drw_betas, drw_step
@@ -182,23 +226,33 @@ class DBMLoss(MarginLoss):
         variants). ``epoch``: a Python, NumPy or 0-d tensor integer >= 0."""
         epoch = builders._positive_int("epoch", epoch, 0)
         if self.variant == "drw":
-            self.set_table("class_weight", builders.drw_weights(self.class_counts, epoch, self.drw_betas,
-                                                                self.drw_step, dtype=torch.float64))
+            self.set_table(
+                "class_weight",
+                builders.drw_weights(self.class_counts, epoch, self.drw_betas, self.drw_step, dtype=torch.float64),
+            )
         self.epoch = epoch
 
     def get_extra_state(self):
-        return {"epoch": self.epoch, "variant": self.variant, "drw_betas": self.drw_betas,
-                "drw_step": self.drw_step, "class_counts": torch.from_numpy(self.class_counts.copy())}
+        return {
+            "epoch": self.epoch,
+            "variant": self.variant,
+            "drw_betas": self.drw_betas,
+            "drw_step": self.drw_step,
+            "class_counts": torch.from_numpy(self.class_counts.copy()),
+        }
 
     def set_extra_state(self, state):
         counts = state["class_counts"]
-        for key, ours, theirs in (("variant", self.variant, state["variant"]),
-                                  ("drw_betas", self.drw_betas, tuple(state["drw_betas"])),
-                                  ("drw_step", self.drw_step, state["drw_step"])):
+        for key, ours, theirs in (
+            ("variant", self.variant, state["variant"]),
+            ("drw_betas", self.drw_betas, tuple(state["drw_betas"])),
+            ("drw_step", self.drw_step, state["drw_step"]),
+        ):
             if ours != theirs:
                 raise ValueError(f"DBMLoss state was saved with {key}={theirs!r}, this loss has {ours!r}")
         if counts.shape[0] != self.class_counts.size or not bool(
-                (counts.double() == torch.from_numpy(self.class_counts)).all()):
+            (counts.double() == torch.from_numpy(self.class_counts)).all()
+        ):
             raise ValueError("DBMLoss state was saved with other class_counts than this loss's")
         self.set_epoch(state["epoch"])
 
@@ -211,9 +265,14 @@ class LDAMLoss(MarginLoss):
 
     def __init__(self, class_counts, *, max_m=0.5, scale=30.0, class_weight=None, backend="auto", **options):
         _check_options(options, "LDAMLoss", taken=("margin_type", "class_margins"))
-        super().__init__(class_margins=builders.ldam_margins(class_counts, max_m, dtype=torch.float64),
-                         class_weight=class_weight, scale=scale, margin_type="additive_cosine", backend=backend,
-                         **options)
+        super().__init__(
+            class_margins=builders.ldam_margins(class_counts, max_m, dtype=torch.float64),
+            class_weight=class_weight,
+            scale=scale,
+            margin_type="additive_cosine",
+            backend=backend,
+            **options,
+        )
 
 
 class ELMLoss(MarginLoss):
@@ -223,9 +282,14 @@ class ELMLoss(MarginLoss):
 
     def __init__(self, class_counts, *, max_m=0.5, lambda_elm=1.0, scale=30.0, backend="auto", **options):
         _check_options(options, "ELMLoss", taken=("margin_type", "class_margins"))
-        super().__init__(class_margins=builders.ldam_margins(class_counts, max_m, dtype=torch.float64),
-                         scale=scale, margin_type="additive_cosine", lambda_elm=lambda_elm, backend=backend,
-                         **options)
+        super().__init__(
+            class_margins=builders.ldam_margins(class_counts, max_m, dtype=torch.float64),
+            scale=scale,
+            margin_type="additive_cosine",
+            lambda_elm=lambda_elm,
+            backend=backend,
+            **options,
+        )
 
 
 class _ConstantMarginLoss(MarginLoss):
@@ -240,8 +304,9 @@ class _ConstantMarginLoss(MarginLoss):
         for float64 input); a per-call ``class_margins`` replaces it."""
         if "class_margins" not in kwargs and self._buffers["class_margins"] is None:
             num_classes = input.shape[1] if weight is None else weight.shape[0]
-            kwargs["class_margins"] = torch.full((num_classes,), self.margin, device=input.device,
-                                                 dtype=compute_dtype(input.dtype))
+            kwargs["class_margins"] = torch.full(
+                (num_classes,), self.margin, device=input.device, dtype=compute_dtype(input.dtype)
+            )
         return super().forward(input, target, weight, **kwargs)
 
 
@@ -270,8 +335,12 @@ class BalancedSoftmaxLoss(MarginLoss):
 
     def __init__(self, class_counts, *, backend="auto", **options):
         _check_options(options, "BalancedSoftmaxLoss", taken=("logit_offset", "cosine_input"))
-        super().__init__(logit_offset=builders.log_prior(class_counts, dtype=torch.float64), cosine_input=False,
-                         backend=backend, **options)
+        super().__init__(
+            logit_offset=builders.log_prior(class_counts, dtype=torch.float64),
+            cosine_input=False,
+            backend=backend,
+            **options,
+        )
 
 
 class LogitAdjustedLoss(MarginLoss):
@@ -284,8 +353,12 @@ class LogitAdjustedLoss(MarginLoss):
     def __init__(self, class_counts, *, tau=1.0, backend="auto", **options):
         _check_options(options, "LogitAdjustedLoss", taken=("logit_offset", "cosine_input"))
         tau = builders._finite("tau", tau)
-        super().__init__(logit_offset=builders.log_prior(class_counts, dtype=torch.float64) * tau,
-                         cosine_input=False, backend=backend, **options)
+        super().__init__(
+            logit_offset=builders.log_prior(class_counts, dtype=torch.float64) * tau,
+            cosine_input=False,
+            backend=backend,
+            **options,
+        )
 
 
 class CosineClassifier(nn.Module):
@@ -318,16 +391,19 @@ class CosineClassifier(nn.Module):
         """Copy a published (in_features, out_features)-layout weight into this C x D head."""
         expected = (self.in_features, self.out_features)
         if tuple(weight_in_out.shape) != expected:
-            raise ValueError(f"published weight must have shape (in_features, out_features) = {expected}, "
-                             f"got {tuple(weight_in_out.shape)}")
+            raise ValueError(
+                f"published weight must have shape (in_features, out_features) = {expected}, "
+                f"got {tuple(weight_in_out.shape)}"
+            )
         with torch.no_grad():
             self.weight.copy_(weight_in_out.t())
 
     @classmethod
-    def from_published(cls, weight_in_out: torch.Tensor) -> "CosineClassifier":
+    def from_published(cls, weight_in_out: torch.Tensor) -> CosineClassifier:
         """A head holding a published (in_features, out_features)-layout weight."""
-        head = cls(weight_in_out.shape[0], weight_in_out.shape[1], device=weight_in_out.device,
-                   dtype=weight_in_out.dtype)
+        head = cls(
+            weight_in_out.shape[0], weight_in_out.shape[1], device=weight_in_out.device, dtype=weight_in_out.dtype
+        )
         head.load_published_weight(weight_in_out)
         return head
 

@@ -8,6 +8,7 @@ why): new Triton releases have changed what the kernels' code means before (a bl
 scalar condition, loop-carried types), and a wrong kernel is worse than a slower one.
 ``FUSED_MARGIN_ALLOW_UNTESTED_TRITON=1`` turns the refusal into a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,20 +44,26 @@ def triton_problem(version: str) -> Optional[str]:
     if _in_range(version, TRITON_TESTED):
         return None
     low, high = TRITON_TESTED
-    return (f"Triton {version} is untested with fused_margin (tested: {low} to {high}); install a tested "
-            f"release (pip install 'triton>={low},<{major_minor(high)[0]}.{major_minor(high)[1] + 1}') or set "
-            f"{ALLOW_UNTESTED_TRITON}=1 to run the Triton kernels anyway")
+    return (
+        f"Triton {version} is untested with fused_margin (tested: {low} to {high}); install a tested "
+        f"release (pip install 'triton>={low},<{major_minor(high)[0]}.{major_minor(high)[1] + 1}') or set "
+        f"{ALLOW_UNTESTED_TRITON}=1 to run the Triton kernels anyway"
+    )
 
 
 def check_triton() -> None:
     """Raise :class:`UntestedTritonError` for an untested Triton (a ``RuntimeWarning`` instead with
     ``FUSED_MARGIN_ALLOW_UNTESTED_TRITON=1``)."""
     import triton
+
     problem = triton_problem(triton.__version__)
     if problem is None:
         return
     if os.environ.get(ALLOW_UNTESTED_TRITON, "").strip().lower() in ("1", "true", "yes", "on"):
-        warnings.warn(f"fused_margin: {problem.split(';')[0]}; running its kernels as "
-                      f"{ALLOW_UNTESTED_TRITON} asks", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fused_margin: {problem.split(';')[0]}; running its kernels as {ALLOW_UNTESTED_TRITON} asks",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     raise UntestedTritonError(problem)

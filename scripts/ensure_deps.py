@@ -1,8 +1,10 @@
-"""Install the pinned requirements that are missing from this interpreter, keep the ones present.
+"""Install the pinned requirements that are missing from this interpreter, keep the ones present; a line
+whose comment starts with "optional" may fail to install (the lint tool, on a machine without an index).
 
 A GPU machine's CUDA torch and triton are already installed (and it has no network): they are kept,
 never replaced by the CPU pins. Usage: python scripts/ensure_deps.py requirements-dev.txt
 """
+
 import importlib.util
 import subprocess
 import sys
@@ -11,19 +13,24 @@ IMPORT_NAMES = {"scikit-learn": "sklearn", "pytest-benchmark": "pytest_benchmark
 
 
 def main(path):
-    missing = []
+    missing, optional = [], []
     for line in open(path):
-        req = line.split("#", 1)[0].strip()
+        req, _, comment = line.partition("#")
+        req = req.strip()
         if not req:
             continue
         name = req.split("==")[0].split(">=")[0].strip()
         module = IMPORT_NAMES.get(name, name.replace("-", "_"))
         if importlib.util.find_spec(module) is None:
-            missing.append(req)
+            (optional if comment.strip().startswith("optional") else missing).append(req)
     if missing:
         print("installing:", " ".join(missing), flush=True)
         subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *missing])
-    else:
+    if optional:  # tools the tests do not need (a GPU machine without a package index goes on without them)
+        print("installing (optional):", " ".join(optional), flush=True)
+        if subprocess.call([sys.executable, "-m", "pip", "install", "-q", *optional]) != 0:
+            print("could not install", " ".join(optional), "(optional): going on without", flush=True)
+    if not missing and not optional:
         print("dependencies already present", flush=True)
 
 

@@ -1,5 +1,6 @@
 """Write fused_margin/backends/csrc/options.h from the option registry (fused_margin/core/options.py): run it
 after adding or changing an option the kernels read (tests/core/test_options.py fails while it is stale)."""
+
 import os
 import sys
 

@@ -10,13 +10,15 @@ For each backend asked for, one step of ``LOSS`` (a benchmark loss, see ``python
 * on a GPU, the registers, spills and shared memory of every Triton kernel compiled so far (a row
   kernel that spills or runs at low occupancy shows here).
 
-A backend written ``NAME/separate`` runs with the ``grad_in_forward`` switch off (fused_margin.config): the separate row backward
-instead of the forward that forms ``dL/draw`` (``RowKernel.forward_backward``), to measure what that saves.
+A backend written ``NAME/separate`` runs with the ``grad_in_forward`` switch off (fused_margin.config): the
+separate row backward instead of the forward that forms ``dL/draw`` (``RowKernel.forward_backward``), to
+measure what that saves.
 
 Usage (scripts/gpu_check.sh runs it on a GPU; on a CPU it works too, the device columns then empty)::
 
     python scripts/profile_step.py --preset inat --dtype bf16 --loss dbm-bs --backends triton,triton/separate,cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,14 +87,20 @@ def _triton_kernel_report() -> list:
                     except Exception:  # noqa: BLE001
                         pass
                     meta = getattr(compiled, "metadata", None)
-                    rows.append((fn.__name__, getattr(compiled, "n_regs", "?"), getattr(compiled, "n_spills", "?"),
-                                 getattr(meta, "shared", "?"), getattr(meta, "num_warps", "?")))
+                    rows.append(
+                        (
+                            fn.__name__,
+                            getattr(compiled, "n_regs", "?"),
+                            getattr(compiled, "n_spills", "?"),
+                            getattr(meta, "shared", "?"),
+                            getattr(meta, "num_warps", "?"),
+                        )
+                    )
     return rows or [("(none found in the JIT caches)", "", "", "", "")]
 
 
 def profile_backend(backend: str, args, device) -> str:
     """One backend (``NAME`` or ``NAME/separate``, see the module docstring)."""
-    import fused_margin as fm
 
     name, _, variant = backend.partition("/")
     if variant not in ("", "separate"):
@@ -134,26 +142,32 @@ def _profile(backend: str, label: str, args, device) -> str:
             _step(fn, X, W, y)
         _sync(device)
     events = prof.key_averages()
-    lines = [f"== {args.loss}/{args.head} backend={label} B={B} D={D} C={C} {args.dtype} on {device} "
-             f"(torch {torch.__version__})",
-             f"wall: {wall_ms:.3f} ms per step (mean of {args.steps}, one synchronisation at the end)",
-             f"dispatched ops per step: {sum(counter.ops.values())}: " +
-             ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counter.ops.most_common())]
+    lines = [
+        f"== {args.loss}/{args.head} backend={label} B={B} D={D} C={C} {args.dtype} on {device} "
+        f"(torch {torch.__version__})",
+        f"wall: {wall_ms:.3f} ms per step (mean of {args.steps}, one synchronisation at the end)",
+        f"dispatched ops per step: {sum(counter.ops.values())}: "
+        + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counter.ops.most_common()),
+    ]
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        device_us = sum(e.device_time for e in kernels if hasattr(e, "device_time")) or \
-            sum(getattr(e, "cuda_time", 0.0) for e in kernels)
+        device_us = sum(e.device_time for e in kernels if hasattr(e, "device_time")) or sum(
+            getattr(e, "cuda_time", 0.0) for e in kernels
+        )
         per_step = device_us / 1e3 / args.steps
-        lines.append(f"device kernels: {len(kernels) / args.steps:.1f} per step, {per_step:.3f} ms per step "
-                     f"({per_step / wall_ms:.0%} of the wall time; the rest is launch gaps and host work)")
+        lines.append(
+            f"device kernels: {len(kernels) / args.steps:.1f} per step, {per_step:.3f} ms per step "
+            f"({per_step / wall_ms:.0%} of the wall time; the rest is launch gaps and host work)"
+        )
         sort_by = "self_device_time_total"
     else:
         sort_by = "self_cpu_time_total"
     try:
         lines.append(events.table(sort_by=sort_by, row_limit=args.rows))
     except Exception:  # noqa: BLE001  (older torch: cuda_time_total)
-        lines.append(events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else sort_by,
-                                  row_limit=args.rows))
+        lines.append(
+            events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else sort_by, row_limit=args.rows)
+        )
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The suite's shared set-up: the helpers (tests/helpers: the cases and comparisons every backend is held
 to, the row-kernel contract in eager torch, the sm_90 compile script) are importable by name, their asserts
 rewritten by pytest; tests marked ``cuda`` are skipped, with the reason, where no GPU is present."""
+
 import os
 import sys
 

@@ -17,6 +17,7 @@ cannot run raises, naming the reason. Results never change silently: every backe
 Adding a backend: an entry here (its devices, dtypes and loader) and its kernels behind the two interfaces
 (CONTRIBUTING.md).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -110,6 +111,7 @@ def _load_triton(device_type):
     if error is not None:
         return None, None, str(error) if isinstance(error, UntestedTritonError) else "triton is not installed"
     from fused_margin.backends.triton import class_block
+
     return package.ROW_KERNEL, class_block, None
 
 
@@ -130,9 +132,12 @@ def _load_extension(device_type):
         return None, None, f"the fused_margin C++ extension cannot be imported: {error}"
     kernel = extension.row_kernel(device_type)
     if kernel is None:
-        why = (f"the fused_margin C++ extension is not available: {extension.BUILD_ERROR}" if extension.BUILD_ERROR
-               else f"the fused_margin C++ extension was built without {device_type} kernels (torch was a CPU "
-                    "build, or no CUDA toolkit was found when it was built)")
+        why = (
+            f"the fused_margin C++ extension is not available: {extension.BUILD_ERROR}"
+            if extension.BUILD_ERROR
+            else f"the fused_margin C++ extension was built without {device_type} kernels (torch was a CPU "
+            "build, or no CUDA toolkit was found when it was built)"
+        )
         return None, None, why
     return kernel, extension.CppBlockOps, None
 
@@ -141,8 +146,7 @@ _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: every backend, by name
 REGISTRY: Dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda", "mps", "xpu", "meta"), _ALL_DTYPES, _ALL_DTYPES,
-                         _load_reference),
+    "reference": Backend("reference", ("cpu", "cuda", "mps", "xpu", "meta"), _ALL_DTYPES, _ALL_DTYPES, _load_reference),
     "triton": Backend("triton", ("cuda", "cpu"), _FUSED_DTYPES, _FUSED_DTYPES, _load_triton, _triton_runs_on),
     "cuda": Backend("cuda", ("cuda",), _FUSED_DTYPES, _ALL_DTYPES, _load_extension),
     "cpu": Backend("cpu", ("cpu",), _FUSED_DTYPES, _ALL_DTYPES, _load_extension),
@@ -170,8 +174,9 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.float32)
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device``'s tensors here (see :func:`_triton_runs_on`)."""
     device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and _triton_runs_on("cpu") is None
-                                     and _triton_import()[1] is None)
+    return device.type == "cuda" or (
+        device.type == "cpu" and _triton_runs_on("cpu") is None and _triton_import()[1] is None
+    )
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
@@ -189,11 +194,17 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> B
         return entry
     order = AUTO_ORDER.get(device.type, ())
     status = {name: REGISTRY[name].status(device, dtype) for name in order}
-    if (device.type == "cuda" and isinstance(_triton_import()[1], UntestedTritonError)
-            and "triton-version" not in _warned):
+    if (
+        device.type == "cuda"
+        and isinstance(_triton_import()[1], UntestedTritonError)
+        and "triton-version" not in _warned
+    ):
         _warned.add("triton-version")
-        warnings.warn(f"fused_margin: backend='auto' does not take the Triton kernels: {status['triton']}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"fused_margin: backend='auto' does not take the Triton kernels: {status['triton']}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     for name in order:
         if status[name] == "ok":
             return REGISTRY[name]
@@ -202,8 +213,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> B
         if key not in _warned:
             _warned.add(key)
             reasons = "; ".join(f"{n}: {status[n]}" for n in order)
-            warnings.warn(f"fused_margin: no fused kernel for {device.type} {dtype} ({reasons}); "
-                          "using the reference implementation", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"fused_margin: no fused kernel for {device.type} {dtype} ({reasons}); "
+                "using the reference implementation",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return REGISTRY["reference"]
 
 

@@ -20,6 +20,7 @@ saying why when they cannot be built); ``MAX_JOBS`` bounds the parallel compile 
 This module imports nothing of fused_margin, and torch only inside its functions: ``setup.py`` loads it by
 path, also where torch is missing.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,9 @@ def flag(name: str) -> Optional[bool]:
 def _nvcc_root(nvcc: str) -> Optional[str]:
     """The toolkit folder of ``nvcc`` as it reports it (``#$ TOP=...`` of ``--dryrun``), or None."""
     try:
-        result = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"^#\$ TOP=(.+)$", result.stdout + result.stderr, re.MULTILINE)
@@ -83,6 +85,7 @@ def locate_cuda_home() -> Optional[str]:
 @dataclass
 class Plan:
     """What to build. ``sources`` are relative to the project root for setup.py, absolute otherwise."""
+
     sources: List[str]
     cxx_flags: List[str]
     nvcc_flags: List[str]
@@ -158,8 +161,7 @@ def build_directory(torch, with_cuda: bool, version: str) -> str:
     """Where the build on first use keeps its objects: under torch's extensions folder
     (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), one folder per Python, torch and
     fused_margin ``version``, so an upgrade of either rebuilds instead of loading a stale library."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                   "torch_extensions")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
     tag = f"fused_margin-{version}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{flavour}"
     return os.path.join(root, re.sub(r"[^A-Za-z0-9_.+-]", "_", tag))

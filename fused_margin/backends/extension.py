@@ -3,7 +3,7 @@ built: :mod:`fused_margin.backends._build`).
 
 Importing the extension registers ``torch.ops.fused_margin.row_forward`` and ``row_backward``, the row
 kernels of the fused margin loss (the contract in :mod:`fused_margin.paths.fused`'s docstring, stated eagerly
-in :mod:`fused_margin.row_torch`), with CPU kernels always and CUDA kernels when built with CUDA. This
+in tests/helpers/row_torch.py), with CPU kernels always and CUDA kernels when built with CUDA. This
 module adds their fake (meta) kernels, so ``torch.compile`` traces through them, and
 :func:`row_kernel`, which :mod:`fused_margin.backends` asks for a device's :class:`RowKernel`.
 
@@ -14,6 +14,7 @@ Where it cannot (no C++ compiler, no ninja) or ``FUSED_MARGIN_NO_EXT=1`` is set,
 :func:`row_kernel` returns ``None`` and :data:`BUILD_ERROR` says why: the losses run on the reference or on
 Triton, and ``backend="cpu"`` names the fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,24 +27,30 @@ from typing import Optional, Tuple
 import torch
 
 from fused_margin.backends import _build
-from fused_margin.paths.fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
 from fused_margin.core import options
 from fused_margin.core.spec import ROW_BACKWARD_ARGS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS
+from fused_margin.paths.fused import RowKernel, empty_backward_outputs, empty_forward_outputs, empty_projection_sums
 
 
 def _missing_tool() -> Optional[str]:
     """Why the build on first use cannot run here, or None."""
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
-        return (f"no C++ compiler ({compiler!r} is not on the PATH): install one (Debian/Ubuntu: apt-get install "
-                "g++; conda: conda install gxx_linux-64), or set FUSED_MARGIN_NO_EXT=1 to run without the C++ "
-                "kernels")
+        return (
+            f"no C++ compiler ({compiler!r} is not on the PATH): install one (Debian/Ubuntu: apt-get install "
+            "g++; conda: conda install gxx_linux-64), or set FUSED_MARGIN_NO_EXT=1 to run without the C++ "
+            "kernels"
+        )
     if shutil.which("ninja") is None:
         try:  # the ninja wheel's binary, in a virtual environment that is not activated
             import ninja
+
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
-            return "ninja is not installed (pip install ninja), or set FUSED_MARGIN_NO_EXT=1 to run without the C++ kernels"
+            return (
+                "ninja is not installed (pip install ninja), or set FUSED_MARGIN_NO_EXT=1 to run without the C++ "
+                "kernels"
+            )
     return None
 
 
@@ -54,21 +61,34 @@ def _build_now():
     if problem is not None:
         return None, problem
     from fused_margin import __version__
+
     try:
         plan = _build.plan()
         from torch.utils.cpp_extension import load
+
         directory = _build.build_directory(torch, plan.with_cuda, __version__)
         os.makedirs(directory, exist_ok=True)
         first = not os.path.exists(os.path.join(directory, "_C.so"))
         if first:
             for note in plan.notes:
                 print(f"fused_margin: {note}", file=sys.stderr, flush=True)
-            print(f"fused_margin: building the C++ kernels, once ({plan.summary}), in {directory} ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fused_margin: building the C++ kernels, once ({plan.summary}), in {directory} ...",
+                file=sys.stderr,
+                flush=True,
+            )
         start = time.perf_counter()
-        module = load(name="_C", sources=plan.sources, extra_cflags=plan.cxx_flags, extra_cuda_cflags=plan.nvcc_flags,
-                      extra_ldflags=plan.link_flags, extra_include_paths=plan.include_dirs,
-                      build_directory=directory, with_cuda=plan.with_cuda, verbose=False)
+        module = load(
+            name="_C",
+            sources=plan.sources,
+            extra_cflags=plan.cxx_flags,
+            extra_cuda_cflags=plan.nvcc_flags,
+            extra_ldflags=plan.link_flags,
+            extra_include_paths=plan.include_dirs,
+            build_directory=directory,
+            with_cuda=plan.with_cuda,
+            verbose=False,
+        )
     except Exception as error:  # a compiler error, a failed link: the package still runs, without it
         return None, f"the build of the C++ kernels failed: {type(error).__name__}: {error}"
     if first:
@@ -83,14 +103,18 @@ def _import_or_build() -> Tuple[Optional[object], Optional[str]]:
         return None, "FUSED_MARGIN_NO_EXT=1"
     try:
         from fused_margin import _C
+
         return _C, None
     except ImportError as error:
         installed = error
     module, problem = _build_now()
     if module is None:
         problem = f"{problem} (the installed package has no usable extension: {installed})"
-        warnings.warn(f"fused_margin: no C++ kernels: {problem}; losses on CPU tensors run on the reference "
-                      "implementation", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fused_margin: no C++ kernels: {problem}; losses on CPU tensors run on the reference implementation",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return module, problem
 
 
@@ -155,8 +179,9 @@ def _row_backward_fake(*args, **kwargs):
 
 def _row_forward_backward_fake(*args, **kwargs):
     a = dict(zip(ROW_FORWARD_BACKWARD_ARGS, args), **kwargs)
-    return (empty_forward_outputs(a["raw"], _reduction(a))
-            + empty_projection_sums(a["raw"], a["row_proj"], a["col_proj"]))
+    return empty_forward_outputs(a["raw"], _reduction(a)) + empty_projection_sums(
+        a["raw"], a["row_proj"], a["col_proj"]
+    )
 
 
 def _row_norms_fake(x, eps):
@@ -176,21 +201,94 @@ class CppBlockOps:
     PAIR_IN_COMPUTE_DTYPE = True
 
     @staticmethod
-    def block_partials(buffers, raw, c0, target, *, first, scale, ignore_index, col0=0, row_scale=None,
-                       col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None,
-                       track_wrong=False, smoothing=False):
+    def block_partials(
+        buffers,
+        raw,
+        c0,
+        target,
+        *,
+        first,
+        scale,
+        ignore_index,
+        col0=0,
+        row_scale=None,
+        col_scale=None,
+        col_shift=None,
+        offset=None,
+        pair=None,
+        class_weight=None,
+        track_wrong=False,
+        smoothing=False,
+    ):
         b = buffers
         torch.ops.fused_margin.block_partials_(
-            raw, int(c0), target, b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y, b.l_max, b.l_sum,
-            b.dev, b.weight, bool(first), float(scale), int(ignore_index), int(col0), row_scale, col_scale,
-            col_shift, offset, pair, class_weight, bool(track_wrong), bool(smoothing))
+            raw,
+            int(c0),
+            target,
+            b.z_max,
+            b.z_arg,
+            b.wrong_max,
+            b.wrong_arg,
+            b.z_y,
+            b.has_y,
+            b.l_max,
+            b.l_sum,
+            b.dev,
+            b.weight,
+            bool(first),
+            float(scale),
+            int(ignore_index),
+            int(col0),
+            row_scale,
+            col_scale,
+            col_shift,
+            offset,
+            pair,
+            class_weight,
+            bool(track_wrong),
+            bool(smoothing),
+        )
 
     @staticmethod
-    def block_grad(raw, c0, target, lse, coef, smooth, target_value, out, *, scale, ignore_index, col0=0,
-                   row_scale=None, col_scale=None, col_shift=None, offset=None, pair=None, class_weight=None):
+    def block_grad(
+        raw,
+        c0,
+        target,
+        lse,
+        coef,
+        smooth,
+        target_value,
+        out,
+        *,
+        scale,
+        ignore_index,
+        col0=0,
+        row_scale=None,
+        col_scale=None,
+        col_shift=None,
+        offset=None,
+        pair=None,
+        class_weight=None,
+    ):
         torch.ops.fused_margin.block_grad(
-            raw, int(c0), target, lse, coef, smooth, target_value, out, float(scale), int(ignore_index), int(col0),
-            row_scale, col_scale, col_shift, offset, pair, class_weight)
+            raw,
+            int(c0),
+            target,
+            lse,
+            coef,
+            smooth,
+            target_value,
+            out,
+            float(scale),
+            int(ignore_index),
+            int(col0),
+            row_scale,
+            col_scale,
+            col_shift,
+            offset,
+            pair,
+            class_weight,
+        )
         return out
 
 
@@ -211,11 +309,18 @@ if _C is not None:
         _ops.project_out_rows_(grad, v, proj, scale)
         return grad
 
-    _CPU_KERNEL = RowKernel("cpu", _ops.row_forward, _ops.row_backward, _ops.row_norms,
-                            forward_backward=_ops.row_forward_backward, project_out=_project_out_rows)
+    _CPU_KERNEL = RowKernel(
+        "cpu",
+        _ops.row_forward,
+        _ops.row_backward,
+        _ops.row_norms,
+        forward_backward=_ops.row_forward_backward,
+        project_out=_project_out_rows,
+    )
     if cuda_built():
-        _CUDA_KERNEL = RowKernel("cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms,
-                                 project_out=_project_out_rows)
+        _CUDA_KERNEL = RowKernel(
+            "cuda", _ops.row_forward, _ops.row_backward, _ops.row_norms, project_out=_project_out_rows
+        )
 
 
 def row_kernel(device_type: str) -> Optional[RowKernel]:

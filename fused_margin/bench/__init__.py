@@ -8,6 +8,7 @@ correctness check against a float64 reference before it is timed. Programmatic u
     run = run_benchmark(BenchConfig(B=64, D=128, C=1000, losses=("dbm-bs",)))
     print(format_table(run)); write_outputs(run, pathlib.Path("out"))
 """
+
 from fused_margin.bench.cli import main
 from fused_margin.bench.config import LOSSES, PRESETS, BenchConfig
 from fused_margin.bench.report import format_table, write_outputs

@@ -6,6 +6,7 @@ grouped: every case of a group computes the same loss and is judged against that
 (the margin losses against the fused_margin reference, the plain-CE anchors against
 ``F.cross_entropy``); the GEMM floor is alone in its group and computes no loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 import fused_margin as fm
+from fused_margin.bench.config import FUSED_BACKENDS, LOSSES, BenchConfig
+from fused_margin.core.spec import LossTables, MarginLossSpec
 from fused_margin.functional import uses_lean_path
 from fused_margin.paths.fused import RowKernel, fused_margin_cross_entropy
 from fused_margin.paths.lean import auto_chunk
-from fused_margin.core.spec import LossTables, MarginLossSpec
-
-from fused_margin.bench.config import FUSED_BACKENDS, LOSSES, BenchConfig
 
 #: how strongly a feature points at its class's weight: about half of the rows are then predicted
 #: right (the max of C random cosines is about sqrt(2 ln C / D)), so hard and easy rows both occur.
@@ -64,14 +64,14 @@ def make_inputs(cfg: BenchConfig, counts: torch.Tensor, index: int) -> InputSet:
 class Case:
     """One row family of the benchmark (one implementation of one group's loss)."""
 
-    group: str                      # "dbm-bs/cosine", "plain-ce/linear", "gemm-floor"
-    impl: str                       # "reference", "compile", "triton", "cuda", "cpu", "row:<name>", ...
-    kind: str                       # "margin", "plain-ce" or "floor"
+    group: str  # "dbm-bs/cosine", "plain-ce/linear", "gemm-floor"
+    impl: str  # "reference", "compile", "triton", "cuda", "cpu", "row:<name>", ...
+    kind: str  # "margin", "plain-ce" or "floor"
     loss: Optional[str] = None
     head: Optional[str] = None
-    fn: Optional[Callable] = None   # fn(X, W, y) -> scalar loss
+    fn: Optional[Callable] = None  # fn(X, W, y) -> scalar loss
     fn_aux: Optional[Callable] = None  # fn_aux(X, W, y) -> (loss, MarginAux)
-    skip: Optional[str] = None      # reason this case does not run here
+    skip: Optional[str] = None  # reason this case does not run here
     note: str = ""
     compiled: bool = False
 
@@ -91,6 +91,7 @@ def _module_fns(module, **options):
 
     def fn_aux(X, W, y):
         return module(X, y, W, return_aux=True, **options)
+
     return fn, fn_aux
 
 
@@ -105,6 +106,7 @@ def row_kernel_fns(kernel: RowKernel, kwargs: dict):
 
     def fn(X, W, y):
         return fn_aux(X, W, y)[0]
+
     return fn, fn_aux
 
 
@@ -136,8 +138,9 @@ def reference_fn(loss: str, head: str, counts: torch.Tensor, device, class_chunk
     return _module_fns(_reference_module(loss, head, counts, device, class_chunk))
 
 
-def reference_rows_fn(loss: str, head: str, counts: torch.Tensor, device,
-                      class_chunk: Optional[int] = None) -> Callable:
+def reference_rows_fn(
+    loss: str, head: str, counts: torch.Tensor, device, class_chunk: Optional[int] = None
+) -> Callable:
     """Per-row losses of the reference (``reduction="none"``)."""
     module = _reference_module(loss, head, counts, device, class_chunk)
     return lambda X, W, y: module(X, y, W, reduction="none")
@@ -150,8 +153,10 @@ def plain_ce_rows(X, W, y):
 def tie_options(loss: str, counts: torch.Tensor, num_classes: int, head: str) -> dict:
     """Which argmax branches the loss takes (see :func:`fused_margin.bench.check.build_truth`)."""
     options = LOSSES[loss].kwargs(counts, num_classes, head)
-    return {"argmax_ties": options.get("lambda_inst", 0.0) > 0 and options.get("hard_mode", "hard") == "hard",
-            "strongest_wrong_ties": options.get("lambda_elm", 0.0) != 0}
+    return {
+        "argmax_ties": options.get("lambda_inst", 0.0) > 0 and options.get("hard_mode", "hard") == "hard",
+        "strongest_wrong_ties": options.get("lambda_elm", 0.0) != 0,
+    }
 
 
 def plain_ce(X, W, y):
@@ -159,8 +164,9 @@ def plain_ce(X, W, y):
     return F.cross_entropy(X @ W.t(), y)
 
 
-def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, compile_it: bool,
-                 status: dict) -> List[Case]:
+def margin_cases(
+    cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, compile_it: bool, status: dict
+) -> List[Case]:
     """Reference, torch.compile, every fused backend and every extra row kernel, for one (loss, head)."""
     device = torch.device(cfg.device)
     group = f"{loss}/{head}"
@@ -171,11 +177,18 @@ def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, c
     if "compile" in cfg.impls:
         if compile_it:
             fn, _ = reference_fn(loss, head, counts, device)
-            cases.append(Case(group, "compile", "margin", loss, head, torch.compile(fn, dynamic=False),
-                              compiled=True))
+            cases.append(Case(group, "compile", "margin", loss, head, torch.compile(fn, dynamic=False), compiled=True))
         else:
-            cases.append(Case(group, "compile", "margin", loss, head,
-                              skip="not compiled for this loss (--compile first compiles the first loss only)"))
+            cases.append(
+                Case(
+                    group,
+                    "compile",
+                    "margin",
+                    loss,
+                    head,
+                    skip="not compiled for this loss (--compile first compiles the first loss only)",
+                )
+            )
     for name in FUSED_BACKENDS:
         if name not in cfg.impls:
             continue
@@ -185,14 +198,25 @@ def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, c
         fn, fn_aux = _module_fns(LOSSES[loss].module(counts, head, name).to(device), class_chunk=cfg.class_chunk)
         note = _lean_note(cfg, name)
         if name == "triton" and device.type == "cpu":
-            note = "; ".join(filter(None, ["Triton interpreter (TRITON_INTERPRET=1): correct, but its time means "
-                                           "nothing", note]))
+            note = "; ".join(
+                filter(None, ["Triton interpreter (TRITON_INTERPRET=1): correct, but its time means nothing", note])
+            )
         cases.append(Case(group, name, "margin", loss, head, fn, fn_aux, note=note))
     if "lean" in cfg.impls:
         chunk = auto_chunk(cfg.B, cfg.C)
         fn, fn_aux = _module_fns(LOSSES[loss].module(counts, head, "auto").to(device), class_chunk=chunk)
-        cases.append(Case(group, "lean", "margin", loss, head, fn, fn_aux,
-                          note=f"class chunks of {chunk} ({_lean_kernel(device)} kernel)"))
+        cases.append(
+            Case(
+                group,
+                "lean",
+                "margin",
+                loss,
+                head,
+                fn,
+                fn_aux,
+                note=f"class chunks of {chunk} ({_lean_kernel(device)} kernel)",
+            )
+        )
     for name, kernel in cfg.row_kernels.items():
         kwargs = _on(device, LOSSES[loss].kwargs(counts, cfg.C, head))
         fn, fn_aux = row_kernel_fns(kernel, kwargs)
@@ -203,6 +227,7 @@ def margin_cases(cfg: BenchConfig, loss: str, head: str, counts: torch.Tensor, c
 def _lean_kernel(device) -> str:
     """The lean path's chunk kernel that backend='auto' picks on ``device``."""
     from fused_margin.backends import resolve_backend
+
     return resolve_backend("auto", device, torch.float32).name
 
 
@@ -232,20 +257,26 @@ def plain_ce_cases(cfg: BenchConfig) -> List[Case]:
         cases.append(Case(group, "torch-ce", "plain-ce", None, "linear", plain_ce, note=note + ", eager"))
     if "liger" in cfg.impls:
         if not installed("liger_kernel"):
-            cases.append(Case(group, "liger", "plain-ce", skip="Liger-Kernel is not installed (pip install liger-kernel)"))
+            cases.append(
+                Case(group, "liger", "plain-ce", skip="Liger-Kernel is not installed (pip install liger-kernel)")
+            )
         elif device.type != "cuda":
             cases.append(Case(group, "liger", "plain-ce", skip="Liger-Kernel's Triton kernels run on CUDA only"))
         else:
             module = importlib.import_module("liger_kernel.transformers").LigerFusedLinearCrossEntropyLoss()
 
             def liger(X, W, y):
-                out = module(W, X, y)                    # Liger's argument order: (lin_weight, input, target)
+                out = module(W, X, y)  # Liger's argument order: (lin_weight, input, target)
                 return out[0] if isinstance(out, tuple) else out
+
             cases.append(Case(group, "liger", "plain-ce", None, "linear", liger, note=note))
     if "cce" in cfg.impls:
         if not installed("cut_cross_entropy"):
-            cases.append(Case(group, "cce", "plain-ce",
-                              skip="cut-cross-entropy is not installed (pip install cut-cross-entropy)"))
+            cases.append(
+                Case(
+                    group, "cce", "plain-ce", skip="cut-cross-entropy is not installed (pip install cut-cross-entropy)"
+                )
+            )
         elif device.type != "cuda":
             cases.append(Case(group, "cce", "plain-ce", skip="cut-cross-entropy's kernels run on CUDA only"))
         else:
@@ -253,6 +284,7 @@ def plain_ce_cases(cfg: BenchConfig) -> List[Case]:
 
             def cce(X, W, y):
                 return linear_cross_entropy(X, W, y)
+
             cases.append(Case(group, "cce", "plain-ce", None, "linear", cce, note=note))
     return cases
 

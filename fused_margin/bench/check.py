@@ -11,6 +11,7 @@ hard positives, ELM's strongest wrong class) rows with a near-tie there are left
 label set to ignore_index): either branch is right for them. A NaN the reference lacks fails. A case
 that fails is reported as WRONG and never timed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -83,10 +84,10 @@ def base_scores64(X: torch.Tensor, W: torch.Tensor, head: str) -> torch.Tensor:
     out = torch.empty(X.shape[0], W.shape[0], dtype=torch.float64, device=X.device)
     step = max(1, (1 << 24) // max(1, W.shape[1]))
     for c0 in range(0, W.shape[0], step):
-        w = W[c0:c0 + step].detach().double()
+        w = W[c0 : c0 + step].detach().double()
         if head == "cosine":
             w = F.normalize(w, dim=1, eps=NORM_EPS)
-        out[:, c0:c0 + step] = X @ w.t()
+        out[:, c0 : c0 + step] = X @ w.t()
     return out
 
 
@@ -95,9 +96,19 @@ def _top2_gap(z: torch.Tensor) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
-def build_truth(reference: Callable, reference_aux: Optional[Callable], reference_rows: Callable, head: str,
-                X, W, y, *, argmax_ties: bool = False, strongest_wrong_ties: bool = False,
-                ignore_index: int = -100) -> Truth:
+def build_truth(
+    reference: Callable,
+    reference_aux: Optional[Callable],
+    reference_rows: Callable,
+    head: str,
+    X,
+    W,
+    y,
+    *,
+    argmax_ties: bool = False,
+    strongest_wrong_ties: bool = False,
+    ignore_index: int = -100,
+) -> Truth:
     """Run the group's reference in float64 and in the inputs' dtype on the check inputs.
 
     ``reference_rows`` gives the per-row losses (``reduction="none"``): the eager error of the mean loss
@@ -157,7 +168,7 @@ def judge(out: Outputs, truth: Truth) -> Verdict:
         err = relative_error(getattr(out, q), getattr(truth.outputs, q))
         tol = 2.0 * truth.eager_errors[q] + floor
         errors[q], tols[q] = err, tol
-        if not err <= tol:              # also catches NaN
+        if not err <= tol:  # also catches NaN
             failures.append(f"{q} rel err {err:.2e} > tol {tol:.2e}")
     mismatch = None
     if out.pred is not None and truth.untied is not None:

@@ -1,4 +1,5 @@
 """``python -m fused_margin.bench``: the command line of the benchmark harness."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,17 @@ from typing import List, Optional
 
 import torch
 
-from fused_margin.bench.config import (ALL_IMPLS, DEFAULT_LOSSES, DTYPES, IMPL_HELP, LOSSES, MODE_HELP, MODES, PRESETS,
-                     BenchConfig)
+from fused_margin.bench.config import (
+    ALL_IMPLS,
+    DEFAULT_LOSSES,
+    DTYPES,
+    IMPL_HELP,
+    LOSSES,
+    MODE_HELP,
+    MODES,
+    PRESETS,
+    BenchConfig,
+)
 
 DESCRIPTION = """\
 Benchmark fused_margin's margin losses as a user runs them: every fused backend available here (Triton,
@@ -55,52 +65,93 @@ def _csv(value: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fused_margin.bench", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="list presets, losses, backends (with their status here), "
-                   "modes and dtypes, then exit")
+    p = argparse.ArgumentParser(
+        prog="python -m fused_margin.bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list presets, losses, backends (with their status here), modes and dtypes, then exit",
+    )
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available) [auto]")
     shape = p.add_argument_group("shape and dtype")
-    shape.add_argument("--preset", choices=sorted(PRESETS), help="named shape (see --list) [inat on a GPU, "
-                       "cpu-small on CPU]")
+    shape.add_argument(
+        "--preset", choices=sorted(PRESETS), help="named shape (see --list) [inat on a GPU, cpu-small on CPU]"
+    )
     shape.add_argument("--B", type=int, help="batch size (overrides the preset)")
     shape.add_argument("--D", type=int, help="feature size (overrides the preset)")
     shape.add_argument("--C", type=int, help="number of classes (overrides the preset)")
     shape.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype [bf16 on a GPU, fp32 on CPU]")
     what = p.add_argument_group("what to run")
     what.add_argument("--mode", default="fwdbwd", help="comma list of " + ", ".join(MODES) + " [fwdbwd]")
-    what.add_argument("--losses", help="comma list of losses, or 'all' (see --list) [GPU: "
-                      + ",".join(DEFAULT_LOSSES["cuda"]) + "; CPU: " + ",".join(DEFAULT_LOSSES["cpu"]) + "]")
-    what.add_argument("--heads", default="cosine,linear", help="comma list of cosine, linear: each loss runs on "
-                      "the requested heads it supports [cosine,linear]")
-    what.add_argument("--backends", default="all", help="comma list of implementations, or 'all': "
-                      + ", ".join(ALL_IMPLS) + " [all]")
-    what.add_argument("--row-kernel", action="append", default=[], metavar="NAME=MODULE:ATTR",
-                      help="also run a fused_margin.paths.fused.RowKernel (e.g. one under development) through the "
-                      "fused autograd plumbing; repeatable")
-    what.add_argument("--class-chunk", default="auto", metavar="auto|off|N",
-                      help="class_chunk of the fused backend rows: 'auto' takes the memory-lean path (class "
-                      "chunks, no B x C matrix) when a B x C fp32 matrix would exceed 64 MiB, 'off' never, N "
-                      "always with N classes per chunk; the 'lean' row forces it whatever this says [auto]")
-    what.add_argument("--compile", choices=("all", "first", "none"),
-                      help="which losses get a torch.compile case [all on a GPU, first on CPU]")
-    what.add_argument("--imbalance", type=float, default=100.0, help="class-count imbalance n_max/n_min of the "
-                      "long-tailed counts behind margins, priors and labels [100]")
+    what.add_argument(
+        "--losses",
+        help="comma list of losses, or 'all' (see --list) [GPU: "
+        + ",".join(DEFAULT_LOSSES["cuda"])
+        + "; CPU: "
+        + ",".join(DEFAULT_LOSSES["cpu"])
+        + "]",
+    )
+    what.add_argument(
+        "--heads",
+        default="cosine,linear",
+        help="comma list of cosine, linear: each loss runs on the requested heads it supports [cosine,linear]",
+    )
+    what.add_argument(
+        "--backends", default="all", help="comma list of implementations, or 'all': " + ", ".join(ALL_IMPLS) + " [all]"
+    )
+    what.add_argument(
+        "--row-kernel",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:ATTR",
+        help="also run a fused_margin.paths.fused.RowKernel (e.g. one under development) through the "
+        "fused autograd plumbing; repeatable",
+    )
+    what.add_argument(
+        "--class-chunk",
+        default="auto",
+        metavar="auto|off|N",
+        help="class_chunk of the fused backend rows: 'auto' takes the memory-lean path (class "
+        "chunks, no B x C matrix) when a B x C fp32 matrix would exceed 64 MiB, 'off' never, N "
+        "always with N classes per chunk; the 'lean' row forces it whatever this says [auto]",
+    )
+    what.add_argument(
+        "--compile",
+        choices=("all", "first", "none"),
+        help="which losses get a torch.compile case [all on a GPU, first on CPU]",
+    )
+    what.add_argument(
+        "--imbalance",
+        type=float,
+        default=100.0,
+        help="class-count imbalance n_max/n_min of the long-tailed counts behind margins, priors and labels [100]",
+    )
     meas = p.add_argument_group("measurement")
     meas.add_argument("--input-sets", type=int, default=3, help="random input sets rotated over repetitions [3]")
-    meas.add_argument("--target-time", type=float, help="seconds of timed repetitions per case and mode "
-                      "[0.5 on a GPU, 1.0 on CPU]")
+    meas.add_argument(
+        "--target-time", type=float, help="seconds of timed repetitions per case and mode [0.5 on a GPU, 1.0 on CPU]"
+    )
     meas.add_argument("--min-reps", type=int, help="fewest timed repetitions [10 on a GPU, 5 on CPU]")
     meas.add_argument("--max-reps", type=int, help="most timed repetitions [200 on a GPU, 50 on CPU]")
-    meas.add_argument("--warmup", type=int, default=3, help="warm-up calls before timing (the first is reported "
-                      "as first_call_s) [3]")
-    meas.add_argument("--rounds", type=int, default=1,
-                      help="timing sweeps: after the first (checks, timing, memory), every timed case is timed "
-                      "again ROUNDS-1 times, the floor and the cases in the same order each sweep, so a slow "
-                      "drift of the machine's speed hits them alike; ms is the median of the sweeps' medians and "
-                      "'x floor'/'vs eager' the medians of each sweep's own ratios [1]")
-    meas.add_argument("--check-rows", type=int, help="rows of the correctness check [all rows while B*C <= 2**24, "
-                      "else fewer]")
+    meas.add_argument(
+        "--warmup", type=int, default=3, help="warm-up calls before timing (the first is reported as first_call_s) [3]"
+    )
+    meas.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timing sweeps: after the first (checks, timing, memory), every timed case is timed "
+        "again ROUNDS-1 times, the floor and the cases in the same order each sweep, so a slow "
+        "drift of the machine's speed hits them alike; ms is the median of the sweeps' medians and "
+        "'x floor'/'vs eager' the medians of each sweep's own ratios [1]",
+    )
+    meas.add_argument(
+        "--check-rows", type=int, help="rows of the correctness check [all rows while B*C <= 2**24, else fewer]"
+    )
     meas.add_argument("--threads", type=int, help="torch CPU threads for the run [torch's default]")
     meas.add_argument("--seed", type=int, default=0, help="random seed [0]")
     out = p.add_argument_group("output")
@@ -117,6 +168,7 @@ def _load_row_kernel(spec: str):
     module, attr = target.split(":", 1)
     kernel = getattr(importlib.import_module(module), attr)
     from fused_margin.paths.fused import RowKernel
+
     if not isinstance(kernel, RowKernel):
         raise SystemExit(f"--row-kernel {name}: {target} is a {type(kernel).__name__}, not a fused_margin RowKernel")
     return name, kernel
@@ -150,20 +202,37 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     impls = ALL_IMPLS if args.backends == "all" else tuple(_csv(args.backends))
     row_kernels = dict(_load_row_kernel(s) for s in args.row_kernel)
     return BenchConfig(
-        device=device, B=B, D=D, C=C, dtype=args.dtype or ("bf16" if gpu else "fp32"),
-        modes=tuple(_csv(args.mode)), losses=losses, heads=tuple(_csv(args.heads)), impls=impls,
-        row_kernels=row_kernels, compile=args.compile or ("all" if gpu else "first"), imbalance=args.imbalance,
-        seed=args.seed, input_sets=args.input_sets,
+        device=device,
+        B=B,
+        D=D,
+        C=C,
+        dtype=args.dtype or ("bf16" if gpu else "fp32"),
+        modes=tuple(_csv(args.mode)),
+        losses=losses,
+        heads=tuple(_csv(args.heads)),
+        impls=impls,
+        row_kernels=row_kernels,
+        compile=args.compile or ("all" if gpu else "first"),
+        imbalance=args.imbalance,
+        seed=args.seed,
+        input_sets=args.input_sets,
         target_time=args.target_time if args.target_time is not None else (0.5 if gpu else 1.0),
-        min_reps=args.min_reps or (10 if gpu else 5), max_reps=args.max_reps or (200 if gpu else 50),
-        warmup=args.warmup, rounds=args.rounds, check_rows=args.check_rows, threads=args.threads,
-        class_chunk=_class_chunk(args.class_chunk), preset=preset if not (args.B or args.D or args.C) else None)
+        min_reps=args.min_reps or (10 if gpu else 5),
+        max_reps=args.max_reps or (200 if gpu else 50),
+        warmup=args.warmup,
+        rounds=args.rounds,
+        check_rows=args.check_rows,
+        threads=args.threads,
+        class_chunk=_class_chunk(args.class_chunk),
+        preset=preset if not (args.B or args.D or args.C) else None,
+    )
 
 
 def list_everything(device: str, dtype: str) -> str:
     """The text of ``--list``: presets, losses with heads, implementations and their status on this machine."""
     import fused_margin as fm
     from fused_margin.bench.cases import installed
+
     lines = ["presets (B x D x C):"]
     for name, ((B, D, C), text) in PRESETS.items():
         lines.append(f"  {name:12s} {B:>6d} x {D:>5d} x {C:>7d}   {text}")
@@ -178,8 +247,11 @@ def list_everything(device: str, dtype: str) -> str:
         elif name == "liger":
             state = "ok" if installed("liger_kernel") and device.startswith("cuda") else "needs liger-kernel and CUDA"
         elif name == "cce":
-            state = ("ok" if installed("cut_cross_entropy") and device.startswith("cuda")
-                     else "needs cut-cross-entropy and CUDA")
+            state = (
+                "ok"
+                if installed("cut_cross_entropy") and device.startswith("cuda")
+                else "needs cut-cross-entropy and CUDA"
+            )
         else:
             state = "ok"
         lines.append(f"  {name:9s} {IMPL_HELP[name]}\n  {'':9s}   -> {state}")
@@ -195,8 +267,11 @@ def _interrupt(signum, frame):
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
-        device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) else (
-            "cpu" if args.device == "auto" else args.device)
+        device = (
+            "cuda"
+            if (args.device == "auto" and torch.cuda.is_available())
+            else ("cpu" if args.device == "auto" else args.device)
+        )
         print(list_everything(device, args.dtype or ("bf16" if device.startswith("cuda") else "fp32")))
         return 0
     cfg = config_from_args(args)
@@ -207,6 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from fused_margin.bench.report import format_table, write_outputs
     from fused_margin.bench.runner import run_benchmark
+
     out_dir = args.out or Path("benchmarks") / "results" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     # a time limit's SIGTERM (timeout, a job scheduler) stops the run as Ctrl-C does: what was measured is written
     main_thread = threading.current_thread() is threading.main_thread()

@@ -15,6 +15,7 @@ peak extra memory allocated through torch's CPU allocator. Not seen: memory a ke
 torch's allocator, and frees of blocks allocated before the call (in bwd mode the saved graph), so on
 CPU the bwd figure is an upper bound.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,7 @@ from fused_margin.bench.cases import InputSet
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory allocated before the call",
     "cpu": "torch.profiler memory events (profile_memory=True): peak of the running sum of torch CPU "
-           "allocations minus frees during the call (frees of older blocks unseen: bwd is an upper bound)",
+    "allocations minus frees during the call (frees of older blocks unseen: bwd is an upper bound)",
 }
 
 
@@ -42,8 +43,13 @@ class Op:
     """What one timed repetition runs, for one mode: ``prepare(i)`` is untimed (the forward in bwd
     mode), ``run(i, ctx)`` is timed and returns its outputs (dropped after the repetition)."""
 
-    def __init__(self, mode: str, inputs: Sequence[InputSet], fn: Optional[Callable] = None,
-                 floor_grads: Optional[Sequence[torch.Tensor]] = None):
+    def __init__(
+        self,
+        mode: str,
+        inputs: Sequence[InputSet],
+        fn: Optional[Callable] = None,
+        floor_grads: Optional[Sequence[torch.Tensor]] = None,
+    ):
         self.mode, self.inputs, self.fn, self.floor_grads = mode, inputs, fn, floor_grads
 
     def prepare(self, i: int):
@@ -77,7 +83,7 @@ class Op:
 
 @dataclass
 class Timing:
-    ms: float            # median per repetition
+    ms: float  # median per repetition
     ms_p20: float
     ms_p80: float
     reps: int
@@ -97,8 +103,7 @@ def _quantile(values: List[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def time_op(op: Op, device: torch.device, *, warmup: int, target_time: float, min_reps: int,
-            max_reps: int) -> Timing:
+def time_op(op: Op, device: torch.device, *, warmup: int, target_time: float, min_reps: int, max_reps: int) -> Timing:
     """Warm up, pick the repetition count from the last warm-up call (``target_time`` seconds in all,
     within ``[min_reps, max_reps]``), then time the repetitions over the rotating input sets."""
     n_sets = len(op.inputs)
@@ -162,8 +167,11 @@ def _kineto_log_filtered():
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            kept = [line for line in sink.read().decode(errors="replace").splitlines(keepends=True)
-                    if not line.startswith("USDT:") and _PRE_PROFILE_FREE not in line]
+            kept = [
+                line
+                for line in sink.read().decode(errors="replace").splitlines(keepends=True)
+                if not line.startswith("USDT:") and _PRE_PROFILE_FREE not in line
+            ]
             if kept:
                 sys.stderr.write("".join(kept))
 
@@ -181,12 +189,16 @@ def peak_extra_mib(op: Op, device: torch.device) -> float:
         del out, ctx
         return peak / 2**20
     from torch.profiler import ProfilerActivity, profile
+
     with _kineto_log_filtered():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = op.run(0, ctx)
     del out, ctx
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for event in events:

@@ -1,4 +1,5 @@
 """Outputs of a run: the terminal table, JSON, CSV and a PNG plot, plus the machine description."""
+
 from __future__ import annotations
 
 import csv
@@ -17,12 +18,14 @@ import torch
 
 TIMING_METHOD = {
     "cuda": "CUDA events around each repetition (no host sync until the final synchronize), median; "
-            "inputs rotate over several sets",
+    "inputs rotate over several sets",
     "cpu": "time.perf_counter around each repetition, median; inputs rotate over several sets",
 }
-CHECK_RULE = ("loss, grad wrt features and class weights vs the float64 reference on the check rows: "
-              "rel err (L2) <= 2 * eager-in-dtype rel err + floor (fp32 1e-5, fp16 1e-4, bf16 1e-3); "
-              "pred/hard equal to float64 on untied rows; WRONG cases are not timed")
+CHECK_RULE = (
+    "loss, grad wrt features and class weights vs the float64 reference on the check rows: "
+    "rel err (L2) <= 2 * eager-in-dtype rel err + floor (fp32 1e-5, fp16 1e-4, bf16 1e-3); "
+    "pred/hard equal to float64 on untied rows; WRONG cases are not timed"
+)
 
 
 def _version(dist: str) -> Optional[str]:
@@ -46,8 +49,9 @@ def _cpu_model() -> str:
 def _git_commit() -> Optional[str]:
     try:
         root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -56,6 +60,7 @@ def _git_commit() -> Optional[str]:
 def machine_info(device: torch.device) -> dict:
     """The machine a run measured: GPU or CPU model, core count, library versions, git commit."""
     import fused_margin
+
     info = {
         "device": device.type,
         "cpu": _cpu_model(),
@@ -74,6 +79,7 @@ def machine_info(device: torch.device) -> dict:
     }
     try:
         from fused_margin.backends import extension
+
         info["cpu_kernel_isa"] = extension.cpu_kernel_isa()
     except (ImportError, AttributeError):
         info["cpu_kernel_isa"] = None
@@ -88,6 +94,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 # -- table -------------------------------------------------------------------------------------------
+
 
 def _fmt_ms(value) -> str:
     if value is None:
@@ -109,16 +116,27 @@ def format_table(run) -> str:
     """The terminal table: one line per timed (or failed) case and mode, then skips and failures."""
     cfg = run.config
     gpu = run.machine["device"] == "cuda"
-    header = ("case", "backend", "mode", "ms") + (("wall ms",) if gpu else ()) + (
-        "vs eager", "x floor", "peak MiB", "check", "note")
+    header = (
+        ("case", "backend", "mode", "ms")
+        + (("wall ms",) if gpu else ())
+        + ("vs eager", "x floor", "peak MiB", "check", "note")
+    )
     lines = []
     for r in run.rows:
         if r["mode"] is None:
             continue
         wall = (_fmt_ms(r["wall_ms"]),) if gpu else ()
-        lines.append((r["group"], r["backend"], r["mode"], _fmt_ms(r["ms"])) + wall + (
-            _fmt(r["speedup_vs_eager"], ".2f", "x"), _fmt(r["x_gemm_floor"], ".2f"), _fmt_mib(r["peak_extra_mib"]),
-            r["check"] or "-", r["note"] or ""))
+        lines.append(
+            (r["group"], r["backend"], r["mode"], _fmt_ms(r["ms"]))
+            + wall
+            + (
+                _fmt(r["speedup_vs_eager"], ".2f", "x"),
+                _fmt(r["x_gemm_floor"], ".2f"),
+                _fmt_mib(r["peak_extra_mib"]),
+                r["check"] or "-",
+                r["note"] or "",
+            )
+        )
     widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
     numeric = set(range(3, len(header) - 2))
 
@@ -127,17 +145,30 @@ def format_table(run) -> str:
         return "  ".join(cells).rstrip()
 
     m = run.machine
-    where = (f"{m['cpu_count']} cores, {m['torch_threads']} torch threads" if m["device"] == "cpu"
-             else f"{m.get('gpu_memory_gib')} GiB")
-    title = (f"fused_margin benchmark: B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} on {m['name']} "
-             f"({m['device']}, {where}; torch {m['torch']}, triton {m['triton']})")
+    where = (
+        f"{m['cpu_count']} cores, {m['torch_threads']} torch threads"
+        if m["device"] == "cpu"
+        else f"{m.get('gpu_memory_gib')} GiB"
+    )
+    title = (
+        f"fused_margin benchmark: B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype} on {m['name']} "
+        f"({m['device']}, {where}; torch {m['torch']}, triton {m['triton']})"
+    )
     timing = TIMING_METHOD[m["device"]] + ("; wall ms: loop wall time per call (fwd, fwdbwd)" if gpu else "")
     if getattr(cfg, "rounds", 1) > 1:
-        timing += (f"; {cfg.rounds} rounds (every case timed once a round, in one order): ms is the median of the "
-                   "rounds' medians, vs eager and x floor the medians of each round's ratios")
-    out = [title, f"time: {timing}", f"memory: {run.memory_method}",
-           f"check: {CHECK_RULE} (check rows: {run.check_rows} of {cfg.B})", "",
-           fmt_line(header), fmt_line(["-" * w for w in widths])]
+        timing += (
+            f"; {cfg.rounds} rounds (every case timed once a round, in one order): ms is the median of the "
+            "rounds' medians, vs eager and x floor the medians of each round's ratios"
+        )
+    out = [
+        title,
+        f"time: {timing}",
+        f"memory: {run.memory_method}",
+        f"check: {CHECK_RULE} (check rows: {run.check_rows} of {cfg.B})",
+        "",
+        fmt_line(header),
+        fmt_line(["-" * w for w in widths]),
+    ]
     out += [fmt_line(row) for row in lines]
     failures = [r for r in run.rows if r["mode"] is not None and r["check"] not in ("ok", "n/a")]
     seen = set()
@@ -160,12 +191,16 @@ def format_table(run) -> str:
             scope = "every loss" if len(where) > 1 and where == margin_groups else ", ".join(where)
             out.append(f"  {backend} ({scope}): {reason}")
     if getattr(run, "interrupted", False):
-        out += ["", "INTERRUPTED: the run was stopped early (Ctrl-C or a time limit); the cases above are the ones "
-                    "measured, the rest did not run"]
+        out += [
+            "",
+            "INTERRUPTED: the run was stopped early (Ctrl-C or a time limit); the cases above are the ones "
+            "measured, the rest did not run",
+        ]
     return "\n".join(out)
 
 
 # -- files -------------------------------------------------------------------------------------------
+
 
 def _config_dict(cfg) -> dict:
     data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
@@ -200,6 +235,7 @@ MACHINE_COLUMNS = ("machine", "device", "torch", "triton")
 
 def write_csv(run, path: Path) -> None:
     from fused_margin.bench.runner import FIELDS
+
     m = run.machine
     machine = {"machine": m["name"], "device": m["device"], "torch": m["torch"], "triton": m["triton"]}
     with path.open("w", newline="") as f:
@@ -210,8 +246,17 @@ def write_csv(run, path: Path) -> None:
 
 
 def _palette(names: List[str]) -> Dict[str, str]:
-    fixed = {"reference": "#7f7f7f", "compile": "#9467bd", "triton": "#1f77b4", "cuda": "#2ca02c", "cpu": "#17becf",
-             "torch-ce": "#bcbd22", "liger": "#e377c2", "cce": "#8c564b", "floor": "#000000"}
+    fixed = {
+        "reference": "#7f7f7f",
+        "compile": "#9467bd",
+        "triton": "#1f77b4",
+        "cuda": "#2ca02c",
+        "cpu": "#17becf",
+        "torch-ce": "#bcbd22",
+        "liger": "#e377c2",
+        "cce": "#8c564b",
+        "floor": "#000000",
+    }
     extra = ["#ff7f0e", "#d62728", "#aec7e8", "#98df8a"]
     out = {}
     for name in names:
@@ -222,6 +267,7 @@ def _palette(names: List[str]) -> Dict[str, str]:
 def write_plot(run, path: Path) -> None:
     """Time and peak extra memory per case, one row of two panels per mode (matplotlib, Agg)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -229,8 +275,13 @@ def write_plot(run, path: Path) -> None:
     modes = list(cfg.modes)
     per_mode = {mode: [r for r in run.rows if r["mode"] == mode] for mode in modes}
     height = max(len(rows) for rows in per_mode.values()) if per_mode else 1
-    fig, axes = plt.subplots(len(modes), 2, figsize=(13, 0.9 + 0.36 * height * len(modes) + 0.6 * len(modes)),
-                             squeeze=False, gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, axes = plt.subplots(
+        len(modes),
+        2,
+        figsize=(13, 0.9 + 0.36 * height * len(modes) + 0.6 * len(modes)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1.4, 1]},
+    )
     colors = _palette(sorted({r["backend"] for r in run.rows}))
     for (ax_t, ax_m), mode in zip(axes, modes):
         rows = per_mode[mode][::-1]
@@ -265,8 +316,9 @@ def write_plot(run, path: Path) -> None:
             ax.grid(axis="x", alpha=0.3)
             ax.set_ylim(-0.6, len(rows) - 0.4 + (0.5 if floor is not None else 0))
     m = run.machine
-    fig.suptitle(f"fused_margin: B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype}, {m['name']} "
-                 f"(torch {m['torch']})", fontsize=10)
+    fig.suptitle(
+        f"fused_margin: B={cfg.B} D={cfg.D} C={cfg.C} {cfg.dtype}, {m['name']} (torch {m['torch']})", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=120)
     plt.close(fig)

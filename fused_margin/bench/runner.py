@@ -4,6 +4,7 @@ Order per case: (``torch.compile`` cases: the first call at the benchmark shape,
 compile time) -> the correctness check against the group's float64 reference -> for each mode the timed
 repetitions, then one more call for peak memory. A case that fails the check is WRONG and is not timed.
 """
+
 from __future__ import annotations
 
 import gc
@@ -16,7 +17,6 @@ from typing import Callable, List, Optional
 import torch
 
 import fused_margin as fm
-
 from fused_margin.bench import cases as cases_mod
 from fused_margin.bench.cases import Case
 from fused_margin.bench.check import QUANTITIES, Truth, Verdict, build_truth, judge, run_outputs
@@ -26,12 +26,42 @@ from fused_margin.bench.report import machine_info
 
 #: the check runs on at most this many elements of the B x C matrix (the float64 reference holds a
 #: dozen such temporaries); larger shapes are checked on their first rows.
-CHECK_ELEMENTS = 2 ** 24
+CHECK_ELEMENTS = 2**24
 
-FIELDS = ("group", "loss", "head", "backend", "kind", "mode", "dtype", "B", "D", "C", "ms", "ms_p20", "ms_p80",
-          "wall_ms", "reps", "rounds", "round_ms", "speedup_vs_eager", "x_gemm_floor", "peak_extra_mib", "check", "check_detail",
-          "err_loss", "err_grad_input", "err_grad_weight", "tol_loss", "tol_grad_input", "tol_grad_weight",
-          "pred_mismatch", "first_call_s", "compile_s", "note")
+FIELDS = (
+    "group",
+    "loss",
+    "head",
+    "backend",
+    "kind",
+    "mode",
+    "dtype",
+    "B",
+    "D",
+    "C",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "wall_ms",
+    "reps",
+    "rounds",
+    "round_ms",
+    "speedup_vs_eager",
+    "x_gemm_floor",
+    "peak_extra_mib",
+    "check",
+    "check_detail",
+    "err_loss",
+    "err_grad_input",
+    "err_grad_weight",
+    "tol_loss",
+    "tol_grad_input",
+    "tol_grad_weight",
+    "pred_mismatch",
+    "first_call_s",
+    "compile_s",
+    "note",
+)
 
 
 @dataclass
@@ -99,21 +129,40 @@ class _Runner:
                 chunk = cases_mod.truth_class_chunk(self.check_rows, cfg.C, cfg.D)
                 fn, fn_aux = cases_mod.reference_fn(loss, head, self.counts, self.device, chunk)
                 rows = cases_mod.reference_rows_fn(loss, head, self.counts, self.device, chunk)
-                return build_truth(fn, fn_aux, rows, head, *self.check_inputs,
-                                   **cases_mod.tie_options(loss, self.counts, cfg.C, head))
+                return build_truth(
+                    fn, fn_aux, rows, head, *self.check_inputs, **cases_mod.tie_options(loss, self.counts, cfg.C, head)
+                )
+
             out.append((cases, make_truth))
         plain = cases_mod.plain_ce_cases(cfg)
         if plain:
-            out.append((plain, lambda: build_truth(cases_mod.plain_ce, None, cases_mod.plain_ce_rows, "linear",
-                                                       *self.check_inputs)))
+            out.append(
+                (
+                    plain,
+                    lambda: build_truth(
+                        cases_mod.plain_ce, None, cases_mod.plain_ce_rows, "linear", *self.check_inputs
+                    ),
+                )
+            )
         return out
 
     # -- rows -------------------------------------------------------------------------------------
     def _row(self, case: Case, mode: Optional[str], **values) -> dict:
         cfg = self.cfg
         row = dict.fromkeys(FIELDS)
-        row.update(group=case.group, loss=case.loss, head=case.head, backend=case.impl, kind=case.kind, mode=mode,
-                   dtype=cfg.dtype, B=cfg.B, D=cfg.D, C=cfg.C, note=case.note)
+        row.update(
+            group=case.group,
+            loss=case.loss,
+            head=case.head,
+            backend=case.impl,
+            kind=case.kind,
+            mode=mode,
+            dtype=cfg.dtype,
+            B=cfg.B,
+            D=cfg.D,
+            C=cfg.C,
+            note=case.note,
+        )
         row.update(values)
         self.rows.append(row)
         return row
@@ -130,6 +179,7 @@ class _Runner:
     # -- run --------------------------------------------------------------------------------------
     def run(self) -> List[dict]:
         from tqdm.auto import tqdm
+
         plan = self.groups()
         modes = self.cfg.modes
         total = sum(len(cases) for cases, _ in plan) * len(modes)
@@ -157,8 +207,9 @@ class _Runner:
                 _free(self.device)
             for sweep in range(2, self.cfg.rounds + 1):
                 for row, op in self.timed:
-                    bar.set_description(f"round {sweep}/{self.cfg.rounds}: {row['group']} {row['backend']} "
-                                        f"{row['mode']}")
+                    bar.set_description(
+                        f"round {sweep}/{self.cfg.rounds}: {row['group']} {row['backend']} {row['mode']}"
+                    )
                     timing = self._time(op)
                     row["round_ms"].append(timing.ms)
                     _free(self.device)
@@ -174,8 +225,14 @@ class _Runner:
         return self.rows
 
     def _time(self, op: Op):
-        return time_op(op, self.device, warmup=self.cfg.warmup, target_time=self.cfg.target_time,
-                       min_reps=self.cfg.min_reps, max_reps=self.cfg.max_reps)
+        return time_op(
+            op,
+            self.device,
+            warmup=self.cfg.warmup,
+            target_time=self.cfg.target_time,
+            min_reps=self.cfg.min_reps,
+            max_reps=self.cfg.max_reps,
+        )
 
     def _run_case(self, case: Case, truth: Optional[Truth], truth_error: Optional[str], bar) -> None:
         modes = self.cfg.modes
@@ -221,8 +278,10 @@ class _Runner:
 
         if case.kind == "floor" and self.floor_grads is None:
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
-            self.floor_grads = [torch.randn(self.cfg.B, self.cfg.C, device=self.device, generator=gen).to(self.dtype)
-                                for _ in self.inputs]
+            self.floor_grads = [
+                torch.randn(self.cfg.B, self.cfg.C, device=self.device, generator=gen).to(self.dtype)
+                for _ in self.inputs
+            ]
         for mode in modes:
             bar.set_description(f"{case.group} {case.impl} {mode}")
             op = Op(mode, self.inputs, case.fn, self.floor_grads if case.kind == "floor" else None)
@@ -233,14 +292,31 @@ class _Runner:
             except Exception as error:  # noqa: BLE001
                 status = _describe(error)
                 self.write(f"[bench] {case.group} {case.impl} {mode}: {status}")
-                self._row(case, mode, **{**shared, "check": status,
-                                         "check_detail": f"check {shared.get('check')}, then the timed call failed"})
+                self._row(
+                    case,
+                    mode,
+                    **{
+                        **shared,
+                        "check": status,
+                        "check_detail": f"check {shared.get('check')}, then the timed call failed",
+                    },
+                )
                 _free(self.device)
                 bar.update(1)
                 continue
-            row = self._row(case, mode, ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80,
-                            wall_ms=timing.wall_ms, reps=timing.reps, round_ms=[timing.ms],
-                            first_call_s=timing.first_call_s, peak_extra_mib=memory, **shared)
+            row = self._row(
+                case,
+                mode,
+                ms=timing.ms,
+                ms_p20=timing.ms_p20,
+                ms_p80=timing.ms_p80,
+                wall_ms=timing.wall_ms,
+                reps=timing.reps,
+                round_ms=[timing.ms],
+                first_call_s=timing.first_call_s,
+                peak_extra_mib=memory,
+                **shared,
+            )
             # the later rounds re-run op (which holds the floor's gradients, when it is the floor's)
             self.timed.append((row, op if self.cfg.rounds > 1 else None))
             bar.update(1)
@@ -256,13 +332,17 @@ class _Runner:
     def _ratios(self) -> None:
         """Speed-up over the group's eager baseline and ratio to the GEMM floor, per mode: with several
         rounds, the median of each round's own ratio (the rounds both rows have)."""
+
         def ratio(a: dict, b: dict) -> float:
             ra, rb = a.get("round_ms") or [a["ms"]], b.get("round_ms") or [b["ms"]]
             n = min(len(ra), len(rb))
             return statistics.median(x / y for x, y in zip(ra[:n], rb[:n]))
 
-        baseline = {(r["group"], r["mode"]): r for r in self.rows
-                    if r["backend"] in ("reference", "torch-ce") and r["ms"] is not None}
+        baseline = {
+            (r["group"], r["mode"]): r
+            for r in self.rows
+            if r["backend"] in ("reference", "torch-ce") and r["ms"] is not None
+        }
         floor = {r["mode"]: r for r in self.rows if r["kind"] == "floor" and r["ms"] is not None}
         for r in self.rows:
             if r["ms"] is None:
@@ -291,5 +371,12 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, log: Callable[[str
         torch.set_num_threads(threads)
     machine = machine_info(device)
     machine["torch_threads"] = cfg.threads or threads
-    return BenchRun(cfg, machine, rows, runner.check_rows, MEMORY_METHOD[device.type],
-                    time.perf_counter() - start, interrupted=runner.interrupted)
+    return BenchRun(
+        cfg,
+        machine,
+        rows,
+        runner.check_rows,
+        MEMORY_METHOD[device.type],
+        time.perf_counter() - start,
+        interrupted=runner.interrupted,
+    )

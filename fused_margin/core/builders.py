@@ -6,6 +6,7 @@ modules do, so fp64 losses see the exact tables and not fp32-rounded ones).
 
 Scalar arguments accept Python, NumPy and 0-d tensor numbers; bad ones raise an error naming them.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,22 +111,29 @@ def as_table(name: str, values, num_classes=None) -> torch.Tensor:
     This reads the values on the host (one device sync for a CUDA tensor): the modules call it once, at
     construction, so the training step never pays for it."""
     if isinstance(values, torch.Tensor):
-        if not (values.is_floating_point() or values.dtype in (torch.int8, torch.int16, torch.int32,
-                                                                torch.int64, torch.uint8)):
+        if not (
+            values.is_floating_point()
+            or values.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+        ):
             raise TypeError(f"{name} must hold real numbers, got a tensor of {values.dtype}")
         if values.requires_grad:
-            raise TypeError(f"{name} is stored as a constant table: pass values.detach() (a learnable table "
-                            "goes per call to forward)")
+            raise TypeError(
+                f"{name} is stored as a constant table: pass values.detach() (a learnable table "
+                "goes per call to forward)"
+            )
         table = values.detach().to("cpu", torch.float64)
     else:
         if isinstance(values, (str, bytes)):
-            raise TypeError(f"{name} must be a 1-D sequence or tensor of numbers (one per class), got "
-                            f"{type(values).__name__} {values!r}")
+            raise TypeError(
+                f"{name} must be a 1-D sequence or tensor of numbers (one per class), got "
+                f"{type(values).__name__} {values!r}"
+            )
         try:
             array = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a 1-D sequence or tensor of numbers (one per class), got "
-                            f"{type(values).__name__}") from err
+            raise TypeError(
+                f"{name} must be a 1-D sequence or tensor of numbers (one per class), got {type(values).__name__}"
+            ) from err
         table = torch.from_numpy(array.copy())
     if table.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one value per class), got shape {tuple(table.shape)}")
@@ -143,12 +151,13 @@ def ldam_margins(class_counts, max_m: float = 0.5, dtype=torch.float32) -> torch
     (Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss", NeurIPS 2019)."""
     n = as_class_counts(class_counts)
     max_m = _finite("max_m", max_m)
-    m = n ** -0.25
+    m = n**-0.25
     return _out(m * (max_m / m.max()), dtype)
 
 
-def dbm_class_margins(class_counts, K: float = 0.1, tau: float = 1.0, margin_ref: str = "min",
-                      dtype=torch.float32) -> torch.Tensor:
+def dbm_class_margins(
+    class_counts, K: float = 0.1, tau: float = 1.0, margin_ref: str = "min", dtype=torch.float32
+) -> torch.Tensor:
     """DBM class-wise margins ``m_y = K (n_ref / n_y)^tau`` (difficulty-aware balancing margin, AAAI'25).
 
     ``margin_ref="min"`` uses ``n_ref = min(n)`` (the paper: the rarest class gets ``K``);
@@ -183,8 +192,9 @@ def class_balanced_weights(class_counts, beta: float = 0.9999, dtype=torch.float
     return _out(w * (n.size / w.sum()), dtype)
 
 
-def drw_weights(class_counts, epoch: int, betas: Sequence[float] = (0.0, 0.9999), step: int = 160,
-                dtype=torch.float32) -> torch.Tensor:
+def drw_weights(
+    class_counts, epoch: int, betas: Sequence[float] = (0.0, 0.9999), step: int = 160, dtype=torch.float32
+) -> torch.Tensor:
     """Deferred re-weighting (LDAM-DRW): class-balanced weights with ``beta = betas[epoch // step]``
     (the last beta once past the table). Every beta is checked, not only the one in force."""
     epoch = _positive_int("epoch", epoch, 0)
@@ -198,12 +208,18 @@ def marc_weights(class_counts, gamma: float = 1.2, dtype=torch.float32) -> torch
     """MARC's re-weighting ``U_y = C n_y^-gamma / sum_j n_j^-gamma`` (Wang et al., ACML'23)."""
     n = as_class_counts(class_counts)
     gamma = _finite("gamma", gamma)
-    u = n ** -gamma
+    u = n**-gamma
     return _out(n.size * u / u.sum(), dtype)
 
 
-def long_tailed_counts(num_classes: int, n_max: int, imbalance: float, profile: str = "exp",
-                       step_fraction: float = 0.5, pareto_alpha: float = 6.0) -> torch.Tensor:
+def long_tailed_counts(
+    num_classes: int,
+    n_max: int,
+    imbalance: float,
+    profile: str = "exp",
+    step_fraction: float = 0.5,
+    pareto_alpha: float = 6.0,
+) -> torch.Tensor:
     """Per-class counts of a long-tailed data set, head first, with ``n[0] = n_max`` and
     ``n[C-1] = n_max / imbalance`` (rounded down, at least 1).
 

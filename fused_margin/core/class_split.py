@@ -21,6 +21,7 @@ row, from O(B) data. ``nll = lse - t`` is formed relative to the larger of the t
 other logits' max (``log1p`` when the target is the max), so confident rows keep full precision
 (docs/loss.md section 8).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -59,27 +60,43 @@ class RowResult(NamedTuple):
     target_grad: torch.Tensor
 
 
-
 def empty_partials(rows: int, device, dtype: torch.dtype, flag_dtype: torch.dtype = torch.bool) -> Partials:
     """Uninitialised :class:`Partials` of ``rows`` rows: the running buffers the chunk kernels merge into
     (values in ``dtype``, the argmax indices int64, ``has_y`` in ``flag_dtype``: bool for the C++ ops,
     int8 for Triton's stores)."""
     values = dict(dtype=dtype, device=device)
     index = dict(dtype=torch.int64, device=device)
-    return Partials(z_max=torch.empty(rows, **values), z_arg=torch.empty(rows, **index),
-                    wrong_max=torch.empty(rows, **values), wrong_arg=torch.empty(rows, **index),
-                    z_y=torch.empty(rows, **values), has_y=torch.empty(rows, dtype=flag_dtype, device=device),
-                    l_max=torch.empty(rows, **values), l_sum=torch.empty(rows, **values),
-                    dev=torch.empty(rows, **values), weight=torch.empty(rows, **values))
+    return Partials(
+        z_max=torch.empty(rows, **values),
+        z_arg=torch.empty(rows, **index),
+        wrong_max=torch.empty(rows, **values),
+        wrong_arg=torch.empty(rows, **index),
+        z_y=torch.empty(rows, **values),
+        has_y=torch.empty(rows, dtype=flag_dtype, device=device),
+        l_max=torch.empty(rows, **values),
+        l_sum=torch.empty(rows, **values),
+        dev=torch.empty(rows, **values),
+        weight=torch.empty(rows, **values),
+    )
+
 
 def lse_shift(m: torch.Tensor) -> torch.Tensor:
     """``torch.logsumexp``'s shift: ``m`` where finite, else 0."""
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def block_partials(z: torch.Tensor, c0: int, target: torch.Tensor, kept: torch.Tensor, spec: MarginLossSpec,
-                   *, offset: Optional[torch.Tensor] = None, pair: Optional[torch.Tensor] = None,
-                   class_weight: Optional[torch.Tensor] = None, track_wrong: bool = False) -> Partials:
+def block_partials(
+    z: torch.Tensor,
+    c0: int,
+    target: torch.Tensor,
+    kept: torch.Tensor,
+    spec: MarginLossSpec,
+    *,
+    offset: Optional[torch.Tensor] = None,
+    pair: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    track_wrong: bool = False,
+) -> Partials:
     """The :class:`Partials` of the block of classes ``[c0, c0 + z.shape[1])``.
 
     ``z``: ``z'`` of the block (B x k, compute dtype); ``target``: the rows' labels with ignored rows
@@ -89,7 +106,7 @@ def block_partials(z: torch.Tensor, c0: int, target: torch.Tensor, kept: torch.T
     rows, width = z.shape
     local_y = target - c0
     has_y = (local_y >= 0) & (local_y < width)
-    own = has_y & kept                          # rows whose (kept) target column is in the block
+    own = has_y & kept  # rows whose (kept) target column is in the block
     index = local_y.clamp(0, width - 1)[:, None]
     neg_inf = torch.full_like(z[:, 0], float("-inf"))
 
@@ -114,8 +131,10 @@ def block_partials(z: torch.Tensor, c0: int, target: torch.Tensor, kept: torch.T
     l_max = logits.amax(1)
     shift = lse_shift(l_max)
     if spec.label_smoothing != 0.0:
-        centred = shift[:, None] - logits      # + inf at the target column: zeroed next
-        centred.scatter_(1, index, torch.where(own, torch.zeros_like(shift), centred.gather(1, index).squeeze(1))[:, None])
+        centred = shift[:, None] - logits  # + inf at the target column: zeroed next
+        centred.scatter_(
+            1, index, torch.where(own, torch.zeros_like(shift), centred.gather(1, index).squeeze(1))[:, None]
+        )
         if class_weight is not None:
             dev = centred @ class_weight
             weight = class_weight.sum() - torch.where(own, class_weight[index.squeeze(1)], torch.zeros_like(shift))
@@ -154,18 +173,30 @@ def combine(a: Partials, b: Partials) -> Partials:
     l_max = torch.maximum(a.l_max, b.l_max)  # propagates NaN
     shift, shift_a, shift_b = lse_shift(l_max), lse_shift(a.l_max), lse_shift(b.l_max)
     zero = torch.zeros_like(l_max)
-    l_sum = (torch.where(a.l_sum == 0, zero, a.l_sum * torch.exp(shift_a - shift))
-             + torch.where(b.l_sum == 0, zero, b.l_sum * torch.exp(shift_b - shift)))
+    l_sum = torch.where(a.l_sum == 0, zero, a.l_sum * torch.exp(shift_a - shift)) + torch.where(
+        b.l_sum == 0, zero, b.l_sum * torch.exp(shift_b - shift)
+    )
     l_sum = torch.where(nan, l_max, l_sum)
-    dev = (a.dev + torch.where(a.weight == 0, zero, a.weight * (shift - shift_a))
-           + b.dev + torch.where(b.weight == 0, zero, b.weight * (shift - shift_b)))
-    return Partials(z_max, z_arg, wrong_max, wrong_arg, z_y, a.has_y | b.has_y, l_max, l_sum, dev,
-                    a.weight + b.weight)
+    dev = (
+        a.dev
+        + torch.where(a.weight == 0, zero, a.weight * (shift - shift_a))
+        + b.dev
+        + torch.where(b.weight == 0, zero, b.weight * (shift - shift_b))
+    )
+    return Partials(z_max, z_arg, wrong_max, wrong_arg, z_y, a.has_y | b.has_y, l_max, l_sum, dev, a.weight + b.weight)
 
 
-def finish(p: Partials, target: torch.Tensor, kept: torch.Tensor, spec: MarginLossSpec, num_classes: int, *,
-           class_margins: Optional[torch.Tensor] = None, logit_offset: Optional[torch.Tensor] = None,
-           class_weight: Optional[torch.Tensor] = None) -> RowResult:
+def finish(
+    p: Partials,
+    target: torch.Tensor,
+    kept: torch.Tensor,
+    spec: MarginLossSpec,
+    num_classes: int,
+    *,
+    class_margins: Optional[torch.Tensor] = None,
+    logit_offset: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+) -> RowResult:
     """The rows' results from the partials merged over all ``num_classes`` classes (docs/loss.md
     sections 2-4); ``target`` has ignored rows set to 0, the tables are the full C-sized ones.
 
@@ -199,5 +230,12 @@ def finish(p: Partials, target: torch.Tensor, kept: torch.Tensor, spec: MarginLo
     if eps != 0.0:
         smooth = torch.where(p.weight == 0, p.dev, p.weight * (lse_kept - shift_nt) + p.dev) + w_y * nll
         loss = loss + eps / num_classes * smooth
-    return RowResult(torch.where(kept, loss, zero), lse, torch.where(kept, nll, zero), pred, hard,
-                     torch.where(kept, t, zero), torch.where(kept, t_grad, zero))
+    return RowResult(
+        torch.where(kept, loss, zero),
+        lse,
+        torch.where(kept, nll, zero),
+        pred,
+        hard,
+        torch.where(kept, t, zero),
+        torch.where(kept, t_grad, zero),
+    )

@@ -15,6 +15,7 @@ every row op takes, its name in the kernels, its C++ type). Everything else deri
 So adding an option changes no op schema: add its entry here, regenerate the header
 (``python scripts/generate_options_header.py``), and write its math (CONTRIBUTING.md says where).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 #: the range of int64, which holds labels and ``ignore_index`` on every backend.
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,11 @@ class Option:
         elif self.kind == "int":
             value = as_int(self.name, value)
         elif self.kind == "bool":
-            if getattr(value, "dtype", None) is not None and str(value.dtype) in ("bool", "torch.bool") \
-                    and getattr(value, "ndim", getattr(value, "dim", lambda: 1)()) == 0:
+            if (
+                getattr(value, "dtype", None) is not None
+                and str(value.dtype) in ("bool", "torch.bool")
+                and getattr(value, "ndim", getattr(value, "dim", lambda: 1)()) == 0
+            ):
                 value = bool(value)  # a NumPy or 0-d tensor bool
             if not isinstance(value, bool):
                 raise TypeError(f"{self.name} must be a bool, got {type(value).__name__} {value!r}")
@@ -85,6 +89,7 @@ def _at_least(name: str, low: float, strict: bool = False):
     def check(value):
         if value < low or (strict and value == low):
             raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+
     return check
 
 
@@ -92,6 +97,7 @@ def _unit_interval(name: str):
     def check(value):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+
     return check
 
 
@@ -102,41 +108,96 @@ FOLD_CODES = {None: 0, "threshold": 1, "easy": 2}
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 OPTIONS: Tuple[Option, ...] = (
-    Option("input_is_cosine", "bool", False,
-           "with ``head=\"logits\"``, the input holds cosines (needed for angular margins)."),
-    Option("scale", "real", 1.0, "``s``, the logits' scale.", check=_at_least("scale", 0.0, strict=True),
-           kernel=KernelArg("scale", "float", "float", float, triton="scale", kernels=("forward", "backward"))),
-    Option("margin_type", "choice", "additive_cosine",
-           "``\"additive_cosine\"`` (``psi = c - M``: CosFace, LDAM, ELM) or ``\"additive_angular\"`` "
-           "(``psi = cos(acos(c) + M)``: ArcFace, DBM).", choices=tuple(MARGIN_TYPE_CODES),
-           kernel=KernelArg("margin_type", "int", "MarginType", MARGIN_TYPE_CODES.__getitem__, triton="MARGIN_TYPE")),
-    Option("lambda_inst", "real", 0.0,
-           "DBM's instance margin, ``M = m_y (1 + lambda_inst h (1 - z'_y) / 2)`` on hard positives ``h``.",
-           check=_at_least("lambda_inst", 0.0), kernel=KernelArg("lambda_inst", "float", "float", float,
-                                                                 triton="lambda_inst")),
-    Option("hard_mode", "choice", "hard",
-           "``\"hard\"``: ``h = [argmax_j z'_j != y]`` (DBM's hard positives); ``\"all\"``: ``h = 1``.",
-           choices=("hard", "all"),
-           kernel=KernelArg("hard_all", "int", "bool", lambda value: int(value == "all"), triton="HARD_ALL")),
-    Option("lambda_elm", "real", 0.0, "ELM, ``M -= lambda_elm m_{c*}`` with ``c*`` the strongest wrong class.",
-           kernel=KernelArg("lambda_elm", "float", "float", float, triton="lambda_elm")),
-    Option("angular_fold", "choice", None,
-           "``None``, ``\"threshold\"`` (ArcFace's ``c - M sin M`` past ``cos(pi - M)``) or ``\"easy\"`` (no "
-           "margin where ``c <= 0``).", choices=tuple(FOLD_CODES),
-           kernel=KernelArg("fold", "int", "AngularFold", FOLD_CODES.__getitem__, triton="FOLD")),
-    Option("margin_grad", "choice", "exact",
-           "``\"exact\"``, or ``\"straight_through\"`` (the margin shift is a constant: ``dt/dc = s``).",
-           choices=("exact", "straight_through"),
-           kernel=KernelArg("straight_through", "int", "bool", lambda value: int(value == "straight_through"),
-                            triton="STRAIGHT_THROUGH")),
-    Option("label_smoothing", "real", 0.0, "as ``F.cross_entropy``.", check=_unit_interval("label_smoothing"),
-           kernel=KernelArg("label_smoothing", "float", "float", float, triton="label_smoothing",
-                            kernels=("forward", "backward"))),
-    Option("ignore_index", "int", -100, "as ``F.cross_entropy``.",
-           kernel=KernelArg("ignore_index", "int", "int64_t", int, triton="ignore_index",
-                            kernels=("forward", "backward"))),
-    Option("reduction", "choice", "mean", "``\"mean\"``, ``\"sum\"`` or ``\"none\"``, as ``F.cross_entropy``.",
-           choices=tuple(REDUCTION_CODES), kernel=KernelArg("reduction", "int", "Reduction", REDUCTION_CODES.__getitem__)),
+    Option(
+        "input_is_cosine",
+        "bool",
+        False,
+        'with ``head="logits"``, the input holds cosines (needed for angular margins).',
+    ),
+    Option(
+        "scale",
+        "real",
+        1.0,
+        "``s``, the logits' scale.",
+        check=_at_least("scale", 0.0, strict=True),
+        kernel=KernelArg("scale", "float", "float", float, triton="scale", kernels=("forward", "backward")),
+    ),
+    Option(
+        "margin_type",
+        "choice",
+        "additive_cosine",
+        '``"additive_cosine"`` (``psi = c - M``: CosFace, LDAM, ELM) or ``"additive_angular"`` '
+        "(``psi = cos(acos(c) + M)``: ArcFace, DBM).",
+        choices=tuple(MARGIN_TYPE_CODES),
+        kernel=KernelArg("margin_type", "int", "MarginType", MARGIN_TYPE_CODES.__getitem__, triton="MARGIN_TYPE"),
+    ),
+    Option(
+        "lambda_inst",
+        "real",
+        0.0,
+        "DBM's instance margin, ``M = m_y (1 + lambda_inst h (1 - z'_y) / 2)`` on hard positives ``h``.",
+        check=_at_least("lambda_inst", 0.0),
+        kernel=KernelArg("lambda_inst", "float", "float", float, triton="lambda_inst"),
+    ),
+    Option(
+        "hard_mode",
+        "choice",
+        "hard",
+        '``"hard"``: ``h = [argmax_j z\'_j != y]`` (DBM\'s hard positives); ``"all"``: ``h = 1``.',
+        choices=("hard", "all"),
+        kernel=KernelArg("hard_all", "int", "bool", lambda value: int(value == "all"), triton="HARD_ALL"),
+    ),
+    Option(
+        "lambda_elm",
+        "real",
+        0.0,
+        "ELM, ``M -= lambda_elm m_{c*}`` with ``c*`` the strongest wrong class.",
+        kernel=KernelArg("lambda_elm", "float", "float", float, triton="lambda_elm"),
+    ),
+    Option(
+        "angular_fold",
+        "choice",
+        None,
+        '``None``, ``"threshold"`` (ArcFace\'s ``c - M sin M`` past ``cos(pi - M)``) or ``"easy"`` (no '
+        "margin where ``c <= 0``).",
+        choices=tuple(FOLD_CODES),
+        kernel=KernelArg("fold", "int", "AngularFold", FOLD_CODES.__getitem__, triton="FOLD"),
+    ),
+    Option(
+        "margin_grad",
+        "choice",
+        "exact",
+        '``"exact"``, or ``"straight_through"`` (the margin shift is a constant: ``dt/dc = s``).',
+        choices=("exact", "straight_through"),
+        kernel=KernelArg(
+            "straight_through", "int", "bool", lambda value: int(value == "straight_through"), triton="STRAIGHT_THROUGH"
+        ),
+    ),
+    Option(
+        "label_smoothing",
+        "real",
+        0.0,
+        "as ``F.cross_entropy``.",
+        check=_unit_interval("label_smoothing"),
+        kernel=KernelArg(
+            "label_smoothing", "float", "float", float, triton="label_smoothing", kernels=("forward", "backward")
+        ),
+    ),
+    Option(
+        "ignore_index",
+        "int",
+        -100,
+        "as ``F.cross_entropy``.",
+        kernel=KernelArg("ignore_index", "int", "int64_t", int, triton="ignore_index", kernels=("forward", "backward")),
+    ),
+    Option(
+        "reduction",
+        "choice",
+        "mean",
+        '``"mean"``, ``"sum"`` or ``"none"``, as ``F.cross_entropy``.',
+        choices=tuple(REDUCTION_CODES),
+        kernel=KernelArg("reduction", "int", "Reduction", REDUCTION_CODES.__getitem__),
+    ),
 )
 
 BY_NAME: Dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -147,16 +208,27 @@ KERNEL_OPTION_OF: Dict[str, Option] = {o.kernel.name: o for o in OPTIONS if o.ke
 
 #: the optional tables every row op takes, in the order of its ``tables`` list (``Tensor?[]``): the per-row
 #: and per-class scalings and shifts of ``z' = raw row_scale col_scale + col_shift``, then the loss's tables
-ROW_TABLES = ("row_scale", "col_scale", "col_shift", "class_margins", "logit_offset", "pair_perturbation",
-              "class_weight")
+ROW_TABLES = (
+    "row_scale",
+    "col_scale",
+    "col_shift",
+    "class_margins",
+    "logit_offset",
+    "pair_perturbation",
+    "class_weight",
+)
 
 
 def pack(spec) -> Tuple[List[float], List[int]]:
     """``(floats, ints)``: the kernel vectors of a :class:`~fused_margin.core.spec.MarginLossSpec`."""
-    floats = [float(KERNEL_OPTION_OF[arg.name].kernel.encode(getattr(spec, KERNEL_OPTION_OF[arg.name].name)))
-              for arg in KERNEL_FLOATS]
-    ints = [int(KERNEL_OPTION_OF[arg.name].kernel.encode(getattr(spec, KERNEL_OPTION_OF[arg.name].name)))
-            for arg in KERNEL_INTS]
+    floats = [
+        float(KERNEL_OPTION_OF[arg.name].kernel.encode(getattr(spec, KERNEL_OPTION_OF[arg.name].name)))
+        for arg in KERNEL_FLOATS
+    ]
+    ints = [
+        int(KERNEL_OPTION_OF[arg.name].kernel.encode(getattr(spec, KERNEL_OPTION_OF[arg.name].name)))
+        for arg in KERNEL_INTS
+    ]
     return floats, ints
 
 
@@ -167,8 +239,10 @@ def vectors(**values) -> Tuple[List[float], List[int]]:
     unknown = sorted(set(values) - set(KERNEL_OPTION_OF))
     if unknown:
         raise TypeError(f"unknown kernel options {unknown}; the row ops take {sorted(KERNEL_OPTION_OF)}")
+
     def value(arg):
         return values[arg.name] if arg.name in values else arg.encode(KERNEL_OPTION_OF[arg.name].default)
+
     return [float(value(arg)) for arg in KERNEL_FLOATS], [int(value(arg)) for arg in KERNEL_INTS]
 
 
@@ -182,9 +256,11 @@ def unpack(floats: Sequence[float], ints: Sequence[int]) -> KernelOptions:
     """The kernel vectors by the kernels' names; a ``ValueError`` where their lengths are not the
     registry's."""
     if len(floats) != len(KERNEL_FLOATS) or len(ints) != len(KERNEL_INTS):
-        raise ValueError(f"the row ops take {len(KERNEL_FLOATS)} float and {len(KERNEL_INTS)} int options "
-                         f"({[a.name for a in KERNEL_FLOATS]}, {[a.name for a in KERNEL_INTS]}), got "
-                         f"{len(floats)} and {len(ints)}")
+        raise ValueError(
+            f"the row ops take {len(KERNEL_FLOATS)} float and {len(KERNEL_INTS)} int options "
+            f"({[a.name for a in KERNEL_FLOATS]}, {[a.name for a in KERNEL_INTS]}), got "
+            f"{len(floats)} and {len(ints)}"
+        )
     values = KernelOptions({arg.name: float(v) for arg, v in zip(KERNEL_FLOATS, floats)})
     values.update({arg.name: int(v) for arg, v in zip(KERNEL_INTS, ints)})
     return values
@@ -219,8 +295,14 @@ def docstring(indent: int = 8) -> str:
     lines = []
     for option in OPTIONS:
         default = repr(option.default)
-        lines.append(textwrap.fill(f"{option.name}: {option.doc} Default ``{default}``.", width=112,
-                                   initial_indent=" " * indent, subsequent_indent=" " * (indent + 4)))
+        lines.append(
+            textwrap.fill(
+                f"{option.name}: {option.doc} Default ``{default}``.",
+                width=112,
+                initial_indent=" " * indent,
+                subsequent_indent=" " * (indent + 4),
+            )
+        )
     return "\n".join(lines)
 
 
@@ -233,8 +315,11 @@ def takes_options(fn):
 
     signature = inspect.signature(fn)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in OPTIONS
-               if o.name not in signature.parameters]
+    params += [
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+        for o in OPTIONS
+        if o.name not in signature.parameters
+    ]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -262,16 +347,25 @@ def check_names(options, owner: str) -> None:
 def cpp_header() -> str:
     """``backends/csrc/options.h``: the slots of the kernel vectors, the codes of the choice options, and
     ``KernelOptions`` (the kernels' fields) with its unpacking from the two vectors."""
-    out = ["// Generated by scripts/generate_options_header.py from fused_margin/core/options.py: do not edit.",
-           "// The slots of the row ops' float[] and int[] option vectors, the codes of the choice options, and",
-           "// the kernels' view of them (KernelOptions, which RowForwardArgs and RowBackwardArgs extend).",
-           "#pragma once", "", "#include <cstdint>", "", "namespace fused_margin {", ""]
+    out = [
+        "// Generated by scripts/generate_options_header.py from fused_margin/core/options.py: do not edit.",
+        "// The slots of the row ops' float[] and int[] option vectors, the codes of the choice options, and",
+        "// the kernels' view of them (KernelOptions, which RowForwardArgs and RowBackwardArgs extend).",
+        "#pragma once",
+        "",
+        "#include <cstdint>",
+        "",
+        "namespace fused_margin {",
+        "",
+    ]
     out.append("// a code and the Python option's value it stands for (nullptr for Python's None)")
     out.append("struct NamedCode {\n  const char* name;\n  int code;\n};")
     for enum, codes in _CODE_ENUMS:
         names = ", ".join(f"{_camel(name)} = {code}" for name, code in codes.items())
         out.append(f"enum class {enum} : int {{ {names} }};")
-        values = ", ".join("{" + ("nullptr" if name is None else f'"{name}"') + f", {code}}}" for name, code in codes.items())
+        values = ", ".join(
+            "{" + ("nullptr" if name is None else f'"{name}"') + f", {code}}}" for name, code in codes.items()
+        )
         out.append(f"inline constexpr NamedCode k{enum}Names[] = {{{values}}};")
     out.append("")
     for vector, args in (("Float", KERNEL_FLOATS), ("Int", KERNEL_INTS)):
@@ -282,10 +376,13 @@ def cpp_header() -> str:
     out += ["", "struct KernelOptions {"]
     for arg in KERNEL_FLOATS + KERNEL_INTS:
         out.append(f"  {arg.c_type} {arg.name};")
-    out += ["};", "",
-            "// KernelOptions from the op's vectors (anything indexable: c10::ArrayRef<double>, <int64_t>)",
-            "template <typename Floats, typename Ints>",
-            "inline void unpack_options(const Floats& floats, const Ints& ints, KernelOptions& o) {"]
+    out += [
+        "};",
+        "",
+        "// KernelOptions from the op's vectors (anything indexable: c10::ArrayRef<double>, <int64_t>)",
+        "template <typename Floats, typename Ints>",
+        "inline void unpack_options(const Floats& floats, const Ints& ints, KernelOptions& o) {",
+    ]
     for vector, args in (("floats", KERNEL_FLOATS), ("ints", KERNEL_INTS)):
         for arg in args:
             out.append(f"  o.{arg.name} = static_cast<{arg.c_type}>({vector}[k{_camel(arg.name)}]);")
@@ -304,6 +401,7 @@ def _camel(name) -> str:
 
 def header_path() -> str:
     import os
+
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backends", "csrc", "options.h")
 
 
@@ -315,8 +413,10 @@ def _scalar_tensor(name: str, value: torch.Tensor):
     if value.dim() != 0:
         raise TypeError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
     if value.requires_grad:
-        raise TypeError(f"{name} is a constant option and gets no gradient: pass a plain number (or "
-                        "value.detach()), not a tensor that requires grad")
+        raise TypeError(
+            f"{name} is a constant option and gets no gradient: pass a plain number (or "
+            "value.detach()), not a tensor that requires grad"
+        )
     return value.item()
 
 
@@ -338,8 +438,9 @@ def as_int(name: str, value) -> int:
     integer tensors; refuses ``bool``, floats (even integral ones) and values outside int64 with an error
     naming ``name``."""
     if type(value) is not int:
-        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()
-                                                    or value.dtype == torch.bool):
+        if isinstance(value, torch.Tensor) and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        ):
             value = _scalar_tensor(name, value)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")

@@ -4,6 +4,7 @@ Written for clarity, not speed: autograd derives every gradient (docs/loss.md se
 the contract in code. The row math runs in float32 (float64 for float64 inputs) whatever the input
 dtype; the cosine and linear heads' GEMM runs in the input dtype as an eager user's model would.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,8 +21,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def base_scores(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                spec: MarginLossSpec, tables: LossTables) -> torch.Tensor:
+def base_scores(
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    spec: MarginLossSpec,
+    tables: LossTables,
+) -> torch.Tensor:
     """``z'`` of docs/loss.md section 1: the head's scores, then MARC's ``omega_j z + beta_j ||W_j||``."""
     cd = compute_dtype(input.dtype)
     if spec.head == "cosine":
@@ -69,9 +75,14 @@ def precise_nll(logits: torch.Tensor, target_logit: torch.Tensor, onehot: torch.
     return torch.where(finite, precise, torch.logsumexp(logits, dim=1) - target_logit)
 
 
-def margin_cross_entropy_reference(input: torch.Tensor, target: torch.Tensor,
-                                   weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                                   spec: MarginLossSpec, tables: LossTables):
+def margin_cross_entropy_reference(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    spec: MarginLossSpec,
+    tables: LossTables,
+):
     """docs/loss.md sections 1-4 in eager PyTorch. Returns ``(loss, MarginAux(lse, pred, hard))``.
 
     Ignored rows have loss 0 and gradient 0; their ``lse`` is that of the unmargined logits

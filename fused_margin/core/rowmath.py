@@ -8,6 +8,7 @@ the memory-lean path and the class shards) and the memory-lean path's eager back
 (``backends/triton/_common.py``) and the C++/CUDA kernels (``backends/csrc/row_math.h``) hold the same
 formulas in their languages; the tests hold all of them to the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,14 @@ from fused_margin.core.spec import ACOS_CLAMP, MarginLossSpec
 Tensor = torch.Tensor
 
 
-def target_margin(class_margins: Optional[Tensor], y: Tensor, hard: Tensor, c: Tensor, spec: MarginLossSpec,
-                  strongest_wrong: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def target_margin(
+    class_margins: Optional[Tensor],
+    y: Tensor,
+    hard: Tensor,
+    c: Tensor,
+    spec: MarginLossSpec,
+    strongest_wrong: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """``(M, dM/dc)`` per row: ``M_i = m_y (1 + lambda_inst h_i (1 - c_i) / 2) - lambda_elm m_{c*}`` (DBM's
     instance margin on hard positives, AAAI'25; ELM's strongest wrong class ``c*``, Kato & Hotta) with
     ``c = z'_iy``; ``M`` is differentiable in ``c`` (the difficulty is not detached, as in DBM's code) and

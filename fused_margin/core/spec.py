@@ -6,6 +6,7 @@ backend (reference, Triton, C++/CUDA) takes the same pair, so a preset is a spec
 kernel family. This module also states the row kernels' contract: the arguments and outputs of the row ops
 every fused backend implements (:mod:`fused_margin.paths.fused` says what they compute).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,16 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from fused_margin.core import options as _options
-from fused_margin.core.options import (FOLD_CODES, INT64_MAX, INT64_MIN, MARGIN_TYPE_CODES,  # noqa: F401
-                                       REDUCTION_CODES, ROW_TABLES, as_int, as_real)
+from fused_margin.core.options import (  # noqa: F401
+    FOLD_CODES,
+    INT64_MAX,
+    INT64_MIN,
+    MARGIN_TYPE_CODES,
+    REDUCTION_CODES,
+    ROW_TABLES,
+    as_int,
+    as_real,
+)
 
 HEADS = ("cosine", "linear", "logits")
 #: the rows of the row backward's ``stats`` output (``col_stats=True``), one value a class each:
@@ -35,11 +44,15 @@ def _post_init(self):
         object.__setattr__(self, option.name, option.coerce(getattr(self, option.name)))
     # the options that depend on each other
     if self.margin_type == "additive_angular" and self.head == "linear":
-        raise ValueError("margin_type='additive_angular' needs cosine scores: use head='cosine', "
-                         "or head='logits' with input_is_cosine=True; got head='linear'")
+        raise ValueError(
+            "margin_type='additive_angular' needs cosine scores: use head='cosine', "
+            "or head='logits' with input_is_cosine=True; got head='linear'"
+        )
     if self.margin_type == "additive_angular" and self.head == "logits" and not self.input_is_cosine:
-        raise ValueError("margin_type='additive_angular' on head='logits' needs input_is_cosine=True "
-                         "(the angular margin takes acos of the input)")
+        raise ValueError(
+            "margin_type='additive_angular' on head='logits' needs input_is_cosine=True "
+            "(the angular margin takes acos of the input)"
+        )
     if self.angular_fold is not None and self.margin_type != "additive_angular":
         raise ValueError(f"angular_fold={self.angular_fold!r} applies only to margin_type='additive_angular'")
 
@@ -73,8 +86,12 @@ MarginLossSpec = dataclasses.make_dataclass(
     [("head", str, dataclasses.field(default="logits"))]
     + [(o.name, object, dataclasses.field(default=o.default)) for o in _options.OPTIONS],
     frozen=True,
-    namespace={"__post_init__": _post_init, "kernel_options": _kernel_options,
-               "__doc__": _SPEC_DOC.replace("{options}", _options.docstring(indent=4)), "__module__": __name__},
+    namespace={
+        "__post_init__": _post_init,
+        "kernel_options": _kernel_options,
+        "__doc__": _SPEC_DOC.replace("{options}", _options.docstring(indent=4)),
+        "__module__": __name__,
+    },
 )
 
 
@@ -88,8 +105,22 @@ ROW_FORWARD_ARGS = ("raw", "target", "tables", "floats", "ints")
 #: what the forward returns, in order
 ROW_FORWARD_OUTPUTS = ("loss", "lse", "pred", "hard", "nll", "target_grad", "denom")
 #: the arguments of the row kernels' backward, in order
-ROW_BACKWARD_ARGS = ("raw", "target", "tables", "lse", "nll", "target_grad", "grad_rows", "denom", "floats", "ints",
-                     "scale_grad", "row_proj", "col_proj", "col_stats")
+ROW_BACKWARD_ARGS = (
+    "raw",
+    "target",
+    "tables",
+    "lse",
+    "nll",
+    "target_grad",
+    "grad_rows",
+    "denom",
+    "floats",
+    "ints",
+    "scale_grad",
+    "row_proj",
+    "col_proj",
+    "col_stats",
+)
 #: what the backward returns, in order
 ROW_BACKWARD_OUTPUTS = ("grad", "row_coef", "col_coef", "stats")
 #: the arguments of the optional forward-with-gradient op (``RowKernel.forward_backward``): the forward's and
@@ -119,9 +150,17 @@ def _pack(op: str, names: tuple, values: dict) -> tuple:
     missing = [name for name in names if name not in values]
     unknown = [name for name in values if name not in names]
     if missing or unknown:
-        raise TypeError(f"{op}: " + "; ".join(
-            part for part in (f"missing arguments {missing}" if missing else "",
-                              f"unknown arguments {unknown}" if unknown else "") if part))
+        raise TypeError(
+            f"{op}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing arguments {missing}" if missing else "",
+                    f"unknown arguments {unknown}" if unknown else "",
+                )
+                if part
+            )
+        )
     return tuple(values[name] for name in names)
 
 
@@ -159,8 +198,8 @@ class LossTables(NamedTuple):
 
 
 class MarginAux(NamedTuple):
-    """Side outputs: ``lse`` (B, fp32; fp64 for fp64 input) of the final logits, ``pred`` (B, int64) the argmax of the base
-    scores, ``hard`` (B, bool) the hard-positive flag (False on ignored rows)."""
+    """Side outputs: ``lse`` (B, fp32; fp64 for fp64 input) of the final logits, ``pred`` (B, int64) the argmax of
+    the base scores, ``hard`` (B, bool) the hard-positive flag (False on ignored rows)."""
 
     lse: torch.Tensor
     pred: torch.Tensor

@@ -10,6 +10,7 @@ batch. Rank 0 then trains the same model, from the same initial weights on the s
 process with :func:`fused_margin.margin_cross_entropy` on the whole classifier, and prints both loss
 trajectories and their largest difference (float64 throughout, so they agree to rounding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,19 @@ def _backbone(seed):
 
 
 def _loss_options(counts):
-    return dict(scale=16.0, margin_type="additive_angular", lambda_inst=1.0,
-                class_margins=fm.dbm_class_margins(counts, K=0.1).double(),
-                logit_offset=fm.log_prior(counts).double())
+    return dict(
+        scale=16.0,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        class_margins=fm.dbm_class_margins(counts, K=0.1).double(),
+        logit_offset=fm.log_prior(counts).double(),
+    )
 
 
 def _batches(n, batch, steps, seed):
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(steps * batch // n + 1)])
-    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
+    return [order[i * batch : (i + 1) * batch] for i in range(steps)]
 
 
 def single_process(args):

@@ -60,10 +60,11 @@ target_grad, denom, row_coef, col_coef)`` (optional; the C++ CPU and Triton kern
     logsumexp's exponentials, so the gradient agrees with ``backward``'s to the rounding of ``p``; the
     Triton kernel rereads the row from cache and forms ``backward``'s own expression) and
     ``row_coef``/``col_coef`` are the backward's sums (empty without ``row_proj``/``col_proj``; a kernel
-    with ``project_out``, which is then given neither, may refuse them, as Triton's does). :func:`fused_margin_cross_entropy`
-    takes it for a training step (grad enabled, features or weights requiring grad, no other input
-    requiring grad, not under ``torch.compile`` or a ``torch.func`` transform; the ``grad_in_forward`` switch of :mod:`fused_margin.config`) and
-    multiplies by the actual upstream gradient in the backward when it is not 1.
+    with ``project_out``, which is then given neither, may refuse them, as Triton's does).
+    :func:`fused_margin_cross_entropy` takes it for a training step (grad enabled, features or weights
+    requiring grad, no other input requiring grad, not under ``torch.compile`` or a ``torch.func``
+    transform; the ``grad_in_forward`` switch of :mod:`fused_margin.config`) and multiplies by the actual
+    upstream gradient in the backward when it is not 1.
 
 ``norms(x, eps) -> (norm, inv, proj)``
 
@@ -75,6 +76,7 @@ the kernels' own arithmetic (``-ffp-contract=off`` for the C++ kernels, ``--fmad
 ``enable_fp_fusion=False`` on every Triton launch), so ``z'`` and the logits round as eager torch's
 separate ops; library functions (``exp``, ``log``, ``cos``) keep their own internal FMAs.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -84,8 +86,18 @@ import torch
 
 from fused_margin.config import CONFIG
 from fused_margin.core.reference import compute_dtype
-from fused_margin.core.spec import (COLUMN_STATS, NORM_EPS, REDUCTION_CODES, ROW_FORWARD_OUTPUTS, LossTables, MarginLossSpec,
-                   row_backward_args, row_forward_args, row_forward_backward_args, row_tables)
+from fused_margin.core.spec import (
+    COLUMN_STATS,
+    NORM_EPS,
+    REDUCTION_CODES,
+    ROW_FORWARD_OUTPUTS,
+    LossTables,
+    MarginLossSpec,
+    row_backward_args,
+    row_forward_args,
+    row_forward_backward_args,
+    row_tables,
+)
 
 
 def project_rows_(grad: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -158,8 +170,9 @@ def empty_forward_outputs(raw: torch.Tensor, reduction: int):
     rows = raw.shape[0]
     dtypes = dict(pred=torch.int64, hard=torch.bool)
     shapes = dict(loss=(rows,) if reduction == REDUCTION_CODES["none"] else (), denom=())
-    return tuple(raw.new_empty(shapes.get(name, (rows,)), dtype=dtypes.get(name, torch.float32))
-                 for name in ROW_FORWARD_OUTPUTS)
+    return tuple(
+        raw.new_empty(shapes.get(name, (rows,)), dtype=dtypes.get(name, torch.float32)) for name in ROW_FORWARD_OUTPUTS
+    )
 
 
 def empty_projection_sums(raw: torch.Tensor, row_proj, col_proj):
@@ -167,8 +180,10 @@ def empty_projection_sums(raw: torch.Tensor, row_proj, col_proj):
     :data:`~fused_margin.core.spec.ROW_FORWARD_BACKWARD_OUTPUTS`): fp32, B (or 0 without ``row_proj``) and C (or 0
     without ``col_proj``) values."""
     rows, cols = raw.shape
-    return (raw.new_empty((rows if row_proj is not None else 0,), dtype=torch.float32),
-            raw.new_empty((cols if col_proj is not None else 0,), dtype=torch.float32))
+    return (
+        raw.new_empty((rows if row_proj is not None else 0,), dtype=torch.float32),
+        raw.new_empty((cols if col_proj is not None else 0,), dtype=torch.float32),
+    )
 
 
 def empty_backward_outputs(raw: torch.Tensor, scale_grad: bool, row_proj, col_proj, col_stats: bool):
@@ -178,8 +193,11 @@ def empty_backward_outputs(raw: torch.Tensor, scale_grad: bool, row_proj, col_pr
     0 values), all fp32 but ``grad``, which has the row stride of :func:`grad_row_stride`."""
     rows, cols = raw.shape
     grad = raw.new_empty((rows, grad_row_stride(raw)), dtype=raw.dtype if scale_grad else torch.float32)
-    return ((grad[:, :cols],) + empty_projection_sums(raw, row_proj, col_proj)
-            + (raw.new_empty((len(COLUMN_STATS), cols) if col_stats else (0,), dtype=torch.float32),))
+    return (
+        (grad[:, :cols],)
+        + empty_projection_sums(raw, row_proj, col_proj)
+        + (raw.new_empty((len(COLUMN_STATS), cols) if col_stats else (0,), dtype=torch.float32),)
+    )
 
 
 def scaled_scores(raw, row_scale, col_scale, col_shift):
@@ -222,9 +240,18 @@ def _cosine_operands(kernel: RowKernel, input, weight):
         return input, weight, x_norm, w_norm, row_scale, col_scale, row_proj, col_proj, None, None
     x_pow, w_pow = _pow2_scale(x_norm), _pow2_scale(w_norm)
     # raw carries x_pow_i w_pow_j: undone in the (exact) scalings; the operands' norms carry them too
-    return (input * x_pow.to(input.dtype)[:, None], weight * w_pow.to(weight.dtype)[:, None], x_norm, w_norm,
-            row_scale / x_pow, col_scale / w_pow, row_proj / (x_pow * x_pow), col_proj / (w_pow * w_pow),
-            x_pow, w_pow)
+    return (
+        input * x_pow.to(input.dtype)[:, None],
+        weight * w_pow.to(weight.dtype)[:, None],
+        x_norm,
+        w_norm,
+        row_scale / x_pow,
+        col_scale / w_pow,
+        row_proj / (x_pow * x_pow),
+        col_proj / (w_pow * w_pow),
+        x_pow,
+        w_pow,
+    )
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -235,14 +262,17 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _first_order_error(kernel_name: str) -> str:
-    return (f"the fused {kernel_name!r} backend gives first-order gradients only; for create_graph=True "
-            "(double backward, meta-learning) pass double_backward=True to the loss (margin_cross_entropy, the "
-            "presets and the modules), which runs backend='reference'; nested torch.func.grad also needs "
-            "backend='reference'")
+    return (
+        f"the fused {kernel_name!r} backend gives first-order gradients only; for create_graph=True "
+        "(double backward, meta-learning) pass double_backward=True to the loss (margin_cross_entropy, the "
+        "presets and the modules), which runs backend='reference'; nested torch.func.grad also needs "
+        "backend='reference'"
+    )
 
 
-def first_order_backward(backward: Callable[[], tuple], grad_output: torch.Tensor, message: str,
-                         saved: Sequence[Optional[torch.Tensor]] = ()) -> tuple:
+def first_order_backward(
+    backward: Callable[[], tuple], grad_output: torch.Tensor, message: str, saved: Sequence[Optional[torch.Tensor]] = ()
+) -> tuple:
     """``backward()``, the gradients of a backward that gives first-order gradients only, with the refusals
     every such ``autograd.Function`` makes (the fused row path, the memory-lean path, the class shards):
 
@@ -255,9 +285,11 @@ def first_order_backward(backward: Callable[[], tuple], grad_output: torch.Tenso
       silently wrong. ``saved``: the function's saved tensors; those that require grad link the error into
       the graph, so that differentiating the gradients with respect to them reaches it."""
     if torch._C._functorch.is_batchedtensor(grad_output):
-        raise RuntimeError("fused_margin's fused backends, memory-lean path and class shards give one gradient "
-                           "at a time: torch.func.jacrev, jacfwd and vmap over their backward need "
-                           "backend='reference' (with class_chunk='off')")
+        raise RuntimeError(
+            "fused_margin's fused backends, memory-lean path and class shards give one gradient "
+            "at a time: torch.func.jacrev, jacfwd and vmap over their backward need "
+            "backend='reference' (with class_chunk='off')"
+        )
     if not torch.is_grad_enabled():
         return backward()
     if torch._C._functorch.get_dynamic_layer_stack_depth() > 1:  # nested transforms
@@ -267,8 +299,11 @@ def first_order_backward(backward: Callable[[], tuple], grad_output: torch.Tenso
     present = [g for g in grads if g is not None]
     # outside transforms, the error node also takes the saved tensors that require grad (the inputs), so it
     # sits between the gradients and them; under one torch.func.grad the gradients are wrapped at its level
-    anchors = [t for t in saved if isinstance(t, torch.Tensor) and t.requires_grad] \
-        if torch._C._functorch.get_dynamic_layer_stack_depth() == 0 else []
+    anchors = (
+        [t for t in saved if isinstance(t, torch.Tensor) and t.requires_grad]
+        if torch._C._functorch.get_dynamic_layer_stack_depth() == 0
+        else []
+    )
     if present:
         wrapped = torch._C._functions.DelayedError(message.encode(), len(present) + len(anchors))(*present, *anchors)
         wrapped = iter((wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped)
@@ -281,33 +316,43 @@ class _Residuals(NamedTuple):
     and dropped by the caller). ``None`` where absent, or where it would repeat an input or another
     output (``setup_context`` restores those; ``torch.compile`` refuses an output returned twice)."""
 
-    raw: Optional[torch.Tensor]             # the GEMM output (None on the logits head: the input itself)
-    row_scale: Optional[torch.Tensor]       # 1 / max(||x_i||, eps) (over x_pow_i on the fp16 cosine head)
-    col_scale: Optional[torch.Tensor]       # the head's column scale times omega
-    col_shift: Optional[torch.Tensor]       # (bias times omega) + beta ||W|| (None when it is base_shift)
+    raw: Optional[torch.Tensor]  # the GEMM output (None on the logits head: the input itself)
+    row_scale: Optional[torch.Tensor]  # 1 / max(||x_i||, eps) (over x_pow_i on the fp16 cosine head)
+    col_scale: Optional[torch.Tensor]  # the head's column scale times omega
+    col_shift: Optional[torch.Tensor]  # (bias times omega) + beta ||W|| (None when it is base_shift)
     base_col_scale: Optional[torch.Tensor]  # the head's column scale alone (None when it is col_scale)
-    base_shift: Optional[torch.Tensor]      # the bias in the compute dtype
-    row_proj: Optional[torch.Tensor]        # 1 / ||x_op||^2 (0 below eps): the cosine head's projections
+    base_shift: Optional[torch.Tensor]  # the bias in the compute dtype
+    row_proj: Optional[torch.Tensor]  # 1 / ||x_op||^2 (0 below eps): the cosine head's projections
     col_proj: Optional[torch.Tensor]
-    w_norm: Optional[torch.Tensor]          # ||W_j|| (MARC's beta)
-    x_pow: Optional[torch.Tensor]           # the fp16 cosine head's power-of-two rescaling (_cosine_operands)
+    w_norm: Optional[torch.Tensor]  # ||W_j|| (MARC's beta)
+    x_pow: Optional[torch.Tensor]  # the fp16 cosine head's power-of-two rescaling (_cosine_operands)
     w_pow: Optional[torch.Tensor]
-    row_coef: Optional[torch.Tensor]        # the backward's sums formed in the forward (grad_in_forward), else None
+    row_coef: Optional[torch.Tensor]  # the backward's sums formed in the forward (grad_in_forward), else None
     col_coef: Optional[torch.Tensor]
     nll: torch.Tensor
     target_grad: torch.Tensor
-    denom: Optional[torch.Tensor]           # the mean's denominator
+    denom: Optional[torch.Tensor]  # the mean's denominator
 
 
 #: the outputs of ``_FusedMarginCE.forward``, in order
 _OUTPUTS = ("loss", "lse", "pred", "hard") + _Residuals._fields
 #: the inputs ``backward`` reads (saved by name; see :class:`_Saved`)
-_SAVED_INPUTS = ("input", "target", "weight", "logit_offset", "pair_perturbation", "class_weight", "omega", "beta",
-                 "class_norms")
+_SAVED_INPUTS = (
+    "input",
+    "target",
+    "weight",
+    "logit_offset",
+    "pair_perturbation",
+    "class_weight",
+    "omega",
+    "beta",
+    "class_norms",
+)
 
 
-class _Saved(NamedTuple("_SavedBase", [(name, Optional[torch.Tensor])
-                                       for name in _SAVED_INPUTS + ("lse",) + _Residuals._fields])):
+class _Saved(
+    NamedTuple("_SavedBase", [(name, Optional[torch.Tensor]) for name in _SAVED_INPUTS + ("lse",) + _Residuals._fields])
+):
     """``ctx.saved_tensors`` by name: the inputs of :data:`_SAVED_INPUTS`, ``lse`` and the residuals."""
 
 
@@ -320,15 +365,29 @@ class _FusedMarginCE(torch.autograd.Function):
     index."""
 
     @staticmethod
-    def forward(kernel: RowKernel, spec: MarginLossSpec, input, target, weight, bias,
-                class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms,
-                grad_in_forward):
+    def forward(
+        kernel: RowKernel,
+        spec: MarginLossSpec,
+        input,
+        target,
+        weight,
+        bias,
+        class_margins,
+        logit_offset,
+        pair_perturbation,
+        class_weight,
+        omega,
+        beta,
+        class_norms,
+        grad_in_forward,
+    ):
         head = spec.head
         acc = compute_dtype(input.dtype)
         w_norm = x_pow = w_pow = row_proj = col_proj = None
         if head == "cosine":
-            (x_op, w_op, _, w_norm, row_scale, col_scale, row_proj, col_proj, x_pow,
-             w_pow) = _cosine_operands(kernel, input, weight)
+            (x_op, w_op, _, w_norm, row_scale, col_scale, row_proj, col_proj, x_pow, w_pow) = _cosine_operands(
+                kernel, input, weight
+            )
             raw = class_padded_mm(x_op, w_op)
             base_col_scale = col_scale
         else:
@@ -351,24 +410,49 @@ class _FusedMarginCE(torch.autograd.Function):
 
         # the loss comes reduced (mean / sum) from the kernel, with the mean's denominator
         floats, ints = spec.kernel_options()
-        args = dict(raw=raw, target=target, floats=floats, ints=ints, tables=row_tables(
-            row_scale=row_scale, col_scale=col_scale, col_shift=col_shift, class_margins=class_margins,
-            logit_offset=logit_offset, pair_perturbation=pair_perturbation, class_weight=class_weight))
+        args = dict(
+            raw=raw,
+            target=target,
+            floats=floats,
+            ints=ints,
+            tables=row_tables(
+                row_scale=row_scale,
+                col_scale=col_scale,
+                col_shift=col_shift,
+                class_margins=class_margins,
+                logit_offset=logit_offset,
+                pair_perturbation=pair_perturbation,
+                class_weight=class_weight,
+            ),
+        )
         row_coef = col_coef = None
         if grad_in_forward:  # raw becomes dL/draw (upstream gradient 1), with the backward's sums
             sums = kernel.project_out is None  # else the projections form their coefficients themselves
             loss, lse, pred, hard, nll, target_grad, denom, row_coef, col_coef = kernel.forward_backward(
-                *row_forward_backward_args(**args, row_proj=row_proj if sums else None,
-                                           col_proj=col_proj if sums else None))
+                *row_forward_backward_args(
+                    **args, row_proj=row_proj if sums else None, col_proj=col_proj if sums else None
+                )
+            )
         else:
             loss, lse, pred, hard, nll, target_grad, denom = kernel.forward(*row_forward_args(**args))
         residuals = _Residuals(
-            raw=None if head == "logits" else raw, row_scale=row_scale, col_scale=col_scale,
+            raw=None if head == "logits" else raw,
+            row_scale=row_scale,
+            col_scale=col_scale,
             col_shift=None if col_shift is base_shift else col_shift,
-            base_col_scale=None if base_col_scale is col_scale else base_col_scale, base_shift=base_shift,
-            row_proj=row_proj, col_proj=col_proj, w_norm=w_norm, x_pow=x_pow, w_pow=w_pow, row_coef=row_coef,
-            col_coef=col_coef, nll=nll,
-            target_grad=target_grad, denom=denom if spec.reduction == "mean" else None)
+            base_col_scale=None if base_col_scale is col_scale else base_col_scale,
+            base_shift=base_shift,
+            row_proj=row_proj,
+            col_proj=col_proj,
+            w_norm=w_norm,
+            x_pow=x_pow,
+            w_pow=w_pow,
+            row_coef=row_coef,
+            col_coef=col_coef,
+            nll=nll,
+            target_grad=target_grad,
+            denom=denom if spec.reduction == "mean" else None,
+        )
         return (loss, lse, pred, hard) + tuple(residuals)
 
     @staticmethod
@@ -382,15 +466,18 @@ class _FusedMarginCE(torch.autograd.Function):
         ctx.raw_is_input = out["raw"] is None
         ctx.col_shift_is_base = out["col_shift"] is None and out["base_shift"] is not None
         ctx.base_col_scale_is_col = out["base_col_scale"] is None and ctx.spec.head == "cosine"
-        ctx.save_for_backward(*(args[name] for name in _SAVED_INPUTS), out["lse"],
-                              *(out[name] for name in _Residuals._fields))
+        ctx.save_for_backward(
+            *(args[name] for name in _SAVED_INPUTS), out["lse"], *(out[name] for name in _Residuals._fields)
+        )
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
         ctx.mark_non_differentiable(*[out[name] for name in _OUTPUTS[1:] if isinstance(out[name], torch.Tensor)])
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        raise RuntimeError(f"the fused {args[0].name!r} backend does not support torch.func.vmap (its row "
-                           "kernels have no batching rule); use backend='reference' under vmap, or loop")
+        raise RuntimeError(
+            f"the fused {args[0].name!r} backend does not support torch.func.vmap (its row "
+            "kernels have no batching rule); use backend='reference' under vmap, or loop"
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_outputs):
@@ -405,8 +492,12 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _first_order_backward(ctx, grad_loss):
-        return first_order_backward(lambda: _FusedMarginCE._backward(ctx, grad_loss), grad_loss,
-                                    _first_order_error(ctx.kernel.name), ctx.saved_tensors)
+        return first_order_backward(
+            lambda: _FusedMarginCE._backward(ctx, grad_loss),
+            grad_loss,
+            _first_order_error(ctx.kernel.name),
+            ctx.saved_tensors,
+        )
 
     @staticmethod
     def _backward(ctx, grad_loss):
@@ -424,7 +515,7 @@ class _FusedMarginCE(torch.autograd.Function):
         return tuple(grads.get(name) for name in INPUT_NAMES)
 
 
-def _draw(ctx, saved: "_Saved", grad_loss, need):
+def _draw(ctx, saved: _Saved, grad_loss, need):
     """``(dL/draw, dL/dP, row_coef, col_coef, stats, upstream)``: the row kernel's part of the backward.
     ``dL/draw`` came with the forward (``grad_in_forward``) or comes from the row backward; ``dL/dP`` (the
     pair perturbation's gradient, ``dL/dl`` off the target) only where it is asked for; ``upstream`` is an
@@ -456,16 +547,31 @@ def _draw(ctx, saved: "_Saved", grad_loss, need):
     col_shift = saved.base_shift if ctx.col_shift_is_base else saved.col_shift
     beta_weight = saved.beta is not None and need["weight"]  # d(beta_j ||W_j||) / dW_j
     floats, ints = spec.kernel_options()
-    grad, row_coef, col_coef, stats = kernel.backward(*row_backward_args(
-        raw=raw, target=target, tables=row_tables(
-            row_scale=saved.row_scale, col_scale=saved.col_scale, col_shift=col_shift,
-            logit_offset=saved.logit_offset, pair_perturbation=saved.pair_perturbation,
-            class_weight=saved.class_weight),
-        lse=saved.lse, nll=saved.nll, target_grad=saved.target_grad, grad_rows=grad_loss, denom=saved.denom,
-        floats=floats, ints=ints, scale_grad=not need["pair_perturbation"],
-        row_proj=saved.row_proj if cosine and need["input"] and not out_proj else None,
-        col_proj=saved.col_proj if cosine and need["weight"] and not out_proj else None,
-        col_stats=bool(need["bias"] or need["logit_offset"] or need["omega"] or need["beta"] or beta_weight)))
+    grad, row_coef, col_coef, stats = kernel.backward(
+        *row_backward_args(
+            raw=raw,
+            target=target,
+            tables=row_tables(
+                row_scale=saved.row_scale,
+                col_scale=saved.col_scale,
+                col_shift=col_shift,
+                logit_offset=saved.logit_offset,
+                pair_perturbation=saved.pair_perturbation,
+                class_weight=saved.class_weight,
+            ),
+            lse=saved.lse,
+            nll=saved.nll,
+            target_grad=saved.target_grad,
+            grad_rows=grad_loss,
+            denom=saved.denom,
+            floats=floats,
+            ints=ints,
+            scale_grad=not need["pair_perturbation"],
+            row_proj=saved.row_proj if cosine and need["input"] and not out_proj else None,
+            col_proj=saved.col_proj if cosine and need["weight"] and not out_proj else None,
+            col_stats=bool(need["bias"] or need["logit_offset"] or need["omega"] or need["beta"] or beta_weight),
+        )
+    )
     if not need["pair_perturbation"]:
         return grad, None, row_coef, col_coef, stats, upstream
     # grad is G (fp32): dL/draw from it, and dL/dP = dL/dl off the target (B x C)
@@ -480,7 +586,7 @@ def _draw(ctx, saved: "_Saved", grad_loss, need):
     return grad_raw.to(raw.dtype), grad_pair, row_coef, col_coef, stats, upstream
 
 
-def _head_grads(ctx, saved: "_Saved", need, grad_raw, row_coef, col_coef, stats, upstream) -> dict:
+def _head_grads(ctx, saved: _Saved, need, grad_raw, row_coef, col_coef, stats, upstream) -> dict:
     """The gradients of the features (the logits on the logits head), the classifier weight and the bias
     from ``dL/draw``: the two backward GEMMs, the cosine head's projections (one in-place op each on the GEMM
     output), and the C-sized finishing of the bias and of MARC's ``beta ||W_j||`` term."""
@@ -501,16 +607,22 @@ def _head_grads(ctx, saved: "_Saved", need, grad_raw, row_coef, col_coef, stats,
     if need["input"]:
         grad_x = grad_raw @ w_op
         if cosine:  # dX = dL/draw W - (sum_j dL/draw_ij raw_ij / ||x_i||^2) X, in fp32, rounded once
-            grad_x = (kernel.project_out(grad_x, x_op, saved.row_proj, upstream) if out_proj
-                      else kernel.project(grad_x, x_op, row_coef))
+            grad_x = (
+                kernel.project_out(grad_x, x_op, saved.row_proj, upstream)
+                if out_proj
+                else kernel.project(grad_x, x_op, row_coef)
+            )
             if x_pow is not None:  # d x_op / d x = x_pow: one rounding, in fp32 (B x D)
                 grad_x = grad_x.to(x_pow.dtype) * x_pow[:, None]
         grads["input"] = grad_x.to(input.dtype)
     if need["weight"]:
         grad_w = grad_raw.t() @ x_op
         if cosine:
-            grad_w = (kernel.project_out(grad_w, w_op, saved.col_proj, upstream) if out_proj
-                      else kernel.project(grad_w, w_op, col_coef))
+            grad_w = (
+                kernel.project_out(grad_w, w_op, saved.col_proj, upstream)
+                if out_proj
+                else kernel.project(grad_w, w_op, col_coef)
+            )
             if w_pow is not None:  # d w_op / d w = w_pow: exact powers of two, in place
                 grad_w = grad_w.mul_(w_pow.to(grad_w.dtype)[:, None])
         if beta is not None:  # d(beta_j ||W_j||) / dW_j = beta_j W_j / ||W_j|| (0 at W_j = 0)
@@ -525,7 +637,7 @@ def _head_grads(ctx, saved: "_Saved", need, grad_raw, row_coef, col_coef, stats,
     return grads
 
 
-def _table_grads(ctx, saved: "_Saved", need, stats) -> dict:
+def _table_grads(ctx, saved: _Saved, need, stats) -> dict:
     """The gradients of the logit offset and of MARC's ``omega``/``beta`` from the column stats."""
     grads = {}
     if need["logit_offset"]:
@@ -549,8 +661,14 @@ _FusedMarginCE.forward.__signature__ = inspect.signature(_FusedMarginCE.forward)
 INPUT_NAMES = tuple(_FusedMarginCE.forward.__signature__.parameters)
 
 
-def grad_in_forward(kernel: RowKernel, spec: MarginLossSpec, input: torch.Tensor, weight: Optional[torch.Tensor],
-                    bias: Optional[torch.Tensor], tables: LossTables) -> bool:
+def grad_in_forward(
+    kernel: RowKernel,
+    spec: MarginLossSpec,
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    tables: LossTables,
+) -> bool:
     """Whether this call forms dL/draw in its forward (``kernel.forward_backward``): a training step of a
     reduced loss on a GEMM head (grad enabled; the features or the class weights, and no other input, require
     grad; no MARC ``beta``, whose weight gradient needs the column sums), outside ``torch.compile`` and
@@ -567,12 +685,31 @@ def grad_in_forward(kernel: RowKernel, spec: MarginLossSpec, input: torch.Tensor
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (bias,) + tuple(tables))
 
 
-def fused_margin_cross_entropy(kernel: RowKernel, input: torch.Tensor, target: torch.Tensor,
-                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                               spec: MarginLossSpec, tables: LossTables):
+def fused_margin_cross_entropy(
+    kernel: RowKernel,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    spec: MarginLossSpec,
+    tables: LossTables,
+):
     """Run the loss through ``kernel``; returns ``(loss, lse, pred, hard)``."""
     early = grad_in_forward(kernel, spec, input, weight, bias, tables)
     loss, lse, pred, hard, *_saved = _FusedMarginCE.apply(
-        kernel, spec, input, target, weight, bias, tables.class_margins, tables.logit_offset,
-        tables.pair_perturbation, tables.class_weight, tables.omega, tables.beta, tables.class_norms, early)
+        kernel,
+        spec,
+        input,
+        target,
+        weight,
+        bias,
+        tables.class_margins,
+        tables.logit_offset,
+        tables.pair_perturbation,
+        tables.class_weight,
+        tables.omega,
+        tables.beta,
+        tables.class_norms,
+        early,
+    )
     return loss, lse, pred, hard

@@ -17,6 +17,7 @@ fp16 whatever the norms; the normalisation Jacobian is applied to the two gradie
 ``dL/dX_i = (g_i - (x_hat_i . g_i) x_hat_i) / max(|X_i|, eps)`` with ``g = dL/dX_hat`` (and the same for
 ``W_j``), dropping the projection where the norm is below eps (docs/loss.md section 5).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,12 +27,12 @@ import torch.nn.functional as F
 
 from fused_margin import backends
 from fused_margin.core.class_split import Partials, block_partials, combine, empty_partials, finish
-from fused_margin.paths.fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import NORM_EPS, LossTables, MarginLossSpec
+from fused_margin.paths.fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
 
 #: default byte budget for the per-chunk buffers of the lean path (B x chunk elements, several of them).
-BUDGET_BYTES = 64 * 2 ** 20
+BUDGET_BYTES = 64 * 2**20
 #: fp32-equivalent B x chunk buffers alive at once in a chunk's forward/backward (a conservative count).
 _BUFFERS = 6
 
@@ -74,8 +75,19 @@ class ClassBlock:
     merged :class:`~fused_margin.core.class_split.Partials` of the block, :meth:`backward` its gradients.
     """
 
-    def __init__(self, spec: MarginLossSpec, input, weight, bias, tables: LossTables, *, start=0, count=None,
-                 chunk: int, kernel: str = "reference"):
+    def __init__(
+        self,
+        spec: MarginLossSpec,
+        input,
+        weight,
+        bias,
+        tables: LossTables,
+        *,
+        start=0,
+        count=None,
+        chunk: int,
+        kernel: str = "reference",
+    ):
         self.spec, self.input, self.weight, self.bias, self.tables = spec, input, weight, bias, tables
         self.kernel = kernel
         #: the backend's chunk kernels (fused_margin.backends.BlockOps), or None: eager torch
@@ -156,7 +168,7 @@ class ClassBlock:
 
     @staticmethod
     def _view(buffer, rows, width):
-        return buffer[:rows * width].view(rows, width)
+        return buffer[: rows * width].view(rows, width)
 
     def _raw(self, l0, l1, buffer=None):
         """The chunk's GEMM output (the logits head: its columns of the input), into ``buffer`` if given."""
@@ -181,9 +193,13 @@ class ClassBlock:
         pair = t.pair_perturbation
         if pair is not None and self.ops is not None and self.ops.PAIR_IN_COMPUTE_DTYPE:
             pair = pair.to(cd)
-        return dict(col_scale=col_scale, col_shift=col_shift,
-                    offset=None if t.logit_offset is None else t.logit_offset.to(cd), pair=pair,
-                    class_weight=None if t.class_weight is None else t.class_weight.to(cd))
+        return dict(
+            col_scale=col_scale,
+            col_shift=col_shift,
+            offset=None if t.logit_offset is None else t.logit_offset.to(cd),
+            pair=pair,
+            class_weight=None if t.class_weight is None else t.class_weight.to(cd),
+        )
 
     def _partials_kernel(self, y, kept) -> Partials:
         class_block = self.ops
@@ -195,10 +211,18 @@ class ClassBlock:
         for i, (c0, c1) in enumerate(self.ranges()):
             l0 = c0 - self.start
             class_block.block_partials(
-                buffers, self._raw(l0, c1 - self.start, raw_buffer), c0, labels, first=i == 0, scale=spec.scale,
-                ignore_index=spec.ignore_index, col0=l0, **tables,
+                buffers,
+                self._raw(l0, c1 - self.start, raw_buffer),
+                c0,
+                labels,
+                first=i == 0,
+                scale=spec.scale,
+                ignore_index=spec.ignore_index,
+                col0=l0,
+                **tables,
                 track_wrong=t.class_margins is not None and spec.lambda_elm != 0.0,
-                smoothing=spec.label_smoothing != 0.0)
+                smoothing=spec.label_smoothing != 0.0,
+            )
         return buffers._replace(has_y=buffers.has_y != 0)
 
     def _backward_kernel(self, y, kept, g, nll, target_grad, lse, num_classes, need):
@@ -239,8 +263,20 @@ class ClassBlock:
                 grad_raw = out["input"][:, l0:l1]
             else:
                 grad_raw = self._view(grad_buffer, raw.shape[0], raw.shape[1])
-            class_block.block_grad(raw, c0, labels, lse, row_coef, smooth, target_value, grad_raw,
-                                   scale=spec.scale, ignore_index=spec.ignore_index, col0=l0, **tables)
+            class_block.block_grad(
+                raw,
+                c0,
+                labels,
+                lse,
+                row_coef,
+                smooth,
+                target_value,
+                grad_raw,
+                scale=spec.scale,
+                ignore_index=spec.ignore_index,
+                col0=l0,
+                **tables,
+            )
             if spec.head == "logits":
                 continue
             w_chunk = weight[l0:l1]
@@ -289,9 +325,17 @@ class ClassBlock:
         for c0, c1 in self.ranges():
             _, z_prime, _, _ = self.scores(c0, c1)
             pair = None if t.pair_perturbation is None else t.pair_perturbation[:, c0:c1].to(cd)
-            part = block_partials(z_prime, c0, y, kept, self.spec, offset=self.table(t.logit_offset, c0, c1),
-                                  pair=pair, class_weight=self.table(t.class_weight, c0, c1),
-                                  track_wrong=track_wrong)
+            part = block_partials(
+                z_prime,
+                c0,
+                y,
+                kept,
+                self.spec,
+                offset=self.table(t.logit_offset, c0, c1),
+                pair=pair,
+                class_weight=self.table(t.class_weight, c0, c1),
+                track_wrong=track_wrong,
+            )
             merged = part if merged is None else combine(merged, part)
         return merged
 
@@ -330,9 +374,9 @@ class ClassBlock:
             l0, l1 = c0 - self.start, c1 - self.start
             z, z_prime, inv_norm, w_norm = self.scores(c0, c1)
             local_y = y - c0
-            own = kept & (local_y >= 0) & (local_y < c1 - c0)   # rows whose target column is in the chunk
+            own = kept & (local_y >= 0) & (local_y < c1 - c0)  # rows whose target column is in the chunk
             index = local_y.clamp(0, c1 - c0 - 1)[:, None]
-            p = z_prime * spec.scale                            # the logits, then p and dL/dl in place
+            p = z_prime * spec.scale  # the logits, then p and dL/dl in place
             if t.logit_offset is not None:
                 p += t.logit_offset[c0:c1].to(cd)[None, :]
             if t.pair_perturbation is not None:
@@ -349,11 +393,15 @@ class ClassBlock:
             if "pair_perturbation" in out:
                 pair_grad = out["pair_perturbation"][:, c0:c1]
                 pair_grad.copy_(dl)
-                pair_grad.scatter_(1, index, torch.where(own, torch.zeros_like(dl_target),
-                                                         pair_grad.gather(1, index).squeeze(1))[:, None])
-            grad = dl.mul_(spec.scale)                                                   # dL/dz'
-            grad.scatter_(1, index, torch.where(own, dl_target * target_grad,
-                                                grad.gather(1, index).squeeze(1))[:, None])
+                pair_grad.scatter_(
+                    1,
+                    index,
+                    torch.where(own, torch.zeros_like(dl_target), pair_grad.gather(1, index).squeeze(1))[:, None],
+                )
+            grad = dl.mul_(spec.scale)  # dL/dz'
+            grad.scatter_(
+                1, index, torch.where(own, dl_target * target_grad, grad.gather(1, index).squeeze(1))[:, None]
+            )
             if "omega" in out:
                 out["omega"][c0:c1] = (grad * z).sum(0)
             col_sum = grad.sum(0) if (t.beta is not None or "bias" in out) else None
@@ -367,7 +415,7 @@ class ClassBlock:
                     out["input"][:, l0:l1] = grad_z
                 continue
             w_chunk = weight[l0:l1]
-            gz = (grad_z * inv_norm if spec.head == "cosine" else grad_z).to(input.dtype)    # dL/draw
+            gz = (grad_z * inv_norm if spec.head == "cosine" else grad_z).to(input.dtype)  # dL/draw
             if x_acc is not None:
                 if gz.dtype == cd:
                     x_acc.addmm_(gz, w_chunk)
@@ -412,14 +460,30 @@ def row_grads(grad_loss, denom, kept, reduction, rows, dtype):
 _GRAD_ORDER = ("input", None, "weight", "bias", None, "logit_offset", "pair_perturbation", None, "omega", "beta", None)
 
 
-_LEAN_INPUTS = ("spec", "chunk", "kernel", "input", "target", "weight", "bias", "class_margins", "logit_offset",
-                "pair_perturbation", "class_weight", "omega", "beta", "class_norms")
+_LEAN_INPUTS = (
+    "spec",
+    "chunk",
+    "kernel",
+    "input",
+    "target",
+    "weight",
+    "bias",
+    "class_margins",
+    "logit_offset",
+    "pair_perturbation",
+    "class_weight",
+    "omega",
+    "beta",
+    "class_norms",
+)
 
 
 def _lean_first_order_error() -> str:
-    return ("the memory-lean path (an int class_chunk, or class_chunk='auto' on a large B x C) gives first-order "
-            "gradients only; for create_graph=True (double backward, meta-learning) pass double_backward=True to "
-            "the loss, or class_chunk='off' with backend='reference'")
+    return (
+        "the memory-lean path (an int class_chunk, or class_chunk='auto' on a large B x C) gives first-order "
+        "gradients only; for create_graph=True (double backward, meta-learning) pass double_backward=True to "
+        "the loss, or class_chunk='off' with backend='reference'"
+    )
 
 
 class _LeanMarginCE(torch.autograd.Function):
@@ -428,15 +492,37 @@ class _LeanMarginCE(torch.autograd.Function):
     the caller drops."""
 
     @staticmethod
-    def forward(spec: MarginLossSpec, chunk: int, kernel: str, input, target, weight, bias, class_margins,
-                logit_offset, pair_perturbation, class_weight, omega, beta, class_norms):
+    def forward(
+        spec: MarginLossSpec,
+        chunk: int,
+        kernel: str,
+        input,
+        target,
+        weight,
+        bias,
+        class_margins,
+        logit_offset,
+        pair_perturbation,
+        class_weight,
+        omega,
+        beta,
+        class_norms,
+    ):
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
         block = ClassBlock(spec, input, weight, bias, tables, chunk=chunk, kernel=kernel)
         num_classes = block.count
         kept = target != spec.ignore_index
         y = torch.where(kept, target, torch.zeros_like(target))
-        rows = finish(block.partials(y, kept), y, kept, spec, num_classes, class_margins=class_margins,
-                      logit_offset=logit_offset, class_weight=None if class_weight is None else class_weight.to(block.cd))
+        rows = finish(
+            block.partials(y, kept),
+            y,
+            kept,
+            spec,
+            num_classes,
+            class_margins=class_margins,
+            logit_offset=logit_offset,
+            class_weight=None if class_weight is None else class_weight.to(block.cd),
+        )
         loss, denom = reduce_rows(rows.loss, y, kept, class_weight, spec.reduction)
         return loss, rows.lse, rows.pred, rows.hard, rows.nll, rows.target_grad, denom
 
@@ -450,8 +536,10 @@ class _LeanMarginCE(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        raise RuntimeError("the memory-lean path does not support torch.func.vmap (its chunk kernels have no "
-                           "batching rule); use class_chunk='off' with backend='reference' under vmap, or loop")
+        raise RuntimeError(
+            "the memory-lean path does not support torch.func.vmap (its chunk kernels have no "
+            "batching rule); use class_chunk='off' with backend='reference' under vmap, or loop"
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_outputs):
@@ -465,30 +553,61 @@ class _LeanMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _first_order_backward(ctx, grad_loss):
-        return first_order_backward(lambda: _LeanMarginCE._backward(ctx, grad_loss), grad_loss,
-                                    _lean_first_order_error(), ctx.saved_tensors)
+        return first_order_backward(
+            lambda: _LeanMarginCE._backward(ctx, grad_loss), grad_loss, _lean_first_order_error(), ctx.saved_tensors
+        )
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        (input, target, weight, bias, class_margins, logit_offset, pair_perturbation, class_weight, omega, beta,
-         class_norms, lse, nll, target_grad, denom) = ctx.saved_tensors
+        (
+            input,
+            target,
+            weight,
+            bias,
+            class_margins,
+            logit_offset,
+            pair_perturbation,
+            class_weight,
+            omega,
+            beta,
+            class_norms,
+            lse,
+            nll,
+            target_grad,
+            denom,
+        ) = ctx.saved_tensors
         spec = ctx.spec
         tables = LossTables(class_margins, logit_offset, pair_perturbation, class_weight, omega, beta, class_norms)
         block = ClassBlock(spec, input, weight, bias, tables, chunk=ctx.chunk, kernel=ctx.kernel)
         kept = target != spec.ignore_index
         y = torch.where(kept, target, torch.zeros_like(target))
         g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)
-        inputs = dict(input=input, weight=weight, bias=bias, logit_offset=logit_offset,
-                      pair_perturbation=pair_perturbation, omega=omega, beta=beta)
+        inputs = dict(
+            input=input,
+            weight=weight,
+            bias=bias,
+            logit_offset=logit_offset,
+            pair_perturbation=pair_perturbation,
+            omega=omega,
+            beta=beta,
+        )
         need = {name for name, flag in zip(_GRAD_ORDER, ctx.needs_input_grad[3:]) if name is not None and flag}
         grads = block.backward(y, kept, g, nll, target_grad, lse, block.count, need)
-        return (None, None, None) + tuple(None if name is None or name not in grads else grads[name].to(inputs[name].dtype)
-                                    for name in _GRAD_ORDER)
+        return (None, None, None) + tuple(
+            None if name is None or name not in grads else grads[name].to(inputs[name].dtype) for name in _GRAD_ORDER
+        )
 
 
-def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                              bias: Optional[torch.Tensor], spec: MarginLossSpec, tables: LossTables,
-                              chunk: Optional[int] = None, kernel: str = "reference"):
+def lean_margin_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    spec: MarginLossSpec,
+    tables: LossTables,
+    chunk: Optional[int] = None,
+    kernel: str = "reference",
+):
     """The loss over class chunks of ``chunk`` classes (:func:`auto_chunk` when None); returns
     ``(loss, lse, pred, hard)`` like the fused path. Inputs must be validated already.
 
@@ -503,6 +622,19 @@ def lean_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight:
     num_classes = input.shape[1] if spec.head == "logits" else weight.shape[0]
     if chunk is None:
         chunk = auto_chunk(input.shape[0], num_classes)
-    return _LeanMarginCE.apply(spec, int(chunk), kernel, input, target, weight, bias, tables.class_margins,
-                               tables.logit_offset, tables.pair_perturbation, tables.class_weight, tables.omega,
-                               tables.beta, tables.class_norms)[:4]
+    return _LeanMarginCE.apply(
+        spec,
+        int(chunk),
+        kernel,
+        input,
+        target,
+        weight,
+        bias,
+        tables.class_margins,
+        tables.logit_offset,
+        tables.pair_perturbation,
+        tables.class_weight,
+        tables.omega,
+        tables.beta,
+        tables.class_norms,
+    )[:4]

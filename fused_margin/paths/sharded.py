@@ -34,6 +34,7 @@ DBM instance margin, ELM, logit offset, class weights, label smoothing over the 
 Trainable tables, MARC's ``omega``/``beta``, ``pair_perturbation``, the logits head and a bias are not
 supported here and raise.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -43,14 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_margin.core.class_split import Partials, combine, finish
-from fused_margin.paths.fused import first_order_backward
-from fused_margin.functional import finite_error
 from fused_margin import backends
-from fused_margin.paths.lean import BUDGET_BYTES, ClassBlock, auto_chunk, reduce_rows, row_grads
-from fused_margin.core.reference import compute_dtype
 from fused_margin.core import options
+from fused_margin.core.class_split import Partials, combine, finish
+from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
+from fused_margin.functional import finite_error
+from fused_margin.paths.fused import first_order_backward
+from fused_margin.paths.lean import BUDGET_BYTES, ClassBlock, auto_chunk, reduce_rows, row_grads
 
 __all__ = ["sharded_margin_cross_entropy", "ShardedCosineClassifier", "even_shards"]
 
@@ -65,8 +66,10 @@ def even_shards(num_classes: int, world_size: int):
     """``[(class_start, count)]`` per rank: ``num_classes`` split as evenly as possible, the first
     ``num_classes % world_size`` ranks one class more."""
     if num_classes < world_size:
-        raise ValueError(f"num_classes ({num_classes}) must be at least the world size ({world_size}): every "
-                         "rank holds one class or more")
+        raise ValueError(
+            f"num_classes ({num_classes}) must be at least the world size ({world_size}): every "
+            "rank holds one class or more"
+        )
     base, extra = divmod(num_classes, world_size)
     starts, out = 0, []
     for rank in range(world_size):
@@ -82,6 +85,7 @@ def _world(group):
 
 class _Call(NamedTuple):
     """One rank's checked call: what every rank must agree on, and what it passes to the loss."""
+
     input: torch.Tensor
     target: torch.Tensor
     weight_shard: torch.Tensor
@@ -116,12 +120,23 @@ def _table_fingerprint(table: Optional[torch.Tensor]) -> torch.Tensor:
 def _agreement_items(call: _Call):
     """``[(name, value)]``: what every rank must pass alike, as int64 (0-d tensors for the tables, computed on
     their device), in a fixed order."""
-    items = [("the feature size D", call.input.shape[1]), ("num_classes", call.num_classes),
-             ("the dtype", _DTYPES.index(call.input.dtype)), ("head", _option_fingerprint(call.spec.head))]
+    items = [
+        ("the feature size D", call.input.shape[1]),
+        ("num_classes", call.num_classes),
+        ("the dtype", _DTYPES.index(call.input.dtype)),
+        ("head", _option_fingerprint(call.spec.head)),
+    ]
     items += [(name, _option_fingerprint(getattr(call.spec, name))) for name in _SPEC_OPTIONS]
     items += [(name, _table_fingerprint(call.tables.get(name))) for name in _TABLES]
-    items += [(f"{name} finite", (torch.isfinite(call.tables[name]).all() if call.tables.get(name) is not None
-                                  else torch.tensor(True)).to(torch.int64)) for name in _TABLES]
+    items += [
+        (
+            f"{name} finite",
+            (torch.isfinite(call.tables[name]).all() if call.tables.get(name) is not None else torch.tensor(True)).to(
+                torch.int64
+            ),
+        )
+        for name in _TABLES
+    ]
     return items
 
 
@@ -158,8 +173,14 @@ def _agree(call: Optional[_Call], error: Optional[Exception], group):
     device = _collective_device(call, group)
     ok = call is not None
     per_rank = torch.full((4, world), -1, dtype=torch.int64)
-    per_rank[:, rank] = torch.tensor([int(not ok), call.input.shape[0] if ok else 0, call.class_start if ok else 0,
-                                      call.weight_shard.shape[0] if ok else 0])
+    per_rank[:, rank] = torch.tensor(
+        [
+            int(not ok),
+            call.input.shape[0] if ok else 0,
+            call.class_start if ok else 0,
+            call.weight_shard.shape[0] if ok else 0,
+        ]
+    )
     names, agree = [], torch.zeros(len(_SPEC_OPTIONS) + 4 + 2 * len(_TABLES), dtype=torch.int64, device=device)
     if ok:
         items = _agreement_items(call)
@@ -169,8 +190,8 @@ def _agree(call: Optional[_Call], error: Optional[Exception], group):
     dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=group)
     meta = meta.cpu()
     k = agree.numel()
-    high, low = meta[:k], -meta[k:2 * k]
-    failed, rows, starts, counts = meta[2 * k:].view(4, world).tolist()
+    high, low = meta[:k], -meta[k : 2 * k]
+    failed, rows, starts, counts = meta[2 * k :].view(4, world).tolist()
 
     if any(failed):
         gathered = [None] * world
@@ -182,8 +203,9 @@ def _agree(call: Optional[_Call], error: Optional[Exception], group):
     differ = [name for name, hi, lo in zip(names, high.tolist(), low.tolist()) if hi != lo]
     if differ:
         gathered = [None] * world
-        dist.all_gather_object(gathered, {name: _describe(call, name) for name in differ if not name.endswith(" finite")},
-                               group=group)
+        dist.all_gather_object(
+            gathered, {name: _describe(call, name) for name in differ if not name.endswith(" finite")}, group=group
+        )
         parts = []
         for name in differ:
             if name.endswith(" finite"):
@@ -193,7 +215,7 @@ def _agree(call: Optional[_Call], error: Optional[Exception], group):
         raise ValueError(f"sharded_margin_cross_entropy: the ranks disagree on {'; '.join(parts)}")
     for name, value in zip(names, high.tolist()):
         if name.endswith(" finite") and value == 0:
-            table_name = name[:-len(" finite")]
+            table_name = name[: -len(" finite")]
             raise finite_error(table_name, call.tables[table_name])
 
     order = sorted(range(world), key=lambda r: starts[r])
@@ -201,12 +223,15 @@ def _agree(call: Optional[_Call], error: Optional[Exception], group):
     for r in order:
         if counts[r] < 1 or starts[r] != expected:
             shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + counts[q]})" for q in range(world))
-            raise ValueError(f"sharded_margin_cross_entropy: the weight shards must tile [0, {call.num_classes}) "
-                             f"without gaps or overlaps, each with one class or more; got {shards}")
+            raise ValueError(
+                f"sharded_margin_cross_entropy: the weight shards must tile [0, {call.num_classes}) "
+                f"without gaps or overlaps, each with one class or more; got {shards}"
+            )
         expected += counts[r]
     if expected != call.num_classes:
-        raise ValueError(f"sharded_margin_cross_entropy: the shards cover {expected} classes but num_classes is "
-                         f"{call.num_classes}")
+        raise ValueError(
+            f"sharded_margin_cross_entropy: the shards cover {expected} classes but num_classes is {call.num_classes}"
+        )
     return rows, starts, counts
 
 
@@ -216,14 +241,14 @@ def _gather_rows(input, target, rows, group):
     width = 8 // input.element_size()  # an int64 label as that many feature elements (bytes, not values)
     most = max(rows)
     packed = input.new_zeros((most, input.shape[1] + width))
-    packed[:input.shape[0], :input.shape[1]] = input
-    packed[:input.shape[0], input.shape[1]:] = target.contiguous().view(input.dtype).view(-1, width)
+    packed[: input.shape[0], : input.shape[1]] = input
+    packed[: input.shape[0], input.shape[1] :] = target.contiguous().view(input.dtype).view(-1, width)
     gathered = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(gathered, packed, group=group)
     parts = [g[:n] for g, n in zip(gathered, rows)]
     full = torch.cat(parts)
-    features = full[:, :input.shape[1]].contiguous()
-    labels = full[:, input.shape[1]:].contiguous().view(torch.int64).view(-1)
+    features = full[:, : input.shape[1]].contiguous()
+    labels = full[:, input.shape[1] :].contiguous().view(torch.int64).view(-1)
     return features, labels
 
 
@@ -245,12 +270,12 @@ def _unpack_partials(flat: torch.Tensor, rows: int) -> Partials:
     fields = {}
     offset = 0
     for name in _FLOAT_FIELDS:
-        fields[name] = flat[offset:offset + rows]
+        fields[name] = flat[offset : offset + rows]
         offset += rows
-    fields["has_y"] = flat[offset:offset + rows] != 0
+    fields["has_y"] = flat[offset : offset + rows] != 0
     offset += rows
     for name in _INT_FIELDS:
-        fields[name] = flat[offset:offset + rows * per_int].contiguous().view(torch.int64)
+        fields[name] = flat[offset : offset + rows * per_int].contiguous().view(torch.int64)
         offset += rows * per_int
     del dtype
     return Partials(**fields)
@@ -259,8 +284,9 @@ def _unpack_partials(flat: torch.Tensor, rows: int) -> Partials:
 def _check_labels(labels, num_classes, ignore_index, rows):
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if labels.device.type != "cpu":
-        torch._assert_async(~bad.any(), "sharded_margin_cross_entropy: a label is outside [0, num_classes) and "
-                                        "not ignore_index")
+        torch._assert_async(
+            ~bad.any(), "sharded_margin_cross_entropy: a label is outside [0, num_classes) and not ignore_index"
+        )
         return
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -268,18 +294,33 @@ def _check_labels(labels, num_classes, ignore_index, rows):
         while i >= start + rows[rank]:
             start += rows[rank]
             rank += 1
-        raise ValueError(f"sharded_margin_cross_entropy: target[{i - start}] = {int(labels[i])} on rank {rank} is "
-                         f"out of range: labels must be in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+        raise ValueError(
+            f"sharded_margin_cross_entropy: target[{i - start}] = {int(labels[i])} on rank {rank} is "
+            f"out of range: labels must be in [0, {num_classes}) or equal ignore_index ({ignore_index})"
+        )
 
 
-_SHARDED_INPUTS = ("spec", "group", "rows", "starts", "class_start", "num_classes", "chunk", "kernel",
-                   "input_grad_scale", "input", "target", "weight_shard", "class_margins", "logit_offset",
-                   "class_weight")
+_SHARDED_INPUTS = (
+    "spec",
+    "group",
+    "rows",
+    "starts",
+    "class_start",
+    "num_classes",
+    "chunk",
+    "kernel",
+    "input_grad_scale",
+    "input",
+    "target",
+    "weight_shard",
+    "class_margins",
+    "logit_offset",
+    "class_weight",
+)
 
 
 def _sharded_first_order_error() -> str:
-    return ("the class-sharded loss gives first-order gradients only (no create_graph=True, no nested "
-            "torch.func.grad)")
+    return "the class-sharded loss gives first-order gradients only (no create_graph=True, no nested torch.func.grad)"
 
 
 class _ShardedMarginCE(torch.autograd.Function):
@@ -288,13 +329,37 @@ class _ShardedMarginCE(torch.autograd.Function):
     statistics), which the caller drops."""
 
     @staticmethod
-    def forward(spec, group, rows, starts, class_start, num_classes, chunk, kernel, input_grad_scale, input, target,
-                weight_shard, class_margins, logit_offset, class_weight):
+    def forward(
+        spec,
+        group,
+        rows,
+        starts,
+        class_start,
+        num_classes,
+        chunk,
+        kernel,
+        input_grad_scale,
+        input,
+        target,
+        weight_shard,
+        class_margins,
+        logit_offset,
+        class_weight,
+    ):
         features, labels = _gather_rows(input, target, rows, group)
         _check_labels(labels, num_classes, spec.ignore_index, rows)
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
-        block = ClassBlock(spec, features, weight_shard, None, tables, start=class_start,
-                           count=weight_shard.shape[0], chunk=chunk, kernel=kernel)
+        block = ClassBlock(
+            spec,
+            features,
+            weight_shard,
+            None,
+            tables,
+            start=class_start,
+            count=weight_shard.shape[0],
+            chunk=chunk,
+            kernel=kernel,
+        )
         kept = labels != spec.ignore_index
         y = torch.where(kept, labels, torch.zeros_like(labels))
         local = block.partials(y, kept)
@@ -308,8 +373,16 @@ class _ShardedMarginCE(torch.autograd.Function):
             part = _unpack_partials(gathered[r], features.shape[0])
             merged = part if merged is None else combine(merged, part)
         cd = block.cd
-        result = finish(merged, y, kept, spec, num_classes, class_margins=class_margins, logit_offset=logit_offset,
-                        class_weight=None if class_weight is None else class_weight.to(cd))
+        result = finish(
+            merged,
+            y,
+            kept,
+            spec,
+            num_classes,
+            class_margins=class_margins,
+            logit_offset=logit_offset,
+            class_weight=None if class_weight is None else class_weight.to(cd),
+        )
         loss, denom = reduce_rows(result.loss, y, kept, class_weight, spec.reduction)
         return loss, result.lse, result.pred, result.hard, features, labels, result.nll, result.target_grad, denom
 
@@ -321,28 +394,54 @@ class _ShardedMarginCE(torch.autograd.Function):
         ctx.class_start, ctx.num_classes = args["class_start"], args["num_classes"]
         ctx.chunk, ctx.kernel = args["chunk"], args["kernel"]
         ctx.input_grad_scale, ctx.input_dtype = args["input_grad_scale"], args["input"].dtype
-        ctx.save_for_backward(features, labels, args["weight_shard"], args["class_margins"], args["logit_offset"],
-                              args["class_weight"], lse, nll, target_grad, denom)
+        ctx.save_for_backward(
+            features,
+            labels,
+            args["weight_shard"],
+            args["class_margins"],
+            args["logit_offset"],
+            args["class_weight"],
+            lse,
+            nll,
+            target_grad,
+            denom,
+        )
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        raise RuntimeError("the class-sharded loss does not support torch.func.vmap (its collectives and chunk "
-                           "kernels have no batching rule); loop over the batch instead")
+        raise RuntimeError(
+            "the class-sharded loss does not support torch.func.vmap (its collectives and chunk "
+            "kernels have no batching rule); loop over the batch instead"
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_outputs):
-        return first_order_backward(lambda: _ShardedMarginCE._backward(ctx, grad_loss), grad_loss,
-                                    _sharded_first_order_error(), ctx.saved_tensors)
+        return first_order_backward(
+            lambda: _ShardedMarginCE._backward(ctx, grad_loss),
+            grad_loss,
+            _sharded_first_order_error(),
+            ctx.saved_tensors,
+        )
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        (features, labels, weight_shard, class_margins, logit_offset, class_weight, lse, nll, target_grad,
-         denom) = ctx.saved_tensors
+        (features, labels, weight_shard, class_margins, logit_offset, class_weight, lse, nll, target_grad, denom) = (
+            ctx.saved_tensors
+        )
         spec, group = ctx.spec, ctx.group
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
-        block = ClassBlock(spec, features, weight_shard, None, tables, start=ctx.class_start,
-                           count=weight_shard.shape[0], chunk=ctx.chunk, kernel=ctx.kernel)
+        block = ClassBlock(
+            spec,
+            features,
+            weight_shard,
+            None,
+            tables,
+            start=ctx.class_start,
+            count=weight_shard.shape[0],
+            chunk=ctx.chunk,
+            kernel=ctx.kernel,
+        )
         kept = labels != spec.ignore_index
         y = torch.where(kept, labels, torch.zeros_like(labels))
         g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)
@@ -358,17 +457,17 @@ class _ShardedMarginCE(torch.autograd.Function):
         padded = grads["input"].new_zeros((world * most, features.shape[1]))
         start = 0
         for r, n in enumerate(rows):
-            padded[r * most:r * most + n] = grads["input"][start:start + n]
+            padded[r * most : r * most + n] = grads["input"][start : start + n]
             start += n
         if dist.get_backend(group) == "nccl":
             own = padded.new_empty((most, features.shape[1]))
             dist.reduce_scatter_tensor(own, padded, group=group)
         else:
             dist.all_reduce(padded, group=group)
-            own = padded[rank * most:(rank + 1) * most]
+            own = padded[rank * most : (rank + 1) * most]
         grad_input = None
         if need_input:
-            grad_input = own[:rows[rank]]
+            grad_input = own[: rows[rank]]
             if ctx.input_grad_scale != 1.0:
                 grad_input = grad_input * ctx.input_grad_scale
             grad_input = grad_input.to(ctx.input_dtype)
@@ -377,10 +476,20 @@ class _ShardedMarginCE(torch.autograd.Function):
         return tuple(grads_by_name.get(name) for name in _SHARDED_INPUTS)
 
 
-def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight_shard: torch.Tensor, *,
-                                 class_start: int, num_classes: int, process_group=None, head: str = "cosine",
-                                 class_chunk: Optional[int] = None, backbone_ddp: bool = False,
-                                 return_aux: bool = False, **margin_kwargs):
+def sharded_margin_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight_shard: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    process_group=None,
+    head: str = "cosine",
+    class_chunk: Optional[int] = None,
+    backbone_ddp: bool = False,
+    return_aux: bool = False,
+    **margin_kwargs,
+):
     r"""The margin loss of :func:`fused_margin.margin_cross_entropy` with the classifier sharded by class.
 
     Args:
@@ -408,12 +517,15 @@ def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weig
     the gradients of its own rows and of its own shard.
     """
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("sharded_margin_cross_entropy needs torch.distributed to be initialised "
-                           "(dist.init_process_group)")
+        raise RuntimeError(
+            "sharded_margin_cross_entropy needs torch.distributed to be initialised (dist.init_process_group)"
+        )
     group = process_group if process_group is not None else dist.group.WORLD
     try:  # this rank's own checks; their outcome is part of the first collective, so every rank raises alike
-        call, error = _check_call(input, target, weight_shard, class_start, num_classes, head, class_chunk,
-                                  margin_kwargs), None
+        call, error = (
+            _check_call(input, target, weight_shard, class_start, num_classes, head, class_chunk, margin_kwargs),
+            None,
+        )
     except (TypeError, ValueError) as caught:
         call, error = None, caught
     rows, starts, _ = _agree(call, error, group)
@@ -423,8 +535,22 @@ def sharded_margin_cross_entropy(input: torch.Tensor, target: torch.Tensor, weig
     kernel = backends.block_backend(input.device, input.dtype).name
     tables = call.tables
     loss, lse, pred, hard = _ShardedMarginCE.apply(
-        call.spec, group, rows, starts, class_start, num_classes, chunk, kernel, scale, input, target, weight_shard,
-        tables.get("class_margins"), tables.get("logit_offset"), tables.get("class_weight"))[:4]
+        call.spec,
+        group,
+        rows,
+        starts,
+        class_start,
+        num_classes,
+        chunk,
+        kernel,
+        scale,
+        input,
+        target,
+        weight_shard,
+        tables.get("class_margins"),
+        tables.get("logit_offset"),
+        tables.get("class_weight"),
+    )[:4]
     return (loss, MarginAux(lse, pred, hard)) if return_aux else loss
 
 
@@ -433,8 +559,9 @@ def _check_call(input, target, weight_shard, class_start, num_classes, head, cla
     margin_kwargs = dict(margin_kwargs)
     for name in _UNSUPPORTED:
         if margin_kwargs.get(name) is not None and margin_kwargs.get(name) is not False:
-            raise ValueError(f"sharded_margin_cross_entropy does not support {name}; use margin_cross_entropy on "
-                             "one device for it")
+            raise ValueError(
+                f"sharded_margin_cross_entropy does not support {name}; use margin_cross_entropy on one device for it"
+            )
         margin_kwargs.pop(name, None)
     margin_kwargs.pop("backend", None)
     unknown = set(margin_kwargs) - set(_SPEC_OPTIONS) - set(_TABLES)
@@ -448,21 +575,29 @@ def _check_call(input, target, weight_shard, class_start, num_classes, head, cla
         if value.dtype not in _DTYPES:
             raise TypeError(f"{name} has dtype {value.dtype}; the sharded loss takes {_DTYPES}")
     if weight_shard.dtype != input.dtype or weight_shard.device != input.device:
-        raise TypeError(f"weight_shard ({weight_shard.dtype}, {weight_shard.device}) must match input "
-                        f"({input.dtype}, {input.device})")
+        raise TypeError(
+            f"weight_shard ({weight_shard.dtype}, {weight_shard.device}) must match input "
+            f"({input.dtype}, {input.device})"
+        )
     if weight_shard.shape[1] != input.shape[1]:
-        raise ValueError(f"weight_shard must be C_r x D with D = input.shape[1] = {input.shape[1]}, got "
-                         f"{tuple(weight_shard.shape)}")
+        raise ValueError(
+            f"weight_shard must be C_r x D with D = input.shape[1] = {input.shape[1]}, got {tuple(weight_shard.shape)}"
+        )
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.shape != (input.shape[0],):
-        got = f"{target.dtype} of shape {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
+        got = (
+            f"{target.dtype} of shape {tuple(target.shape)}"
+            if isinstance(target, torch.Tensor)
+            else type(target).__name__
+        )
         raise TypeError(f"target must be an int64 tensor of shape ({input.shape[0]},), got {got}")
     for name, value in (("class_start", class_start), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if class_chunk is not None and (isinstance(class_chunk, bool) or not isinstance(class_chunk, int)
-                                    or class_chunk < 1):
+    if class_chunk is not None and (
+        isinstance(class_chunk, bool) or not isinstance(class_chunk, int) or class_chunk < 1
+    ):
         raise ValueError(f"class_chunk must be None or a positive int (classes per chunk), got {class_chunk!r}")
     tables = {}
     for name in _TABLES:
@@ -487,8 +622,9 @@ class ShardedCosineClassifier(nn.Module):
     loads) and :meth:`load_full_weight` takes this rank's rows of one.
     """
 
-    def __init__(self, in_features: int, num_classes: int, process_group=None, *, device=None, dtype=None,
-                 std: float = 0.01):
+    def __init__(
+        self, in_features: int, num_classes: int, process_group=None, *, device=None, dtype=None, std: float = 0.01
+    ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedCosineClassifier needs torch.distributed to be initialised")
@@ -502,9 +638,15 @@ class ShardedCosineClassifier(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, **margin_kwargs):
-        return sharded_margin_cross_entropy(features, target, self.weight, class_start=self.class_start,
-                                            num_classes=self.num_classes, process_group=self.process_group,
-                                            **margin_kwargs)
+        return sharded_margin_cross_entropy(
+            features,
+            target,
+            self.weight,
+            class_start=self.class_start,
+            num_classes=self.num_classes,
+            process_group=self.process_group,
+            **margin_kwargs,
+        )
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
@@ -513,7 +655,7 @@ class ShardedCosineClassifier(nn.Module):
         world, _ = _world(group)
         most = max(count for _, count in self.shards)
         padded = self.weight.new_zeros((most, self.in_features))
-        padded[:self.num_local] = self.weight
+        padded[: self.num_local] = self.weight
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded, group=group)
         return torch.cat([g[:count] for g, (_, count) in zip(gathered, self.shards)])
@@ -523,8 +665,10 @@ class ShardedCosineClassifier(nn.Module):
         """Copy this rank's rows of a whole C x D classifier (written by any world size)."""
         if tuple(weight.shape) != (self.num_classes, self.in_features):
             raise ValueError(f"weight must be {self.num_classes} x {self.in_features}, got {tuple(weight.shape)}")
-        self.weight.copy_(weight[self.class_start:self.class_start + self.num_local])
+        self.weight.copy_(weight[self.class_start : self.class_start + self.num_local])
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
-                f"classes=[{self.class_start}, {self.class_start + self.num_local})")
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"classes=[{self.class_start}, {self.class_start + self.num_local})"
+        )

@@ -8,6 +8,7 @@ follow the convention of Kang et al. (decoupling, ICLR 2020): many-shot classes 
 training examples, few-shot fewer than 20, medium the rest; for small data sets ``"terciles"`` splits the
 classes by rank of their training count instead.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -66,10 +67,17 @@ def class_counts_of(labels, num_classes: Optional[int] = None) -> np.ndarray:
     return np.bincount(arr, minlength=0 if num_classes is None else num_classes)
 
 
-def long_tailed_indices(labels, imbalance: float, profile: str = "exp", n_max: Optional[int] = None,
-                        seed: int = 0, class_order: Union[str, Sequence[int]] = "index",
-                        num_classes: Optional[int] = None, step_fraction: float = 0.5,
-                        pareto_alpha: float = 6.0) -> Tuple[np.ndarray, np.ndarray]:
+def long_tailed_indices(
+    labels,
+    imbalance: float,
+    profile: str = "exp",
+    n_max: Optional[int] = None,
+    seed: int = 0,
+    class_order: Union[str, Sequence[int]] = "index",
+    num_classes: Optional[int] = None,
+    step_fraction: float = 0.5,
+    pareto_alpha: float = 6.0,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Indices of a long-tailed subset of the examples with ``labels``, and its per-class counts.
 
     The ``k``-th class of ``class_order`` keeps ``n_k = long_tailed_counts(C, n_max, imbalance, profile)[k]``
@@ -118,8 +126,9 @@ def long_tailed_subset(dataset, imbalance: float, **options):
     return torch.utils.data.Subset(dataset, indices.tolist()), counts
 
 
-def balanced_indices(labels, per_class: int, seed: int = 0,
-                     num_classes: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def balanced_indices(
+    labels, per_class: int, seed: int = 0, num_classes: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """A balanced split: ``min(per_class, n_c)`` examples of every class drawn with ``seed``.
 
     Returns ``(chosen, rest)``, sorted indices into ``labels``. Used for a balanced test split and for
@@ -162,8 +171,9 @@ def shot_groups(class_counts, thresholds: Union[str, Tuple[float, float]] = (100
     return np.where(n > many, "many", np.where(n < few, "few", "medium"))
 
 
-def shot_accuracy(pred, target, class_counts,
-                  thresholds: Union[str, Tuple[float, float]] = (100, 20)) -> Dict[str, float]:
+def shot_accuracy(
+    pred, target, class_counts, thresholds: Union[str, Tuple[float, float]] = (100, 20)
+) -> Dict[str, float]:
     """Accuracy overall and per shot group, in percent.
 
     ``overall`` is the fraction of correct predictions; a group's accuracy is the mean over its classes of

@@ -20,6 +20,7 @@ generator. Accuracy is reported overall and on the many / medium / few-shot clas
 or ``100,20``), as mean +- standard deviation over the seeds. The schedule (SGD, momentum 0.9, weight decay
 5e-4, learning rate x0.1 at 80% and 90% of the epochs) follows LDAM-DRW's CIFAR recipe, shortened.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,9 @@ def make_split(seed: int, imbalance: float, config: DemoConfig) -> Split:
     lt, counts = long_tailed_indices(y[pool], imbalance, profile="exp", seed=seed)
     train = pool[lt]
     meta, _ = balanced_indices(y[train], config.meta_per_class, seed=seed)
-    return Split(x[train], torch.from_numpy(y[train]), x[test], torch.from_numpy(y[test]), counts,
-                 torch.from_numpy(meta))
+    return Split(
+        x[train], torch.from_numpy(y[train]), x[test], torch.from_numpy(y[test]), counts, torch.from_numpy(meta)
+    )
 
 
 def _milestones(epochs: int):
@@ -111,7 +113,7 @@ def _milestones(epochs: int):
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     order = torch.randperm(n, generator=generator)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def train_model(method: str, split: Split, seed: int, config: DemoConfig, desc: str) -> Net:
@@ -177,8 +179,17 @@ def calibrate_marc(net: Net, split: Split, seed: int, config: DemoConfig, desc: 
         cosines = net.cosines(split.x_train)
     norms = torch.ones(len(split.counts))
     marc = MARC(split.counts, scale=config.scale, backend=config.backend)
-    marc.fit_on_logits(cosines, split.y_train, norms, batch_size=config.batch_size, seed=seed,
-                       epochs=config.marc_epochs, lr=config.marc_lr, progress=config.progress, desc=desc)
+    marc.fit_on_logits(
+        cosines,
+        split.y_train,
+        norms,
+        batch_size=config.batch_size,
+        seed=seed,
+        epochs=config.marc_epochs,
+        lr=config.marc_lr,
+        progress=config.progress,
+        desc=desc,
+    )
     return marc
 
 
@@ -198,9 +209,11 @@ def run_demo(config: DemoConfig, log=print) -> Dict[float, Dict[str, List[Dict[s
         for seed in config.seeds:
             split = make_split(seed, imbalance, config)
             groups = shot_groups(split.counts, config.thresholds)
-            log(f"imbalance {imbalance:g}, seed {seed}: {len(split.y_train)} training examples, counts "
+            log(
+                f"imbalance {imbalance:g}, seed {seed}: {len(split.y_train)} training examples, counts "
                 f"{split.counts.tolist()}, groups many/medium/few = "
-                f"{[int((groups == g).sum()) for g in ('many', 'medium', 'few')]}")
+                f"{[int((groups == g).sum()) for g in ('many', 'medium', 'few')]}"
+            )
             ce_net = None
             for method in config.methods:
                 start = time.perf_counter()
@@ -219,8 +232,11 @@ def run_demo(config: DemoConfig, log=print) -> Dict[float, Dict[str, List[Dict[s
                         pred = net.cosines(split.x_test).argmax(1)
                 acc = evaluate(pred, split, config)
                 results[imbalance][method].append(acc)
-                log(f"  {method:9s} " + "  ".join(f"{k} {acc[k]:5.1f}" for k in COLUMNS)
-                    + f"   ({time.perf_counter() - start:.1f} s)")
+                log(
+                    f"  {method:9s} "
+                    + "  ".join(f"{k} {acc[k]:5.1f}" for k in COLUMNS)
+                    + f"   ({time.perf_counter() - start:.1f} s)"
+                )
     return results
 
 
@@ -236,10 +252,14 @@ def _cell(values: List[float]) -> str:
 
 def format_table(results, config: DemoConfig) -> str:
     """A markdown table: one row per (imbalance, method), accuracy mean ± std (sample) over the seeds."""
-    lines = [f"Digits, long-tailed (exponential profile), balanced test set of {config.test_per_class} per class; "
-             f"{config.epochs} epochs; seeds {list(config.seeds)}; shot groups by {config.thresholds!r} of the "
-             "training counts. Accuracy in %, mean ± std over seeds.", "",
-             "| imbalance | method | overall | many | medium | few |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Digits, long-tailed (exponential profile), balanced test set of {config.test_per_class} per class; "
+        f"{config.epochs} epochs; seeds {list(config.seeds)}; shot groups by {config.thresholds!r} of the "
+        "training counts. Accuracy in %, mean ± std over seeds.",
+        "",
+        "| imbalance | method | overall | many | medium | few |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     for imbalance, per_method in results.items():
         for method, runs in per_method.items():
             cells = [_cell([run[c] for run in runs]) for c in COLUMNS]
@@ -258,16 +278,23 @@ def _thresholds(text: str):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fused_margin.training.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_margin.training.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="about a minute: seeds 0 1 2, imbalance 100")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2 3 4; quick: 0 1 2)")
     parser.add_argument("--imbalance", type=float, nargs="+", help="n_max / n_min (default 10 100; quick: 100)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to compare (default: all)")
     parser.add_argument("--epochs", type=int, help="training epochs (default 100)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--thresholds", type=_thresholds, default="terciles",
-                        help="shot groups: 'terciles' (default) or 'MANY,FEW' training-count thresholds, e.g. 100,20")
+    parser.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        default="terciles",
+        help="shot groups: 'terciles' (default) or 'MANY,FEW' training-count thresholds, e.g. 100,20",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--backend", default="auto", help="loss backend (default auto)")
     parser.add_argument("--out", help="also write the markdown table to this file")
@@ -282,8 +309,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         imbalances=tuple(args.imbalance or ((100.0,) if args.quick else (10.0, 100.0))),
         methods=tuple(args.methods or METHODS),
         epochs=args.epochs or 100,
-        batch_size=args.batch_size, thresholds=args.thresholds, progress=not args.no_progress,
-        backend=args.backend)
+        batch_size=args.batch_size,
+        thresholds=args.thresholds,
+        progress=not args.no_progress,
+        backend=args.backend,
+    )
     if config.epochs < 1 or config.batch_size < 1:
         raise SystemExit("--epochs and --batch-size must be >= 1")
     status = fm.available_backends("cpu", torch.float32)

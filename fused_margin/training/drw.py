@@ -11,6 +11,7 @@ class-balanced weights of Cui et al. (CVPR 2019):
 :class:`DRWSchedule` feeds ``class_weight=`` of :func:`fused_margin.margin_cross_entropy`, of any preset,
 or the ``class_weight`` buffer of any :class:`fused_margin.MarginLoss` module (:meth:`DRWSchedule.apply`).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -71,8 +72,9 @@ class DRWSchedule:
         float64 and cast to ``dtype`` (float32 by default; float64 for a float64 run)."""
         stage = self.stage(epoch)
         if stage not in self._cache:
-            self._cache[stage] = builders.drw_weights(self.class_counts, stage * self.step, self.betas, self.step,
-                                                      dtype=torch.float64)
+            self._cache[stage] = builders.drw_weights(
+                self.class_counts, stage * self.step, self.betas, self.step, dtype=torch.float64
+            )
         return self._cache[stage].to(device=device, dtype=dtype)
 
     __call__ = weights
@@ -82,8 +84,10 @@ class DRWSchedule:
         to ``weights(epoch)`` on the module's device, in its table dtype (the float64 values are kept, so a
         later ``.double()`` gives the exact weights); returns the weights."""
         if not isinstance(loss_module, torch.nn.Module) or "class_weight" not in loss_module._buffers:
-            raise TypeError("loss_module must be a fused_margin.MarginLoss (a module with a class_weight "
-                            f"buffer), got {type(loss_module).__name__}")
+            raise TypeError(
+                "loss_module must be a fused_margin.MarginLoss (a module with a class_weight "
+                f"buffer), got {type(loss_module).__name__}"
+            )
         exact = self.weights(epoch, dtype=torch.float64)
         if hasattr(loss_module, "set_table"):
             return loss_module.set_table("class_weight", exact)

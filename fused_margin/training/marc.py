@@ -35,6 +35,7 @@ The loss runs through :func:`fused_margin.margin_cross_entropy` (``omega=``, ``b
 ``class_weight=U``, ``reduction="sum"`` divided by the number of kept rows), so the fused kernels are used
 where they exist.
 """
+
 from __future__ import annotations
 
 import math
@@ -130,12 +131,14 @@ class MARC(nn.Module):
                 self._buffers[name] = exact.to(device=buf.device, copy=True)
         return result
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = {name: state_dict.get(prefix + name) for name in _TABLES}
         kept = dict(self._exact)  # load_state_dict(assign=True) sets the buffer by attribute, which drops it
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for name, value in saved.items():
             exact, buf = kept.get(name), self._buffers.get(name)
             if exact is None or buf is None or not isinstance(value, torch.Tensor) or value.shape != exact.shape:
@@ -165,23 +168,40 @@ class MARC(nn.Module):
 
     forward = calibrated_logits
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, class_norms: torch.Tensor,
-             ignore_index: int = -100) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, class_norms: torch.Tensor, ignore_index: int = -100
+    ) -> torch.Tensor:
         """``(1 / B) sum_i U_{y_i} CE(s (omega z_i + beta ||W||), y_i)`` over the kept rows (Algorithm 2)."""
         self._check(logits, class_norms)
         class_norms = class_norms.to(device=logits.device, dtype=logits.dtype)
-        total = margin_cross_entropy(logits.detach(), target, head="logits", scale=self.scale,
-                                     omega=self.omega.to(logits.dtype), beta=self.beta.to(logits.dtype),
-                                     class_norms=class_norms.detach(),
-                                     class_weight=self.class_weight.to(compute_dtype(logits.dtype)),
-                                     reduction="sum", ignore_index=ignore_index, backend=self.backend)
+        total = margin_cross_entropy(
+            logits.detach(),
+            target,
+            head="logits",
+            scale=self.scale,
+            omega=self.omega.to(logits.dtype),
+            beta=self.beta.to(logits.dtype),
+            class_norms=class_norms.detach(),
+            class_weight=self.class_weight.to(compute_dtype(logits.dtype)),
+            reduction="sum",
+            ignore_index=ignore_index,
+            backend=self.backend,
+        )
         kept = (target != ignore_index).sum()
         return total / kept
 
-    def fit(self, loader: Iterable, class_norms: torch.Tensor,
-            logits_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, epochs: int = 10,
-            lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0, progress: bool = True,
-            desc: str = "MARC") -> List[float]:
+    def fit(
+        self,
+        loader: Iterable,
+        class_norms: torch.Tensor,
+        logits_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        epochs: int = 10,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        progress: bool = True,
+        desc: str = "MARC",
+    ) -> List[float]:
         """The second stage: SGD on ``omega``, ``beta`` with a cosine learning-rate schedule over epochs.
 
         ``loader`` yields ``(inputs, target)``; ``logits_fn(inputs)`` gives the frozen model's scores (run
@@ -214,8 +234,15 @@ class MARC(nn.Module):
             bar.set_postfix(loss=f"{history[-1]:.4f}")
         return history
 
-    def fit_on_logits(self, logits: torch.Tensor, target: torch.Tensor, class_norms: torch.Tensor,
-                      batch_size: int = 128, seed: int = 0, **fit_options) -> List[float]:
+    def fit_on_logits(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        class_norms: torch.Tensor,
+        batch_size: int = 128,
+        seed: int = 0,
+        **fit_options,
+    ) -> List[float]:
         """:meth:`fit` over precomputed frozen scores (B x C) and labels, shuffled with ``seed``."""
         self._check(logits, class_norms)
         dataset = torch.utils.data.TensorDataset(logits.detach(), target)

@@ -28,6 +28,7 @@ balanced meta batch. Every loss goes through :func:`fused_margin.margin_cross_en
 only, so that one loss runs on ``backend="reference"`` (autograd); the meta loss and the real step use
 ``self.backend`` (``"auto"``: the fused kernels where they exist).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ from fused_margin.functional import margin_cross_entropy
 __all__ = ["ClassStatistics", "MetaLAD", "pair_perturbation_terms"]
 
 #: ``auto`` covariance mode keeps full C x D x D covariances up to this many bytes.
-FULL_COVARIANCE_BYTES = 256 * 2 ** 20
+FULL_COVARIANCE_BYTES = 256 * 2**20
 
 
 class ClassStatistics(nn.Module):
@@ -69,7 +70,7 @@ class ClassStatistics(nn.Module):
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be an int >= 1, got {feature_dim!r}")
         if covariance == "auto":
-            size = torch.tensor([], dtype=dtype).element_size() * num_classes * feature_dim ** 2
+            size = torch.tensor([], dtype=dtype).element_size() * num_classes * feature_dim**2
             covariance = "full" if size <= FULL_COVARIANCE_BYTES else "diag"
         if covariance not in ("full", "diag"):
             raise ValueError(f"covariance must be 'full', 'diag' or 'auto', got {covariance!r}")
@@ -115,9 +116,15 @@ class ClassStatistics(nn.Module):
         return f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, covariance={self.covariance!r}"
 
 
-def pair_perturbation_terms(rows: torch.Tensor, log_prior: torch.Tensor, classifier: torch.Tensor,
-                            means: torch.Tensor, cov: torch.Tensor, seen: Optional[torch.Tensor] = None,
-                            chunk_elements: int = 2 ** 24) -> torch.Tensor:
+def pair_perturbation_terms(
+    rows: torch.Tensor,
+    log_prior: torch.Tensor,
+    classifier: torch.Tensor,
+    means: torch.Tensor,
+    cov: torch.Tensor,
+    seen: Optional[torch.Tensor] = None,
+    chunk_elements: int = 2**24,
+) -> torch.Tensor:
     """The three terms of docs/loss.md section 7 for the labels ``rows`` (R ints) against every class: R x C x 3.
 
     ``[..., 0] = log pi_c - log pi_y``, ``[..., 1] = V(y, c)``, ``[..., 2] = log(Dbar / Delta(y, c))`` with
@@ -136,20 +143,22 @@ def pair_perturbation_terms(rows: torch.Tensor, log_prior: torch.Tensor, classif
 
         # V(y, c) = d^T Sigma_y d / ||d||^2, d = w_y - w_c, expanded so no R x C x D difference is formed
         w_rows = W[rows]
-        sq_dist_w = ((w_rows * w_rows).sum(1)[:, None] + (W * W).sum(1)[None, :] - 2.0 * w_rows @ W.t())
+        sq_dist_w = (w_rows * w_rows).sum(1)[:, None] + (W * W).sum(1)[None, :] - 2.0 * w_rows @ W.t()
         if cov.dim() == 2:
             var = cov[rows]
-            quad = ((var * w_rows * w_rows).sum(1)[:, None] - 2.0 * (var * w_rows) @ W.t()
-                    + var @ (W * W).t())
+            quad = (var * w_rows * w_rows).sum(1)[:, None] - 2.0 * (var * w_rows) @ W.t() + var @ (W * W).t()
         else:
             quad = torch.empty(rows.shape[0], C, dtype=dtype, device=means.device)
             step = max(1, chunk_elements // max(1, C * W.shape[1]))
             for start in range(0, rows.shape[0], step):
-                sigma = cov[rows[start:start + step]]                       # r x D x D
-                sw = torch.einsum("rde,ce->rcd", sigma, W)                   # Sigma_y w_c
-                wr = w_rows[start:start + step]
-                quad[start:start + step] = ((sw * W[None]).sum(-1) - 2.0 * (sw * wr[:, None, :]).sum(-1)
-                                            + torch.einsum("rd,rde,re->r", wr, sigma, wr)[:, None])
+                sigma = cov[rows[start : start + step]]  # r x D x D
+                sw = torch.einsum("rde,ce->rcd", sigma, W)  # Sigma_y w_c
+                wr = w_rows[start : start + step]
+                quad[start : start + step] = (
+                    (sw * W[None]).sum(-1)
+                    - 2.0 * (sw * wr[:, None, :]).sum(-1)
+                    + torch.einsum("rd,rde,re->r", wr, sigma, wr)[:, None]
+                )
         variance = quad / sq_dist_w.clamp_min(torch.finfo(dtype).tiny)
 
         # log(Dbar / Delta(y, c)) over the classes with statistics
@@ -191,10 +200,21 @@ class MetaLAD(nn.Module):
     (batch norm) are updated by the virtual forward too, as in Meta-Weight-Net.
     """
 
-    def __init__(self, class_counts, feature_dim: int, scale: float = 30.0, head: str = "cosine",
-                 covariance: str = "auto", warmup_epochs: int = 0, meta_lr: float = 1e-2,
-                 meta_optimizer: str = "adam", virtual_lr: Optional[float] = None, lam_init: float = 1.0,
-                 weight_name: str = "head.weight", backend: str = "auto"):
+    def __init__(
+        self,
+        class_counts,
+        feature_dim: int,
+        scale: float = 30.0,
+        head: str = "cosine",
+        covariance: str = "auto",
+        warmup_epochs: int = 0,
+        meta_lr: float = 1e-2,
+        meta_optimizer: str = "adam",
+        virtual_lr: Optional[float] = None,
+        lam_init: float = 1.0,
+        weight_name: str = "head.weight",
+        backend: str = "auto",
+    ):
         super().__init__()
         counts = builders.as_class_counts(class_counts)
         if head not in ("cosine", "linear"):
@@ -242,28 +262,44 @@ class MetaLAD(nn.Module):
         safe = torch.where(kept, target, torch.zeros_like(target))
         rows, inverse = torch.unique(safe, return_inverse=True)
         log_prior = self.log_prior(self.stats.mean.dtype, self.stats.mean.device)
-        table = pair_perturbation_terms(rows, log_prior, self._classifier_rows(weight), self.stats.mean,
-                                        self.stats.cov, self.stats.count > 0)
+        table = pair_perturbation_terms(
+            rows, log_prior, self._classifier_rows(weight), self.stats.mean, self.stats.cov, self.stats.count > 0
+        )
         return table[inverse].masked_fill(~kept[:, None, None], 0.0)
 
-    def perturbation(self, target: torch.Tensor, weight: torch.Tensor,
-                     lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def perturbation(
+        self, target: torch.Tensor, weight: torch.Tensor, lam: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``P`` (B x C): ``sum_k lam[y_i, k] terms[i, c, k]``; differentiable in ``lam``."""
         lam = self.lam if lam is None else lam
         terms = self.perturbation_terms(target, weight)
         safe = target.clamp(0, self.num_classes - 1)
         return (lam[safe].to(terms.dtype)[:, None, :] * terms).sum(-1)
 
-    def loss(self, features: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-             lam: Optional[torch.Tensor] = None, perturb: bool = True, backend: Optional[str] = None,
-             **options) -> torch.Tensor:
+    def loss(
+        self,
+        features: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor,
+        lam: Optional[torch.Tensor] = None,
+        perturb: bool = True,
+        backend: Optional[str] = None,
+        **options,
+    ) -> torch.Tensor:
         """The perturbed loss ``CE(s z + P)`` (plain ``CE(s z)`` with ``perturb=False``) through
         :func:`fused_margin.margin_cross_entropy`; ``options`` pass through (e.g. ``reduction``)."""
         if perturb:
-            P = self.perturbation(target, weight, lam)          # kept in fp32 (or wider) for low-precision input
+            P = self.perturbation(target, weight, lam)  # kept in fp32 (or wider) for low-precision input
             options["pair_perturbation"] = P.to(torch.promote_types(P.dtype, features.dtype))
-        return margin_cross_entropy(features, target, weight, head=self.head, scale=self.scale,
-                                    backend=self.backend if backend is None else backend, **options)
+        return margin_cross_entropy(
+            features,
+            target,
+            weight,
+            head=self.head,
+            scale=self.scale,
+            backend=self.backend if backend is None else backend,
+            **options,
+        )
 
     # ----- the meta step of eqs. (34)-(36) --------------------------------------------------------------
     def _virtual_lr(self, optimizer: Optional[torch.optim.Optimizer]) -> float:
@@ -273,9 +309,17 @@ class MetaLAD(nn.Module):
             raise ValueError("virtual_lr is None and no optimizer was given to read the learning rate from")
         return float(optimizer.param_groups[0]["lr"])
 
-    def virtual_meta_loss(self, model: nn.Module, x, target: torch.Tensor, meta_x, meta_target: torch.Tensor,
-                          virtual_lr: float, lam: Optional[torch.Tensor] = None,
-                          create_graph: bool = True) -> torch.Tensor:
+    def virtual_meta_loss(
+        self,
+        model: nn.Module,
+        x,
+        target: torch.Tensor,
+        meta_x,
+        meta_target: torch.Tensor,
+        virtual_lr: float,
+        lam: Optional[torch.Tensor] = None,
+        create_graph: bool = True,
+    ) -> torch.Tensor:
         """``L_meta(theta_hat(lam))`` of eqs. (34)-(35): the balanced meta batch's cross-entropy after a
         virtual SGD step ``theta_hat = theta - virtual_lr grad_theta L_train(theta; lam)``. Differentiable in
         ``lam`` (with ``create_graph``). The statistics are not updated here."""
@@ -286,11 +330,18 @@ class MetaLAD(nn.Module):
         features = functional_call(model, {**params, **buffers}, (x,))
         weight = params[self.weight_name]
         # differentiated twice (eq. 36's gradient in lam): double_backward routes it to the reference
-        train_loss = self.loss(features, target, weight, lam=lam, double_backward=create_graph,
-                               backend="reference" if create_graph else None)
+        train_loss = self.loss(
+            features,
+            target,
+            weight,
+            lam=lam,
+            double_backward=create_graph,
+            backend="reference" if create_graph else None,
+        )
         names = list(params)
-        grads = torch.autograd.grad(train_loss, [params[n] for n in names], create_graph=create_graph,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            train_loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
+        )
         fast = {n: params[n] if g is None else params[n] - virtual_lr * g for n, g in zip(names, grads)}
         meta_features = functional_call(model, {**fast, **buffers}, (meta_x,))
         return self.loss(meta_features, meta_target, fast[self.weight_name], perturb=False)
@@ -303,8 +354,15 @@ class MetaLAD(nn.Module):
         self._lam_optimizer.step()
         self.lam.grad = None
 
-    def meta_step(self, model: nn.Module, x, target: torch.Tensor, meta_x, meta_target: torch.Tensor,
-                  optimizer: torch.optim.Optimizer) -> Dict[str, float]:
+    def meta_step(
+        self,
+        model: nn.Module,
+        x,
+        target: torch.Tensor,
+        meta_x,
+        meta_target: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+    ) -> Dict[str, float]:
         """One MetaLAD step: update the statistics with the batch, update ``lam`` through the virtual step
         (eqs. 34-35), then take the real step (36) with the updated ``lam``. Returns the losses."""
         with torch.no_grad():
@@ -318,8 +376,16 @@ class MetaLAD(nn.Module):
         optimizer.step()
         return {"loss": loss.item(), "meta_loss": meta_loss.item()}
 
-    def train_step(self, model: nn.Module, x, target: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   epoch: int, meta_x=None, meta_target: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    def train_step(
+        self,
+        model: nn.Module,
+        x,
+        target: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        meta_x=None,
+        meta_target: Optional[torch.Tensor] = None,
+    ) -> Dict[str, float]:
         """Plain cross-entropy during the warm-up epochs (gathering statistics), then :meth:`meta_step`."""
         if epoch >= self.warmup_epochs:
             if meta_x is None or meta_target is None:
@@ -334,6 +400,8 @@ class MetaLAD(nn.Module):
         return {"loss": loss.item()}
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, scale={self.scale}, head={self.head!r}, "
-                f"warmup_epochs={self.warmup_epochs}, meta_lr={self.meta_lr}, "
-                f"meta_optimizer={self.meta_optimizer!r}, backend={self.backend!r}")
+        return (
+            f"num_classes={self.num_classes}, scale={self.scale}, head={self.head!r}, "
+            f"warmup_epochs={self.warmup_epochs}, meta_lr={self.meta_lr}, "
+            f"meta_optimizer={self.meta_optimizer!r}, backend={self.backend!r}"
+        )

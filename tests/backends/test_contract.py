@@ -5,23 +5,33 @@ disagrees: the C++ op schemas and enums (``fused_margin._C.contract()``, the gen
 contract (``row_torch``), the Triton ops and their constexpr codes, the fake kernels, and the way
 :mod:`fused_margin.paths.fused` packs its arguments.
 """
+
 import importlib
 import inspect
 
 import pytest
-import torch
-
 import row_torch
+import torch
 from kernel_cases import backward_args, forward_args
 
 from fused_margin.backends import extension
 from fused_margin.core import options, spec
-from fused_margin.paths import fused
 from fused_margin.core.reference import margin_cross_entropy_reference
-from fused_margin.core.spec import (COLUMN_STATS, FOLD_CODES, MARGIN_TYPE_CODES, REDUCTION_CODES, ROW_BACKWARD_ARGS,
-                               ROW_BACKWARD_OUTPUTS, ROW_FORWARD_ARGS, ROW_FORWARD_BACKWARD_ARGS,
-                               ROW_FORWARD_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
-                               MarginLossSpec)
+from fused_margin.core.spec import (
+    COLUMN_STATS,
+    FOLD_CODES,
+    MARGIN_TYPE_CODES,
+    REDUCTION_CODES,
+    ROW_BACKWARD_ARGS,
+    ROW_BACKWARD_OUTPUTS,
+    ROW_FORWARD_ARGS,
+    ROW_FORWARD_BACKWARD_ARGS,
+    ROW_FORWARD_BACKWARD_OUTPUTS,
+    ROW_FORWARD_OUTPUTS,
+    LossTables,
+    MarginLossSpec,
+)
+from fused_margin.paths import fused
 
 needs_extension = pytest.mark.skipif(not extension.is_built(), reason="the C++ extension is not built")
 
@@ -30,11 +40,13 @@ def _triton():
     pytest.importorskip("triton")
     from fused_margin.backends import triton as fm_triton
     from fused_margin.backends.triton import _common
+
     return fm_triton, _common
 
 
 # ---------------------------------------------------------------------------------------------------
 # the codes
+
 
 def _code(spec_, kernel_name):
     floats, ints = spec_.kernel_options()
@@ -55,8 +67,7 @@ def test_python_codes_are_one_table():
 
 @needs_extension
 def test_cpp_codes_match_the_python_table():
-    assert extension.contract() == {"margin_type": MARGIN_TYPE_CODES, "fold": FOLD_CODES,
-                                    "reduction": REDUCTION_CODES}
+    assert extension.contract() == {"margin_type": MARGIN_TYPE_CODES, "fold": FOLD_CODES, "reduction": REDUCTION_CODES}
 
 
 @needs_extension
@@ -64,8 +75,11 @@ def test_cpp_refuses_an_unknown_code_naming_the_codes():
     raw, target = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"reduction must be 0 \(none\), 1 \(mean\) or 2 \(sum\), got 5"):
         torch.ops.fused_margin.row_forward(*forward_args(raw, target, reduction=5))
-    with pytest.raises(RuntimeError, match=r"margin_type must be 0 \(additive_cosine\) or 1 \(additive_angular\), "
-                                           r"got 2"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"margin_type must be 0 \(additive_cosine\) or 1 \(additive_angular\), "
+        r"got 2",
+    ):
         torch.ops.fused_margin.row_forward(*forward_args(raw, target, margin_type=2))
     with pytest.raises(RuntimeError, match=r"fold must be 0 \(None\), 1 \(threshold\) or 2 \(easy\), got 3"):
         torch.ops.fused_margin.row_forward(*forward_args(raw, target, fold=3))
@@ -92,13 +106,21 @@ def _kernels():
     except ImportError:
         return kernels
     from fused_margin.backends import triton as fm_triton
+
     if fm_triton.INTERPRETED:
         kernels.append(fm_triton.ROW_KERNEL)
     return kernels
 
 
-@pytest.mark.parametrize("margin_type,fold", [("additive_cosine", None), ("additive_angular", None),
-                                              ("additive_angular", "threshold"), ("additive_angular", "easy")])
+@pytest.mark.parametrize(
+    "margin_type,fold",
+    [
+        ("additive_cosine", None),
+        ("additive_angular", None),
+        ("additive_angular", "threshold"),
+        ("additive_angular", "easy"),
+    ],
+)
 def test_each_code_means_its_option_on_every_kernel(margin_type, fold):
     """The code a kernel receives for an option computes that option: every row kernel (eager contract,
     C++ CPU, Triton under the interpreter) against the float64 reference, on cosines spread over [-1, 1]
@@ -108,11 +130,13 @@ def test_each_code_means_its_option_on_every_kernel(margin_type, fold):
     cosines = (2 * torch.rand(B, C, generator=g) - 1).clamp(-0.999, 0.999)
     target = torch.randint(0, C, (B,), generator=g)
     margins = 0.6 + 0.8 * torch.rand(C, generator=g)
-    loss_spec = MarginLossSpec(head="logits", input_is_cosine=True, scale=4.0, margin_type=margin_type,
-                               angular_fold=fold, reduction="none")
+    loss_spec = MarginLossSpec(
+        head="logits", input_is_cosine=True, scale=4.0, margin_type=margin_type, angular_fold=fold, reduction="none"
+    )
     tables = LossTables(class_margins=margins)
-    want = margin_cross_entropy_reference(cosines.double(), target, None, None, loss_spec,
-                                          LossTables(class_margins=margins.double()))[0]
+    want = margin_cross_entropy_reference(
+        cosines.double(), target, None, None, loss_spec, LossTables(class_margins=margins.double())
+    )[0]
     for kernel in _kernels():
         got = fused.fused_margin_cross_entropy(kernel, cosines, target, None, None, loss_spec, tables)[0]
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=kernel.name)
@@ -120,6 +144,7 @@ def test_each_code_means_its_option_on_every_kernel(margin_type, fold):
 
 # ---------------------------------------------------------------------------------------------------
 # the arguments
+
 
 def _parameter_names(fn):
     return tuple(inspect.signature(fn).parameters)
@@ -191,14 +216,31 @@ def test_packing_by_name():
 
 
 def test_kernel_options_name_the_kernels_scalars():
-    floats, ints = MarginLossSpec(head="cosine", margin_type="additive_angular", scale=7.0, lambda_inst=0.25,
-                                  hard_mode="all", lambda_elm=0.5, angular_fold="easy", margin_grad="straight_through",
-                                  label_smoothing=0.125, ignore_index=-7).kernel_options()
+    floats, ints = MarginLossSpec(
+        head="cosine",
+        margin_type="additive_angular",
+        scale=7.0,
+        lambda_inst=0.25,
+        hard_mode="all",
+        lambda_elm=0.5,
+        angular_fold="easy",
+        margin_grad="straight_through",
+        label_smoothing=0.125,
+        ignore_index=-7,
+    ).kernel_options()
     assert all(type(v) is float for v in floats) and all(type(v) is int for v in ints)
     assert options.unpack(floats, ints) == dict(
-        scale=7.0, margin_type=MARGIN_TYPE_CODES["additive_angular"], lambda_inst=0.25, hard_all=1, lambda_elm=0.5,
-        fold=FOLD_CODES["easy"], straight_through=1, label_smoothing=0.125, ignore_index=-7,
-        reduction=REDUCTION_CODES["mean"])
+        scale=7.0,
+        margin_type=MARGIN_TYPE_CODES["additive_angular"],
+        lambda_inst=0.25,
+        hard_all=1,
+        lambda_elm=0.5,
+        fold=FOLD_CODES["easy"],
+        straight_through=1,
+        label_smoothing=0.125,
+        ignore_index=-7,
+        reduction=REDUCTION_CODES["mean"],
+    )
 
 
 def _same(a, b):
@@ -216,13 +258,24 @@ def test_fused_passes_each_argument_under_its_name():
     x = torch.randn(B, D, generator=g, requires_grad=True)
     w = torch.randn(C, D, generator=g, requires_grad=True)
     target = torch.tensor([0, 3, -7, 5, 1])
-    tables = LossTables(class_margins=0.1 + 0.1 * torch.rand(C, generator=g),
-                        logit_offset=torch.randn(C, generator=g).requires_grad_(),
-                        pair_perturbation=0.1 * torch.randn(B, C, generator=g),
-                        class_weight=0.5 + torch.rand(C, generator=g))
-    loss_spec = MarginLossSpec(head="cosine", margin_type="additive_angular", scale=7.0, lambda_inst=0.25,
-                               hard_mode="all", lambda_elm=0.5, angular_fold="threshold",
-                               margin_grad="straight_through", label_smoothing=0.125, ignore_index=-7)
+    tables = LossTables(
+        class_margins=0.1 + 0.1 * torch.rand(C, generator=g),
+        logit_offset=torch.randn(C, generator=g).requires_grad_(),
+        pair_perturbation=0.1 * torch.randn(B, C, generator=g),
+        class_weight=0.5 + torch.rand(C, generator=g),
+    )
+    loss_spec = MarginLossSpec(
+        head="cosine",
+        margin_type="additive_angular",
+        scale=7.0,
+        lambda_inst=0.25,
+        hard_mode="all",
+        lambda_elm=0.5,
+        angular_fold="threshold",
+        margin_grad="straight_through",
+        label_smoothing=0.125,
+        ignore_index=-7,
+    )
     seen = {}
 
     def forward(*args):
@@ -241,8 +294,9 @@ def test_fused_passes_each_argument_under_its_name():
 
     f = seen["forward"]
     assert (f["floats"], f["ints"]) == loss_spec.kernel_options()
-    assert options.decode(f["floats"], f["ints"]) == {o.name: getattr(loss_spec, o.name) for o in options.OPTIONS
-                                                      if o.kernel is not None}
+    assert options.decode(f["floats"], f["ints"]) == {
+        o.name: getattr(loss_spec, o.name) for o in options.OPTIONS if o.kernel is not None
+    }
     ft = spec.named_tables(f["tables"])
     assert f["raw"].shape == (B, C) and _same(f["target"], target)
     assert ft["row_scale"].shape == (B,) and ft["col_scale"].shape == (C,) and ft["col_shift"] is None

@@ -1,4 +1,4 @@
-"""The CPU kernels' instruction sets (issue 10): the baseline, AVX2 and AVX-512 translation units
+"""The CPU kernels' instruction sets: the baseline, AVX2 and AVX-512 translation units
 (csrc/row_kernel_cpu*.cpp, each under its own ``#pragma GCC target``) must not share an inline function
 or template, or the linker may keep the AVX-512 copy for every caller (one-definition rule) and a CPU
 without AVX-512 dies with SIGILL.
@@ -11,6 +11,7 @@ without AVX-512 dies with SIGILL.
 * The baseline path itself: with ``ATEN_CPU_CAPABILITY=default`` (the AVX kernels not selected) a fresh
   process reports ``DEFAULT`` kernels and the losses and gradients match the float64 reference.
 """
+
 import os
 import platform
 import re
@@ -31,12 +32,17 @@ HELPERS = os.path.join(HERE, os.pardir, "helpers")
 ROW_MATH = os.path.join(HERE, os.pardir, os.pardir, "fused_margin", "backends", "csrc", "row_math.h")
 X86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
 # namespaces named after an instruction set: fused_margin's kernels and row math, ATen's at::vec
-ISA_NAMESPACE = re.compile(r"(?:fused_margin::cpu::|fused_margin::row_math_|at::vec::|fused_margin::block::\(anonymous namespace\)::)(DEFAULT|AVX2|AVX512)::")
-WIDE_ISA_NAMESPACE = re.compile(r"(?:fused_margin::cpu::|fused_margin::row_math_|at::vec::|fused_margin::block::\(anonymous namespace\)::)(AVX2|AVX512)::")
+_ISA_PREFIX = (
+    r"(?:fused_margin::cpu::|fused_margin::row_math_|at::vec::|fused_margin::block::\(anonymous namespace\)::)"
+)
+ISA_NAMESPACE = re.compile(_ISA_PREFIX + r"(DEFAULT|AVX2|AVX512)::")
+WIDE_ISA_NAMESPACE = re.compile(_ISA_PREFIX + r"(AVX2|AVX512)::")
 # instructions a baseline x86-64 CPU may lack: VEX/EVEX-encoded (AVX, AVX2, AVX-512, FMA, F16C), mask
 # registers, BMI1/BMI2, LZCNT/TZCNT, POPCNT, MOVBE
-NOT_BASELINE = re.compile(r"^(?:v(?!err|erw)[a-z0-9]+|k[a-z]+[bwdq]|andn|bextr|blsi|blsmsk|blsr|bzhi|mulx|pdep|pext|"
-                          r"rorx|sarx|shlx|shrx|lzcnt|tzcnt|popcnt|movbe)$")
+NOT_BASELINE = re.compile(
+    r"^(?:v(?!err|erw)[a-z0-9]+|k[a-z]+[bwdq]|andn|bextr|blsi|blsmsk|blsr|bzhi|mulx|pdep|pext|"
+    r"rorx|sarx|shlx|shrx|lzcnt|tzcnt|popcnt|movbe)$"
+)
 
 
 def _library():
@@ -52,8 +58,9 @@ def _tool(name):
 
 def _symbols():
     """``[(type, demangled name)]`` of the symbols the extension defines."""
-    out = subprocess.run([_tool("nm"), "-C", "--defined-only", _library()], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [_tool("nm"), "-C", "--defined-only", _library()], capture_output=True, text=True, check=True
+    ).stdout
     symbols = []
     for line in out.splitlines():
         parts = line.split(" ", 2)
@@ -90,8 +97,9 @@ def test_row_math_and_kernels_have_one_copy_per_instruction_set():
         kernel = "fused_margin::cpu::" in name and "fused_margin::cpu::" in name.split("(")[0]
         if not (row_math or kernel):
             continue
-        match = ISA_NAMESPACE.search(name.split("(")[0]) or re.search(r"fused_margin::row_math_(cuda)::",
-                                                                     name.split("(")[0])
+        match = ISA_NAMESPACE.search(name.split("(")[0]) or re.search(
+            r"fused_margin::row_math_(cuda)::", name.split("(")[0]
+        )
         if match is None:
             shared.append(f"{kind} {name}")
         elif row_math:
@@ -105,8 +113,9 @@ def _functions_with_wide_instructions():
     """``{function: [first instructions a baseline CPU may lack]}`` over the extension's machine code."""
     if not X86:
         pytest.skip("the instruction-set variants are built on x86-64 Linux only")
-    out = subprocess.run([_tool("objdump"), "-d", "-C", "--no-show-raw-insn", _library()], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [_tool("objdump"), "-d", "-C", "--no-show-raw-insn", _library()], capture_output=True, text=True, check=True
+    ).stdout
     found, current = {}, None
     for line in out.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
@@ -130,11 +139,13 @@ def test_no_wide_instruction_outside_the_instruction_set_namespaces():
         pytest.skip("the extension was built without its AVX2/AVX-512 kernels")
     found = _functions_with_wide_instructions()
     wide = {name for name in found if WIDE_ISA_NAMESPACE.search(name)}
-    assert any("fused_margin::cpu::AVX512::" in name and any("%zmm" in i for i in found[name]) for name in wide), \
+    assert any("fused_margin::cpu::AVX512::" in name and any("%zmm" in i for i in found[name]) for name in wide), (
         "no AVX-512 instruction found in the AVX-512 kernels: the disassembly was not read as expected"
+    )
     outside = {name: found[name][:3] for name in found if name not in wide}
     assert not outside, "functions outside the AVX namespaces with AVX/BMI instructions:\n" + "\n".join(
-        f"{name[:200]}: {instructions}" for name, instructions in outside.items())
+        f"{name[:200]}: {instructions}" for name, instructions in outside.items()
+    )
 
 
 _BASELINE_SCRIPT = textwrap.dedent("""
@@ -151,7 +162,8 @@ _BASELINE_SCRIPT = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     spec = MarginLossSpec(head="cosine", scale=30.0, margin_type="additive_angular", lambda_inst=1.0,
                           lambda_elm=0.5, label_smoothing=0.1)
-    x64, w64 = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
+    x64 = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    w64 = torch.randn(50, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 50, (12,), generator=g)
     m64 = 0.3 * torch.rand(50, generator=g, dtype=torch.float64)
     truth, _ = margin_cross_entropy_reference(x64, y, w64, None, spec, LossTables(class_margins=m64))
@@ -179,12 +191,17 @@ _BASELINE_SCRIPT = textwrap.dedent("""
 def test_baseline_kernels_with_the_avx_variants_disabled():
     """ATEN_CPU_CAPABILITY=default in a fresh process: the DEFAULT kernels are picked (on any CPU) and
     the public API's losses and gradients through them match the float64 reference (fp32, bf16, fp16)."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
-               PYTHONPATH=os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), \
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY="default",
+        PYTHONPATH=os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
         result.stdout[-2000:] + result.stderr[-3000:]
+    )
     assert "isa DEFAULT" in result.stdout
 
 

@@ -1,6 +1,8 @@
-"""The defects a differential fuzz found around the kernels (issue 14, points 1, 3, 4, 5, 6), and the API
-points of issue 10 (the 1-D weight message, the head rule, DBMLoss state, keyword-only and checked
-options). Each reproducer of the issues is a test here; each failed before its fix."""
+"""Edge cases around the kernels and the API: labels out of range under torch.compile, per-call tables over
+stored ones, NumPy scalars and 0-d tensors as options, validation before any work, float64 runs with float64
+tables, the 1-D weight message, the head rule, DBMLoss's state, keyword-only options checked at
+construction."""
+
 import io
 import math
 import os
@@ -25,8 +27,14 @@ def _triton_on_cpu():
     return fm.available_backends("cpu", torch.float32)["triton"] == "ok"
 
 
-CPU_BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_on_cpu(), reason="Triton runs on CPU only under TRITON_INTERPRET=1"))]
+CPU_BACKENDS = [
+    "reference",
+    "cpu",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(not _triton_on_cpu(), reason="Triton runs on CPU only under TRITON_INTERPRET=1"),
+    ),
+]
 
 
 def cosines(B=6, seed=0, dtype=F64):
@@ -42,12 +50,15 @@ def features(B=6, D=4, seed=0, dtype=torch.float32):
 TARGET = torch.tensor([0, 1, 4, 2, 3, 0])
 
 
-# ---- issue 14.1: labels under torch.compile -----------------------------------------------------------
+# ---- labels under torch.compile ----------------------------------------------------------------------------
+
 
 def _reproducer(backend):
     def f(x, y, w):
-        return fm.margin_cross_entropy(x, y, w, scale=30., class_margins=torch.full((5,), .3), reduction="none",
-                                       backend=backend)
+        return fm.margin_cross_entropy(
+            x, y, w, scale=30.0, class_margins=torch.full((5,), 0.3), reduction="none", backend=backend
+        )
+
     return f
 
 
@@ -107,23 +118,35 @@ def test_compiled_cuda_labels_out_of_range_assert_on_the_device(backend):
         torch.cuda.synchronize()
         print("UNCHECKED", out.tolist(), flush=True)
     """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
     assert "valid" in run.stdout, run.stderr[-3000:]
     assert "UNCHECKED" not in run.stdout and run.returncode != 0
     assert "assert" in run.stderr.lower(), run.stderr[-3000:]
 
 
-# ---- issue 14.3: per-call tables override stored ones -------------------------------------------------
+# ---- per-call tables override stored ones ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ldam_module_takes_per_call_class_weight(backend):
     drw = fm.DRWSchedule(COUNTS, step=1)
     x, w = features()
     got = fm.LDAMLoss(COUNTS, backend=backend)(x, TARGET, w, class_weight=drw.weights(1))
-    expected = fm.margin_cross_entropy(x.double(), TARGET, w.double(), scale=30.0,
-                                       class_margins=fm.ldam_margins(COUNTS, dtype=F64),
-                                       class_weight=drw.weights(1, dtype=F64), backend="reference")
+    expected = fm.margin_cross_entropy(
+        x.double(),
+        TARGET,
+        w.double(),
+        scale=30.0,
+        class_margins=fm.ldam_margins(COUNTS, dtype=F64),
+        class_weight=drw.weights(1, dtype=F64),
+        backend="reference",
+    )
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     plain = fm.LDAMLoss(COUNTS, backend=backend)(x, TARGET, w)
     assert not torch.allclose(got, plain)
@@ -150,8 +173,9 @@ def test_constant_margin_module_takes_per_call_class_margins(cls, margin_type):
     z = cosines()
     margins = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=F64)
     got = cls(scale=16.0)(z, TARGET, class_margins=margins)
-    expected = fm.margin_cross_entropy(z, TARGET, input_is_cosine=True, scale=16.0, class_margins=margins,
-                                       margin_type=margin_type, backend="reference")
+    expected = fm.margin_cross_entropy(
+        z, TARGET, input_is_cosine=True, scale=16.0, class_margins=margins, margin_type=margin_type, backend="reference"
+    )
     torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
 
 
@@ -162,7 +186,8 @@ def test_per_call_head_and_scalar_options_override():
     torch.testing.assert_close(module(x, TARGET, w, head="linear", scale=2.0), expected, rtol=1e-14, atol=0)
 
 
-# ---- issue 14.4: NumPy scalars and 0-d tensors -------------------------------------------------------
+# ---- NumPy scalars and 0-d tensors -------------------------------------------------------------------------
+
 
 def test_numpy_and_tensor_scale():
     z = cosines()
@@ -175,9 +200,13 @@ def test_numpy_hyperparameters_of_the_modules():
     z = cosines()
     k = np.float32(0.1)
     torch.testing.assert_close(fm.DBMLoss(COUNTS, K=k)(z, TARGET), fm.DBMLoss(COUNTS, K=float(k))(z, TARGET))
-    torch.testing.assert_close(fm.ArcFaceLoss(margin=torch.tensor(0.5))(z, TARGET), fm.ArcFaceLoss(margin=0.5)(z, TARGET))
-    torch.testing.assert_close(fm.LDAMLoss(COUNTS, max_m=np.float64(0.4), scale=np.int32(20))(z, TARGET),
-                               fm.LDAMLoss(COUNTS, max_m=0.4, scale=20.0)(z, TARGET))
+    torch.testing.assert_close(
+        fm.ArcFaceLoss(margin=torch.tensor(0.5))(z, TARGET), fm.ArcFaceLoss(margin=0.5)(z, TARGET)
+    )
+    torch.testing.assert_close(
+        fm.LDAMLoss(COUNTS, max_m=np.float64(0.4), scale=np.int32(20))(z, TARGET),
+        fm.LDAMLoss(COUNTS, max_m=0.4, scale=20.0)(z, TARGET),
+    )
 
 
 def test_set_epoch_takes_numpy_and_tensor_integers():
@@ -203,36 +232,43 @@ def test_numpy_ignore_index():
 
 def test_ignore_index_beyond_int64_is_a_clear_error():
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
-        fm.margin_cross_entropy(cosines(), TARGET, ignore_index=2 ** 70)
+        fm.margin_cross_entropy(cosines(), TARGET, ignore_index=2**70)
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
-        fm.LDAMLoss(COUNTS, ignore_index=-(2 ** 64))
+        fm.LDAMLoss(COUNTS, ignore_index=-(2**64))
 
 
-@pytest.mark.parametrize("name,value,error,message", [
-    ("scale", "30", TypeError, "scale must be a real number"),
-    ("scale", torch.ones(2), TypeError, "scale must be a number or a 0-d tensor"),
-    ("scale", torch.tensor(2.0, requires_grad=True), TypeError, "scale is a constant option"),
-    ("lambda_inst", True, TypeError, "lambda_inst must be a real number"),
-    ("ignore_index", np.float64(-1), TypeError, "ignore_index must be an int"),
-    ("ignore_index", torch.tensor(-1.0), TypeError, "ignore_index must be an int"),
-])
+@pytest.mark.parametrize(
+    "name,value,error,message",
+    [
+        ("scale", "30", TypeError, "scale must be a real number"),
+        ("scale", torch.ones(2), TypeError, "scale must be a number or a 0-d tensor"),
+        ("scale", torch.tensor(2.0, requires_grad=True), TypeError, "scale is a constant option"),
+        ("lambda_inst", True, TypeError, "lambda_inst must be a real number"),
+        ("ignore_index", np.float64(-1), TypeError, "ignore_index must be an int"),
+        ("ignore_index", torch.tensor(-1.0), TypeError, "ignore_index must be an int"),
+    ],
+)
 def test_bad_scalar_options_are_named(name, value, error, message):
     with pytest.raises(error, match=message):
         fm.margin_cross_entropy(cosines(), TARGET, **{name: value})
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda: fm.DBMLoss(COUNTS, K="0.1"), "K must be a finite number"),
-    (lambda: fm.ArcFaceLoss(margin=np.array([0.5, 0.1])), "margin must be a finite number"),
-    (lambda: fm.DBMLoss(COUNTS, variant="drw").set_epoch(np.float64(3)), "epoch must be an int"),
-    (lambda: fm.DBMLoss(COUNTS, variant="drw").set_epoch(-1), "epoch must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: fm.DBMLoss(COUNTS, K="0.1"), "K must be a finite number"),
+        (lambda: fm.ArcFaceLoss(margin=np.array([0.5, 0.1])), "margin must be a finite number"),
+        (lambda: fm.DBMLoss(COUNTS, variant="drw").set_epoch(np.float64(3)), "epoch must be an int"),
+        (lambda: fm.DBMLoss(COUNTS, variant="drw").set_epoch(-1), "epoch must be an int >= 0"),
+    ],
+)
 def test_bad_module_scalars_are_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
 
 
-# ---- issue 14.5: early validation -------------------------------------------------------------------
+# ---- early validation --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("betas", [(0.0, 1.5), (0.0, float("nan")), (), (-0.1, 0.5)])
 def test_dbm_drw_betas_fail_at_construction(betas):
@@ -250,20 +286,25 @@ def test_drw_weights_check_every_beta():
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("make,name", [
-    (lambda: fm.MarginLoss(class_margins=[NAN, 0.1]), "class_margins"),
-    (lambda: fm.LDAMLoss(COUNTS, class_weight=[INF, 1, 1, 1, 1]), "class_weight"),
-    (lambda: fm.MarginLoss(logit_offset=torch.tensor([0.0, -INF])), "logit_offset"),
-    (lambda: fm.MarginLoss(class_weight=np.array([1.0, NAN])), "class_weight"),
-], ids=["margins-nan", "ldam-weight-inf", "offset-inf", "weight-nan-numpy"])
+@pytest.mark.parametrize(
+    "make,name",
+    [
+        (lambda: fm.MarginLoss(class_margins=[NAN, 0.1]), "class_margins"),
+        (lambda: fm.LDAMLoss(COUNTS, class_weight=[INF, 1, 1, 1, 1]), "class_weight"),
+        (lambda: fm.MarginLoss(logit_offset=torch.tensor([0.0, -INF])), "logit_offset"),
+        (lambda: fm.MarginLoss(class_weight=np.array([1.0, NAN])), "class_weight"),
+    ],
+    ids=["margins-nan", "ldam-weight-inf", "offset-inf", "weight-nan-numpy"],
+)
 def test_non_finite_module_tables_fail_at_construction(make, name):
     with pytest.raises(ValueError, match=rf"{name} must be finite, got {name}\[\d\]"):
         make()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name", ["class_margins", "logit_offset", "class_weight", "omega", "beta",
-                                  "pair_perturbation"])
+@pytest.mark.parametrize(
+    "name", ["class_margins", "logit_offset", "class_weight", "omega", "beta", "pair_perturbation"]
+)
 def test_non_finite_tables_on_cpu_are_refused_per_call(name, backend):
     x, w = features()
     table = torch.ones(len(TARGET), C) if name == "pair_perturbation" else torch.ones(C)
@@ -283,8 +324,9 @@ def test_non_finite_per_call_table_of_a_module_is_refused():
 
 def test_non_finite_table_under_compile_asserts_on_cpu():
     torch._dynamo.reset()
-    f = torch.compile(lambda z, y, a: fm.margin_cross_entropy(z, y, logit_offset=a), fullgraph=True,
-                      backend="aot_eager")
+    f = torch.compile(
+        lambda z, y, a: fm.margin_cross_entropy(z, y, logit_offset=a), fullgraph=True, backend="aot_eager"
+    )
     z = cosines()
     assert torch.isfinite(f(z, TARGET, torch.zeros(C, dtype=F64)))
     with pytest.raises(RuntimeError, match="logit_offset has a NaN or inf entry"):
@@ -304,7 +346,8 @@ def test_module_table_of_wrong_length_fails_at_construction():
         fm.LDAMLoss(COUNTS, class_weight=[1.0, 2.0, 3.0])
 
 
-# ---- issue 14.6: float64 runs use float64 tables -------------------------------------------------------
+# ---- float64 runs use float64 tables -----------------------------------------------------------------------
+
 
 def _hand_loss(z, target, margins, scale, offset=None, weights=None):
     """CE of ``s z`` with ``s (z_y - m_y)`` at the target, plus an offset, class weights, mean; float64."""
@@ -328,7 +371,7 @@ def test_cosface_fp64_matches_a_float64_hand_computation():
 
 
 def _ldam64():
-    m = torch.tensor([n ** -0.25 for n in COUNTS], dtype=F64)
+    m = torch.tensor([n**-0.25 for n in COUNTS], dtype=F64)
     return m * (0.5 / m.max())
 
 
@@ -348,10 +391,10 @@ def test_ldam_fp64_matches_a_float64_hand_computation():
 def test_logit_adjustment_fp64_matches_a_float64_hand_computation():
     z = cosines()
     expected = _hand_loss(z, TARGET, torch.zeros(C, dtype=F64), 1.0, offset=0.7 * _prior64())
-    torch.testing.assert_close(fm.logit_adjusted_loss(z, TARGET, class_counts=COUNTS, tau=0.7), expected,
-                               rtol=4e-15, atol=0)
-    torch.testing.assert_close(fm.LogitAdjustedLoss(COUNTS, tau=0.7).double()(z, TARGET), expected,
-                               rtol=4e-15, atol=0)
+    torch.testing.assert_close(
+        fm.logit_adjusted_loss(z, TARGET, class_counts=COUNTS, tau=0.7), expected, rtol=4e-15, atol=0
+    )
+    torch.testing.assert_close(fm.LogitAdjustedLoss(COUNTS, tau=0.7).double()(z, TARGET), expected, rtol=4e-15, atol=0)
 
 
 def test_dbm_module_double_holds_the_float64_tables():
@@ -387,12 +430,20 @@ def test_a_table_assigned_by_hand_is_what_double_casts():
 def test_fp32_presets_get_fp32_tables_from_float64_values():
     z = cosines(dtype=torch.float32)
     got = fm.ldam_loss(z, TARGET, class_counts=COUNTS, reduction="none", backend="reference")
-    expected = fm.margin_cross_entropy(z, TARGET, input_is_cosine=True, scale=30.0, reduction="none",
-                                       class_margins=fm.ldam_margins(COUNTS), backend="reference")
+    expected = fm.margin_cross_entropy(
+        z,
+        TARGET,
+        input_is_cosine=True,
+        scale=30.0,
+        reduction="none",
+        class_margins=fm.ldam_margins(COUNTS),
+        backend="reference",
+    )
     assert torch.equal(got, expected)
 
 
-# ---- issue 10: the 1-D weight message ------------------------------------------------------------------
+# ---- the 1-D weight message --------------------------------------------------------------------------------
+
 
 def test_one_d_weight_names_class_weight():
     logits = cosines(dtype=torch.float32)
@@ -400,7 +451,7 @@ def test_one_d_weight_names_class_weight():
         fm.margin_cross_entropy(logits, TARGET, torch.ones(C))
 
 
-# ---- issue 10: one head rule ---------------------------------------------------------------------------
+# ---- one head rule -----------------------------------------------------------------------------------------
 
 FUNCTIONS = {
     "margin_cross_entropy": lambda *a, **k: fm.margin_cross_entropy(*a, **k),
@@ -413,8 +464,10 @@ FUNCTIONS = {
     "logit_adjusted_loss": lambda *a, **k: fm.logit_adjusted_loss(*a, class_counts=COUNTS, **k),
 }
 MODULES = {
-    "dbm_loss": lambda **k: fm.DBMLoss(COUNTS, **k), "ldam_loss": lambda **k: fm.LDAMLoss(COUNTS, **k),
-    "elm_loss": lambda **k: fm.ELMLoss(COUNTS, **k), "arcface_loss": lambda **k: fm.ArcFaceLoss(**k),
+    "dbm_loss": lambda **k: fm.DBMLoss(COUNTS, **k),
+    "ldam_loss": lambda **k: fm.LDAMLoss(COUNTS, **k),
+    "elm_loss": lambda **k: fm.ELMLoss(COUNTS, **k),
+    "arcface_loss": lambda **k: fm.ArcFaceLoss(**k),
     "cosface_loss": lambda **k: fm.CosFaceLoss(**k),
     "balanced_softmax_loss": lambda **k: fm.BalancedSoftmaxLoss(COUNTS, **k),
     "logit_adjusted_loss": lambda **k: fm.LogitAdjustedLoss(COUNTS, **k),
@@ -452,8 +505,12 @@ def test_modules_follow_the_head_rule(name):
     torch.testing.assert_close(module(x, TARGET, w), FUNCTIONS[name](x, TARGET, w), rtol=1e-14, atol=0)
     if name not in ("dbm_loss", "arcface_loss"):
         other = "linear" if module.feature_head == "cosine" else "cosine"
-        torch.testing.assert_close(MODULES[name](feature_head=other).double()(x, TARGET, w),
-                                   FUNCTIONS[name](x, TARGET, w, head=other), rtol=1e-14, atol=0)
+        torch.testing.assert_close(
+            MODULES[name](feature_head=other).double()(x, TARGET, w),
+            FUNCTIONS[name](x, TARGET, w, head=other),
+            rtol=1e-14,
+            atol=0,
+        )
 
 
 def test_head_rule_text_names_both_defaults():
@@ -464,11 +521,13 @@ def test_presets_take_an_explicit_head():
     """``ldam_loss(..., head="linear")`` raised "got multiple values for keyword argument 'head'"."""
     x, w = features(dtype=F64)
     expected = F.cross_entropy(30.0 * (x @ w.t()) - 30.0 * F.one_hot(TARGET, C) * _ldam64(), TARGET)
-    torch.testing.assert_close(fm.ldam_loss(x, TARGET, w, class_counts=COUNTS, head="linear"), expected,
-                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        fm.ldam_loss(x, TARGET, w, class_counts=COUNTS, head="linear"), expected, rtol=1e-13, atol=0
+    )
 
 
-# ---- issue 10: DBMLoss state ---------------------------------------------------------------------------
+# ---- DBMLoss state -----------------------------------------------------------------------------------------
+
 
 def test_dbm_state_dict_round_trip_mid_drw():
     trained = fm.DBMLoss(COUNTS, variant="drw", drw_step=3)
@@ -495,37 +554,58 @@ def test_dbm_state_of_another_schedule_is_refused():
         fm.DBMLoss([1, 2, 3, 4, 5], variant="drw", drw_step=3).load_state_dict(state)
 
 
-# ---- issue 10: keyword-only options, checked at construction ------------------------------------------
+# ---- keyword-only options, checked at construction ---------------------------------------------------------
 
-@pytest.mark.parametrize("make", [
-    lambda: fm.DBMLoss(COUNTS, "bs"), lambda: fm.LDAMLoss(COUNTS, 0.5), lambda: fm.ELMLoss(COUNTS, 0.5),
-    lambda: fm.ArcFaceLoss(0.5), lambda: fm.CosFaceLoss(0.35), lambda: fm.BalancedSoftmaxLoss(COUNTS, "cpu"),
-    lambda: fm.LogitAdjustedLoss(COUNTS, 1.0), lambda: fm.DBMLoss(COUNTS, "ce", 0.1, 1.0, 30.0, 1.0, "min", "cpu"),
-], ids=["DBM", "LDAM", "ELM", "ArcFace", "CosFace", "BS", "LA", "DBM-backend"])
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fm.DBMLoss(COUNTS, "bs"),
+        lambda: fm.LDAMLoss(COUNTS, 0.5),
+        lambda: fm.ELMLoss(COUNTS, 0.5),
+        lambda: fm.ArcFaceLoss(0.5),
+        lambda: fm.CosFaceLoss(0.35),
+        lambda: fm.BalancedSoftmaxLoss(COUNTS, "cpu"),
+        lambda: fm.LogitAdjustedLoss(COUNTS, 1.0),
+        lambda: fm.DBMLoss(COUNTS, "ce", 0.1, 1.0, 30.0, 1.0, "min", "cpu"),
+    ],
+    ids=["DBM", "LDAM", "ELM", "ArcFace", "CosFace", "BS", "LA", "DBM-backend"],
+)
 def test_module_options_are_keyword_only(make):
     with pytest.raises(TypeError, match="positional argument"):
         make()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: fm.DBMLoss(COUNTS, lable_smoothing=0.1), lambda: fm.LDAMLoss(COUNTS, reducton="sum"),
-    lambda: fm.ArcFaceLoss(angular_flod="easy"), lambda: fm.MarginLoss(sacle=2.0),
-    lambda: fm.BalancedSoftmaxLoss(COUNTS, feature_haed="cosine"),
-], ids=["DBM", "LDAM", "ArcFace", "MarginLoss", "BS"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fm.DBMLoss(COUNTS, lable_smoothing=0.1),
+        lambda: fm.LDAMLoss(COUNTS, reducton="sum"),
+        lambda: fm.ArcFaceLoss(angular_flod="easy"),
+        lambda: fm.MarginLoss(sacle=2.0),
+        lambda: fm.BalancedSoftmaxLoss(COUNTS, feature_haed="cosine"),
+    ],
+    ids=["DBM", "LDAM", "ArcFace", "MarginLoss", "BS"],
+)
 def test_option_typos_fail_at_construction(make):
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['(lable_smoothing|reducton|angular_flod|sacle|feature_haed)'\]"):
+    with pytest.raises(
+        TypeError, match=r"unknown option\(s\) \['(lable_smoothing|reducton|angular_flod|sacle|feature_haed)'\]"
+    ):
         make()
 
 
-@pytest.mark.parametrize("make,error,message", [
-    (lambda: fm.LDAMLoss(COUNTS, reduction="avg"), ValueError, "reduction must be one of"),
-    (lambda: fm.DBMLoss(COUNTS, backend="gpu"), ValueError, "backend must be one of"),
-    (lambda: fm.CosFaceLoss(label_smoothing=2.0), ValueError, "label_smoothing must be in"),
-    (lambda: fm.LDAMLoss(COUNTS, margin_type="additive_angular"), TypeError, r"LDAMLoss sets \['margin_type'\]"),
-    (lambda: fm.DBMLoss(COUNTS, variant="cb", class_weight=torch.ones(C)), TypeError, "class_weight"),
-    (lambda: fm.LDAMLoss(COUNTS, head="linear"), TypeError, "feature_head"),
-    (lambda: fm.LDAMLoss(COUNTS, feature_head="logits"), ValueError, "feature_head must be 'cosine' or 'linear'"),
-])
+@pytest.mark.parametrize(
+    "make,error,message",
+    [
+        (lambda: fm.LDAMLoss(COUNTS, reduction="avg"), ValueError, "reduction must be one of"),
+        (lambda: fm.DBMLoss(COUNTS, backend="gpu"), ValueError, "backend must be one of"),
+        (lambda: fm.CosFaceLoss(label_smoothing=2.0), ValueError, "label_smoothing must be in"),
+        (lambda: fm.LDAMLoss(COUNTS, margin_type="additive_angular"), TypeError, r"LDAMLoss sets \['margin_type'\]"),
+        (lambda: fm.DBMLoss(COUNTS, variant="cb", class_weight=torch.ones(C)), TypeError, "class_weight"),
+        (lambda: fm.LDAMLoss(COUNTS, head="linear"), TypeError, "feature_head"),
+        (lambda: fm.LDAMLoss(COUNTS, feature_head="logits"), ValueError, "feature_head must be 'cosine' or 'linear'"),
+    ],
+)
 def test_option_values_fail_at_construction(make, error, message):
     with pytest.raises(error, match=message):
         make()

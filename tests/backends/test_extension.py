@@ -12,6 +12,7 @@ dtype's resolution. The cases and the comparisons are shared with the Triton bac
 rows longer than the kernels' 1024-column chunk), NaN/inf rows, with ``torch.library.opcheck``, and
 under every instruction set the CPU kernels are compiled for.
 """
+
 import functools
 import os
 import subprocess
@@ -19,28 +20,43 @@ import sys
 import textwrap
 
 import pytest
+import row_torch
 import torch
-
-from fused_margin.config import CONFIG
 
 import fused_margin as fm
 from fused_margin import backends
-import row_torch
-from fused_margin.core.reference import margin_cross_entropy_reference
-from fused_margin.core.options import vectors as kernel_vectors
-from fused_margin.core.spec import row_tables
-from fused_margin.core.spec import (REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS, LossTables,
-                               MarginLossSpec)
 from fused_margin.backends import extension
+from fused_margin.config import CONFIG
+from fused_margin.core.options import vectors as kernel_vectors
+from fused_margin.core.reference import margin_cross_entropy_reference
+from fused_margin.core.spec import (
+    REDUCTION_CODES,
+    ROW_BACKWARD_OUTPUTS,
+    ROW_FORWARD_OUTPUTS,
+    LossTables,
+    MarginLossSpec,
+    row_tables,
+)
 
 if not extension.is_built():
-    pytest.skip(f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR}); build it with "
-                "pip install --no-build-isolation --no-deps -e . (scripts/setup_env.sh does)",
-                allow_module_level=True)
+    pytest.skip(
+        f"the fused_margin C++ extension is not built ({extension.BUILD_ERROR}); build it with "
+        "pip install --no-build-isolation --no-deps -e . (scripts/setup_env.sh does)",
+        allow_module_level=True,
+    )
 
 import kernel_cases  # noqa: E402
-from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODEL_TENSORS, MODULES,  # noqa: E402
-                          _gen, compare, make_case)
+from kernel_cases import (  # noqa: E402
+    CASES,
+    DBM_MARGINS,
+    LOW_PRECISION,
+    LOW_PRECISION_CASES,
+    MODEL_TENSORS,
+    MODULES,
+    _gen,
+    compare,
+    make_case,
+)
 
 OPS = torch.ops.fused_margin
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
@@ -55,6 +71,7 @@ def _backend(device):
 
 # ---------------------------------------------------------------------------------------------------
 # cases through the public API
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
@@ -84,9 +101,9 @@ def test_matches_reference_low_precision(name, dtype, device):
 # no table requiring grad). These keep the separate row backward checked on the same cases, check that
 # path in bf16/fp16 with a reduced loss, and an upstream gradient other than 1.
 
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_fp32_with_the_separate_row_backward(name, monkeypatch):
-    from fused_margin.paths import fused
 
     monkeypatch.setattr(CONFIG, "grad_in_forward", False)
     options = dict(CASES[name])
@@ -103,7 +120,6 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     exp(l_j - lse) (fp32: within 1e-5 of the largest gradient; bf16/fp16: two units of the dtype's
     rounding of it, dL/draw being rounded to the dtype before the GEMMs). The separate path is checked
     against the reference above, in every dtype."""
-    from fused_margin.paths import fused
 
     options = dict(CASES[name])
     options["reduction"] = "sum" if options.get("reduction") == "sum" else "mean"
@@ -138,8 +154,8 @@ def test_gradient_formed_in_the_forward_takes_the_upstream_gradient(head, dtype,
 def test_when_the_forward_forms_the_gradient():
     """fused.grad_in_forward: only a training step of a reduced loss on a GEMM head, with only the features
     or class weights requiring grad, on a kernel that has the op."""
-    from fused_margin.paths import fused
     from fused_margin.core.spec import LossTables, MarginLossSpec
+    from fused_margin.paths import fused
 
     kernel = extension.row_kernel("cpu")
     spec = MarginLossSpec(head="cosine")
@@ -152,7 +168,9 @@ def test_when_the_forward_forms_the_gradient():
     assert not fused.grad_in_forward(kernel, MarginLossSpec(head="logits"), x, None, None, tables)
     assert not fused.grad_in_forward(kernel, spec, x.detach(), w, None, tables)
     assert not fused.grad_in_forward(kernel, spec, x, w, torch.zeros(10, requires_grad=True), tables)
-    assert not fused.grad_in_forward(kernel, spec, x, w, None, LossTables(logit_offset=torch.zeros(10, requires_grad=True)))
+    assert not fused.grad_in_forward(
+        kernel, spec, x, w, None, LossTables(logit_offset=torch.zeros(10, requires_grad=True))
+    )
     assert not fused.grad_in_forward(kernel, spec, x, w, None, LossTables(beta=torch.zeros(10)))
     with torch.no_grad():
         assert not fused.grad_in_forward(kernel, spec, x, w, None, tables)
@@ -171,19 +189,31 @@ def test_modules_match_reference(name, device):
 # ---------------------------------------------------------------------------------------------------
 # the ops against the eager contract (row_torch): shapes, dtypes, NaN and inf
 
+
 def _op_inputs(B, C, dtype, seed, full=True, ignored=True, device="cpu"):
     g = _gen(seed)
     raw = (1.6 * torch.rand(B, C, generator=g) - 0.8).to(dtype)
     target = torch.randint(0, C, (B,), generator=g)
     if ignored and B > 1:
         target[1] = -100
-    tables = dict(row_scale=None, col_scale=None, col_shift=None, class_margins=0.5 * torch.rand(C, generator=g),
-                  logit_offset=None, pair_perturbation=None, class_weight=None)
+    tables = dict(
+        row_scale=None,
+        col_scale=None,
+        col_shift=None,
+        class_margins=0.5 * torch.rand(C, generator=g),
+        logit_offset=None,
+        pair_perturbation=None,
+        class_weight=None,
+    )
     if full:
-        tables.update(row_scale=0.5 + torch.rand(B, generator=g), col_scale=0.5 + torch.rand(C, generator=g),
-                      col_shift=0.1 * torch.randn(C, generator=g), logit_offset=torch.randn(C, generator=g),
-                      pair_perturbation=0.3 * torch.randn(B, C, generator=g),
-                      class_weight=0.2 + torch.rand(C, generator=g))
+        tables.update(
+            row_scale=0.5 + torch.rand(B, generator=g),
+            col_scale=0.5 + torch.rand(C, generator=g),
+            col_shift=0.1 * torch.randn(C, generator=g),
+            logit_offset=torch.randn(C, generator=g),
+            pair_perturbation=0.3 * torch.randn(B, C, generator=g),
+            class_weight=0.2 + torch.rand(C, generator=g),
+        )
     tables = {k: None if v is None else v.to(device) for k, v in tables.items()}
     return raw.to(device), target.to(device), tables
 
@@ -199,14 +229,24 @@ OUTPUTS = ROW_FORWARD_OUTPUTS
 
 def _forward_args(raw, target, tables, options, scale=30.0, ignore_index=-100, reduction=0):
     margin_type, lambda_inst, hard_all, lambda_elm, fold, straight, smoothing = options
-    floats, ints = kernel_vectors(scale=scale, margin_type=margin_type, lambda_inst=lambda_inst, hard_all=hard_all,
-                                  lambda_elm=lambda_elm, fold=fold, straight_through=straight,
-                                  label_smoothing=smoothing, ignore_index=ignore_index, reduction=reduction)
+    floats, ints = kernel_vectors(
+        scale=scale,
+        margin_type=margin_type,
+        lambda_inst=lambda_inst,
+        hard_all=hard_all,
+        lambda_elm=lambda_elm,
+        fold=fold,
+        straight_through=straight,
+        label_smoothing=smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
     return raw, target, row_tables(**tables), floats, ints
 
 
-def _backward_args(raw, target, tables, forward_out, grad_rows, smoothing, scale_grad, scale=30.0, denom=None,
-                   sums=False):
+def _backward_args(
+    raw, target, tables, forward_out, grad_rows, smoothing, scale_grad, scale=30.0, denom=None, sums=False
+):
     """The backward's arguments; ``sums``: the projection factors (random, positive) and the column stats."""
     _, lse, _, _, nll, target_grad, _ = forward_out
     rows, cols = raw.shape
@@ -215,8 +255,19 @@ def _backward_args(raw, target, tables, forward_out, grad_rows, smoothing, scale
         g = _gen(rows * 7 + cols)
         proj = (torch.rand(rows, generator=g).to(raw.device), torch.rand(cols, generator=g).to(raw.device), True)
     floats, ints = kernel_vectors(scale=scale, label_smoothing=smoothing)
-    return (raw, target, row_tables(**dict(tables, class_margins=None)), lse, nll, target_grad, grad_rows, denom, floats,
-            ints, scale_grad) + proj
+    return (
+        raw,
+        target,
+        row_tables(**dict(tables, class_margins=None)),
+        lse,
+        nll,
+        target_grad,
+        grad_rows,
+        denom,
+        floats,
+        ints,
+        scale_grad,
+    ) + proj
 
 
 def _close(name, got, want, rtol):
@@ -256,7 +307,7 @@ def check_ops_against_contract(B, C, dtype, options, full, device="cpu", seed=0)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("shape", [(1, 2), (5, 2), (3, 37), (4, 1024), (3, 2085), (2, 5000)], ids=str)
 def test_ops_match_the_row_contract(shape, dtype):
-    for i, (name, options) in enumerate(FORWARD_OPTIONS.items()):
+    for i, options in enumerate(FORWARD_OPTIONS.values()):
         check_ops_against_contract(*shape, dtype, options, full=i % 2 == 0, seed=i)
 
 
@@ -266,36 +317,60 @@ def test_ops_argmax_nan_inf_and_ties_follow_torch():
     nan, inf = float("nan"), float("inf")
     C = 40
     raw = torch.rand(7, C)
-    raw[0, 7] = raw[0, 30] = nan               # NaN wins, the first one (in a later vector than the max)
-    raw[1, :] = -inf                           # argmax 0
-    raw[2, 5] = inf                            # lse inf
+    raw[0, 7] = raw[0, 30] = nan  # NaN wins, the first one (in a later vector than the max)
+    raw[1, :] = -inf  # argmax 0
+    raw[2, 5] = inf  # lse inf
     raw[3, 3] = raw[3, 19] = raw[3, 33] = 2.0  # ties across vectors: the first
-    raw[4, 0] = nan                            # the target column is NaN
-    raw[5, 10] = raw[5, 26] = 1.5              # c* ties (target 26 excluded)
+    raw[4, 0] = nan  # the target column is NaN
+    raw[5, 10] = raw[5, 26] = 1.5  # c* ties (target 26 excluded)
     raw[5, 2] = 1.5
     target = torch.tensor([1, 2, 3, 19, 0, 26, 4])
     margins = torch.rand(C) * 0.3
     offset = torch.zeros(C)
-    offset[11] = -inf                          # a class masked out by its offset
+    offset[11] = -inf  # a class masked out by its offset
     for options, off in (((1, 1.0, False, 1.0, 0, False, 0.0), None), ((0, 0.0, False, 1.0, 0, False, 0.1), offset)):
-        tables = dict(row_scale=None, col_scale=None, col_shift=None, class_margins=margins, logit_offset=off,
-                      pair_perturbation=None, class_weight=None)
+        tables = dict(
+            row_scale=None,
+            col_scale=None,
+            col_shift=None,
+            class_margins=margins,
+            logit_offset=off,
+            pair_perturbation=None,
+            class_weight=None,
+        )
         got = OPS.row_forward(*_forward_args(raw, target, tables, options))
         assert torch.equal(got[2], raw.argmax(1)), (got[2], raw.argmax(1))
         # the reference function itself: the public API refuses a non-finite table (the -inf offset)
-        spec = MarginLossSpec(input_is_cosine=True, scale=30.0,
-                              margin_type=("additive_cosine", "additive_angular")[options[0]],
-                              lambda_inst=options[1], lambda_elm=options[3], label_smoothing=options[6],
-                              reduction="none")
+        spec = MarginLossSpec(
+            input_is_cosine=True,
+            scale=30.0,
+            margin_type=("additive_cosine", "additive_angular")[options[0]],
+            lambda_inst=options[1],
+            lambda_elm=options[3],
+            label_smoothing=options[6],
+            reduction="none",
+        )
         want = margin_cross_entropy_reference(
-            raw.double(), target, None, None, spec,
-            LossTables(class_margins=margins.double(), logit_offset=None if off is None else off.double()))
+            raw.double(),
+            target,
+            None,
+            None,
+            spec,
+            LossTables(class_margins=margins.double(), logit_offset=None if off is None else off.double()),
+        )
         _close("loss", got[0].double(), want[0], 1e-5)
         _close("lse", got[1].double(), want[1].lse, 1e-5)
         assert torch.equal(got[3], want[1].hard)
     # row 5's c* is class 2 (the first of the tied non-target maxima): its target logit uses m_2
-    tables = dict(row_scale=None, col_scale=None, col_shift=None, class_margins=margins, logit_offset=None,
-                  pair_perturbation=None, class_weight=None)
+    tables = dict(
+        row_scale=None,
+        col_scale=None,
+        col_shift=None,
+        class_margins=margins,
+        logit_offset=None,
+        pair_perturbation=None,
+        class_weight=None,
+    )
     out = OPS.row_forward(*_forward_args(raw, target, tables, (0, 0.0, False, 1.0, 0, False, 0.0)))
     logits = 30.0 * raw[5].double()
     logits[26] = 30.0 * (1.5 - margins[26].double() + margins[2].double())
@@ -346,8 +421,10 @@ def test_ops_read_a_padded_class_stride_in_place():
     for name, a, b in zip(OUTPUTS, got, want):
         assert torch.equal(a, b), name
     for scale_grad in (True, False):
-        args = [_backward_args(r, target, tables, want, torch.tensor(1.0), options[-1], scale_grad, sums=True)
-                for r in (padded, raw)]
+        args = [
+            _backward_args(r, target, tables, want, torch.tensor(1.0), options[-1], scale_grad, sums=True)
+            for r in (padded, raw)
+        ]
         got_b, want_b = OPS.row_backward(*args[0]), OPS.row_backward(*args[1])
         assert got_b[0].stride() == (48, 1) and want_b[0].is_contiguous()
         for name, a, b in zip(ROW_BACKWARD_OUTPUTS, got_b, want_b):
@@ -367,7 +444,7 @@ def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype, sc
     g = _gen(11)
     grad = torch.randint(-8, 9, (37, 45), generator=g).to(dtype)
     v = torch.randint(-8, 9, (37, 45), generator=g).to(dtype)
-    proj = torch.full((37,), 2.0 ** -7)
+    proj = torch.full((37,), 2.0**-7)
     coef = -(proj * (grad.float() * v.float()).sum(1))
     want = grad.float() + coef[:, None] * v.float()
     want = (want if scale is None else want * scale).to(dtype)
@@ -389,18 +466,18 @@ def test_project_out_rows_takes_its_coefficient_from_grad(dtype, device):
     tangent = torch.randn(37, 45, generator=g)
     grad = (30.0 * v.float() + tangent).to(dtype)  # mostly radial
     norms = v.float().norm(dim=1)
-    proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms ** 2)
+    proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms**2)
     want = grad.double() - (proj.double() * (grad.double() * v.double()).sum(1))[:, None] * v.double()
     got = grad.clone().to(device)
     OPS.project_out_rows_(got, v.to(device), proj.to(device))
     got = got.cpu()
     assert torch.equal(got[3], grad[3]) and torch.equal(got[10], grad[10])
     eps = torch.finfo(dtype).eps
-    assert ((got.double() - want).abs().max() <= 2 * eps * want.abs().max() + 1e-5 * eps * 30 * v.double().abs().max())
+    assert (got.double() - want).abs().max() <= 2 * eps * want.abs().max() + 1e-5 * eps * 30 * v.double().abs().max()
     # the radial residual: the output's rounding (eps |out| per element), and fp32's of the dot (of the input)
     radial = (got.double() * v.double()).sum(1) / norms.double()
     kept = proj != 0
-    bound = 2 * eps * got.double().norm(dim=1) * 45 ** 0.5 + 8 * 2 ** -24 * grad.double().norm(dim=1)
+    bound = 2 * eps * got.double().norm(dim=1) * 45**0.5 + 8 * 2**-24 * grad.double().norm(dim=1)
     assert (radial[kept].abs() <= bound[kept]).all()
     grad, v, proj = grad.to(device), v.to(device), proj.to(device)
     torch.library.opcheck(OPS.project_out_rows_.default, (grad.clone(), v, proj))
@@ -420,8 +497,9 @@ def test_opcheck():
         for scale_grad in (True, False):
             bargs = _backward_args(raw, target, tables, out, torch.rand(4), options[-1], scale_grad)
             torch.library.opcheck(OPS.row_backward.default, bargs)
-            bargs = _backward_args(raw, target, tables, out, torch.tensor(0.5), options[-1], scale_grad,
-                                   denom=out[-1], sums=True)
+            bargs = _backward_args(
+                raw, target, tables, out, torch.tensor(0.5), options[-1], scale_grad, denom=out[-1], sums=True
+            )
             torch.library.opcheck(OPS.row_backward.default, bargs)
         torch.library.opcheck(OPS.row_norms.default, (raw, 1e-12))
         padded = torch.zeros(4, 48, dtype=raw.dtype)[:, :37]
@@ -432,6 +510,7 @@ def test_opcheck():
 
 # ---------------------------------------------------------------------------------------------------
 # discovery, compile, instruction sets
+
 
 def test_auto_picks_the_cpu_kernel():
     entry = backends.resolve_backend("auto", torch.device("cpu"), torch.float32)
@@ -448,8 +527,9 @@ def test_auto_picks_the_cpu_kernel():
 
 def test_compiles_without_graph_breaks():
     """The fake kernels let torch.compile trace the fused loss (forward and backward) in one graph."""
-    case = make_case("cosine", B=6, C=19, seed=3, margins=DBM_MARGINS, margin_type="additive_angular",
-                     lambda_inst=1.0, offset=True)
+    case = make_case(
+        "cosine", B=6, C=19, seed=3, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, offset=True
+    )
     x = case["tensors"]["input"].float().requires_grad_()
     w = case["tensors"]["weight"].float().requires_grad_()
     tables = {k: v.float() for k, v in case["tensors"].items() if k not in MODEL_TENSORS}
@@ -497,12 +577,20 @@ def test_every_instruction_set_matches_the_contract(isa):
         pytest.skip(f"this CPU does not run {isa} code")
     if isa == extension.cpu_kernel_isa():
         pytest.skip(f"{isa} is this process's kernel set, tested by the other tests")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa.lower(),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.join(os.path.dirname(__file__), os.pardir,
-                                                                                  "helpers"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], env=env, capture_output=True,
-                            text=True, timeout=120)
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY=isa.lower(),
+        PYTHONPATH=os.pathsep.join(
+            [
+                os.path.dirname(__file__),
+                os.path.join(os.path.dirname(__file__), os.pardir, "helpers"),
+                os.environ.get("PYTHONPATH", ""),
+            ]
+        ),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], env=env, capture_output=True, text=True, timeout=120
+    )
     if result.stdout.startswith("isa-mismatch"):
         pytest.skip(f"the extension was built without {isa} kernels ({result.stdout.strip()})")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
@@ -537,9 +625,12 @@ def test_cuda_source_compiles_for_sm90():
     import shutil
     import sysconfig
     import tempfile
+
     from torch.utils import cpp_extension
-    nvcc = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
-                                    if cpp_extension.CUDA_HOME else None)
+
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+    )
     if nvcc is None or not os.path.exists(nvcc):
         pytest.skip("no nvcc")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -550,16 +641,33 @@ def test_cuda_source_compiles_for_sm90():
             with open(os.path.join(tmp, "c10", "cuda", "impl", "cuda_cmake_macros.h"), "w") as f:
                 f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
             includes = [tmp] + includes
-        command = [nvcc, "-arch=sm_90", "-std=c++17", "-O3", "--fmad=false", "-DFUSED_MARGIN_WITH_CUDA",
-                   "-I", os.path.join(root, "fused_margin", "backends", "csrc"), "-I", sysconfig.get_paths()["include"]]
+        command = [
+            nvcc,
+            "-arch=sm_90",
+            "-std=c++17",
+            "-O3",
+            "--fmad=false",
+            "-DFUSED_MARGIN_WITH_CUDA",
+            "-I",
+            os.path.join(root, "fused_margin", "backends", "csrc"),
+            "-I",
+            sysconfig.get_paths()["include"],
+        ]
         for d in includes:
             command += ["-I", d]
-        command += ["-c", os.path.join(root, "fused_margin", "backends", "csrc", "fused_margin_cuda.cu"), "-o", os.path.join(tmp, "k.o")]
+        command += [
+            "-c",
+            os.path.join(root, "fused_margin", "backends", "csrc", "fused_margin_cuda.cu"),
+            "-o",
+            os.path.join(tmp, "k.o"),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     # a host-only function called from device code is only a warning for nvcc (e.g. #20013, a constexpr
     # std::numeric_limits member without --expt-relaxed-constexpr): none in our sources
-    ours = [line for line in result.stderr.splitlines()
-            if line.startswith(os.path.join(root, "fused_margin", "backends", "csrc")) and "warning" in line]
+    ours = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith(os.path.join(root, "fused_margin", "backends", "csrc")) and "warning" in line
+    ]
     assert not ours, "\n".join(ours[:20])
-

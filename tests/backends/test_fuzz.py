@@ -1,15 +1,15 @@
-"""A differential fuzz that stays in CI (issue 14): hypothesis draws the loss options, shapes, dtypes,
-ignored rows and memory layouts, and every fused backend that runs on the CPU (``cpu``; ``triton`` under
+"""A differential fuzz that stays in CI: hypothesis draws the loss options, shapes, dtypes, ignored rows and
+memory layouts, and every fused backend that runs on the CPU (``cpu``; ``triton`` under
 ``TRITON_INTERPRET=1`` with a small forced column block) is judged against the float64 reference with
 the tolerances of docs/loss.md section 8, through the harness of the kernel tests
 (``kernel_cases``; the tolerances for random draws are in :func:`check`).
 
-Drawn: heads cosine (D >= 2, see the strategy), linear, logits and cosine logits; C from 2 up, not a multiple of the block; B from
-1; additive cosine and angular margins with DBM's instance margin (both hard modes), ELM, both angular
-folds and straight-through gradients; logit offset, pair perturbation, class weights, bias and MARC's
-omega/beta (with their gradients), label smoothing, every reduction, ``ignore_index`` (-100 or a class
-index) on some rows; fp32 and bf16; contiguous inputs or strided views (every other column of a wider
-buffer, or the transpose of a column-major copy).
+Drawn: heads cosine (D >= 2, see the strategy), linear, logits and cosine logits; C from 2 up, not a multiple
+of the block; B from 1; additive cosine and angular margins with DBM's instance margin (both hard modes), ELM,
+both angular folds and straight-through gradients; logit offset, pair perturbation, class weights, bias and
+MARC's omega/beta (with their gradients), label smoothing, every reduction, ``ignore_index`` (-100 or a class
+index) on some rows; fp32 and bf16; contiguous inputs or strided views (every other column of a wider buffer,
+or the transpose of a column-major copy).
 
 bf16 on the cosine head is drawn too: the fused backward forms the normalisation projection
 ``g - (v_hat . g) v_hat`` in fp32 (``fused._project_out``), as the reference does (it once ran in bf16
@@ -20,6 +20,7 @@ Bounded and reproducible: ``derandomize=True`` (the same examples on every run) 
 examples per backend, about a minute in all on two cores. Set ``FUSED_MARGIN_FUZZ_EXAMPLES`` to run more
 (for a longer local fuzz, e.g. 2000).
 """
+
 import contextlib
 import os
 from unittest import mock
@@ -28,22 +29,26 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+import kernel_cases  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_cases import MODEL_TENSORS, assert_pred_hard, assert_within_reference_error, make_case  # noqa: E402
 
 import fused_margin as fm  # noqa: E402
 from fused_margin.core.spec import NORM_EPS  # noqa: E402
-import kernel_cases  # noqa: E402
-from kernel_cases import (MODEL_TENSORS, assert_pred_hard, assert_within_reference_error,  # noqa: E402
-                          make_case)
 
 EXTRA = int(os.environ.get("FUSED_MARGIN_FUZZ_EXAMPLES", "0"))
 EXAMPLES = {"cpu": EXTRA or 1500, "triton": EXTRA or 70}
 
 
 def _settings(backend):
-    return settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=EXAMPLES[backend],
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 @st.composite
@@ -78,8 +83,13 @@ def fuzz_cases(draw, max_classes=40):
     bias = head == "linear" and draw(st.booleans())
     marc = draw(st.integers(0, 3)) == 0
     grads = []
-    for name, present in (("logit_offset", offset), ("pair_perturbation", pair), ("bias", bias),
-                          ("omega", marc), ("beta", marc)):
+    for name, present in (
+        ("logit_offset", offset),
+        ("pair_perturbation", pair),
+        ("bias", bias),
+        ("omega", marc),
+        ("beta", marc),
+    ):
         if present and draw(st.booleans()):
             grads.append(name)
     ignore_index = draw(st.sampled_from([-100, -100, 1]))
@@ -90,11 +100,25 @@ def fuzz_cases(draw, max_classes=40):
         # every row ignored with reduction="mean" is 0/0, NaN in both (PyTorch's convention); the rows
         # still count in "sum"/"none". Keep one row so that "mean" also compares numbers.
         ignored = ignored - {0}
-    seed = draw(st.integers(0, 2 ** 20))
-    case = make_case("logits" if head == "logits_cosine" else head, B=B, C=C, D=D, seed=seed, scale=scale,
-                     margins=margins, offset=offset, pair=pair, weights=weights, bias=bias, marc=marc,
-                     ignored=sorted(ignored), grads=tuple(grads),
-                     **({"input_is_cosine": True} if head == "logits_cosine" else {}), **options)
+    seed = draw(st.integers(0, 2**20))
+    case = make_case(
+        "logits" if head == "logits_cosine" else head,
+        B=B,
+        C=C,
+        D=D,
+        seed=seed,
+        scale=scale,
+        margins=margins,
+        offset=offset,
+        pair=pair,
+        weights=weights,
+        bias=bias,
+        marc=marc,
+        ignored=sorted(ignored),
+        grads=tuple(grads),
+        **({"input_is_cosine": True} if head == "logits_cosine" else {}),
+        **options,
+    )
     if ignore_index != -100:
         # make_case drew labels in [0, C): the label ignore_index now means "ignored" wherever it fell
         case["target"][sorted(ignored)] = ignore_index
@@ -113,8 +137,9 @@ def _layout(value, layout):
         view = wide[:, ::2]
     else:  # the transpose of a column-major copy
         view = value.t().contiguous().t()
-    assert torch.equal(view, value) and (view.numel() <= 1 or not view.is_contiguous() or value.shape[1] == 1
-                                         or value.shape[0] == 1)
+    assert torch.equal(view, value) and (
+        view.numel() <= 1 or not view.is_contiguous() or value.shape[1] == 1 or value.shape[0] == 1
+    )
     return view
 
 
@@ -132,8 +157,9 @@ def evaluate(case, backend, dtype, layout, run_dtype=None, context=contextlib.nu
         args[name] = leaf if dtype == torch.float64 else _layout(leaf, layout)
     input_, weight = args.pop("input"), args.pop("weight", None)
     with context():
-        loss, aux = fm.margin_cross_entropy(input_, case["target"], weight, **args, **case["options"],
-                                            backend=backend, return_aux=True)
+        loss, aux = fm.margin_cross_entropy(
+            input_, case["target"], weight, **args, **case["options"], backend=backend, return_aux=True
+        )
         upstream = torch.ones_like(loss) if loss.dim() == 0 else kernel_cases._upstream(loss.shape[0]).to(loss)
         grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
     out = {"loss": loss.detach(), "lse": aux.lse, "pred": aux.pred, "hard": aux.hard}
@@ -200,8 +226,7 @@ def _pre_projection_sizes(case, dtype):
     kwargs = dict(leaves)
     input_, weight = kwargs.pop("input"), kwargs.pop("weight")
     with mock.patch.object(torch.nn.functional, "normalize", recording):  # base_scores: x_hat, then w_hat
-        loss = fm.margin_cross_entropy(input_, case["target"], weight, **kwargs, **case["options"],
-                                       backend="reference")
+        loss = fm.margin_cross_entropy(input_, case["target"], weight, **kwargs, **case["options"], backend="reference")
     upstream = torch.ones_like(loss) if loss.dim() == 0 else kernel_cases._upstream(loss.shape[0]).to(loss)
     x_hat, w_hat = normalized[:2]
     sizes = {}
@@ -247,8 +272,15 @@ def check(case, backend, dtype, layout, context=contextlib.nullcontext):
     if dtype == torch.float32:
         for key in checked:
             try:
-                assert_within_reference_error(key, got[key], ref[key], truth[key], 2.0,
-                                              floor=kernel_cases.FP32_RTOL, size_at_least=sizes.get(key, 0.0))
+                assert_within_reference_error(
+                    key,
+                    got[key],
+                    ref[key],
+                    truth[key],
+                    2.0,
+                    floor=kernel_cases.FP32_RTOL,
+                    size_at_least=sizes.get(key, 0.0),
+                )
             except AssertionError:
                 if key != "lse":
                     raise
@@ -262,8 +294,9 @@ def check(case, backend, dtype, layout, context=contextlib.nullcontext):
         if _target_score_at_the_clamp(case, truth, dtype):
             checked = [k for k in checked if not k.startswith("grad_")]
         for key in checked:
-            assert_within_reference_error(key, got[key], ref[key], truth[key], factor, floor=floor,
-                                          size_at_least=sizes.get(key, 0.0))
+            assert_within_reference_error(
+                key, got[key], ref[key], truth[key], factor, floor=floor, size_at_least=sizes.get(key, 0.0)
+            )
         assert_pred_hard(got, truth, case, gap=4 * torch.finfo(dtype).eps)
 
 
@@ -289,17 +322,26 @@ def test_fuzz_triton_backend_against_the_reference(drawn, block):
     tail of the last block run on small C."""
     _skip_unless("triton")
     from fused_margin.backends.triton import max_block
+
     check(*drawn[:1], "triton", *drawn[2:], drawn[1], context=lambda: max_block(block))
 
 
 def test_the_strategy_draws_the_edges():
     """The strategy reaches what it promises (C = 2, B = 1, C not a multiple of the block, bf16, strided
     and transposed inputs, ignored rows): drawn here deterministically from a fixed number of examples."""
-    seen = {"C2": False, "B1": False, "odd_C": False, "bf16": False, "strided": False, "transposed": False,
-            "ignored": False, "angular": False, "linear": False}
+    seen = {
+        "C2": False,
+        "B1": False,
+        "odd_C": False,
+        "bf16": False,
+        "strided": False,
+        "transposed": False,
+        "ignored": False,
+        "angular": False,
+        "linear": False,
+    }
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(fuzz_cases())
     def record(drawn):
         case, layout, dtype = drawn
@@ -322,18 +364,61 @@ def test_the_angular_clamp_band_is_not_judged_on_gradients():
     target cosine of -0.99876 that the fused path's bf16 GEMM puts outside the clamp and the reference's
     inside (:func:`_target_score_at_the_clamp`). Its gradients differ by the branch, its loss does not."""
     x = torch.tensor([[1.5410, -0.2934], [-2.1788, 0.5684]], dtype=torch.float64)
-    w = torch.tensor([[-1.7644, -2.5459], [-1.1340, -1.5765], [-1.8122, 0.3748], [-0.4939, 0.1198],
-                      [0.8909, -0.9624], [0.1415, 0.6698], [-0.1532, 0.9287], [-0.0099, -1.2698],
-                      [-1.7068, -1.5100], [1.8801, 1.4929], [0.3313, 0.0751], [-1.5764, 2.5758],
-                      [-0.4198, 0.3253], [-0.7721, 0.1399]], dtype=torch.float64)
-    class_weight = torch.tensor([0.7282, 0.6552, 1.5864, 0.6322, 0.8427, 1.3497, 1.2474, 0.7121, 1.3193,
-                                 1.6495, 1.9136, 1.2924, 1.7076, 0.7561], dtype=torch.float64)
-    case = dict(tensors=dict(input=x, weight=w, class_margins=torch.zeros(14, dtype=torch.float64),
-                             class_weight=class_weight),
-                target=torch.tensor([3, 8]), grads=["input", "weight"],
-                options=dict(scale=1.0, margin_type="additive_angular", lambda_inst=0.0, hard_mode="hard",
-                             lambda_elm=0.0, angular_fold=None, margin_grad="exact", label_smoothing=0.0,
-                             reduction="mean", head="cosine"))
+    w = torch.tensor(
+        [
+            [-1.7644, -2.5459],
+            [-1.1340, -1.5765],
+            [-1.8122, 0.3748],
+            [-0.4939, 0.1198],
+            [0.8909, -0.9624],
+            [0.1415, 0.6698],
+            [-0.1532, 0.9287],
+            [-0.0099, -1.2698],
+            [-1.7068, -1.5100],
+            [1.8801, 1.4929],
+            [0.3313, 0.0751],
+            [-1.5764, 2.5758],
+            [-0.4198, 0.3253],
+            [-0.7721, 0.1399],
+        ],
+        dtype=torch.float64,
+    )
+    class_weight = torch.tensor(
+        [
+            0.7282,
+            0.6552,
+            1.5864,
+            0.6322,
+            0.8427,
+            1.3497,
+            1.2474,
+            0.7121,
+            1.3193,
+            1.6495,
+            1.9136,
+            1.2924,
+            1.7076,
+            0.7561,
+        ],
+        dtype=torch.float64,
+    )
+    case = dict(
+        tensors=dict(input=x, weight=w, class_margins=torch.zeros(14, dtype=torch.float64), class_weight=class_weight),
+        target=torch.tensor([3, 8]),
+        grads=["input", "weight"],
+        options=dict(
+            scale=1.0,
+            margin_type="additive_angular",
+            lambda_inst=0.0,
+            hard_mode="hard",
+            lambda_elm=0.0,
+            angular_fold=None,
+            margin_grad="exact",
+            label_smoothing=0.0,
+            reduction="mean",
+            head="cosine",
+        ),
+    )
     _skip_unless("cpu")
     truth = evaluate(case, "reference", torch.float64, "contiguous", run_dtype=torch.bfloat16)
     assert _target_score_at_the_clamp(case, truth, torch.bfloat16)
@@ -342,29 +427,92 @@ def test_the_angular_clamp_band_is_not_judged_on_gradients():
 
 
 def _angular_case(x, w, target, **tables):
-    return dict(tensors=dict(input=torch.tensor(x, dtype=torch.float64), weight=torch.tensor(w, dtype=torch.float64),
-                             **{k: torch.tensor(v, dtype=torch.float64) for k, v in tables.items()}),
-                target=torch.tensor(target), grads=["input", "weight"],
-                options=dict(scale=1.0, margin_type="additive_angular", lambda_inst=0.0, hard_mode="hard",
-                             lambda_elm=0.0, angular_fold=None, margin_grad="exact", label_smoothing=0.0,
-                             reduction="mean", head="cosine"))
+    return dict(
+        tensors=dict(
+            input=torch.tensor(x, dtype=torch.float64),
+            weight=torch.tensor(w, dtype=torch.float64),
+            **{k: torch.tensor(v, dtype=torch.float64) for k, v in tables.items()},
+        ),
+        target=torch.tensor(target),
+        grads=["input", "weight"],
+        options=dict(
+            scale=1.0,
+            margin_type="additive_angular",
+            lambda_inst=0.0,
+            hard_mode="hard",
+            lambda_elm=0.0,
+            angular_fold=None,
+            margin_grad="exact",
+            label_smoothing=0.0,
+            reduction="mean",
+            head="cosine",
+        ),
+    )
 
 
 #: draws the fuzz found with more examples than CI runs (FUSED_MARGIN_FUZZ_EXAMPLES=600 / 6000): D = 2, the
 #: features' gradient mostly radial before the projection (values as hypothesis printed them)
 _RADIAL_DRAWS = {
-    "bf16-triton-600": (torch.bfloat16, _angular_case(
-        [[0.8033, 0.1748], [0.0890, -0.6137], [0.0462, -1.3683]], [[0.2632, 0.7884], [-1.9973, 1.3603]], [0, 1, 0],
-        class_margins=[1.6046, 1.4155], class_weight=[2.0463, 1.7301],
-        pair_perturbation=[[0.2096, -0.0399], [0.4632, 0.4078], [0.2476, -0.0822]])),
-    "fp32-cpu-6000": (torch.float32, dict(_angular_case(
-        [[0.3923, -0.2236]],
-        [[0.7883, -0.2939], [-2.5279, 0.6814], [-0.0452, -0.4360], [1.8168, 0.4611], [0.8625, -1.2668],
-         [-2.4518, -1.8519], [-0.9537, 1.1108], [-0.7091, 1.3499], [1.7084, 0.7078], [0.8646, -2.0017],
-         [-0.6384, -0.2880], [0.8199, -0.0153], [-1.6665, 1.0035], [-0.1912, -1.7668], [0.3192, 0.4272],
-         [-0.9250, 0.3411], [-0.3075, 0.8076], [1.6853, -0.5087]], [1],
-        class_margins=[0.5872, 0.4051, 0.5912, 0.5574, 0.4870, 0.4979, 0.3256, 0.5125, 0.4016, 0.3985, 0.3569,
-                       0.4944, 0.3021, 0.5181, 0.4757, 0.4208, 0.4563, 0.5897]))),
+    "bf16-triton-600": (
+        torch.bfloat16,
+        _angular_case(
+            [[0.8033, 0.1748], [0.0890, -0.6137], [0.0462, -1.3683]],
+            [[0.2632, 0.7884], [-1.9973, 1.3603]],
+            [0, 1, 0],
+            class_margins=[1.6046, 1.4155],
+            class_weight=[2.0463, 1.7301],
+            pair_perturbation=[[0.2096, -0.0399], [0.4632, 0.4078], [0.2476, -0.0822]],
+        ),
+    ),
+    "fp32-cpu-6000": (
+        torch.float32,
+        dict(
+            _angular_case(
+                [[0.3923, -0.2236]],
+                [
+                    [0.7883, -0.2939],
+                    [-2.5279, 0.6814],
+                    [-0.0452, -0.4360],
+                    [1.8168, 0.4611],
+                    [0.8625, -1.2668],
+                    [-2.4518, -1.8519],
+                    [-0.9537, 1.1108],
+                    [-0.7091, 1.3499],
+                    [1.7084, 0.7078],
+                    [0.8646, -2.0017],
+                    [-0.6384, -0.2880],
+                    [0.8199, -0.0153],
+                    [-1.6665, 1.0035],
+                    [-0.1912, -1.7668],
+                    [0.3192, 0.4272],
+                    [-0.9250, 0.3411],
+                    [-0.3075, 0.8076],
+                    [1.6853, -0.5087],
+                ],
+                [1],
+                class_margins=[
+                    0.5872,
+                    0.4051,
+                    0.5912,
+                    0.5574,
+                    0.4870,
+                    0.4979,
+                    0.3256,
+                    0.5125,
+                    0.4016,
+                    0.3985,
+                    0.3569,
+                    0.4944,
+                    0.3021,
+                    0.5181,
+                    0.4757,
+                    0.4208,
+                    0.4563,
+                    0.5897,
+                ],
+            )
+        ),
+    ),
 }
 _RADIAL_DRAWS["fp32-cpu-6000"][1]["options"].update(lambda_inst=0.5, lambda_elm=0.5)
 

@@ -12,6 +12,7 @@ On a CPU-only machine these run in Triton's interpreter (``TRITON_INTERPRET=1``,
 and fp16); the tests marked ``cuda`` repeat the comparisons at larger shapes on a GPU, check that the
 kernels make no host synchronisation and compile the loss with inductor.
 """
+
 import functools
 import os
 
@@ -21,26 +22,50 @@ import torch
 from fused_margin.config import CONFIG
 
 if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run in Triton's CPU "
-                "interpreter (scripts/test.sh sets it on CPU-only machines)", allow_module_level=True)
+    pytest.skip(
+        "the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run in Triton's CPU "
+        "interpreter (scripts/test.sh sets it on CPU-only machines)",
+        allow_module_level=True,
+    )
 pytest.importorskip("triton")
 
+import kernel_cases  # noqa: E402
+import row_torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from kernel_cases import (  # noqa: E402  # noqa: E402
+    CASES,
+    DBM_MARGINS,
+    LOW_PRECISION,
+    LOW_PRECISION_CASES,
+    MODULES,
+    _counts,
+    _gen,
+    _upstream,
+    assert_fp32_close,
+    backward_args,
+    forward_args,
+    make_case,
+)
 
 import fused_margin as fm  # noqa: E402
-import kernel_cases  # noqa: E402
-from kernel_cases import backward_args, forward_args  # noqa: E402
-import row_torch  # noqa: E402
+from fused_margin.backends.triton import (  # noqa: E402
+    INTERPRETED,
+    ROW_KERNEL,
+    max_block,
+    row_backward,
+    row_forward,
+    row_forward_backward,
+)
+from fused_margin.backends.triton._common import round_to, target_margin  # noqa: E402
 from fused_margin.core import rowmath  # noqa: E402
 from fused_margin.core.options import KERNEL_INTS  # noqa: E402
-from fused_margin.core.spec import MarginLossSpec  # noqa: E402
-from fused_margin.backends.triton import (INTERPRETED, ROW_KERNEL, max_block, row_backward, row_forward,  # noqa: E402
-                                  row_forward_backward)
-from fused_margin.core.spec import REDUCTION_CODES, ROW_BACKWARD_OUTPUTS, ROW_FORWARD_OUTPUTS  # noqa: E402
-from fused_margin.backends.triton._common import round_to, target_margin  # noqa: E402
-from kernel_cases import (CASES, DBM_MARGINS, LOW_PRECISION, LOW_PRECISION_CASES, MODULES, _counts,  # noqa: E402
-                          _gen, _upstream, assert_fp32_close, make_case)
+from fused_margin.core.spec import (  # noqa: E402
+    REDUCTION_CODES,
+    ROW_BACKWARD_OUTPUTS,
+    ROW_FORWARD_OUTPUTS,
+    MarginLossSpec,  # noqa: E402
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _seed = functools.partial(kernel_cases._seed, modulus=1000)  # the data these tests have always drawn
@@ -55,6 +80,7 @@ def compare(case, dtype=torch.float32, block=8):
 # ---------------------------------------------------------------------------------------------------
 # every option, fp32
 
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_fp32(name):
     options = dict(CASES[name])
@@ -64,13 +90,24 @@ def test_matches_reference_fp32(name):
 
 @pytest.mark.parametrize("block", [2, 4, 64])
 def test_block_size_does_not_change_the_result(block):
-    case = make_case("cosine", seed=7, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                     lambda_elm=0.5, label_smoothing=0.1, weights=True, offset=True, ignored=(2,))
+    case = make_case(
+        "cosine",
+        seed=7,
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        label_smoothing=0.1,
+        weights=True,
+        offset=True,
+        ignored=(2,),
+    )
     compare(case, block=block)
 
 
 # ---------------------------------------------------------------------------------------------------
 # fp16 / bf16 (the interpreter runs both)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -89,6 +126,7 @@ def test_matches_reference_low_precision(name, dtype):
 # ---------------------------------------------------------------------------------------------------
 # the loss modules
 
+
 @pytest.mark.parametrize("name", list(MODULES))
 def test_modules_match_reference(name):
     kernel_cases.compare_module(name, "triton", DEVICE, context=lambda: max_block(8))
@@ -97,11 +135,13 @@ def test_modules_match_reference(name):
 # ---------------------------------------------------------------------------------------------------
 # argmax semantics, clamps, layouts and edge cases
 
+
 def _logits_run(input_, target, backend, block=4, **options):
     x = input_.detach().clone().to(DEVICE).requires_grad_()
     with max_block(block):
-        loss, aux = fm.margin_cross_entropy(x, target.to(DEVICE), backend=backend, return_aux=True,
-                                            reduction="none", **options)
+        loss, aux = fm.margin_cross_entropy(
+            x, target.to(DEVICE), backend=backend, return_aux=True, reduction="none", **options
+        )
         (grad,) = torch.autograd.grad(loss, [x], _upstream(loss.shape[0]).to(loss))
     return loss, aux, grad
 
@@ -109,20 +149,22 @@ def _logits_run(input_, target, backend, block=4, **options):
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log(0) = -inf
 def test_pred_ties_and_nan_follow_torch_argmax():
     inf, nan = float("inf"), float("nan")
-    rows = torch.tensor([
-        [0.0, 2.0, 1.0, 2.0, 0.5, 2.0, 0.0, 1.0, 2.0, 0.0],   # ties across blocks of 4: first index
-        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0],   # max in the last, partial block
-        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],   # all tied
-        [0.0, 1.0, nan, 5.0, nan, 0.0, 0.0, 0.0, 0.0, 0.0],   # NaN wins, the first one
-        [-inf, -inf, -inf, -inf, -inf, 0.5, -inf, -inf, -inf, -inf],
-        [0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9, 0.0],   # tie between target (7) and 8
-    ])
+    rows = torch.tensor(
+        [
+            [0.0, 2.0, 1.0, 2.0, 0.5, 2.0, 0.0, 1.0, 2.0, 0.0],  # ties across blocks of 4: first index
+            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0],  # max in the last, partial block
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all tied
+            [0.0, 1.0, nan, 5.0, nan, 0.0, 0.0, 0.0, 0.0, 0.0],  # NaN wins, the first one
+            [-inf, -inf, -inf, -inf, -inf, 0.5, -inf, -inf, -inf, -inf],
+            [0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9, 0.0],  # tie between target (7) and 8
+        ]
+    )
     target = torch.tensor([3, 0, 5, 1, 5, 7])
     margins = torch.linspace(0.1, 1.0, 10).to(DEVICE)
-    got = _logits_run(rows, target, "triton", class_margins=margins, lambda_elm=1.0,
-                      lambda_inst=0.5, scale=2.0)
-    ref = _logits_run(rows.double(), target, "reference", class_margins=margins.double(), lambda_elm=1.0,
-                      lambda_inst=0.5, scale=2.0)
+    got = _logits_run(rows, target, "triton", class_margins=margins, lambda_elm=1.0, lambda_inst=0.5, scale=2.0)
+    ref = _logits_run(
+        rows.double(), target, "reference", class_margins=margins.double(), lambda_elm=1.0, lambda_inst=0.5, scale=2.0
+    )
     assert torch.equal(got[1].pred.cpu(), rows.argmax(1))
     assert torch.equal(got[1].pred.cpu(), torch.tensor([1, 9, 0, 2, 5, 7]))
     assert torch.equal(got[1].hard, ref[1].hard)
@@ -132,13 +174,11 @@ def test_pred_ties_and_nan_follow_torch_argmax():
 
 def test_elm_strongest_wrong_class_ties_to_lowest_index():
     # c* is the first of the tied non-target maxima, found across column blocks
-    rows = torch.tensor([[0.1, 0.7, 0.3, 0.2, 0.7, 0.0, 0.7, 0.1, 0.0],
-                         [0.9, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0, 0.0, 0.4]])
+    rows = torch.tensor([[0.1, 0.7, 0.3, 0.2, 0.7, 0.0, 0.7, 0.1, 0.0], [0.9, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0, 0.0, 0.4]])
     target = torch.tensor([4, 0])
     margins = torch.tensor([0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]).to(DEVICE)
     got = _logits_run(rows, target, "triton", block=2, class_margins=margins, lambda_elm=1.0, scale=10.0)
-    ref = _logits_run(rows.double(), target, "reference", class_margins=margins.double(), lambda_elm=1.0,
-                      scale=10.0)
+    ref = _logits_run(rows.double(), target, "reference", class_margins=margins.double(), lambda_elm=1.0, scale=10.0)
     assert_fp32_close("loss", got[0], ref[0])
     # the target logit t = lse - loss (no weights, no smoothing), by hand: row 0 has c* = 1 (margin 0.1),
     # not the target 4 nor 6, so t = 10 (0.7 - 0.4 + 0.1); row 1 has c* = 5, t = 10 (0.9 - 0.5 + 0.6)
@@ -151,8 +191,13 @@ def test_angular_clamp_at_plus_minus_one():
     no 1/sin(theta) term. The fp32 clamp bound is not the fp64 one, so the fp32 reference judges."""
     rows = torch.tensor([[1.0, 0.2, -0.3, 0.1, 0.0], [0.3, -1.0, 0.2, 0.5, 0.1], [0.5, 0.1, 1.0, -0.2, 0.3]])
     target = torch.tensor([0, 1, 2])
-    options = dict(input_is_cosine=True, margin_type="additive_angular", scale=30.0, lambda_inst=1.0,
-                   class_margins=torch.tensor([0.3, 0.5, 0.2, 0.4, 0.1]).to(DEVICE))
+    options = dict(
+        input_is_cosine=True,
+        margin_type="additive_angular",
+        scale=30.0,
+        lambda_inst=1.0,
+        class_margins=torch.tensor([0.3, 0.5, 0.2, 0.4, 0.1]).to(DEVICE),
+    )
     got = _logits_run(rows, target, "triton", **options)
     ref = _logits_run(rows, target, "reference", **options)
     for label, a, b in (("loss", got[0], ref[0]), ("lse", got[1].lse, ref[1].lse), ("grad", got[2], ref[2])):
@@ -166,20 +211,32 @@ def test_strided_logits_and_pair_perturbation():
     target = torch.randint(0, 11, (8,), generator=g).to(DEVICE)
     results = []
     for contiguous in (False, True):
-        x = base.t().to(DEVICE)            # 8 x 11, strides (1, 8)
+        x = base.t().to(DEVICE)  # 8 x 11, strides (1, 8)
         pair = pair_base[:, ::2].t().to(DEVICE)  # 8 x 11, strides (2, 16)
         if contiguous:
             x, pair = x.contiguous(), pair.contiguous()
         x.requires_grad_()
         pair.requires_grad_()
         with max_block(4):
-            loss = fm.margin_cross_entropy(x, target, pair_perturbation=pair, backend="triton",
-                                           class_margins=torch.full((11,), 0.3, device=DEVICE), scale=2.0)
+            loss = fm.margin_cross_entropy(
+                x,
+                target,
+                pair_perturbation=pair,
+                backend="triton",
+                class_margins=torch.full((11,), 0.3, device=DEVICE),
+                scale=2.0,
+            )
             results.append((loss, *torch.autograd.grad(loss, [x, pair])))
     x64 = base.t().double().to(DEVICE).requires_grad_()
     pair64 = pair_base[:, ::2].t().double().to(DEVICE).requires_grad_()
-    loss = fm.margin_cross_entropy(x64, target, pair_perturbation=pair64, backend="reference",
-                                   class_margins=torch.full((11,), 0.3, device=DEVICE), scale=2.0)
+    loss = fm.margin_cross_entropy(
+        x64,
+        target,
+        pair_perturbation=pair64,
+        backend="reference",
+        class_margins=torch.full((11,), 0.3, device=DEVICE),
+        scale=2.0,
+    )
     truth = (loss, *torch.autograd.grad(loss, [x64, pair64]))
     for got in results:
         for label, a, b in zip(("loss", "grad_input", "grad_pair"), got, truth):
@@ -187,8 +244,9 @@ def test_strided_logits_and_pair_perturbation():
 
 
 def test_all_rows_ignored_mean_is_nan_with_zero_gradients():
-    case = make_case("cosine", B=3, seed=3, margins=DBM_MARGINS, margin_type="additive_angular",
-                     lambda_inst=1.0, ignored=(0, 1, 2))
+    case = make_case(
+        "cosine", B=3, seed=3, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, ignored=(0, 1, 2)
+    )
     got, truth = compare(case)
     assert got["loss"].isnan() and truth["loss"].isnan()
     assert not got["hard"].any()
@@ -199,15 +257,20 @@ def test_large_common_offset_with_label_smoothing():
     """Logits around 1e3: the online logsumexp and the smoothing sum must not lose the 1e-5 relative
     accuracy (the smoothing sum is accumulated relative to the target's logit)."""
     g = _gen(9)
-    x = (1000.0 + torch.randn(5, 300, generator=g, dtype=torch.float64))
+    x = 1000.0 + torch.randn(5, 300, generator=g, dtype=torch.float64)
     target = torch.randint(0, 300, (5,), generator=g)
-    case = {"tensors": {"input": x}, "target": target, "grads": ["input"],
-            "options": dict(head="logits", label_smoothing=0.3, reduction="none")}
+    case = {
+        "tensors": {"input": x},
+        "target": target,
+        "grads": ["input"],
+        "options": dict(head="logits", label_smoothing=0.3, reduction="none"),
+    }
     compare(case, block=16)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the row kernels directly: the contract of fused_margin.paths.fused, against its eager statement
+
 
 def _row_args(B=5, C=23, dtype=torch.float32, seed=0, ignore=(1,)):
     g = _gen(seed)
@@ -215,19 +278,33 @@ def _row_args(B=5, C=23, dtype=torch.float32, seed=0, ignore=(1,)):
     target = torch.randint(0, C, (B,), generator=g)
     target[list(ignore)] = -100
     f32 = lambda *shape: torch.rand(*shape, generator=g).to(DEVICE)  # noqa: E731
-    tables = dict(row_scale=f32(B) + 0.2, col_scale=f32(C) + 0.2, col_shift=f32(C) - 0.5,
-                  class_margins=f32(C) * 0.5, logit_offset=f32(C) - 0.5, pair_perturbation=f32(B, C) - 0.5,
-                  class_weight=f32(C) + 0.5)
+    tables = dict(
+        row_scale=f32(B) + 0.2,
+        col_scale=f32(C) + 0.2,
+        col_shift=f32(C) - 0.5,
+        class_margins=f32(C) * 0.5,
+        logit_offset=f32(C) - 0.5,
+        pair_perturbation=f32(B, C) - 0.5,
+        class_weight=f32(C) + 0.5,
+    )
     return raw, target.to(DEVICE), tables
 
 
-@pytest.mark.parametrize("margin_type, fold, straight_through", [(0, 0, False), (1, 0, False), (1, 1, False),
-                                                                 (1, 2, True)])
+@pytest.mark.parametrize(
+    "margin_type, fold, straight_through", [(0, 0, False), (1, 0, False), (1, 1, False), (1, 2, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_kernels_match_eager_contract(margin_type, fold, straight_through, dtype):
     raw, target, t = _row_args(dtype=dtype)
-    options = dict(scale=3.0, margin_type=margin_type, lambda_inst=1.0, lambda_elm=0.5, fold=fold,
-                   straight_through=straight_through, label_smoothing=0.1)
+    options = dict(
+        scale=3.0,
+        margin_type=margin_type,
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        fold=fold,
+        straight_through=straight_through,
+        label_smoothing=0.1,
+    )
     for reduction in REDUCTION_CODES.values():
         args = forward_args(raw, target, t, **options, reduction=reduction)
         with max_block(8):
@@ -244,11 +321,26 @@ def test_row_kernels_match_eager_contract(margin_type, fold, straight_through, d
     grad_rows = torch.rand(B, generator=g).to(DEVICE)
     projections = (torch.rand(B, generator=g).to(DEVICE), torch.rand(C, generator=g).to(DEVICE))
     for scale_grad in (False, True):
-        for upstream, denom, proj, stats in ((grad_rows, None, (None, None), False),
-                                             (torch.tensor(0.7).to(DEVICE), want[-1], projections, True)):
-            back = backward_args(raw, target, t, want[1], want[4], want[5], upstream, denom, scale=3.0,
-                                 label_smoothing=0.1, scale_grad=scale_grad, row_proj=proj[0], col_proj=proj[1],
-                                 col_stats=stats)
+        for upstream, denom, proj, stats in (
+            (grad_rows, None, (None, None), False),
+            (torch.tensor(0.7).to(DEVICE), want[-1], projections, True),
+        ):
+            back = backward_args(
+                raw,
+                target,
+                t,
+                want[1],
+                want[4],
+                want[5],
+                upstream,
+                denom,
+                scale=3.0,
+                label_smoothing=0.1,
+                scale_grad=scale_grad,
+                row_proj=proj[0],
+                col_proj=proj[1],
+                col_stats=stats,
+            )
             with max_block(8):  # several column blocks, and (B = 5) one partial block of rows
                 got_b = ROW_KERNEL.backward(*back)
             want_b = row_torch.row_backward(*back)
@@ -276,9 +368,20 @@ def test_row_kernels_without_optional_tables_and_empty_batch():
     assert empty[-1].item() == 0  # no kept row
     mean = ROW_KERNEL.forward(*forward_args(raw[:0], target[:0], reduction=REDUCTION_CODES["mean"]))
     assert mean[0].shape == () and mean[0].isnan()  # 0 / 0, as F.cross_entropy
-    grad, row_coef, col_coef, stats = ROW_KERNEL.backward(*backward_args(
-        raw[:0], target[:0], None, *empty[1:2], *empty[4:6], empty[0], None, row_proj=torch.ones(0, device=DEVICE),
-        col_proj=torch.ones(9, device=DEVICE), col_stats=True))
+    grad, row_coef, col_coef, stats = ROW_KERNEL.backward(
+        *backward_args(
+            raw[:0],
+            target[:0],
+            None,
+            *empty[1:2],
+            *empty[4:6],
+            empty[0],
+            None,
+            row_proj=torch.ones(0, device=DEVICE),
+            col_proj=torch.ones(9, device=DEVICE),
+            col_stats=True,
+        )
+    )
     assert grad.shape == (0, 9) and row_coef.shape == (0,)
     assert torch.equal(col_coef, torch.zeros(9, device=DEVICE)) and torch.equal(stats, torch.zeros(3, 9, device=DEVICE))
 
@@ -308,6 +411,7 @@ def test_bad_arguments_are_named():
 # ---------------------------------------------------------------------------------------------------
 # the forward that forms the gradient (row_forward_backward, the grad_in_forward switch)
 
+
 class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -318,8 +422,14 @@ class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-_LOW_PRECISION_FORWARD_BACKWARD = ("dbm_bs_drw", "smoothing_weighted_ignored", "elm_angular_instance", "reduction_sum",
-                                   "linear_margins_elm_smoothing", "two_classes")
+_LOW_PRECISION_FORWARD_BACKWARD = (
+    "dbm_bs_drw",
+    "smoothing_weighted_ignored",
+    "elm_angular_instance",
+    "reduction_sum",
+    "linear_margins_elm_smoothing",
+    "two_classes",
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
@@ -331,7 +441,6 @@ def test_gradient_formed_in_the_forward_is_the_row_backwards(name, dtype, monkey
     ``logit_grad`` expression; the GPU compiler may schedule the two kernels' divisions differently, so
     there within two units of the dtype's rounding). The cases' fp32 runs against the reference above take
     this path wherever it applies; this also keeps the separate backward under test on every case."""
-    from fused_margin.paths import fused
 
     if dtype != torch.float32 and name not in _LOW_PRECISION_FORWARD_BACKWARD:
         pytest.skip("the low-precision runs take a few cases (each is two interpreted steps)")
@@ -389,9 +498,19 @@ def test_forward_backward_op_writes_the_row_backwards_gradient_over_raw():
             args = forward_args(raw0, target, tables, **options, reduction=reduction)
             with max_block(8):
                 want = row_forward(*args)
-                grad = row_backward(*backward_args(raw0, target, tables, want[1], want[4], want[5],
-                                                   torch.ones((), device=DEVICE), want[6] if reduction == 1 else None,
-                                                   **options))[0]
+                grad = row_backward(
+                    *backward_args(
+                        raw0,
+                        target,
+                        tables,
+                        want[1],
+                        want[4],
+                        want[5],
+                        torch.ones((), device=DEVICE),
+                        want[6] if reduction == 1 else None,
+                        **options,
+                    )
+                )[0]
                 got = row_forward_backward(raw, *args[1:], None, None)
             for label, a, b in zip(ROW_FORWARD_OUTPUTS, got, want):
                 assert torch.equal(a.nan_to_num(), b.nan_to_num()), label
@@ -417,15 +536,32 @@ def test_forward_backward_op_writes_the_row_backwards_gradient_over_raw():
 # ---------------------------------------------------------------------------------------------------
 # the angular margin helper (it replaces acos by the angle-addition formulas)
 
+
 @triton.jit
-def _psi_kernel(c_ptr, m_ptr, dm_ptr, value_ptr, grad_ptr, n, MARGIN_TYPE: tl.constexpr, FOLD: tl.constexpr,
-                STRAIGHT_THROUGH: tl.constexpr, BLOCK: tl.constexpr):
+def _psi_kernel(
+    c_ptr,
+    m_ptr,
+    dm_ptr,
+    value_ptr,
+    grad_ptr,
+    n,
+    MARGIN_TYPE: tl.constexpr,
+    FOLD: tl.constexpr,
+    STRAIGHT_THROUGH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     c = tl.load(c_ptr + offs, mask=mask, other=0.0)
-    value, grad = target_margin(c, tl.load(m_ptr + offs, mask=mask, other=0.0),
-                                tl.load(dm_ptr + offs, mask=mask, other=0.0), 1.0, MARGIN_TYPE, FOLD,
-                                STRAIGHT_THROUGH)
+    value, grad = target_margin(
+        c,
+        tl.load(m_ptr + offs, mask=mask, other=0.0),
+        tl.load(dm_ptr + offs, mask=mask, other=0.0),
+        1.0,
+        MARGIN_TYPE,
+        FOLD,
+        STRAIGHT_THROUGH,
+    )
     tl.store(value_ptr + offs, value, mask=mask)
     tl.store(grad_ptr + offs, grad, mask=mask)
 
@@ -459,11 +595,21 @@ def test_angular_margin_accuracy(fold):
     dm = -0.2 * torch.rand(c.numel(), generator=_gen(1))
     c, m, dm = c.to(DEVICE), m.to(DEVICE), dm.to(DEVICE)
     value, grad = torch.empty_like(c), torch.empty_like(c)
-    _psi_kernel[(triton.cdiv(c.numel(), 1024),)](c, m, dm, value, grad, c.numel(), MARGIN_TYPE=1, FOLD=fold,
-                                                 STRAIGHT_THROUGH=False, BLOCK=1024)
+    _psi_kernel[(triton.cdiv(c.numel(), 1024),)](
+        c, m, dm, value, grad, c.numel(), MARGIN_TYPE=1, FOLD=fold, STRAIGHT_THROUGH=False, BLOCK=1024
+    )
     want_value, want_grad = _psi_truth(c.double(), m.double(), dm.double(), fold)
-    eager_value, eager_grad = rowmath.target_logit(c, m, dm, MarginLossSpec(
-        head="logits", input_is_cosine=True, margin_type="additive_angular", angular_fold=(None, "threshold", "easy")[fold]))
+    eager_value, eager_grad = rowmath.target_logit(
+        c,
+        m,
+        dm,
+        MarginLossSpec(
+            head="logits",
+            input_is_cosine=True,
+            margin_type="additive_angular",
+            angular_fold=(None, "threshold", "easy")[fold],
+        ),
+    )
     # away from the fold boundary, where fp32 and fp64 may take different branches
     if fold == 1:
         check = (c.double() - torch.cos(torch.pi - m.double())).abs() > 1e-6
@@ -490,10 +636,28 @@ def test_gradient_store_rounds_to_nearest_even(dtype):
     """The backward writes dL/draw rounded as ``Tensor.to`` rounds (nearest, ties to even), including
     exact ties, infinities, NaN and the largest finite values."""
     g = _gen(0)
-    ties = torch.randint(-2 ** 14, 2 ** 14, (512,), generator=g).float() * 2 ** -9 + 2 ** -17
-    x = torch.cat([torch.randn(4096, generator=g) * 10.0, ties, torch.tensor([
-        float("inf"), -float("inf"), float("nan"), 3.0e38, -3.0e38, 65519.0, 0.0, -0.0, 1.0 + 2 ** -8,
-        1.0 + 3 * 2 ** -8, 255.99])]).to(DEVICE)
+    ties = torch.randint(-(2**14), 2**14, (512,), generator=g).float() * 2**-9 + 2**-17
+    x = torch.cat(
+        [
+            torch.randn(4096, generator=g) * 10.0,
+            ties,
+            torch.tensor(
+                [
+                    float("inf"),
+                    -float("inf"),
+                    float("nan"),
+                    3.0e38,
+                    -3.0e38,
+                    65519.0,
+                    0.0,
+                    -0.0,
+                    1.0 + 2**-8,
+                    1.0 + 3 * 2**-8,
+                    255.99,
+                ]
+            ),
+        ]
+    ).to(DEVICE)
     y = torch.empty(x.shape, dtype=dtype, device=DEVICE)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     want = x.to(dtype)
@@ -504,15 +668,28 @@ def test_gradient_store_rounds_to_nearest_even(dtype):
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration and torch.compile
 
+
 def _op_args(scale_grad=True):
     raw, target, t = _row_args(B=4, C=11)
     tables = dict(t, col_shift=None, pair_perturbation=None)
     options = dict(scale=5.0, margin_type=1, lambda_inst=1.0, lambda_elm=0.5, fold=1, label_smoothing=0.1)
     forward = forward_args(raw, target, tables, **options, reduction=1)
     lse, nll, target_grad, denom = [o for i, o in enumerate(row_forward(*forward)) if i in (1, 4, 5, 6)]
-    backward = backward_args(raw, target, tables, lse, nll, target_grad, torch.tensor(0.5).to(DEVICE), denom,
-                             **options, scale_grad=scale_grad, row_proj=torch.rand(4).to(DEVICE),
-                             col_proj=torch.rand(11).to(DEVICE), col_stats=True)
+    backward = backward_args(
+        raw,
+        target,
+        tables,
+        lse,
+        nll,
+        target_grad,
+        torch.tensor(0.5).to(DEVICE),
+        denom,
+        **options,
+        scale_grad=scale_grad,
+        row_proj=torch.rand(4).to(DEVICE),
+        col_proj=torch.rand(11).to(DEVICE),
+        col_stats=True,
+    )
     return forward, backward
 
 
@@ -528,19 +705,25 @@ def test_ops_are_registered_and_pass_opcheck():
     assert torch.ops.fused_margin.triton_row_forward.default is not None
     assert torch.ops.fused_margin.triton_row_backward.default is not None
     forward, backward = _op_args()
-    for op, args in ((torch.ops.fused_margin.triton_row_forward.default, forward),
-                     (torch.ops.fused_margin.triton_row_forward.default, _with_reduction(forward, 0)),
-                     (torch.ops.fused_margin.triton_row_backward.default, backward),
-                     (torch.ops.fused_margin.triton_row_backward.default, _op_args(False)[1]),
-                     (torch.ops.fused_margin.triton_row_norms.default, (forward[0], 1e-12))):
+    for op, args in (
+        (torch.ops.fused_margin.triton_row_forward.default, forward),
+        (torch.ops.fused_margin.triton_row_forward.default, _with_reduction(forward, 0)),
+        (torch.ops.fused_margin.triton_row_backward.default, backward),
+        (torch.ops.fused_margin.triton_row_backward.default, _op_args(False)[1]),
+        (torch.ops.fused_margin.triton_row_norms.default, (forward[0], 1e-12)),
+    ):
         torch.library.opcheck(op, args)  # schema, fake kernel, autograd registration, AOT dispatch
     grad = torch.randn(5, 37, device=DEVICE)
-    torch.library.opcheck(torch.ops.fused_margin.triton_project_out_rows_.default,
-                          (grad, torch.randn(5, 37, device=DEVICE), torch.rand(5, device=DEVICE)))
+    torch.library.opcheck(
+        torch.ops.fused_margin.triton_project_out_rows_.default,
+        (grad, torch.randn(5, 37, device=DEVICE), torch.rand(5, device=DEVICE)),
+    )
     assert ROW_KERNEL.forward_backward is row_forward_backward
     for reduction in (1, 2):
-        torch.library.opcheck(torch.ops.fused_margin.triton_row_forward_backward.default,
-                              _with_reduction(forward, reduction) + (None, None))
+        torch.library.opcheck(
+            torch.ops.fused_margin.triton_row_forward_backward.default,
+            _with_reduction(forward, reduction) + (None, None),
+        )
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
@@ -553,7 +736,7 @@ def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype):
     g = _gen(11)
     grad = torch.randint(-8, 9, (37, 300), generator=g).to(dtype)
     v = torch.randint(-8, 9, (37, 300), generator=g).to(dtype)
-    proj = torch.full((37,), 2.0 ** -9)
+    proj = torch.full((37,), 2.0**-9)
     coef = -(proj * (grad.float() * v.float()).sum(1))
     for scale in (None, 2.5, -0.375):
         want = grad.float() + coef[:, None] * v.float()
@@ -563,8 +746,10 @@ def test_project_out_rows_update_is_one_fp32_multiply_add_rounded_once(dtype):
         assert torch.equal(got.cpu(), want), scale
     with pytest.raises(ValueError, match="scale must hold one value"):
         project_out_rows_(grad.clone().to(DEVICE), v.to(DEVICE), proj.to(DEVICE), torch.ones(2, device=DEVICE))
-    torch.library.opcheck(torch.ops.fused_margin.triton_project_out_rows_.default,
-                          (grad.to(DEVICE), v.to(DEVICE), proj.to(DEVICE), torch.tensor(0.5, device=DEVICE)))
+    torch.library.opcheck(
+        torch.ops.fused_margin.triton_project_out_rows_.default,
+        (grad.to(DEVICE), v.to(DEVICE), proj.to(DEVICE), torch.tensor(0.5, device=DEVICE)),
+    )
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
@@ -578,14 +763,14 @@ def test_project_out_rows_takes_its_coefficient_from_grad(dtype):
     v = torch.randn(37, 300, generator=g).to(dtype)
     grad = (30.0 * v.float() + torch.randn(37, 300, generator=g)).to(dtype)
     norms = v.float().norm(dim=1)
-    proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms ** 2)
+    proj = torch.where(torch.arange(37) % 7 == 3, 0.0, 1.0 / norms**2)
     want = grad.double() - (proj.double() * (grad.double() * v.double()).sum(1))[:, None] * v.double()
     got = project_out(grad.clone().to(DEVICE), v.to(DEVICE), proj.to(DEVICE)).cpu()
     assert torch.equal(got[3], grad[3]) and torch.equal(got[10], grad[10])
     eps = torch.finfo(dtype).eps
     assert (got.double() - want).abs().max() <= 2 * eps * want.abs().max() + 1e-4 * eps * grad.double().abs().max()
     radial = (got.double() * v.double()).sum(1) / norms.double()
-    bound = 2 * eps * got.double().norm(dim=1) * 300 ** 0.5 + 8 * 2 ** -24 * grad.double().norm(dim=1) * 300 ** 0.5
+    bound = 2 * eps * got.double().norm(dim=1) * 300**0.5 + 8 * 2**-24 * grad.double().norm(dim=1) * 300**0.5
     kept = proj != 0
     assert (radial[kept].abs() <= bound[kept]).all()
 
@@ -607,7 +792,9 @@ def test_ops_coexist_with_the_cxx_extension():
     module imported it), the extension first in a fresh interpreter."""
     import subprocess
     import sys
+
     from fused_margin.backends import extension
+
     if not extension.is_built():
         pytest.skip(f"the C++ extension is not built: {extension.BUILD_ERROR}")
     check = _COEXIST_CHECK.replace("{device}", DEVICE)
@@ -625,12 +812,22 @@ def test_kernels_compile_for_sm90():
     in a fresh interpreter without TRITON_INTERPRET); prints each variant's registers and spills."""
     import subprocess
     import sys
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, os.path.join("tests", "helpers", "sm90_compile.py")], capture_output=True,
-                            text=True, timeout=600, cwd=root, env=env)
-    if result.returncode != 0 and ("No module named 'triton" in result.stderr or "ptxas" in result.stderr.lower()
-                                   and "not found" in result.stderr.lower()):
+    result = subprocess.run(
+        [sys.executable, os.path.join("tests", "helpers", "sm90_compile.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env=env,
+    )
+    if result.returncode != 0 and (
+        "No module named 'triton" in result.stderr
+        or "ptxas" in result.stderr.lower()
+        and "not found" in result.stderr.lower()
+    ):
         pytest.skip(f"Triton cannot compile for sm_90 here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sm90 compile ok" in result.stdout
@@ -641,6 +838,7 @@ def test_the_fused_path_pads_the_class_stride():
     """What makes the launches above see a row stride divisible by 16: the GEMM writes raw into a buffer with
     the class stride padded (no copy), and the backward's dL/draw gets the same stride."""
     from fused_margin.paths import fused
+
     x, w = torch.randn(3, 8).to(DEVICE), torch.randn(8142, 8).to(DEVICE)
     raw = fused.class_padded_mm(x, w)
     assert raw.shape == (3, 8142) and raw.stride() == (8144, 1)
@@ -652,8 +850,9 @@ def test_the_fused_path_pads_the_class_stride():
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph(compile_backend):
     torch._dynamo.reset()
-    case = make_case("cosine", B=4, C=13, seed=4, margins=DBM_MARGINS, margin_type="additive_angular",
-                     lambda_inst=1.0, offset=True)
+    case = make_case(
+        "cosine", B=4, C=13, seed=4, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, offset=True
+    )
     x = case["tensors"]["input"].float().to(DEVICE)
     w = case["tensors"]["weight"].float().to(DEVICE)
     margins = case["tensors"]["class_margins"].float().to(DEVICE)
@@ -661,8 +860,17 @@ def test_torch_compile_fullgraph(compile_backend):
     target = case["target"].to(DEVICE)
 
     def loss_fn(x, w):
-        return fm.margin_cross_entropy(x, target, w, class_margins=margins, logit_offset=offset, scale=30.0,
-                                       margin_type="additive_angular", lambda_inst=1.0, backend="triton")
+        return fm.margin_cross_entropy(
+            x,
+            target,
+            w,
+            class_margins=margins,
+            logit_offset=offset,
+            scale=30.0,
+            margin_type="additive_angular",
+            lambda_inst=1.0,
+            backend="triton",
+        )
 
     compiled = torch.compile(loss_fn, backend=compile_backend, fullgraph=True)
     results = []
@@ -678,26 +886,49 @@ def test_torch_compile_fullgraph(compile_backend):
 # ---------------------------------------------------------------------------------------------------
 # GPU: larger shapes, no host syncs, inductor
 
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["dbm_hard", "dbm_bs_drw", "elm_angular_instance", "smoothing_weighted_ignored",
-                                  "marc_grads", "offset_pair_grads", "linear_marc", "logits_cosine_dbm",
-                                  "dbm_fold_threshold", "reduction_none"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dbm_hard",
+        "dbm_bs_drw",
+        "elm_angular_instance",
+        "smoothing_weighted_ignored",
+        "marc_grads",
+        "offset_pair_grads",
+        "linear_marc",
+        "logits_cosine_dbm",
+        "dbm_fold_threshold",
+        "reduction_none",
+    ],
+)
 def test_cuda_large_shapes(name, dtype):
     options = dict(CASES[name])
     head = options.pop("head", "cosine")
     options.pop("ignored", None)
-    case = make_case(head, B=256, C=8142, D=256, seed=_seed(name), ignored=tuple(range(0, 256, 17)),
-                     **options)
+    case = make_case(head, B=256, C=8142, D=256, seed=_seed(name), ignored=tuple(range(0, 256, 17)), **options)
     compare(case, dtype=dtype, block=1 << 20)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("num_classes", [2, 1000, 100_003])
 def test_cuda_class_counts(num_classes):
-    case = make_case("cosine", B=64, C=num_classes, D=128, seed=1, margins=DBM_MARGINS,
-                     margin_type="additive_angular", lambda_inst=1.0, lambda_elm=0.5, label_smoothing=0.1,
-                     weights=True, ignored=(3, 7))
+    case = make_case(
+        "cosine",
+        B=64,
+        C=num_classes,
+        D=128,
+        seed=1,
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        label_smoothing=0.1,
+        weights=True,
+        ignored=(3, 7),
+    )
     compare(case, block=1 << 20)
 
 
@@ -713,8 +944,10 @@ def test_cuda_row_kernels_make_no_host_sync():
     both = forward_args(raw.clone(), target, dict(t, pair_perturbation=None), **options, reduction=1) + (None, None)
     grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     project = (grad, torch.randn_like(grad), proj["row_proj"], torch.tensor(2.0, device="cuda"))
-    backwards = [backward_args(raw, target, t, out[1], out[4], out[5], out[0], out[6], **options,
-                               scale_grad=scale_grad, **proj) for scale_grad in (False, True)]
+    backwards = [
+        backward_args(raw, target, t, out[1], out[4], out[5], out[0], out[6], **options, scale_grad=scale_grad, **proj)
+        for scale_grad in (False, True)
+    ]
     for backward in backwards:
         ROW_KERNEL.backward(*backward)
     ROW_KERNEL.norms(raw, 1e-12)

@@ -4,6 +4,7 @@ DRW's epoch switch, the cosine classifier, dtype/device moves of the modules' bu
 Inputs are float64, which every backend computes with the reference, so the comparisons are exact up to
 the float32 rounding of the modules' tables.
 """
+
 import math
 
 import pytest
@@ -23,6 +24,7 @@ RTOL, ATOL = 1e-6, 1e-7
 
 # ---- the tables, by hand -------------------------------------------------------------------------------
 
+
 def hand_dbm_margins(K=0.1, tau=1.0, ref=None):
     ref = min(COUNTS) if ref is None else ref
     return torch.tensor([K * (ref / n) ** tau for n in COUNTS], dtype=F64)
@@ -34,7 +36,7 @@ def hand_log_prior(tau=1.0):
 
 
 def hand_cb(beta):
-    raw = [(1 - beta) / (1 - beta ** n) for n in COUNTS]
+    raw = [(1 - beta) / (1 - beta**n) for n in COUNTS]
     return torch.tensor([r * NC / sum(raw) for r in raw], dtype=F64)
 
 
@@ -43,6 +45,7 @@ def hand_ldam(max_m=0.5):
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------
+
 
 def cos_inputs(seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -77,16 +80,31 @@ def ref(*args, **kwargs):
 
 # ---- DBM -------------------------------------------------------------------------------------------------
 
-DBM_EXTRA = {"ce": {}, "bs": {"logit_offset": hand_log_prior()}, "cb": {"class_weight": hand_cb(0.9999)},
-             "drw": {"class_weight": torch.ones(NC, dtype=F64)}}  # DRW at epoch 0: beta = 0
+DBM_EXTRA = {
+    "ce": {},
+    "bs": {"logit_offset": hand_log_prior()},
+    "cb": {"class_weight": hand_cb(0.9999)},
+    "drw": {"class_weight": torch.ones(NC, dtype=F64)},
+}  # DRW at epoch 0: beta = 0
 
 
 @pytest.mark.parametrize("variant", ["ce", "bs", "cb", "drw"])
 def test_dbm_module_and_function_equal_the_loss_with_hand_tables(variant):
     K, tau, s = 0.2, 0.8, 16.0
     z, target = cos_inputs()
-    expected = loss_and_grads(ref(z, target, input_is_cosine=True, scale=s, class_margins=hand_dbm_margins(K, tau),
-                                  margin_type="additive_angular", lambda_inst=1.0, **DBM_EXTRA[variant]), [z])
+    expected = loss_and_grads(
+        ref(
+            z,
+            target,
+            input_is_cosine=True,
+            scale=s,
+            class_margins=hand_dbm_margins(K, tau),
+            margin_type="additive_angular",
+            lambda_inst=1.0,
+            **DBM_EXTRA[variant],
+        ),
+        [z],
+    )
     module = fm.DBMLoss(COUNTS, variant=variant, K=K, tau=tau, scale=s)
     assert_same(loss_and_grads(module(z, target), [z]), expected)
     functional = fm.dbm_loss(z, target, class_counts=COUNTS, variant=variant, K=K, tau=tau, scale=s)
@@ -97,8 +115,15 @@ def test_dbm_margin_ref_last_uses_the_last_class():
     counts = [300, 2, 80, 20, 6]  # unsorted: min is class 1, last is class 4
     z, target = cos_inputs()
     margins = torch.tensor([0.1 * 6 / n for n in counts], dtype=F64)
-    expected = ref(z, target, input_is_cosine=True, scale=30.0, class_margins=margins,
-                   margin_type="additive_angular", lambda_inst=1.0)
+    expected = ref(
+        z,
+        target,
+        input_is_cosine=True,
+        scale=30.0,
+        class_margins=margins,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+    )
     got = fm.DBMLoss(counts, margin_ref="last")(z, target)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     assert not torch.isclose(fm.DBMLoss(counts, margin_ref="min")(z, target), got)
@@ -106,8 +131,16 @@ def test_dbm_margin_ref_last_uses_the_last_class():
 
 def test_dbm_hard_mode_and_lambda_pass_through():
     z, target = cos_inputs()
-    expected = ref(z, target, input_is_cosine=True, scale=30.0, class_margins=hand_dbm_margins(),
-                   margin_type="additive_angular", lambda_inst=2.0, hard_mode="all")
+    expected = ref(
+        z,
+        target,
+        input_is_cosine=True,
+        scale=30.0,
+        class_margins=hand_dbm_margins(),
+        margin_type="additive_angular",
+        lambda_inst=2.0,
+        hard_mode="all",
+    )
     got = fm.DBMLoss(COUNTS, lambda_inst=2.0, hard_mode="all")(z, target)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
 
@@ -115,10 +148,25 @@ def test_dbm_hard_mode_and_lambda_pass_through():
 def test_set_epoch_switches_the_drw_weights_at_160():
     z, target = cos_inputs()
     module = fm.DBMLoss(COUNTS, variant="drw")
-    plain = ref(z, target, input_is_cosine=True, scale=30.0, class_margins=hand_dbm_margins(),
-                margin_type="additive_angular", lambda_inst=1.0)
-    weighted = ref(z, target, input_is_cosine=True, scale=30.0, class_margins=hand_dbm_margins(),
-                   margin_type="additive_angular", lambda_inst=1.0, class_weight=hand_cb(0.9999))
+    plain = ref(
+        z,
+        target,
+        input_is_cosine=True,
+        scale=30.0,
+        class_margins=hand_dbm_margins(),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+    )
+    weighted = ref(
+        z,
+        target,
+        input_is_cosine=True,
+        scale=30.0,
+        class_margins=hand_dbm_margins(),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        class_weight=hand_cb(0.9999),
+    )
     for epoch in (0, 100, 159):
         module.set_epoch(epoch)
         torch.testing.assert_close(module(z, target), plain, rtol=RTOL, atol=ATOL)
@@ -128,10 +176,12 @@ def test_set_epoch_switches_the_drw_weights_at_160():
         torch.testing.assert_close(module(z, target), weighted, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(module.class_weight.double(), hand_cb(0.9999), rtol=RTOL, atol=ATOL)
     # the functional form takes the epoch directly
-    torch.testing.assert_close(fm.dbm_loss(z, target, class_counts=COUNTS, variant="drw", epoch=160), weighted,
-                               rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(fm.dbm_loss(z, target, class_counts=COUNTS, variant="drw", epoch=159), plain,
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        fm.dbm_loss(z, target, class_counts=COUNTS, variant="drw", epoch=160), weighted, rtol=RTOL, atol=ATOL
+    )
+    torch.testing.assert_close(
+        fm.dbm_loss(z, target, class_counts=COUNTS, variant="drw", epoch=159), plain, rtol=RTOL, atol=ATOL
+    )
 
 
 def test_set_epoch_custom_schedule_and_other_variants():
@@ -182,8 +232,9 @@ def test_ldam_drw_module_with_class_weight():
 
 def test_elm_module_and_function():
     z, target = cos_inputs()
-    expected = loss_and_grads(ref(z, target, input_is_cosine=True, scale=30.0, class_margins=hand_ldam(),
-                                  lambda_elm=0.5), [z])
+    expected = loss_and_grads(
+        ref(z, target, input_is_cosine=True, scale=30.0, class_margins=hand_ldam(), lambda_elm=0.5), [z]
+    )
     assert_same(loss_and_grads(fm.ELMLoss(COUNTS, lambda_elm=0.5)(z, target), [z]), expected)
     assert_same(loss_and_grads(fm.elm_loss(z, target, class_counts=COUNTS, lambda_elm=0.5), [z]), expected)
 
@@ -191,16 +242,27 @@ def test_elm_module_and_function():
 @pytest.mark.parametrize("fold", [None, "threshold", "easy"])
 def test_arcface_module_and_function(fold):
     x, w, target = feature_inputs()
-    expected = loss_and_grads(ref(x, target, w, scale=64.0, class_margins=torch.full((NC,), 0.5, dtype=F64),
-                                  margin_type="additive_angular", angular_fold=fold), [x, w])
+    expected = loss_and_grads(
+        ref(
+            x,
+            target,
+            w,
+            scale=64.0,
+            class_margins=torch.full((NC,), 0.5, dtype=F64),
+            margin_type="additive_angular",
+            angular_fold=fold,
+        ),
+        [x, w],
+    )
     assert_same(loss_and_grads(fm.ArcFaceLoss(angular_fold=fold)(x, target, weight=w), [x, w]), expected)
     assert_same(loss_and_grads(fm.arcface_loss(x, target, w, angular_fold=fold), [x, w]), expected)
 
 
 def test_cosface_module_and_function():
     z, target = cos_inputs()
-    expected = loss_and_grads(ref(z, target, input_is_cosine=True, scale=30.0,
-                                  class_margins=torch.full((NC,), 0.2, dtype=F64)), [z])
+    expected = loss_and_grads(
+        ref(z, target, input_is_cosine=True, scale=30.0, class_margins=torch.full((NC,), 0.2, dtype=F64)), [z]
+    )
     assert_same(loss_and_grads(fm.CosFaceLoss(margin=0.2, scale=30.0)(z, target), [z]), expected)
     assert_same(loss_and_grads(fm.cosface_loss(z, target, margin=0.2, scale=30.0), [z]), expected)
 
@@ -242,8 +304,9 @@ def test_margin_loss_forward_passes_extra_options():
     z, target = cos_inputs()
     pert = torch.randn(B, NC, generator=torch.Generator().manual_seed(4), dtype=F64)
     module = fm.MarginLoss(class_margins=hand_ldam(), scale=5.0, reduction="none")
-    expected = ref(z, target, input_is_cosine=True, scale=5.0, class_margins=hand_ldam(), pair_perturbation=pert,
-                   reduction="none")
+    expected = ref(
+        z, target, input_is_cosine=True, scale=5.0, class_margins=hand_ldam(), pair_perturbation=pert, reduction="none"
+    )
     torch.testing.assert_close(module(z, target, pair_perturbation=pert), expected, rtol=RTOL, atol=ATOL)
     loss, aux = module(z, target, return_aux=True)
     assert aux.pred.tolist() == z.argmax(1).tolist()
@@ -262,8 +325,13 @@ def test_cosine_classifier_returns_cosines_and_has_linear_layout():
     assert head.weight.shape == (NC, D)
     torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(NC, dtype=F64))  # published init
     x = torch.randn(B, D, dtype=F64)
-    expected = torch.tensor([[sum(a * b for a, b in zip(xi, wj)) / (math.hypot(*xi) * math.hypot(*wj))
-                              for wj in head.weight.tolist()] for xi in x.tolist()], dtype=F64)
+    expected = torch.tensor(
+        [
+            [sum(a * b for a, b in zip(xi, wj)) / (math.hypot(*xi) * math.hypot(*wj)) for wj in head.weight.tolist()]
+            for xi in x.tolist()
+        ],
+        dtype=F64,
+    )
     torch.testing.assert_close(head(x), expected)
 
 
@@ -301,10 +369,18 @@ def test_dbm_module_to_float64(variant):
     assert module(z, target).dtype == F64
 
 
-@pytest.mark.parametrize("make", [
-    lambda: fm.DBMLoss(COUNTS, variant="drw"), lambda: fm.DBMLoss(COUNTS, variant="bs"), lambda: fm.LDAMLoss(COUNTS),
-    lambda: fm.ELMLoss(COUNTS), lambda: fm.BalancedSoftmaxLoss(COUNTS), lambda: fm.LogitAdjustedLoss(COUNTS),
-], ids=["DBM-drw", "DBM-bs", "LDAM", "ELM", "BS", "LA"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fm.DBMLoss(COUNTS, variant="drw"),
+        lambda: fm.DBMLoss(COUNTS, variant="bs"),
+        lambda: fm.LDAMLoss(COUNTS),
+        lambda: fm.ELMLoss(COUNTS),
+        lambda: fm.BalancedSoftmaxLoss(COUNTS),
+        lambda: fm.LogitAdjustedLoss(COUNTS),
+    ],
+    ids=["DBM-drw", "DBM-bs", "LDAM", "ELM", "BS", "LA"],
+)
 def test_module_buffers_follow_device_moves(make):
     """The "meta" device stands in for a GPU: every table moves, and DRW's switch stays there."""
     module = make().to("meta")
@@ -319,8 +395,14 @@ def test_constant_margin_modules_build_their_table_on_the_input_device_and_dtype
     z, target = cos_inputs()
     loss = fm.ArcFaceLoss(margin=0.3, scale=8.0)(z, target)
     assert loss.dtype == F64
-    expected = ref(z, target, input_is_cosine=True, scale=8.0, class_margins=torch.full((NC,), 0.3, dtype=F64),
-                   margin_type="additive_angular")
+    expected = ref(
+        z,
+        target,
+        input_is_cosine=True,
+        scale=8.0,
+        class_margins=torch.full((NC,), 0.3, dtype=F64),
+        margin_type="additive_angular",
+    )
     torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
 
 

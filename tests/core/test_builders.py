@@ -1,4 +1,5 @@
 """Tables built from class counts (docs/loss.md section 6), each against an independent math/numpy computation."""
+
 import math
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_ldam_margins(max_m):
 def test_ldam_margins_default_dtype_and_max():
     margins = fm.ldam_margins([100, 10, 1])
     assert margins.dtype == torch.float32
-    close(margins.double(), [0.5 * 100 ** -0.25, 0.5 * 10 ** -0.25, 0.5], rtol=1e-7)
+    close(margins.double(), [0.5 * 100**-0.25, 0.5 * 10**-0.25, 0.5], rtol=1e-7)
 
 
 @pytest.mark.parametrize("K,tau", [(0.1, 1.0), (0.3, 0.5)])
@@ -50,8 +51,12 @@ def test_dbm_class_margins_last_vs_min():
     close(smallest, [0.2 * 5 / 50, 0.2, 0.2 * 5 / 20])
     # on counts sorted head to tail the two agree
     sorted_counts = [50, 20, 5]
-    torch.testing.assert_close(fm.dbm_class_margins(sorted_counts, margin_ref="last"),
-                               fm.dbm_class_margins(sorted_counts, margin_ref="min"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        fm.dbm_class_margins(sorted_counts, margin_ref="last"),
+        fm.dbm_class_margins(sorted_counts, margin_ref="min"),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_log_prior():
@@ -65,7 +70,7 @@ def test_log_prior():
 def test_class_balanced_weights(beta):
     """Cui et al.: (1 - beta) / (1 - beta^n_y), normalised to sum to C."""
     weights = fm.class_balanced_weights(COUNTS, beta=beta, dtype=torch.float64)
-    raw = [(1 - beta) / (1 - beta ** n) for n in COUNTS]
+    raw = [(1 - beta) / (1 - beta**n) for n in COUNTS]
     close(weights, [r * len(COUNTS) / sum(raw) for r in raw])
     assert weights.sum().item() == pytest.approx(len(COUNTS), rel=1e-12)
     assert all(a < b for a, b in zip(weights.tolist(), weights.tolist()[1:]))  # rarer classes weigh more
@@ -84,7 +89,7 @@ def test_class_balanced_weights_float32_sum():
 def test_drw_switches_at_the_step():
     """LDAM-DRW: beta = betas[epoch // step], default (0, 0.9999), step 160."""
     ones = torch.ones(4, dtype=torch.float64)
-    cb = [(1 - 0.9999) / (1 - 0.9999 ** n) for n in COUNTS]
+    cb = [(1 - 0.9999) / (1 - 0.9999**n) for n in COUNTS]
     cb = [w * 4 / sum(cb) for w in cb]
     for epoch in (0, 1, 159):
         torch.testing.assert_close(fm.drw_weights(COUNTS, epoch, dtype=torch.float64), ones, rtol=0, atol=0)
@@ -95,22 +100,23 @@ def test_drw_switches_at_the_step():
 def test_drw_custom_schedule():
     betas, step = (0.0, 0.9, 0.99), 10
     for epoch, beta in ((9, 0.0), (10, 0.9), (19, 0.9), (20, 0.99), (35, 0.99)):
-        raw = [(1 - beta) / (1 - beta ** n) for n in COUNTS] if beta else [1.0] * 4
-        close(fm.drw_weights(COUNTS, epoch, betas=betas, step=step, dtype=torch.float64),
-              [r * 4 / sum(raw) for r in raw])
+        raw = [(1 - beta) / (1 - beta**n) for n in COUNTS] if beta else [1.0] * 4
+        close(
+            fm.drw_weights(COUNTS, epoch, betas=betas, step=step, dtype=torch.float64), [r * 4 / sum(raw) for r in raw]
+        )
 
 
 @pytest.mark.parametrize("gamma", [1.2, 0.5])
 def test_marc_weights(gamma):
     """MARC's U_y = C n_y^-gamma / sum_j n_j^-gamma."""
     weights = fm.marc_weights(COUNTS, gamma=gamma, dtype=torch.float64)
-    inv = [n ** -gamma for n in COUNTS]
+    inv = [n**-gamma for n in COUNTS]
     close(weights, [len(COUNTS) * v / sum(inv) for v in inv])
     assert weights.sum().item() == pytest.approx(len(COUNTS), rel=1e-12)
 
 
 def test_marc_weights_default_gamma():
-    inv = [n ** -1.2 for n in COUNTS]
+    inv = [n**-1.2 for n in COUNTS]
     close(fm.marc_weights(COUNTS).double(), [4 * v / sum(inv) for v in inv], rtol=1e-6)
 
 
@@ -160,13 +166,17 @@ def test_long_tailed_counts_never_below_one():
     assert counts.min().item() == 1
 
 
-@pytest.mark.parametrize("counts", [
-    [500, 120, 37, 9],
-    np.array([500, 120, 37, 9]),
-    torch.tensor([500, 120, 37, 9]),
-    torch.tensor([500.0, 120.0, 37.0, 9.0], dtype=torch.float64),
-    (500, 120, 37, 9),
-], ids=["list", "numpy", "int_tensor", "float_tensor", "tuple"])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [500, 120, 37, 9],
+        np.array([500, 120, 37, 9]),
+        torch.tensor([500, 120, 37, 9]),
+        torch.tensor([500.0, 120.0, 37.0, 9.0], dtype=torch.float64),
+        (500, 120, 37, 9),
+    ],
+    ids=["list", "numpy", "int_tensor", "float_tensor", "tuple"],
+)
 def test_counts_in_any_container(counts):
     assert builders.as_class_counts(counts).tolist() == [500.0, 120.0, 37.0, 9.0]
     close(fm.ldam_margins(counts, dtype=torch.float64), [0.5 * (9 / n) ** 0.25 for n in COUNTS])
@@ -174,8 +184,13 @@ def test_counts_in_any_container(counts):
 
 def test_builders_cast_at_the_end():
     """Computed in float64 then cast: the float32 table equals the float64 one rounded."""
-    for build in (fm.ldam_margins, fm.log_prior, fm.class_balanced_weights, fm.marc_weights,
-                  lambda c, dtype: fm.dbm_class_margins(c, dtype=dtype)):
+    for build in (
+        fm.ldam_margins,
+        fm.log_prior,
+        fm.class_balanced_weights,
+        fm.marc_weights,
+        lambda c, dtype: fm.dbm_class_margins(c, dtype=dtype),
+    ):
         wide = build(COUNTS, dtype=torch.float64)
         narrow = build(COUNTS, dtype=torch.float32)
         assert narrow.dtype == torch.float32

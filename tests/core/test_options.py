@@ -1,5 +1,6 @@
 """The option registry (fused_margin/core/options.py): one entry per scalar option, from which the spec, the
 keyword checks, the docstrings and the kernels' argument packing derive."""
+
 import dataclasses
 import inspect
 import os
@@ -51,19 +52,22 @@ def test_an_unknown_option_is_named():
         fm.LDAMLoss([10, 5, 2], lable_smoothing=0.1)
 
 
-@pytest.mark.parametrize("name, value, error, message", [
-    ("scale", -1.0, ValueError, "scale must be > 0, got -1.0"),
-    ("scale", float("nan"), ValueError, "scale must be finite"),
-    ("scale", "30", TypeError, "scale must be a real number"),
-    ("scale", True, TypeError, "scale must be a real number"),
-    ("lambda_inst", -0.5, ValueError, "lambda_inst must be >= 0"),
-    ("label_smoothing", 1.5, ValueError, r"label_smoothing must be in \[0, 1\]"),
-    ("ignore_index", 1.5, TypeError, "ignore_index must be an int"),
-    ("ignore_index", 2 ** 63, ValueError, "ignore_index must fit in int64"),
-    ("margin_type", "arc", ValueError, "margin_type must be one of"),
-    ("reduction", "avg", ValueError, "reduction must be one of"),
-    ("input_is_cosine", 1, TypeError, "input_is_cosine must be a bool"),
-])
+@pytest.mark.parametrize(
+    "name, value, error, message",
+    [
+        ("scale", -1.0, ValueError, "scale must be > 0, got -1.0"),
+        ("scale", float("nan"), ValueError, "scale must be finite"),
+        ("scale", "30", TypeError, "scale must be a real number"),
+        ("scale", True, TypeError, "scale must be a real number"),
+        ("lambda_inst", -0.5, ValueError, "lambda_inst must be >= 0"),
+        ("label_smoothing", 1.5, ValueError, r"label_smoothing must be in \[0, 1\]"),
+        ("ignore_index", 1.5, TypeError, "ignore_index must be an int"),
+        ("ignore_index", 2**63, ValueError, "ignore_index must fit in int64"),
+        ("margin_type", "arc", ValueError, "margin_type must be one of"),
+        ("reduction", "avg", ValueError, "reduction must be one of"),
+        ("input_is_cosine", 1, TypeError, "input_is_cosine must be a bool"),
+    ],
+)
 def test_each_option_is_checked_by_its_entry(name, value, error, message):
     with pytest.raises(error, match=message):
         MarginLossSpec(**{name: value})
@@ -76,9 +80,19 @@ def test_options_take_numpy_and_0d_tensor_scalars():
 
 
 def test_pack_unpack_and_decode_round_trip():
-    spec = MarginLossSpec(head="cosine", scale=16.0, margin_type="additive_angular", lambda_inst=0.5,
-                          hard_mode="all", lambda_elm=0.25, angular_fold="threshold", margin_grad="straight_through",
-                          label_smoothing=0.1, ignore_index=-3, reduction="sum")
+    spec = MarginLossSpec(
+        head="cosine",
+        scale=16.0,
+        margin_type="additive_angular",
+        lambda_inst=0.5,
+        hard_mode="all",
+        lambda_elm=0.25,
+        angular_fold="threshold",
+        margin_grad="straight_through",
+        label_smoothing=0.1,
+        ignore_index=-3,
+        reduction="sum",
+    )
     floats, ints = spec.kernel_options()
     assert len(floats) == len(options.KERNEL_FLOATS) and len(ints) == len(options.KERNEL_INTS)
     assert options.decode(floats, ints) == {o.name: getattr(spec, o.name) for o in options.OPTIONS if o.kernel}
@@ -93,8 +107,17 @@ def test_triton_arguments_per_kernel():
     values = options.unpack(*MarginLossSpec(scale=2.0, hard_mode="all", label_smoothing=0.2).kernel_options())
     forward = options.triton_arguments(values, "forward")
     backward = options.triton_arguments(values, "backward")
-    assert forward == dict(scale=2.0, MARGIN_TYPE=0, lambda_inst=0.0, HARD_ALL=True, lambda_elm=0.0, FOLD=0,
-                           STRAIGHT_THROUGH=False, label_smoothing=0.2, ignore_index=-100)
+    assert forward == dict(
+        scale=2.0,
+        MARGIN_TYPE=0,
+        lambda_inst=0.0,
+        HARD_ALL=True,
+        lambda_elm=0.0,
+        FOLD=0,
+        STRAIGHT_THROUGH=False,
+        label_smoothing=0.2,
+        ignore_index=-100,
+    )
     assert backward == dict(scale=2.0, label_smoothing=0.2, ignore_index=-100)
 
 
@@ -104,13 +127,13 @@ def test_the_c_header_names_every_kernel_option_and_slot():
         assert f"{arg.c_type} {arg.name};" in header and f"= {i}" in header
     for arg in options.KERNEL_INTS:
         assert f"{arg.c_type} {arg.name};" in header
-    assert "kNumRowTables = 7" in header and "kMarginTypeNames[] = {{\"additive_cosine\", 0}" in header
+    assert "kNumRowTables = 7" in header and 'kMarginTypeNames[] = {{"additive_cosine", 0}' in header
 
 
-_DUMMY = '''
+_DUMMY = """
     Option("margin_offset", "real", 0.0, "a constant added to every target margin.",
            kernel=KernelArg("margin_offset", "float", "float", float, triton="margin_offset")),
-'''
+"""
 
 _CHECK_DUMMY = r"""
 import dataclasses, inspect
@@ -141,22 +164,25 @@ def test_a_new_option_changes_the_registry_and_no_schema(tmp_path):
     checks, the kernel vectors, the Triton arguments and the C++ header, while the row ops' schemas stay as
     they are. Its math then goes where the loss uses it (CONTRIBUTING.md)."""
     package = tmp_path / "fused_margin"
-    shutil.copytree(os.path.join(ROOT, "fused_margin"), package,
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "csrc"))
+    shutil.copytree(
+        os.path.join(ROOT, "fused_margin"), package, ignore=shutil.ignore_patterns("*.so", "__pycache__", "csrc")
+    )
     registry = package / "core" / "options.py"
     text = registry.read_text()
-    anchor = '    Option("reduction", "choice", "mean",'
+    anchor = "OPTIONS: Tuple[Option, ...] = (\n"
     assert text.count(anchor) == 1
-    registry.write_text(text.replace(anchor, _DUMMY.strip("\n") + "\n" + anchor))
+    registry.write_text(text.replace(anchor, anchor + _DUMMY.strip("\n") + "\n"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path), FUSED_MARGIN_NO_EXT="1")
-    result = subprocess.run([sys.executable, "-c", _CHECK_DUMMY], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", _CHECK_DUMMY], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"{ROW_FORWARD_ARGS} {ROW_BACKWARD_ARGS}"
 
 
 def test_the_switches_are_one_documented_config():
     from fused_margin.config import CONFIG
+
     assert (CONFIG.grad_in_forward, CONFIG.sync_checks) == (True, False)
     with fm.config(grad_in_forward=False) as current:
         assert current.grad_in_forward is False and CONFIG.grad_in_forward is False

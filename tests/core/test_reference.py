@@ -8,6 +8,7 @@
   after the scale, DRW's weighted-mean divisor);
 * no NaN/inf at cosines of exactly +-1 or on an all-zero feature row.
 """
+
 import math
 
 import pytest
@@ -82,16 +83,27 @@ def test_margins_off_equals_cross_entropy(head, weighted, label_smoothing, ignor
     cw = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=F64) if weighted else None
     scale = 3.0 if head == "cosine" else 1.0
 
-    loss = mce(x, target, w, bias=b, head=ref_head, scale=scale, class_weight=cw, reduction=reduction,
-               ignore_index=ii, label_smoothing=label_smoothing)
+    loss = mce(
+        x,
+        target,
+        w,
+        bias=b,
+        head=ref_head,
+        scale=scale,
+        class_weight=cw,
+        reduction=reduction,
+        ignore_index=ii,
+        label_smoothing=label_smoothing,
+    )
     if head == "logits":
         logits = x
     elif head == "cosine":
         logits = scale * F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
     else:
         logits = F.linear(x, w, b)
-    expected = F.cross_entropy(logits, target, weight=cw, reduction=reduction, ignore_index=ii,
-                               label_smoothing=label_smoothing)
+    expected = F.cross_entropy(
+        logits, target, weight=cw, reduction=reduction, ignore_index=ii, label_smoothing=label_smoothing
+    )
     assert loss.dtype == F64 and loss.shape == expected.shape
     assert_close(loss, expected)
 
@@ -146,8 +158,16 @@ def test_dbm_two_class_worked_by_hand():
     loss1 = lse([s * 0.1, t1]) - t1
 
     z = t64(cos, grad=True)
-    loss, aux = mce(z, labels([0, 1]), input_is_cosine=True, scale=s, class_margins=t64(m),
-                    margin_type="additive_angular", lambda_inst=lam, return_aux=True)
+    loss, aux = mce(
+        z,
+        labels([0, 1]),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64(m),
+        margin_type="additive_angular",
+        lambda_inst=lam,
+        return_aux=True,
+    )
     assert_close(loss, (loss0 + loss1) / 2)
     assert aux.pred.tolist() == [1, 1]
     assert aux.hard.tolist() == [True, False]
@@ -168,8 +188,17 @@ def test_dbm_all_mode_applies_the_instance_margin_to_easy_rows():
     cos = [[0.1, 0.7]]
     M = 0.3 * (1.0 + lam * (1.0 - 0.7) / 2.0)
     t = s * math.cos(math.acos(0.7) + M)
-    loss, aux = mce(t64(cos), labels([1]), input_is_cosine=True, scale=s, class_margins=t64(m),
-                    margin_type="additive_angular", lambda_inst=lam, hard_mode="all", return_aux=True)
+    loss, aux = mce(
+        t64(cos),
+        labels([1]),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64(m),
+        margin_type="additive_angular",
+        lambda_inst=lam,
+        hard_mode="all",
+        return_aux=True,
+    )
     assert_close(loss, lse([s * 0.1, t]) - t)
     assert aux.hard.tolist() == [True]
 
@@ -204,8 +233,7 @@ def test_elm_by_hand():
         logits = [s * c for c in row]
         logits[label] = s * (row[label] - LDAM_M[label] + lam * LDAM_M[wrong])
         expected += lse(logits) - logits[label]
-    loss = fm.elm_loss(t64(cos), labels(y), class_counts=LT_COUNTS, lambda_elm=lam, scale=s,
-                       backend="reference")
+    loss = fm.elm_loss(t64(cos), labels(y), class_counts=LT_COUNTS, lambda_elm=lam, scale=s, backend="reference")
     assert_close(loss, expected / 3, rtol=1e-6)
 
 
@@ -231,15 +259,18 @@ def test_arcface_by_hand(fold):
         logits = [s * c for c in row]
         logits[label] = s * _arc_psi(row[label], fold)
         expected += lse(logits) - logits[label]
-    loss = fm.arcface_loss(t64(ARC_COS), labels(ARC_Y), margin=ARC_M, scale=s, angular_fold=fold,
-                           backend="reference")
+    loss = fm.arcface_loss(t64(ARC_COS), labels(ARC_Y), margin=ARC_M, scale=s, angular_fold=fold, backend="reference")
     assert_close(loss, expected / 3, rtol=1e-6)
 
 
 def test_arcface_folds_differ_where_they_should():
     s = 8.0
-    per_row = {fold: fm.arcface_loss(t64(ARC_COS), labels(ARC_Y), margin=ARC_M, scale=s, angular_fold=fold,
-                                     reduction="none", backend="reference") for fold in (None, "threshold", "easy")}
+    per_row = {
+        fold: fm.arcface_loss(
+            t64(ARC_COS), labels(ARC_Y), margin=ARC_M, scale=s, angular_fold=fold, reduction="none", backend="reference"
+        )
+        for fold in (None, "threshold", "easy")
+    }
     assert torch.equal(per_row[None][0], per_row["threshold"][0])
     assert torch.equal(per_row[None][0], per_row["easy"][0])
     assert not torch.isclose(per_row[None][1], per_row["threshold"][1])  # -0.95 is folded
@@ -254,8 +285,7 @@ def test_cosface_by_hand():
         logits = [s * c for c in row]
         logits[label] = s * (row[label] - m)
         expected += lse(logits) - logits[label]
-    loss = fm.cosface_loss(t64(ARC_COS), labels(ARC_Y), margin=m, scale=s, reduction="sum",
-                           backend="reference")
+    loss = fm.cosface_loss(t64(ARC_COS), labels(ARC_Y), margin=m, scale=s, reduction="sum", backend="reference")
     assert_close(loss, expected, rtol=1e-6)
 
 
@@ -293,8 +323,9 @@ def test_dbm_balanced_softmax_by_hand():
         logits = [s * c + a for c, a in zip(row, logp)]
         logits[label] = s * math.cos(math.acos(row[label]) + M) + logp[label]
         expected += lse(logits) - logits[label]
-    loss = fm.dbm_loss(t64(cos), labels(y), class_counts=counts, variant="bs", K=K, tau=tau, scale=s,
-                       backend="reference")
+    loss = fm.dbm_loss(
+        t64(cos), labels(y), class_counts=counts, variant="bs", K=K, tau=tau, scale=s, backend="reference"
+    )
     assert_close(loss, expected / 2, rtol=1e-6)
 
 
@@ -307,8 +338,9 @@ def test_logit_adjustment_by_hand():
     for row, label in zip(z, y):
         logits = [v + a for v, a in zip(row, offs)]
         losses.append(lse(logits) - logits[label])
-    loss = fm.logit_adjusted_loss(t64(z), labels(y), class_counts=LT_COUNTS, tau=tau, reduction="none",
-                                  backend="reference")
+    loss = fm.logit_adjusted_loss(
+        t64(z), labels(y), class_counts=LT_COUNTS, tau=tau, reduction="none", backend="reference"
+    )
     assert_close(loss, losses, rtol=1e-6)
 
 
@@ -327,8 +359,9 @@ def test_marc_affine_linear_head_by_hand():
             z = row[0] * wj[0] + row[1] * wj[1] + bj
             logits.append(oj * z + betaj * math.hypot(*wj))
         expected.append(lse(logits) - logits[label])
-    loss = mce(t64(x), labels(y), t64(W), bias=t64(b), head="linear", omega=t64(omega), beta=t64(beta),
-               reduction="none")
+    loss = mce(
+        t64(x), labels(y), t64(W), bias=t64(b), head="linear", omega=t64(omega), beta=t64(beta), reduction="none"
+    )
     assert_close(loss, expected)
 
 
@@ -350,8 +383,9 @@ def test_marc_affine_cosine_head_with_margin_by_hand():
         logits = [s * v for v in zp]
         logits[label] = s * (zp[label] - m[label])
         expected.append(lse(logits) - logits[label])
-    loss = mce(t64(x), labels(y), t64(W), scale=s, class_margins=t64(m), omega=t64(omega), beta=t64(beta),
-               reduction="none")
+    loss = mce(
+        t64(x), labels(y), t64(W), scale=s, class_margins=t64(m), omega=t64(omega), beta=t64(beta), reduction="none"
+    )
     assert_close(loss, expected)
 
 
@@ -398,8 +432,7 @@ def test_drw_weighted_mean_divides_by_the_kept_rows_weights():
         num += w[label] * (lse(logits) - logits[label])
         den += w[label]
     assert not math.isclose(den, 3.0)
-    loss = fm.ldam_loss(t64(cos), labels(y), class_counts=LT_COUNTS, scale=s, class_weight=t64(w),
-                        backend="reference")
+    loss = fm.ldam_loss(t64(cos), labels(y), class_counts=LT_COUNTS, scale=s, class_weight=t64(w), backend="reference")
     assert_close(loss, num / den, rtol=1e-6)
 
 
@@ -420,8 +453,17 @@ def test_hard_positive_argmax_is_taken_before_the_offset():
     """Offset [-5, 0] would move the argmax to the label; the hard flag must come from the cosines."""
     s, m = 4.0, [0.2, 0.2]
     cos, offs = [[0.5, 0.4]], [-5.0, 0.0]
-    loss, aux = mce(t64(cos), labels([1]), input_is_cosine=True, scale=s, class_margins=t64(m),
-                    margin_type="additive_angular", lambda_inst=1.0, logit_offset=t64(offs), return_aux=True)
+    loss, aux = mce(
+        t64(cos),
+        labels([1]),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64(m),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        logit_offset=t64(offs),
+        return_aux=True,
+    )
     assert aux.pred.tolist() == [0] and aux.hard.tolist() == [True]
     assert_close(loss, _dbm_row_loss(cos[0], 1, 0.2, s, hard=True, offsets=offs))
 
@@ -429,16 +471,34 @@ def test_hard_positive_argmax_is_taken_before_the_offset():
 def test_hard_positive_argmax_is_taken_before_the_pair_perturbation():
     cos = [[0.5, 0.4, 0.1]]
     pert = t64([[-5.0, 0.0, 0.0]])
-    _, aux = mce(t64(cos), labels([1]), input_is_cosine=True, scale=4.0, class_margins=t64([0.2] * 3),
-                 margin_type="additive_angular", lambda_inst=1.0, pair_perturbation=pert, return_aux=True)
+    _, aux = mce(
+        t64(cos),
+        labels([1]),
+        input_is_cosine=True,
+        scale=4.0,
+        class_margins=t64([0.2] * 3),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        pair_perturbation=pert,
+        return_aux=True,
+    )
     assert aux.pred.tolist() == [0] and aux.hard.tolist() == [True]
 
 
 def test_hard_positive_argmax_is_taken_after_the_marc_affine():
     """omega = [0.5, 1] turns cosines [0.5, 0.4] into [0.25, 0.4]: label 1 is then the argmax (easy)."""
     s, m = 4.0, [0.2, 0.2]
-    loss, aux = mce(t64([[0.5, 0.4]]), labels([1]), input_is_cosine=True, scale=s, class_margins=t64(m),
-                    margin_type="additive_angular", lambda_inst=1.0, omega=t64([0.5, 1.0]), return_aux=True)
+    loss, aux = mce(
+        t64([[0.5, 0.4]]),
+        labels([1]),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64(m),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        omega=t64([0.5, 1.0]),
+        return_aux=True,
+    )
     assert aux.pred.tolist() == [1] and aux.hard.tolist() == [False]
     assert_close(loss, _dbm_row_loss([0.25, 0.4], 1, 0.2, s, hard=False))
 
@@ -447,8 +507,17 @@ def test_hard_positive_exact_tie_goes_to_the_first_index():
     """Cosines [0.5, 0.5, 0.1]: argmax is class 0, so label 1 is hard and label 0 is easy."""
     s, m = 4.0, [0.3, 0.2, 0.1]
     cos = [[0.5, 0.5, 0.1], [0.5, 0.5, 0.1]]
-    loss, aux = mce(t64(cos), labels([1, 0]), input_is_cosine=True, scale=s, class_margins=t64(m),
-                    margin_type="additive_angular", lambda_inst=1.0, reduction="none", return_aux=True)
+    loss, aux = mce(
+        t64(cos),
+        labels([1, 0]),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64(m),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        reduction="none",
+        return_aux=True,
+    )
     assert aux.pred.tolist() == [0, 0]
     assert aux.hard.tolist() == [True, False]
     assert_close(loss, [_dbm_row_loss(cos[0], 1, 0.2, s, hard=True), _dbm_row_loss(cos[1], 0, 0.3, s, hard=False)])
@@ -474,8 +543,15 @@ def test_pair_perturbation_target_entry_is_ignored():
 
 def test_ignored_rows_report_unmargined_side_outputs():
     z = t64([[0.3, 0.8, -0.2], [0.2, 0.1, 0.0]])
-    loss, aux = mce(z, labels([-100, 0]), input_is_cosine=True, scale=2.0, class_margins=t64([0.2] * 3),
-                    reduction="none", return_aux=True)
+    loss, aux = mce(
+        z,
+        labels([-100, 0]),
+        input_is_cosine=True,
+        scale=2.0,
+        class_margins=t64([0.2] * 3),
+        reduction="none",
+        return_aux=True,
+    )
     assert loss[0].item() == 0.0
     assert aux.hard.tolist() == [False, False]
     assert aux.pred.tolist() == [1, 0]
@@ -495,15 +571,19 @@ OPTIONS = {
     "angular_margin": dict(scale=3.0, class_margins=True, margin_type="additive_angular"),
     "instance_hard_cosine": dict(scale=3.0, class_margins=True, lambda_inst=1.5),
     "instance_hard_angular": dict(scale=3.0, class_margins=True, margin_type="additive_angular", lambda_inst=1.5),
-    "instance_all_angular": dict(scale=3.0, class_margins=True, margin_type="additive_angular", lambda_inst=1.5,
-                                 hard_mode="all"),
+    "instance_all_angular": dict(
+        scale=3.0, class_margins=True, margin_type="additive_angular", lambda_inst=1.5, hard_mode="all"
+    ),
     "elm": dict(scale=3.0, class_margins=True, lambda_elm=0.7),
-    "elm_angular_instance": dict(scale=3.0, class_margins=True, margin_type="additive_angular", lambda_inst=1.0,
-                                 lambda_elm=0.5),
-    "fold_threshold": dict(scale=3.0, class_margins=True, margin_type="additive_angular",
-                           angular_fold="threshold", lambda_inst=1.0),
-    "fold_easy": dict(scale=3.0, class_margins=True, margin_type="additive_angular", angular_fold="easy",
-                      lambda_inst=1.0),
+    "elm_angular_instance": dict(
+        scale=3.0, class_margins=True, margin_type="additive_angular", lambda_inst=1.0, lambda_elm=0.5
+    ),
+    "fold_threshold": dict(
+        scale=3.0, class_margins=True, margin_type="additive_angular", angular_fold="threshold", lambda_inst=1.0
+    ),
+    "fold_easy": dict(
+        scale=3.0, class_margins=True, margin_type="additive_angular", angular_fold="easy", lambda_inst=1.0
+    ),
     "logit_offset": dict(scale=3.0, class_margins=True, logit_offset=True),
     "pair_perturbation": dict(scale=3.0, class_margins=True, pair_perturbation=True),
     "marc": dict(scale=3.0, class_margins=True, omega=True, beta=True),
@@ -511,9 +591,21 @@ OPTIONS = {
     "class_weight": dict(scale=3.0, class_margins=True, class_weight=True),
     "label_smoothing": dict(scale=3.0, class_margins=True, label_smoothing=0.2),
     "ignore_index": dict(scale=3.0, class_margins=True, ignore=True),
-    "everything": dict(scale=3.0, class_margins=True, margin_type="additive_angular", lambda_inst=1.0,
-                       lambda_elm=0.5, angular_fold="threshold", logit_offset=True, pair_perturbation=True,
-                       omega=True, beta=True, class_weight=True, label_smoothing=0.1, ignore=True),
+    "everything": dict(
+        scale=3.0,
+        class_margins=True,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        angular_fold="threshold",
+        logit_offset=True,
+        pair_perturbation=True,
+        omega=True,
+        beta=True,
+        class_weight=True,
+        label_smoothing=0.1,
+        ignore=True,
+    ),
 }
 TABLE_FLAGS = ("class_margins", "logit_offset", "pair_perturbation", "omega", "beta", "class_weight", "ignore")
 
@@ -600,8 +692,12 @@ def gradcheck_case(head, option, loss_fn, reduction="mean"):
     assert_away_from_switches(base_scores_of(x, target, weight, bias, kwargs, tables), target, kwargs, tables)
 
     trainable = {"logit_offset", "pair_perturbation", "omega", "beta"}
-    names = ["input"] + (["weight"] if weight is not None else []) + (["bias"] if bias is not None else []) \
+    names = (
+        ["input"]
+        + (["weight"] if weight is not None else [])
+        + (["bias"] if bias is not None else [])
         + [k for k in tables if k in trainable]
+    )
     leaves = [x] + [t for t in (weight, bias) if t is not None] + [tables[k] for k in names if k in trainable]
     leaves = [t.clone().requires_grad_() for t in leaves]
     fixed = {k: v for k, v in tables.items() if k not in trainable}
@@ -622,8 +718,12 @@ def reference_loss(x, target, weight, bias, kwargs, tables):
 HEADS = ["cosine", "linear", "logits"]
 
 
-GRADCHECK_CASES = [(head, option) for head in HEADS for option in OPTIONS
-                   if not (head == "linear" and OPTIONS[option].get("margin_type") == "additive_angular")]
+GRADCHECK_CASES = [
+    (head, option)
+    for head in HEADS
+    for option in OPTIONS
+    if not (head == "linear" and OPTIONS[option].get("margin_type") == "additive_angular")
+]
 
 
 @pytest.mark.parametrize("head,option", GRADCHECK_CASES, ids=[f"{h}-{o}" for h, o in GRADCHECK_CASES])
@@ -643,8 +743,9 @@ def test_gradcheck_reductions(head, reduction):
 
 @pytest.mark.parametrize("head", HEADS)
 def test_pair_perturbation_target_entries_get_no_gradient(head):
-    x, target, weight, bias, kwargs, tables = make_case(head, OPTIONS["everything"] | {
-        "margin_type": "additive_cosine", "angular_fold": None})
+    x, target, weight, bias, kwargs, tables = make_case(
+        head, OPTIONS["everything"] | {"margin_type": "additive_cosine", "angular_fold": None}
+    )
     pert = tables["pair_perturbation"].requires_grad_()
     loss = reference_loss(x, target, weight, bias, dict(kwargs, head=head), tables)
     (grad,) = torch.autograd.grad(loss, pert)
@@ -664,8 +765,16 @@ def test_straight_through_gradient_is_s_times_the_softmax_gradient(margin_type):
     cos = [[0.2, 0.6, -0.1], [0.1, 0.2, 0.7], [-0.3, 0.4, 0.1]]
     y = [0, 2, 1]
     z = t64(cos, grad=True)
-    loss = mce(z, labels(y), input_is_cosine=True, scale=s, class_margins=t64(m), margin_type=margin_type,
-               lambda_inst=lam, margin_grad="straight_through")
+    loss = mce(
+        z,
+        labels(y),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64(m),
+        margin_type=margin_type,
+        lambda_inst=lam,
+        margin_grad="straight_through",
+    )
     (grad,) = torch.autograd.grad(loss, z)
 
     logits = []
@@ -685,13 +794,22 @@ def test_straight_through_psi_has_unit_derivative():
     c = t64([-0.9, -0.2, 0.3, 0.95], grad=True)
     M = t64([0.5, 0.5, 0.5, 0.5])
     for fold in (None, "threshold", "easy"):
-        spec = MarginLossSpec(head="logits", input_is_cosine=True, margin_type="additive_angular",
-                              angular_fold=fold, margin_grad="straight_through")
+        spec = MarginLossSpec(
+            head="logits",
+            input_is_cosine=True,
+            margin_type="additive_angular",
+            angular_fold=fold,
+            margin_grad="straight_through",
+        )
         value, grad = rowmath.target_logit(c, M, torch.zeros_like(M), spec)
         (d,) = torch.autograd.grad(value.sum(), c)
         assert torch.equal(d, torch.ones_like(d)) and torch.equal(grad, torch.ones_like(grad))
-        exact, _ = rowmath.target_logit(c, M, torch.zeros_like(M), MarginLossSpec(
-            head="logits", input_is_cosine=True, margin_type="additive_angular", angular_fold=fold))
+        exact, _ = rowmath.target_logit(
+            c,
+            M,
+            torch.zeros_like(M),
+            MarginLossSpec(head="logits", input_is_cosine=True, margin_type="additive_angular", angular_fold=fold),
+        )
         assert_close(value, exact, rtol=0, atol=1e-15)
 
 
@@ -699,8 +817,12 @@ def test_straight_through_psi_has_unit_derivative():
 # 5. No NaN/inf at cosines of exactly +-1 and on all-zero rows
 # ---------------------------------------------------------------------------------------------------
 
-MARGIN_CONFIGS = [("additive_cosine", None), ("additive_angular", None), ("additive_angular", "threshold"),
-                  ("additive_angular", "easy")]
+MARGIN_CONFIGS = [
+    ("additive_cosine", None),
+    ("additive_angular", None),
+    ("additive_angular", "threshold"),
+    ("additive_angular", "easy"),
+]
 
 
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
@@ -710,17 +832,31 @@ def test_no_nan_cosine_head_parallel_antiparallel_zero(margin_type, fold, margin
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(4, 3, generator=gen, dtype=dtype)
     weight[3] = 0.0  # an all-zero class row too
-    x = torch.stack([2.0 * weight[0],  # cos(x, W_0) = +1, target 0
-                     -3.0 * weight[1],  # cos(x, W_1) = -1, target 1
-                     torch.zeros(3, dtype=dtype),  # all-zero feature row
-                     weight[2],  # parallel to a non-target class
-                     -weight[0]])
+    x = torch.stack(
+        [
+            2.0 * weight[0],  # cos(x, W_0) = +1, target 0
+            -3.0 * weight[1],  # cos(x, W_1) = -1, target 1
+            torch.zeros(3, dtype=dtype),  # all-zero feature row
+            weight[2],  # parallel to a non-target class
+            -weight[0],
+        ]
+    )
     target = labels([0, 1, 2, 0, 0])
     x.requires_grad_()
     weight.requires_grad_()
-    loss = mce(x, target, weight, scale=16.0, class_margins=torch.tensor([0.5, 0.3, 0.2, 0.1], dtype=dtype),
-               margin_type=margin_type, angular_fold=fold, margin_grad=margin_grad, lambda_inst=1.0,
-               lambda_elm=0.5, label_smoothing=0.1)
+    loss = mce(
+        x,
+        target,
+        weight,
+        scale=16.0,
+        class_margins=torch.tensor([0.5, 0.3, 0.2, 0.1], dtype=dtype),
+        margin_type=margin_type,
+        angular_fold=fold,
+        margin_grad=margin_grad,
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        label_smoothing=0.1,
+    )
     gx, gw = torch.autograd.grad(loss, (x, weight))
     assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
     cos = F.normalize(x.detach(), dim=1) @ F.normalize(weight.detach(), dim=1).t()
@@ -733,9 +869,18 @@ def test_no_nan_cosine_head_parallel_antiparallel_zero(margin_type, fold, margin
 def test_no_nan_logits_head_at_plus_minus_one(margin_type, fold, margin_grad, dtype):
     z = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, -1.0]], dtype=dtype)
     z.requires_grad_()
-    loss = mce(z, labels([0, 0, 2, 2]), input_is_cosine=True, scale=32.0,
-               class_margins=torch.tensor([0.5, 0.4, 0.3], dtype=dtype), margin_type=margin_type,
-               angular_fold=fold, margin_grad=margin_grad, lambda_inst=1.0, lambda_elm=0.5)
+    loss = mce(
+        z,
+        labels([0, 0, 2, 2]),
+        input_is_cosine=True,
+        scale=32.0,
+        class_margins=torch.tensor([0.5, 0.4, 0.3], dtype=dtype),
+        margin_type=margin_type,
+        angular_fold=fold,
+        margin_grad=margin_grad,
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+    )
     (grad,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
@@ -745,8 +890,14 @@ def test_angular_target_at_plus_one_keeps_its_margin():
     s, m = 2.0, 0.5
     theta = math.acos(1.0 - ACOS_CLAMP)
     logits = [s * math.cos(theta + m), s * 0.0]
-    loss = mce(t64([[1.0, 0.0]]), labels([0]), input_is_cosine=True, scale=s, class_margins=t64([m, m]),
-               margin_type="additive_angular")
+    loss = mce(
+        t64([[1.0, 0.0]]),
+        labels([0]),
+        input_is_cosine=True,
+        scale=s,
+        class_margins=t64([m, m]),
+        margin_type="additive_angular",
+    )
     assert_close(loss, lse(logits) - logits[0])
 
 
@@ -758,4 +909,3 @@ def test_reference_loss_dtypes():
     loss_h, aux_h = mce(zh, labels([0, 1]), return_aux=True)
     assert loss_h.dtype == torch.float32 and aux_h.pred.dtype == torch.int64 and aux_h.hard.dtype == torch.bool
     torch.testing.assert_close(loss_h, F.cross_entropy(zh.float(), labels([0, 1])))
-

@@ -1,11 +1,11 @@
 """Bad input (docs/loss.md section 6) raises a clear ValueError/TypeError naming the bad argument: one test per case."""
+
 import math
 
 import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin.core import builders
 
 B, D, C = 4, 3, 5
 
@@ -169,12 +169,20 @@ def test_class_norms_without_beta():
 # ---- devices (the "meta" device stands in for a second device) ---------------------------------------
 
 
-@pytest.mark.parametrize("name", ["weight", "bias", "class_margins", "logit_offset", "class_weight", "omega",
-                                  "beta", "pair_perturbation"])
+@pytest.mark.parametrize(
+    "name", ["weight", "bias", "class_margins", "logit_offset", "class_weight", "omega", "beta", "pair_perturbation"]
+)
 def test_device_mismatch(name):
-    values = {"weight": class_weights(), "bias": torch.zeros(C), "class_margins": torch.zeros(C),
-              "logit_offset": torch.zeros(C), "class_weight": torch.ones(C), "omega": torch.ones(C),
-              "beta": torch.zeros(C), "pair_perturbation": torch.zeros(B, C)}
+    values = {
+        "weight": class_weights(),
+        "bias": torch.zeros(C),
+        "class_margins": torch.zeros(C),
+        "logit_offset": torch.zeros(C),
+        "class_weight": torch.ones(C),
+        "omega": torch.ones(C),
+        "beta": torch.zeros(C),
+        "pair_perturbation": torch.zeros(B, C),
+    }
     extra = {name: values[name].to("meta")}
     if name == "bias":
         extra["head"] = "linear"
@@ -205,30 +213,50 @@ def test_fewer_than_two_classes_feature_head():
         call(weight=torch.randn(1, D), target=torch.zeros(B, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("build", [fm.ldam_margins, fm.dbm_class_margins, fm.log_prior, fm.class_balanced_weights,
-                                   fm.marc_weights, lambda c: fm.drw_weights(c, 0)],
-                         ids=["ldam", "dbm", "log_prior", "cb", "marc", "drw"])
-@pytest.mark.parametrize("counts,message", [
-    ([], "class_counts is empty"),
-    ([10], "class_counts must have at least 2 classes, got 1"),
-    ([10, 0, 3], r"class_counts must be > 0 for every class; class 1 has 0"),
-    ([10, 5, -3], r"class_counts must be > 0 for every class; class 2 has -3"),
-    ([10, math.nan], "class_counts must be finite"),
-    ([10, math.inf], "class_counts must be finite"),
-    ([[10, 5], [3, 2]], "class_counts must be 1-D"),
-    ("abc", "class_counts must be a sequence of numbers"),
-], ids=["empty", "one_class", "zero", "negative", "nan", "inf", "two_d", "string"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        fm.ldam_margins,
+        fm.dbm_class_margins,
+        fm.log_prior,
+        fm.class_balanced_weights,
+        fm.marc_weights,
+        lambda c: fm.drw_weights(c, 0),
+    ],
+    ids=["ldam", "dbm", "log_prior", "cb", "marc", "drw"],
+)
+@pytest.mark.parametrize(
+    "counts,message",
+    [
+        ([], "class_counts is empty"),
+        ([10], "class_counts must have at least 2 classes, got 1"),
+        ([10, 0, 3], r"class_counts must be > 0 for every class; class 1 has 0"),
+        ([10, 5, -3], r"class_counts must be > 0 for every class; class 2 has -3"),
+        ([10, math.nan], "class_counts must be finite"),
+        ([10, math.inf], "class_counts must be finite"),
+        ([[10, 5], [3, 2]], "class_counts must be 1-D"),
+        ("abc", "class_counts must be a sequence of numbers"),
+    ],
+    ids=["empty", "one_class", "zero", "negative", "nan", "inf", "two_d", "string"],
+)
 def test_bad_counts(build, counts, message):
     with pytest.raises((ValueError, TypeError), match=message):
         build(counts)
 
 
-@pytest.mark.parametrize("make", [
-    lambda c: fm.DBMLoss(c), lambda c: fm.LDAMLoss(c), lambda c: fm.ELMLoss(c), lambda c: fm.BalancedSoftmaxLoss(c),
-    lambda c: fm.LogitAdjustedLoss(c),
-    lambda c: fm.dbm_loss(cosines(), good_target(), class_counts=c),
-    lambda c: fm.ldam_loss(cosines(), good_target(), class_counts=c),
-], ids=["DBMLoss", "LDAMLoss", "ELMLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "dbm_loss", "ldam_loss"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: fm.DBMLoss(c),
+        lambda c: fm.LDAMLoss(c),
+        lambda c: fm.ELMLoss(c),
+        lambda c: fm.BalancedSoftmaxLoss(c),
+        lambda c: fm.LogitAdjustedLoss(c),
+        lambda c: fm.dbm_loss(cosines(), good_target(), class_counts=c),
+        lambda c: fm.ldam_loss(cosines(), good_target(), class_counts=c),
+    ],
+    ids=["DBMLoss", "LDAMLoss", "ELMLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "dbm_loss", "ldam_loss"],
+)
 def test_bad_counts_through_the_api(make):
     with pytest.raises(ValueError, match="class_counts must be > 0"):
         make([10, 0, 3, 4, 5])
@@ -262,13 +290,16 @@ def test_non_finite_loss_hyperparameter(name, value):
         call(**{name: value})
 
 
-@pytest.mark.parametrize("name,value,message", [
-    ("scale", 0.0, "scale must be > 0"),
-    ("scale", -2.0, "scale must be > 0"),
-    ("lambda_inst", -1.0, "lambda_inst must be >= 0"),
-    ("label_smoothing", 1.5, r"label_smoothing must be in \[0, 1\]"),
-    ("label_smoothing", -0.1, r"label_smoothing must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("scale", 0.0, "scale must be > 0"),
+        ("scale", -2.0, "scale must be > 0"),
+        ("lambda_inst", -1.0, "lambda_inst must be >= 0"),
+        ("label_smoothing", 1.5, r"label_smoothing must be in \[0, 1\]"),
+        ("label_smoothing", -0.1, r"label_smoothing must be in \[0, 1\]"),
+    ],
+)
 def test_out_of_range_loss_hyperparameter(name, value, message):
     with pytest.raises(ValueError, match=message):
         call(**{name: value})
@@ -343,30 +374,35 @@ def test_non_finite_constant_margin_functional(preset, value):
 @pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
 def test_non_finite_logit_adjustment_tau_functional(value):
     with pytest.raises(ValueError, match="tau must be a finite number"):
-        fm.logit_adjusted_loss(cosines(), good_target(), class_counts=[10, 5, 2, 2, 1], tau=value,
-                               backend="reference")
+        fm.logit_adjusted_loss(cosines(), good_target(), class_counts=[10, 5, 2, 2, 1], tau=value, backend="reference")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(epoch=-1), "epoch must be an int >= 0"),
-    (dict(epoch=1.5), "epoch must be an int >= 0"),
-    (dict(epoch=0, step=0), "step must be an int > 0"),
-    (dict(epoch=0, betas=()), "betas is empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(epoch=-1), "epoch must be an int >= 0"),
+        (dict(epoch=1.5), "epoch must be an int >= 0"),
+        (dict(epoch=0, step=0), "step must be an int > 0"),
+        (dict(epoch=0, betas=()), "betas is empty"),
+    ],
+)
 def test_bad_drw_schedule(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fm.drw_weights([10, 5, 2], **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(num_classes=1, n_max=10, imbalance=10.0), "num_classes must be an int >= 2"),
-    (dict(num_classes=5, n_max=0, imbalance=10.0), "n_max must be an int >= 1"),
-    (dict(num_classes=5, n_max=10, imbalance=0.5), "imbalance must be >= 1"),
-    (dict(num_classes=5, n_max=10, imbalance=math.inf), "imbalance must be a finite number"),
-    (dict(num_classes=5, n_max=10, imbalance=10.0, profile="zipf"), "profile must be 'exp', 'step' or 'pareto'"),
-    (dict(num_classes=5, n_max=10, imbalance=10.0, profile="step", step_fraction=1.0), "step_fraction"),
-    (dict(num_classes=5, n_max=10, imbalance=10.0, profile="pareto", pareto_alpha=0.0), "pareto_alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_classes=1, n_max=10, imbalance=10.0), "num_classes must be an int >= 2"),
+        (dict(num_classes=5, n_max=0, imbalance=10.0), "n_max must be an int >= 1"),
+        (dict(num_classes=5, n_max=10, imbalance=0.5), "imbalance must be >= 1"),
+        (dict(num_classes=5, n_max=10, imbalance=math.inf), "imbalance must be a finite number"),
+        (dict(num_classes=5, n_max=10, imbalance=10.0, profile="zipf"), "profile must be 'exp', 'step' or 'pareto'"),
+        (dict(num_classes=5, n_max=10, imbalance=10.0, profile="step", step_fraction=1.0), "step_fraction"),
+        (dict(num_classes=5, n_max=10, imbalance=10.0, profile="pareto", pareto_alpha=0.0), "pareto_alpha"),
+    ],
+)
 def test_bad_long_tailed_counts(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fm.long_tailed_counts(**kwargs)
@@ -375,10 +411,17 @@ def test_bad_long_tailed_counts(kwargs, message):
 # ---- unknown options ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,value", [
-    ("reduction", "avg"), ("margin_type", "multiplicative_angular"), ("head", "softmax"),
-    ("hard_mode", "soft"), ("angular_fold", "clip"), ("margin_grad", "detach"),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("reduction", "avg"),
+        ("margin_type", "multiplicative_angular"),
+        ("head", "softmax"),
+        ("hard_mode", "soft"),
+        ("angular_fold", "clip"),
+        ("margin_grad", "detach"),
+    ],
+)
 def test_unknown_option(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be one of .*got '{value}'"):
         call(**{name: value})

@@ -18,14 +18,14 @@ Where the two backends' tests differ, the harness takes a parameter: the ``devic
 tests/conftest.py puts this directory on ``sys.path`` and registers this module for assertion rewriting, so the
 test modules import it as ``kernel_cases``.
 """
+
 import contextlib
 import zlib
 
 import torch
 
-from fused_margin.config import CONFIG
-
 import fused_margin as fm
+from fused_margin.config import CONFIG
 from fused_margin.core import reference
 from fused_margin.core.options import vectors
 from fused_margin.core.spec import LossTables, MarginLossSpec, row_tables
@@ -37,6 +37,7 @@ FP32_RTOL = 1e-5
 
 # ---------------------------------------------------------------------------------------------------
 # cases: fp64 master tensors, labels, options and the names that get gradients
+
 
 def _seed(name, modulus):
     """A named case's seed: crc32 of its name mod ``modulus``. The Triton tests have drawn their data with
@@ -53,8 +54,24 @@ def _uniform(shape, lo, hi, g):
     return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
 
 
-def make_case(head="cosine", *, B=6, C=37, D=8, seed=0, scale=30.0, margins=None, offset=False, pair=False,
-              weights=False, bias=False, marc=False, ignored=(), grads=(), **options):
+def make_case(
+    head="cosine",
+    *,
+    B=6,
+    C=37,
+    D=8,
+    seed=0,
+    scale=30.0,
+    margins=None,
+    offset=False,
+    pair=False,
+    weights=False,
+    bias=False,
+    marc=False,
+    ignored=(),
+    grads=(),
+    **options,
+):
     """A case: ``head`` cosine/linear (features and class weights) or logits (``input_is_cosine`` when
     ``options`` says so); ``margins`` a (lo, hi) range of class margins; ``grads`` the extra leaves
     (beyond the input and weight) that require grad."""
@@ -99,14 +116,42 @@ def forward_args(raw, target, tables=None, **values):
     return raw, target, row_tables(**(tables or {})), floats, ints
 
 
-def backward_args(raw, target, tables, lse, nll, target_grad, grad_rows, denom, *, scale_grad=True, row_proj=None,
-                  col_proj=None, col_stats=False, **values):
+def backward_args(
+    raw,
+    target,
+    tables,
+    lse,
+    nll,
+    target_grad,
+    grad_rows,
+    denom,
+    *,
+    scale_grad=True,
+    row_proj=None,
+    col_proj=None,
+    col_stats=False,
+    **values,
+):
     """A row op's backward arguments (the contract's order) from named tables (``class_margins`` is
     ignored) and the kernels' option values."""
     floats, ints = vectors(**values)
     tables = {k: v for k, v in (tables or {}).items() if k != "class_margins"}
-    return (raw, target, row_tables(**tables), lse, nll, target_grad, grad_rows, denom, floats, ints, scale_grad,
-            row_proj, col_proj, col_stats)
+    return (
+        raw,
+        target,
+        row_tables(**tables),
+        lse,
+        nll,
+        target_grad,
+        grad_rows,
+        denom,
+        floats,
+        ints,
+        scale_grad,
+        row_proj,
+        col_proj,
+        col_stats,
+    )
 
 
 def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", context=contextlib.nullcontext):
@@ -116,15 +161,18 @@ def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", con
     (B = 12, D = 16, C = 37, one ignored row; the cosine head with angular margins at scale 30, the linear
     head with cosine margins at scale 1), its gradients taken twice over one graph: equal bit for bit (a
     saved dL/draw is read, not consumed). ``context()`` holds each run."""
-    from fused_margin.paths import fused
 
     g = _gen(5)
     x0, w0 = torch.randn(12, 16, generator=g), torch.randn(37, 16, generator=g)
     y = torch.randint(0, 37, (12,), generator=g)
     y[4] = -100
-    options = dict(head=head, scale=30.0 if head == "cosine" else 1.0, backend=backend,
-                   class_margins=torch.linspace(0.1, 0.5, 37).to(device),
-                   margin_type="additive_angular" if head == "cosine" else "additive_cosine")
+    options = dict(
+        head=head,
+        scale=30.0 if head == "cosine" else 1.0,
+        backend=backend,
+        class_margins=torch.linspace(0.1, 0.5, 37).to(device),
+        margin_type="additive_angular" if head == "cosine" else "additive_cosine",
+    )
     for upstream in (1.0, 2.5, -0.125):
         grads = {}
         for flag in (True, False):
@@ -140,7 +188,7 @@ def check_upstream_gradient(backend, dtype, head, monkeypatch, device="cpu", con
             grads[flag] = first
         for a, b in zip(grads[True], grads[False]):
             scale = b.float().abs().max().item()
-            tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+            tol = 1e-6 if dtype == torch.float32 else 2**-7
             assert (a.float() - b.float()).abs().max().item() <= tol * scale, (upstream, head, dtype)
 
 
@@ -164,8 +212,9 @@ def evaluate(case, backend, dtype, device="cpu", run_dtype=None, context=context
     input_, weight = kwargs.pop("input"), kwargs.pop("weight", None)
     target = case["target"].to(device)
     with context():
-        loss, aux = fm.margin_cross_entropy(input_, target, weight, **kwargs, **case["options"],
-                                            backend=backend, return_aux=True)
+        loss, aux = fm.margin_cross_entropy(
+            input_, target, weight, **kwargs, **case["options"], backend=backend, return_aux=True
+        )
         upstream = torch.ones_like(loss) if loss.dim() == 0 else _upstream(loss.shape[0]).to(loss)
         grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
     out = {"loss": loss.detach(), "lse": aux.lse, "pred": aux.pred, "hard": aux.hard}
@@ -185,6 +234,7 @@ def _base_scores(case, leaves):
 
 # ---------------------------------------------------------------------------------------------------
 # comparisons
+
 
 def _finite_parts(name, actual, truth):
     actual, truth = actual.detach().double().cpu(), truth.detach().double().cpu()
@@ -220,8 +270,9 @@ def assert_within_reference_error(name, actual, ref_same_dtype, truth, factor=1.
     err, size = _max_err(actual, truth_a)
     ref_err, _ = _max_err(ref, truth_r)
     size = max(size, size_at_least)
-    assert err <= factor * ref_err + floor * size + 1e-30, \
+    assert err <= factor * ref_err + floor * size + 1e-30, (
         f"{name}: error {err:.3g} > {factor:g} x the reference's own error {ref_err:.3g} + {floor:g} x {size:.3g}"
+    )
 
 
 def assert_pred_hard(got, truth, case, gap):
@@ -273,69 +324,129 @@ CASES = {
     "arcface": dict(margins=(0.5, 0.5), scale=64.0, margin_type="additive_angular"),
     "dbm_hard": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0),
     "dbm_all": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, hard_mode="all"),
-    "dbm_fold_threshold": dict(margins=(0.8, 2.6), margin_type="additive_angular", lambda_inst=0.7,
-                               angular_fold="threshold", hard_mode="all"),
-    "dbm_fold_easy": dict(margins=(0.2, 0.6), margin_type="additive_angular", lambda_inst=1.0,
-                          angular_fold="easy"),
-    "dbm_straight_through": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                 margin_grad="straight_through"),
-    "dbm_bs_drw": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, offset=True,
-                       weights=True),
+    "dbm_fold_threshold": dict(
+        margins=(0.8, 2.6), margin_type="additive_angular", lambda_inst=0.7, angular_fold="threshold", hard_mode="all"
+    ),
+    "dbm_fold_easy": dict(margins=(0.2, 0.6), margin_type="additive_angular", lambda_inst=1.0, angular_fold="easy"),
+    "dbm_straight_through": dict(
+        margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, margin_grad="straight_through"
+    ),
+    "dbm_bs_drw": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, offset=True, weights=True),
     "ldam": dict(margins=(0.1, 0.5)),
     "elm": dict(margins=(0.1, 0.5), lambda_elm=1.0),
-    "elm_angular_instance": dict(margins=(0.1, 0.5), margin_type="additive_angular", lambda_inst=1.0,
-                                 lambda_elm=0.5),
+    "elm_angular_instance": dict(margins=(0.1, 0.5), margin_type="additive_angular", lambda_inst=1.0, lambda_elm=0.5),
     # the same options under two names (CosFace without class margins, the angular branch with M = 0):
     # each file's tests have run one of them, and the name seeds the data
     "cosface_no_margins_angular": dict(margin_type="additive_angular"),
     "no_margins_angular": dict(margin_type="additive_angular"),
     "smoothing": dict(margins=(0.1, 0.3), label_smoothing=0.2),
-    "smoothing_weighted_ignored": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                       label_smoothing=0.1, weights=True, offset=True, ignored=(1, 4)),
-    "marc_grads": dict(margins=DBM_MARGINS, margin_type="additive_angular", marc=True, weights=True,
-                       grads=("omega", "beta")),
-    "offset_pair_grads": dict(margins=(0.1, 0.3), offset=True, pair=True, ignored=(2,),
-                              grads=("logit_offset", "pair_perturbation")),
+    "smoothing_weighted_ignored": dict(
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        label_smoothing=0.1,
+        weights=True,
+        offset=True,
+        ignored=(1, 4),
+    ),
+    "marc_grads": dict(
+        margins=DBM_MARGINS, margin_type="additive_angular", marc=True, weights=True, grads=("omega", "beta")
+    ),
+    "offset_pair_grads": dict(
+        margins=(0.1, 0.3), offset=True, pair=True, ignored=(2,), grads=("logit_offset", "pair_perturbation")
+    ),
     "ignore_index_is_a_class": dict(margins=(0.1, 0.3), ignore_index=3, ignored=(0, 5), weights=True),
-    "reduction_sum": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                          reduction="sum", ignored=(3,)),
-    "reduction_none": dict(margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                           reduction="none", ignored=(3,), label_smoothing=0.05, weights=True),
+    "reduction_sum": dict(
+        margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, reduction="sum", ignored=(3,)
+    ),
+    "reduction_none": dict(
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        reduction="none",
+        ignored=(3,),
+        label_smoothing=0.05,
+        weights=True,
+    ),
     "linear_bias_offset": dict(head="linear", scale=1.0, bias=True, offset=True, grads=("bias",)),
     "linear_marc": dict(head="linear", scale=1.0, bias=True, marc=True, grads=("bias", "omega", "beta")),
-    "linear_margins_elm_smoothing": dict(head="linear", scale=1.0, margins=(0.2, 1.0), lambda_elm=1.0,
-                                         label_smoothing=0.1, reduction="none"),
-    "logits_plain": dict(head="logits", scale=1.0, offset=True, weights=True, label_smoothing=0.1,
-                         ignored=(0,)),
-    "logits_cosine_dbm": dict(head="logits", input_is_cosine=True, margins=(0.1, 1.2),
-                              margin_type="additive_angular", lambda_inst=1.0, angular_fold="threshold",
-                              pair=True, grads=("pair_perturbation",)),
-    "logits_marc": dict(head="logits", input_is_cosine=True, margins=DBM_MARGINS,
-                        margin_type="additive_angular", marc=True, grads=("omega", "beta")),
-    "logits_offset_grad": dict(head="logits", scale=2.0, margins=(0.1, 0.5), offset=True,
-                               grads=("logit_offset",), reduction="sum"),
-    "two_classes_one_row": dict(B=1, C=2, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                lambda_elm=0.5, label_smoothing=0.1, weights=True),
+    "linear_margins_elm_smoothing": dict(
+        head="linear", scale=1.0, margins=(0.2, 1.0), lambda_elm=1.0, label_smoothing=0.1, reduction="none"
+    ),
+    "logits_plain": dict(head="logits", scale=1.0, offset=True, weights=True, label_smoothing=0.1, ignored=(0,)),
+    "logits_cosine_dbm": dict(
+        head="logits",
+        input_is_cosine=True,
+        margins=(0.1, 1.2),
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        angular_fold="threshold",
+        pair=True,
+        grads=("pair_perturbation",),
+    ),
+    "logits_marc": dict(
+        head="logits",
+        input_is_cosine=True,
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        marc=True,
+        grads=("omega", "beta"),
+    ),
+    "logits_offset_grad": dict(
+        head="logits", scale=2.0, margins=(0.1, 0.5), offset=True, grads=("logit_offset",), reduction="sum"
+    ),
+    "two_classes_one_row": dict(
+        B=1,
+        C=2,
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        label_smoothing=0.1,
+        weights=True,
+    ),
     "two_classes": dict(B=5, C=2, margins=(0.1, 0.3), lambda_elm=1.0),
     # C = 32: a whole number of the Triton tests' forced 8-column blocks, of the CPU kernels' vectors
     # (the same options under each file's name, as above)
-    "classes_multiple_of_block": dict(C=32, margins=DBM_MARGINS, margin_type="additive_angular",
-                                      lambda_inst=1.0, label_smoothing=0.1),
-    "vector_width_multiple": dict(C=32, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0,
-                                  label_smoothing=0.1),
+    "classes_multiple_of_block": dict(
+        C=32, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, label_smoothing=0.1
+    ),
+    "vector_width_multiple": dict(
+        C=32, margins=DBM_MARGINS, margin_type="additive_angular", lambda_inst=1.0, label_smoothing=0.1
+    ),
     # rows longer than the C++ kernels' 1024-column chunk (and than many Triton column blocks)
-    "longer_than_a_chunk": dict(B=4, C=2085, margins=DBM_MARGINS, margin_type="additive_angular",
-                                lambda_inst=1.0, lambda_elm=0.5, offset=True, weights=True, label_smoothing=0.1,
-                                ignored=(1,)),
+    "longer_than_a_chunk": dict(
+        B=4,
+        C=2085,
+        margins=DBM_MARGINS,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        offset=True,
+        weights=True,
+        label_smoothing=0.1,
+        ignored=(1,),
+    ),
 }
 
 # bf16/fp16, run with reduction="none" over 24 rows
-LOW_PRECISION_CASES = ("dbm_hard", "dbm_bs_drw", "elm", "smoothing_weighted_ignored", "marc_grads",
-                       "linear_bias_offset", "linear_marc", "logits_plain", "logits_cosine_dbm", "logits_marc")
+LOW_PRECISION_CASES = (
+    "dbm_hard",
+    "dbm_bs_drw",
+    "elm",
+    "smoothing_weighted_ignored",
+    "marc_grads",
+    "linear_bias_offset",
+    "linear_marc",
+    "logits_plain",
+    "logits_cosine_dbm",
+    "logits_marc",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the loss modules
+
 
 def _counts(C):
     return fm.long_tailed_counts(num_classes=C, n_max=500, imbalance=50)
@@ -344,14 +455,15 @@ def _counts(C):
 MODULES = {
     "dbm_ce": lambda C, backend: fm.DBMLoss(_counts(C), variant="ce", K=0.3, backend=backend),
     "dbm_bs": lambda C, backend: fm.DBMLoss(_counts(C), variant="bs", K=0.3, backend=backend),
-    "dbm_cb_all": lambda C, backend: fm.DBMLoss(_counts(C), variant="cb", K=0.3, hard_mode="all",
-                                                backend=backend),
-    "dbm_drw": lambda C, backend: fm.DBMLoss(_counts(C), variant="drw", K=0.3, drw_step=1, reduction="sum",
-                                             backend=backend),
+    "dbm_cb_all": lambda C, backend: fm.DBMLoss(_counts(C), variant="cb", K=0.3, hard_mode="all", backend=backend),
+    "dbm_drw": lambda C, backend: fm.DBMLoss(
+        _counts(C), variant="drw", K=0.3, drw_step=1, reduction="sum", backend=backend
+    ),
     "ldam": lambda C, backend: fm.LDAMLoss(_counts(C), label_smoothing=0.1, backend=backend),
     "elm": lambda C, backend: fm.ELMLoss(_counts(C), lambda_elm=0.5, backend=backend),
-    "arcface_threshold": lambda C, backend: fm.ArcFaceLoss(margin=0.5, scale=64.0, angular_fold="threshold",
-                                                           backend=backend),
+    "arcface_threshold": lambda C, backend: fm.ArcFaceLoss(
+        margin=0.5, scale=64.0, angular_fold="threshold", backend=backend
+    ),
     "cosface": lambda C, backend: fm.CosFaceLoss(backend=backend),
     "balanced_softmax_linear": lambda C, backend: fm.BalancedSoftmaxLoss(_counts(C), backend=backend),
 }
@@ -377,6 +489,5 @@ def compare_module(name, backend, device="cpu", context=contextlib.nullcontext):
             loss = loss_fn(x, target, weight=w)
             grads = torch.autograd.grad(loss, [x, w])
         results[name_] = (loss, *grads)
-    for label, got, truth in zip(("loss", "grad_features", "grad_weight"), results[backend],
-                                 results["reference"]):
+    for label, got, truth in zip(("loss", "grad_features", "grad_weight"), results[backend], results["reference"]):
         assert_fp32_close(label, got, truth)

@@ -4,13 +4,13 @@ This is the executable statement of what the Triton, C++ and CUDA row kernels co
 same outputs, same fp32 math), checked against the autograd reference in the tests. It materialises
 B x C temporaries, so it is a specification and a test double, not a fast path.
 """
+
 from __future__ import annotations
 
 import torch
 
-from fused_margin.core import rowmath
+from fused_margin.core import options, rowmath
 from fused_margin.core.reference import compute_dtype
-from fused_margin.core import options
 from fused_margin.core.spec import MarginLossSpec, named_tables
 from fused_margin.paths.fused import RowKernel, inverse_norms, scaled_scores
 
@@ -31,8 +31,10 @@ def row_forward(raw, target, tables, floats, ints):
     bad = kept & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"target[{i}] = {int(target[i])} is out of range: labels must be in [0, {num_classes}) "
-                         f"or equal ignore_index ({ignore_index})")
+        raise ValueError(
+            f"target[{i}] = {int(target[i])} is out of range: labels must be in [0, {num_classes}) "
+            f"or equal ignore_index ({ignore_index})"
+        )
     y = torch.where(kept, target, torch.zeros_like(target))
     onehot = torch.nn.functional.one_hot(y, num_classes).bool() & kept[:, None]
 
@@ -79,10 +81,29 @@ def nll_from_others(others, target_logit, lse):
     return rowmath.nll_from_others(target_logit, m, torch.exp(others - shift[:, None]).sum(1), lse - target_logit)
 
 
-def row_backward(raw, target, tables, lse, nll, target_grad, grad_rows, denom, floats, ints, scale_grad, row_proj,
-                 col_proj, col_stats):
+def row_backward(
+    raw,
+    target,
+    tables,
+    lse,
+    nll,
+    target_grad,
+    grad_rows,
+    denom,
+    floats,
+    ints,
+    scale_grad,
+    row_proj,
+    col_proj,
+    col_stats,
+):
     t, spec = named_tables(tables), _spec(floats, ints)
-    row_scale, col_scale, logit_offset, class_weight = t["row_scale"], t["col_scale"], t["logit_offset"], t["class_weight"]
+    row_scale, col_scale, logit_offset, class_weight = (
+        t["row_scale"],
+        t["col_scale"],
+        t["logit_offset"],
+        t["class_weight"],
+    )
     pair_perturbation = t["pair_perturbation"]
     scale, ignore_index, label_smoothing = spec.scale, spec.ignore_index, spec.label_smoothing
     z = scaled_scores(raw, row_scale, col_scale, t["col_shift"])
@@ -117,8 +138,8 @@ def row_backward(raw, target, tables, lse, nll, target_grad, grad_rows, denom, f
         scaled = scaled * col_scale[None, :]
     raw32 = raw.to(z.dtype)
     grad_raw = scaled * raw32  # dL/draw_ij raw_ij
-    row_coef = (-(row_proj * grad_raw.sum(1)) if row_proj is not None else z.new_empty(0))
-    col_coef = (-(col_proj * grad_raw.sum(0)) if col_proj is not None else z.new_empty(0))
+    row_coef = -(row_proj * grad_raw.sum(1)) if row_proj is not None else z.new_empty(0)
+    col_coef = -(col_proj * grad_raw.sum(0)) if col_proj is not None else z.new_empty(0)
     if col_stats:
         scaled_rows = grad * row_scale[:, None] if row_scale is not None else grad
         stats = torch.stack([grad.sum(0), (scaled_rows * raw32).sum(0), dl.sum(0)])

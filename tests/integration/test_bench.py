@@ -4,26 +4,33 @@ What must hold: a correct fused path is timed and compared with eager and the GE
 (loss, gradient or argmax) is reported WRONG and not timed; the JSON, CSV, table and PNG say so; the
 row-kernel route (the loss's keyword arguments) computes the same loss as the preset module.
 """
+
 import csv
 import json
-import os
 import math
+import os
 import sys
 import types
 
 import pytest
 import torch
+from row_torch import ROW_KERNEL
 
 import fused_margin as fm
 from fused_margin.bench import BenchConfig, format_table, run_benchmark, write_outputs
-from fused_margin.bench.cases import (class_counts, make_inputs, reference_fn, reference_rows_fn, row_kernel_fns,
-                                      tie_options)
+from fused_margin.bench.cases import (
+    class_counts,
+    make_inputs,
+    reference_fn,
+    reference_rows_fn,
+    row_kernel_fns,
+    tie_options,
+)
 from fused_margin.bench.check import Outputs, Truth, build_truth, judge, run_outputs
 from fused_margin.bench.cli import build_parser, main
 from fused_margin.bench.config import LOSSES
 from fused_margin.bench.runner import FIELDS
 from fused_margin.paths.fused import RowKernel
-from row_torch import ROW_KERNEL
 
 
 def _wrong_loss(*args):
@@ -46,14 +53,32 @@ WRONG = {
     "wrong-grad": RowKernel("wrong-grad", ROW_KERNEL.forward, _wrong_grad, ROW_KERNEL.norms),
     "wrong-pred": RowKernel("wrong-pred", _wrong_pred, ROW_KERNEL.backward, ROW_KERNEL.norms),
 }
-QUICK = dict(device="cpu", B=16, D=32, C=64, dtype="fp32", target_time=0.0, min_reps=2, max_reps=2, warmup=1,
-             input_sets=2, compile="none", threads=1)
+QUICK = dict(
+    device="cpu",
+    B=16,
+    D=32,
+    C=64,
+    dtype="fp32",
+    target_time=0.0,
+    min_reps=2,
+    max_reps=2,
+    warmup=1,
+    input_sets=2,
+    compile="none",
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
 def run():
-    cfg = BenchConfig(**QUICK, modes=("fwdbwd",), losses=("dbm-bs",), heads=("cosine",),
-                      impls=("reference", "torch-ce", "floor"), row_kernels={"torch": ROW_KERNEL, **WRONG})
+    cfg = BenchConfig(
+        **QUICK,
+        modes=("fwdbwd",),
+        losses=("dbm-bs",),
+        heads=("cosine",),
+        impls=("reference", "torch-ce", "floor"),
+        row_kernels={"torch": ROW_KERNEL, **WRONG},
+    )
     return run_benchmark(cfg, progress=False, log=lambda _: None)
 
 
@@ -78,8 +103,10 @@ def test_correct_cases_are_timed_and_compared(run):
     assert ce["kind"] == "plain-ce" and ce["check"] == "ok" and "F.cross_entropy" in ce["check_detail"]
 
 
-@pytest.mark.parametrize("name, says", [("wrong-loss", "loss rel err"), ("wrong-grad", "grad_input rel err"),
-                                        ("wrong-pred", "pred/hard differ")])
+@pytest.mark.parametrize(
+    "name, says",
+    [("wrong-loss", "loss rel err"), ("wrong-grad", "grad_input rel err"), ("wrong-pred", "pred/hard differ")],
+)
 def test_wrong_kernels_are_reported_wrong_and_not_timed(run, name, says):
     r = _row(run, f"row:{name}")
     assert r["check"] == "WRONG"
@@ -91,7 +118,7 @@ def test_table_json_csv_png(run, tmp_path):
     table = format_table(run)
     lines = {line.split()[1]: line for line in table.splitlines() if line.startswith("dbm-bs/cosine")}
     assert "WRONG" in lines["row:wrong-loss"] and "ok" in lines["row:torch"]
-    assert lines["row:wrong-loss"].split()[3] == "-"          # no time for a wrong case
+    assert lines["row:wrong-loss"].split()[3] == "-"  # no time for a wrong case
     assert "not timed or failed:" in table and "B=16 D=32 C=64 fp32" in table
 
     paths = write_outputs(run, tmp_path, plot=True)
@@ -114,14 +141,18 @@ def test_table_json_csv_png(run, tmp_path):
 
 
 def test_judge_rule():
-    truth_out = Outputs(torch.tensor(2.0, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64),
-                        torch.ones(5, 3, dtype=torch.float64))
+    truth_out = Outputs(
+        torch.tensor(2.0, dtype=torch.float64),
+        torch.ones(4, 3, dtype=torch.float64),
+        torch.ones(5, 3, dtype=torch.float64),
+    )
     truth = Truth(truth_out, {"loss": 1e-3, "grad_input": 1e-3, "grad_weight": 1e-3}, torch.bfloat16, ())
 
     def out(loss, gx, gw):
         return Outputs(torch.tensor(loss), torch.full((4, 3), gx), torch.full((5, 3), gw))
-    assert judge(out(2.0 * (1 + 2.5e-3), 1.0, 1.0), truth).ok              # within 2 * 1e-3 + 1e-3
-    verdict = judge(out(2.0, 1.0, 1.0 + 4e-3), truth)                        # beyond it
+
+    assert judge(out(2.0 * (1 + 2.5e-3), 1.0, 1.0), truth).ok  # within 2 * 1e-3 + 1e-3
+    verdict = judge(out(2.0, 1.0, 1.0 + 4e-3), truth)  # beyond it
     assert not verdict.ok and "grad_weight" in verdict.detail
     assert not judge(out(float("nan"), 1.0, 1.0), truth).ok
 
@@ -133,16 +164,27 @@ def test_low_precision_gate(dtype):
     cfg = BenchConfig(**{**QUICK, "B": 48, "dtype": dtype})
     counts = class_counts(cfg)
     s = make_inputs(cfg, counts, 0)
-    truth = build_truth(*reference_fn("dbm-bs", "cosine", counts, "cpu"),
-                        reference_rows_fn("dbm-bs", "cosine", counts, "cpu"), "cosine", s.X.detach(),
-                        s.W.detach(), s.y, **tie_options("dbm-bs", counts, cfg.C, "cosine"))
+    truth = build_truth(
+        *reference_fn("dbm-bs", "cosine", counts, "cpu"),
+        reference_rows_fn("dbm-bs", "cosine", counts, "cpu"),
+        "cosine",
+        s.X.detach(),
+        s.W.detach(),
+        s.y,
+        **tie_options("dbm-bs", counts, cfg.C, "cosine"),
+    )
     kwargs = LOSSES["dbm-bs"].kwargs(counts, cfg.C, "cosine")
 
     def verdict(kernel):
         return judge(run_outputs(row_kernel_fns(kernel, kwargs)[1], *truth.inputs, True), truth)
+
     assert verdict(ROW_KERNEL).ok, verdict(ROW_KERNEL).detail
-    off_loss = RowKernel("x", lambda *a: (ROW_KERNEL.forward(*a)[0] * 1.03,) + ROW_KERNEL.forward(*a)[1:],
-                         ROW_KERNEL.backward, ROW_KERNEL.norms)
+    off_loss = RowKernel(
+        "x",
+        lambda *a: (ROW_KERNEL.forward(*a)[0] * 1.03,) + ROW_KERNEL.forward(*a)[1:],
+        ROW_KERNEL.backward,
+        ROW_KERNEL.norms,
+    )
     assert "loss rel err" in verdict(off_loss).detail and not verdict(off_loss).ok
     assert not verdict(WRONG["wrong-grad"]).ok
 
@@ -158,8 +200,9 @@ def test_row_kernel_route_is_the_preset_loss(loss, head):
     y = torch.randint(0, 40, (12,), generator=gen)
     d = LOSSES[loss]
     via_module = d.module(counts, head, "reference").double()(X, y, W)
-    via_kwargs = fm.margin_cross_entropy(X, y, W, backend="reference",
-                                         **d.kwargs(counts, 40, head, dtype=torch.float64))
+    via_kwargs = fm.margin_cross_entropy(
+        X, y, W, backend="reference", **d.kwargs(counts, 40, head, dtype=torch.float64)
+    )
     assert torch.allclose(via_module, via_kwargs, rtol=1e-12, atol=0)
     X, W = X.float(), W.float()
     via_module = d.module(counts, head, "reference")(X, y, W)
@@ -169,7 +212,7 @@ def test_row_kernel_route_is_the_preset_loss(loss, head):
 
 @pytest.mark.parametrize("loss", [name for name, d in LOSSES.items() if "linear" in d.heads])
 def test_linear_head_cases_use_the_scale_a_linear_head_trains_with(loss):
-    """Issue 14.9: s = 30 on unnormalised logits made most exps denormal (and the eager row slow)."""
+    """s = 30 on unnormalised logits made most exps denormal (and the eager row slow)."""
     counts = fm.long_tailed_counts(40, n_max=100, imbalance=50.0)
     assert LOSSES[loss].kwargs(counts, 40, "linear")["scale"] == 1.0
     assert LOSSES[loss].module(counts, "linear", "reference").options["scale"] == 1.0
@@ -180,8 +223,19 @@ def test_linear_head_cases_use_the_scale_a_linear_head_trains_with(loss):
 def test_cli_list_help_and_run(tmp_path, capsys, monkeypatch):
     assert main(["--list", "--device", "cpu"]) == 0
     listed = capsys.readouterr().out
-    for word in ("inat", "imagenet-lt", "face", "vocab", "dbm-ce", "dbm-bs", "ldam", "elm", "arcface", "floor",
-                 "fwdbwd"):
+    for word in (
+        "inat",
+        "imagenet-lt",
+        "face",
+        "vocab",
+        "dbm-ce",
+        "dbm-bs",
+        "ldam",
+        "elm",
+        "arcface",
+        "floor",
+        "fwdbwd",
+    ):
         assert word in listed
     assert "reference" in listed and "-> ok" in listed
     helptext = build_parser().format_help()
@@ -190,16 +244,46 @@ def test_cli_list_help_and_run(tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "cli"
     monkeypatch.setitem(sys.modules, "bench_test_kernels", types.SimpleNamespace(WRONG_GRAD=WRONG["wrong-grad"]))
-    argv = ["--device", "cpu", "--preset", "tiny", "--losses", "ldam", "--heads", "linear", "--mode", "fwd,bwd",
-            "--backends", "reference,floor", "--row-kernel", "wrong=bench_test_kernels:WRONG_GRAD",
-            "--target-time", "0", "--min-reps", "1", "--max-reps", "1", "--warmup", "1", "--threads", "1",
-            "--quiet", "--no-plot", "--out", str(out)]
-    assert main(argv) == 1                                    # a WRONG case fails the run
+    argv = [
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--losses",
+        "ldam",
+        "--heads",
+        "linear",
+        "--mode",
+        "fwd,bwd",
+        "--backends",
+        "reference,floor",
+        "--row-kernel",
+        "wrong=bench_test_kernels:WRONG_GRAD",
+        "--target-time",
+        "0",
+        "--min-reps",
+        "1",
+        "--max-reps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 1  # a WRONG case fails the run
     printed = capsys.readouterr().out
     assert "ldam/linear" in printed and "WRONG" in printed
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert {(r["backend"], r["mode"]) for r in rows} >= {("reference", "fwd"), ("reference", "bwd"),
-                                                        ("floor", "fwd"), ("floor", "bwd")}
+    assert {(r["backend"], r["mode"]) for r in rows} >= {
+        ("reference", "fwd"),
+        ("reference", "bwd"),
+        ("floor", "fwd"),
+        ("floor", "bwd"),
+    }
     assert all(r["check"] == "WRONG" for r in rows if r["backend"] == "row:wrong")
 
 
@@ -212,9 +296,36 @@ def test_lean_row_and_class_chunk_option(tmp_path, capsys):
     listed = capsys.readouterr().out
     assert "face-1m" in listed and "lean" in listed
     out = tmp_path / "lean"
-    argv = ["--device", "cpu", "--preset", "tiny", "--losses", "dbm-bs", "--heads", "cosine", "--mode", "fwdbwd",
-            "--backends", "reference,cpu,lean", "--class-chunk", "24", "--target-time", "0", "--min-reps", "1",
-            "--max-reps", "1", "--warmup", "1", "--threads", "1", "--quiet", "--no-plot", "--out", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--losses",
+        "dbm-bs",
+        "--heads",
+        "cosine",
+        "--mode",
+        "fwdbwd",
+        "--backends",
+        "reference,cpu,lean",
+        "--class-chunk",
+        "24",
+        "--target-time",
+        "0",
+        "--min-reps",
+        "1",
+        "--max-reps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["lean"]["check"] == "ok" and "class chunks of 64" in rows["lean"]["note"]
@@ -230,6 +341,7 @@ def test_large_vocabulary_check_takes_the_chunked_reference(monkeypatch):
     the float64 base scores built in class blocks equal the one-GEMM ones."""
     from fused_margin.bench import cases as cases_mod
     from fused_margin.bench.check import base_scores64
+
     assert cases_mod.truth_class_chunk(64, 1 << 20, 512) is not None
     assert cases_mod.truth_class_chunk(256, 8142, 512) is None
     built = []
@@ -241,8 +353,14 @@ def test_large_vocabulary_check_takes_the_chunked_reference(monkeypatch):
 
     monkeypatch.setattr(cases_mod, "CHUNKED_TRUTH_BYTES", 0)
     monkeypatch.setattr(cases_mod, "_reference_module", spy)
-    cfg = BenchConfig(**QUICK, modes=("fwdbwd",), losses=("dbm-bs",), heads=("cosine",), impls=("floor",),
-                      row_kernels={"torch": ROW_KERNEL, "wrong-grad": WRONG["wrong-grad"]})
+    cfg = BenchConfig(
+        **QUICK,
+        modes=("fwdbwd",),
+        losses=("dbm-bs",),
+        heads=("cosine",),
+        impls=("floor",),
+        row_kernels={"torch": ROW_KERNEL, "wrong-grad": WRONG["wrong-grad"]},
+    )
     result = run_benchmark(cfg, progress=False, log=lambda _: None)
     assert built and all(isinstance(k, int) and 1 <= k for k in built), built
     assert _row(result, "row:torch")["check"] == "ok" and _row(result, "row:wrong-grad")["check"] == "WRONG"
@@ -275,10 +393,36 @@ def test_a_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
     import subprocess
 
     out = tmp_path / "stopped"
-    argv = ["--device", "cpu", "--preset", "tiny", "--losses", "ldam", "--heads", "linear", "--mode", "fwdbwd",
-            "--backends", "reference,floor", "--row-kernel", "stop=stop_kernels:STOP", "--target-time", "0",
-            "--min-reps", "1", "--max-reps", "1", "--warmup", "1", "--threads", "1", "--quiet", "--no-plot",
-            "--out", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--losses",
+        "ldam",
+        "--heads",
+        "linear",
+        "--mode",
+        "fwdbwd",
+        "--backends",
+        "reference,floor",
+        "--row-kernel",
+        "stop=stop_kernels:STOP",
+        "--target-time",
+        "0",
+        "--min-reps",
+        "1",
+        "--max-reps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        str(out),
+    ]
     helpers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
     code = _STOPPED_RUN.replace("TESTS", repr(helpers))
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
@@ -321,16 +465,24 @@ def test_profile_step_runs_a_backend_with_and_without_the_gradient_in_the_forwar
     spec = importlib.util.spec_from_file_location("profile_step", path)
     profile_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_step)
-    assert profile_step.main(["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu",
-                              "--backends", "cpu,cpu/separate"]) == 0
+    assert (
+        profile_step.main(
+            ["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu", "--backends", "cpu,cpu/separate"]
+        )
+        == 0
+    )
     assert CONFIG.grad_in_forward
     blocks = capsys.readouterr().out.split("== ")
     together = next(b for b in blocks if b.startswith("dbm-bs/cosine backend=cpu "))
     separate = next(b for b in blocks if b.startswith("dbm-bs/cosine backend=cpu/separate "))
     assert "fused_margin.row_forward_backward" in together and "fused_margin.row_backward" not in together
     assert "fused_margin.row_backward" in separate and "fused_margin.row_forward_backward" not in separate
-    assert profile_step.main(["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu",
-                              "--backends", "cpu/twice,cpu"]) == 1
+    assert (
+        profile_step.main(
+            ["--preset", "tiny", "--steps", "1", "--rows", "2", "--device", "cpu", "--backends", "cpu/twice,cpu"]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "a backend is NAME or NAME/separate, got 'cpu/twice'" in out and "backend=cpu B=" in out
 
@@ -340,12 +492,20 @@ def test_rounds_retime_every_case_and_take_the_median_of_each_rounds_ratio():
     is the median of the rounds' medians and its ratios the medians of each round's own ratio."""
     import statistics
 
-    cfg = BenchConfig(**{**QUICK, "input_sets": 1}, modes=("fwdbwd", "fwd"), losses=("ldam",), heads=("linear",),
-                      impls=("reference", "floor"), row_kernels={"torch": ROW_KERNEL}, rounds=3)
+    cfg = BenchConfig(
+        **{**QUICK, "input_sets": 1},
+        modes=("fwdbwd", "fwd"),
+        losses=("ldam",),
+        heads=("linear",),
+        impls=("reference", "floor"),
+        row_kernels={"torch": ROW_KERNEL},
+        rounds=3,
+    )
     rows = run_benchmark(cfg, progress=False, log=lambda _: None).rows
     timed = [r for r in rows if r["ms"] is not None]
-    assert {(r["backend"], r["mode"]) for r in timed} == {(b, m) for b in ("floor", "reference", "row:torch")
-                                                          for m in ("fwdbwd", "fwd")}
+    assert {(r["backend"], r["mode"]) for r in timed} == {
+        (b, m) for b in ("floor", "reference", "row:torch") for m in ("fwdbwd", "fwd")
+    }
     floor = {r["mode"]: r for r in timed if r["backend"] == "floor"}
     eager = {r["mode"]: r for r in timed if r["backend"] == "reference"}
     for r in timed:

@@ -1,6 +1,7 @@
-"""The build's decisions (fused_margin/_build.py, shared by setup.py and the build on first use): where the
+"""The build's decisions (fused_margin/backends/_build.py, shared by setup.py and the build on first use): where the
 CUDA toolkit is, whether the CUDA kernels are built and why not, the architectures of a build machine
 without a GPU, and the flags every build takes."""
+
 import os
 import shutil
 import stat
@@ -62,8 +63,9 @@ def test_a_cpu_torch_builds_the_cpu_kernels_and_says_why_not_cuda(clean_env):
     assert plan.summary == f"CPU kernels only: torch {torch.__version__} is not a CUDA build"
     assert "-ffp-contract=off" in plan.cxx_flags and plan.nvcc_flags == []
     assert all(os.path.isabs(s) and os.path.exists(s) for s in plan.sources)
-    with pytest.raises(RuntimeError, match="FUSED_MARGIN_CUDA=1 but the CUDA kernels cannot be built: torch .* is "
-                                           "not a CUDA build"):
+    with pytest.raises(
+        RuntimeError, match="FUSED_MARGIN_CUDA=1 but the CUDA kernels cannot be built: torch .* is not a CUDA build"
+    ):
         clean_env.setenv("FUSED_MARGIN_CUDA", "1")
         _build.plan()
 
@@ -84,6 +86,7 @@ def test_a_cuda_torch_without_a_gpu_or_an_arch_list_builds_for_the_default_archi
     assert plan.summary == f"CPU and CUDA kernels (CUDA 13.0 at {toolkit}, architectures {_build.DEFAULT_ARCHS})"
     assert plan.nvcc_flags[:2] == ["-O3", "--fmad=false"] and "-DFUSED_MARGIN_WITH_CUDA" in plan.cxx_flags
     from torch.utils import cpp_extension
+
     flags = cpp_extension._get_cuda_arch_flags()  # what torch passes nvcc with that list
     assert "-gencode=arch=compute_90,code=compute_90" in flags and "-gencode=arch=compute_75,code=sm_75" in flags
 
@@ -113,8 +116,9 @@ def test_the_build_directory_is_per_python_torch_and_package_version(clean_env, 
     assert a != _build.build_directory(torch, False, "0.2.0")
 
 
-@pytest.mark.parametrize("value, expected", [(None, None), ("", None), ("1", True), ("yes", True), ("0", False),
-                                             ("off", False)])
+@pytest.mark.parametrize(
+    "value, expected", [(None, None), ("", None), ("1", True), ("yes", True), ("0", False), ("off", False)]
+)
 def test_flag(clean_env, value, expected):
     if value is not None:
         clean_env.setenv("FUSED_MARGIN_CUDA", value)
@@ -125,11 +129,13 @@ def test_setup_says_in_one_line_what_it_builds_and_why_not_cuda(tmp_path):
     """setup.py's own line (pip shows it with -v): the plan's summary, before any compile."""
     root = os.path.dirname(_build.PACKAGE_DIR)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_MARGIN")}
-    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("fused_margin setup:")]
     expected = _build.plan().summary if torch.version.cuda is None else "CPU and CUDA kernels"
     assert len(lines) == 1 and lines[0].startswith(f"fused_margin setup: building {expected}"), result.stderr
     from fused_margin import __version__
+
     assert result.stdout.strip().splitlines()[-1] == __version__

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin.training.data import (balanced_indices, class_counts_of, dataset_labels, long_tailed_indices,
-                               long_tailed_subset, shot_accuracy, shot_groups)
+from fused_margin.training.data import (
+    balanced_indices,
+    class_counts_of,
+    dataset_labels,
+    long_tailed_indices,
+    long_tailed_subset,
+    shot_accuracy,
+    shot_groups,
+)
 
 
 def _labels(per_class=(60, 50, 80, 40, 70), seed=0):
@@ -16,7 +23,7 @@ def _labels(per_class=(60, 50, 80, 40, 70), seed=0):
 def test_long_tailed_indices_follow_the_profile(profile):
     labels = _labels()
     idx, counts = long_tailed_indices(labels, imbalance=10, profile=profile, seed=3)
-    expected = fm.long_tailed_counts(5, 40, 10, profile).numpy()         # n_max defaults to the smallest class
+    expected = fm.long_tailed_counts(5, 40, 10, profile).numpy()  # n_max defaults to the smallest class
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_array_equal(np.bincount(labels[idx], minlength=5), expected)
     assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)
@@ -64,7 +71,7 @@ def test_subset_of_a_dataset():
     got = np.array([int(subset[i][1]) for i in range(len(subset))])
     np.testing.assert_array_equal(np.bincount(got, minlength=5), counts)
 
-    class Plain(torch.utils.data.Dataset):            # no targets attribute: labels read item by item
+    class Plain(torch.utils.data.Dataset):  # no targets attribute: labels read item by item
         def __len__(self):
             return len(labels)
 
@@ -96,14 +103,14 @@ def test_shot_groups_terciles():
     counts = [124, 74, 44, 26, 16, 9, 5, 3, 2, 1]
     groups = shot_groups(counts, "terciles")
     assert list(groups) == ["many"] * 4 + ["medium"] * 3 + ["few"] * 3
-    shuffled = [3, 124, 9, 1, 44]             # not sorted: ranks decide
+    shuffled = [3, 124, 9, 1, 44]  # not sorted: ranks decide
     assert list(shot_groups(shuffled, "terciles")) == ["medium", "many", "medium", "few", "many"]
     with pytest.raises(ValueError, match="thresholds"):
         shot_groups(counts, "quartiles")
 
 
 def test_shot_accuracy_by_hand():
-    counts = [200, 50, 5]                                   # many, medium, few
+    counts = [200, 50, 5]  # many, medium, few
     target = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
     pred = np.array([0, 0, 0, 1, 1, 0, 2, 0, 0, 0])
     acc = shot_accuracy(pred, target, counts)
@@ -112,8 +119,7 @@ def test_shot_accuracy_by_hand():
     assert acc["medium"] == pytest.approx(50.0)
     assert acc["few"] == pytest.approx(25.0)
     # per-class mean inside a group, not pooled over examples
-    acc = shot_accuracy(np.array([0, 1, 1, 1]), np.array([0, 1, 1, 1]),
-                        [200, 150, 5], thresholds=(100, 20))
+    acc = shot_accuracy(np.array([0, 1, 1, 1]), np.array([0, 1, 1, 1]), [200, 150, 5], thresholds=(100, 20))
     assert acc["many"] == pytest.approx(100.0) and np.isnan(acc["few"])
     acc = shot_accuracy(np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1]), [200, 150, 5])
     assert acc["many"] == pytest.approx((100.0 + 100.0 / 3) / 2)

@@ -16,15 +16,14 @@ def test_split_is_balanced_long_tailed_and_disjoint():
     np.testing.assert_array_equal(split.counts, fm.long_tailed_counts(10, int(split.counts[0]), 20.0).numpy())
     train_rows = {tuple(r) for r in split.x_train.numpy().round(6)}
     test_rows = {tuple(r) for r in split.x_test.numpy().round(6)}
-    assert len(train_rows & test_rows) <= 2          # digits holds a few duplicate images, no shared example
+    assert len(train_rows & test_rows) <= 2  # digits holds a few duplicate images, no shared example
     meta = np.bincount(split.y_train[split.meta_index].numpy(), minlength=10)
     np.testing.assert_array_equal(meta, np.minimum(4, split.counts))
 
 
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "table.md"
-    table = demo.main(["--seeds", "0", "--imbalance", "10", "--epochs", "12", "--no-progress",
-                       "--out", str(out)])
+    table = demo.main(["--seeds", "0", "--imbalance", "10", "--epochs", "12", "--no-progress", "--out", str(out)])
     assert out.read_text() == table
     rows = [line for line in table.splitlines() if line.startswith("| 10 |")]
     assert [row.split("|")[2].strip() for row in rows] == list(demo.METHODS)

@@ -11,7 +11,7 @@ COUNTS = [500, 120, 30, 7]
 
 def _cb_numpy(counts, beta):
     n = np.asarray(counts, dtype=np.float64)
-    w = (1.0 - beta) / (1.0 - beta ** n)
+    w = (1.0 - beta) / (1.0 - beta**n)
     return w * len(n) / w.sum()
 
 
@@ -24,7 +24,7 @@ def test_weights_switch_at_the_milestone():
         np.testing.assert_allclose(drw.weights(epoch).numpy(), _cb_numpy(COUNTS, 0.999), rtol=1e-6)
         assert drw.is_reweighting(epoch)
     late = drw.weights(10)
-    assert late[3] > late[2] > late[1] > late[0]           # rarer classes weigh more
+    assert late[3] > late[2] > late[1] > late[0]  # rarer classes weigh more
     assert late.sum().item() == pytest.approx(4.0, rel=1e-6)
 
 
@@ -71,13 +71,16 @@ def test_apply_on_dbm_ce():
     np.testing.assert_allclose(criterion.class_weight.numpy(), _cb_numpy(COUNTS, 0.9999), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(betas=()), "betas"),
-    (dict(betas=(0.0, 1.0)), "betas"),
-    (dict(betas=(0.0, float("nan"))), "betas"),
-    (dict(step=0), "step"),
-    (dict(step=1.5), "step"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(betas=()), "betas"),
+        (dict(betas=(0.0, 1.0)), "betas"),
+        (dict(betas=(0.0, float("nan"))), "betas"),
+        (dict(step=0), "step"),
+        (dict(step=1.5), "step"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DRWSchedule(COUNTS, **kwargs)

@@ -13,6 +13,7 @@ pip needs the package index for the isolated build's setuptools. Slow (two build
 And where the build on first use cannot run (no C++ compiler), the package still imports and every place
 that names the C++ kernels says why and what to install.
 """
+
 import os
 import shutil
 import subprocess
@@ -24,8 +25,10 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHECK = ("import fused_margin as fm, torch; s = fm.available_backends(torch.device('cpu'), torch.float32); "
-         "print('cpu:', s['cpu']); from fused_margin.backends import extension; print('from:', extension._C.__file__)")
+CHECK = (
+    "import fused_margin as fm, torch; s = fm.available_backends(torch.device('cpu'), torch.float32); "
+    "print('cpu:', s['cpu']); from fused_margin.backends import extension; print('from:', extension._C.__file__)"
+)
 
 
 def _run(command, env, cwd, timeout=900):
@@ -36,16 +39,21 @@ def _run(command, env, cwd, timeout=900):
 
 
 def _index_reachable(python, tmp_path):
-    result = subprocess.run([python, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp_path / "probe"),
-                             "setuptools>=64"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [python, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp_path / "probe"), "setuptools>=64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return result.returncode == 0
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the project's tracked and unignored files (the working tree as a clone would have it)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     dest = tmp_path_factory.mktemp("src") / "fused_margin_project"
     for name in files:
         if os.path.isfile(os.path.join(ROOT, name)):
@@ -58,8 +66,12 @@ def _fresh_venv(path):
     """A new virtual environment whose interpreter also sees this one's packages (torch) after its own."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = os.path.join(str(path), "bin", "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with open(os.path.join(site, "_outer_site.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     return python
@@ -94,8 +106,12 @@ def test_pip_install_without_build_isolation_ships_the_compiled_kernels(project,
     _run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", project], env, tmp_path)
     result = _run([python, "-c", CHECK], env, tmp_path)
     assert "cpu: ok" in result.stdout and "building" not in result.stderr, result.stdout + result.stderr
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert f"from: {site}" in result.stdout, result.stdout
 
 
@@ -103,8 +119,7 @@ def test_pip_install_without_build_isolation_ships_the_compiled_kernels(project,
 def test_sdist_and_wheel_hold_the_package_and_its_sources(project, tmp_path):
     dist = tmp_path / "dist"
     env = dict(_env(tmp_path), FUSED_MARGIN_NO_EXT="1")  # a pure wheel: its file list is what matters
-    code = (f"from setuptools import build_meta as b; b.build_sdist({str(dist)!r}); "
-            f"b.build_wheel({str(dist)!r})")
+    code = f"from setuptools import build_meta as b; b.build_sdist({str(dist)!r}); b.build_wheel({str(dist)!r})"
     _run([sys.executable, "-c", code], env, project, timeout=600)
     sdist = next(dist.glob("*.tar.gz"))
     wheel = next(dist.glob("*.whl"))
@@ -114,7 +129,10 @@ def test_sdist_and_wheel_hold_the_package_and_its_sources(project, tmp_path):
         in_wheel = whl.namelist()
     for names in (in_sdist, in_wheel):
         assert "fused_margin/__init__.py" in names and "fused_margin/backends/csrc/fused_margin.cpp" in names
-        assert "fused_margin/backends/csrc/row_kernel.h" in names and "fused_margin/backends/csrc/fused_margin_cuda.cu" in names
+        assert (
+            "fused_margin/backends/csrc/row_kernel.h" in names
+            and "fused_margin/backends/csrc/fused_margin_cuda.cu" in names
+        )
         assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "scripts/"))], names
     assert "setup.py" in in_sdist and "pyproject.toml" in in_sdist
 
@@ -148,6 +166,7 @@ print("named")
 def test_without_a_compiler_the_package_runs_and_names_the_fix(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_MARGIN")}
     env["CXX"] = "no-such-c++"
-    result = subprocess.run([sys.executable, "-c", _NO_COMPILER], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_COMPILER], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
     assert result.returncode == 0 and "named" in result.stdout, result.stdout + result.stderr[-3000:]

@@ -11,7 +11,7 @@ COUNTS = [300, 80, 20, 5]
 
 def _u_numpy(counts, gamma=1.2):
     n = np.asarray(counts, dtype=np.float64)
-    u = n ** -gamma
+    u = n**-gamma
     return len(n) * u / u.sum()
 
 
@@ -40,12 +40,12 @@ def test_initial_parameters_and_u_weights():
 def test_u_weights_are_float32_until_moved_and_float64_after_double():
     exact = marc_weights(COUNTS, 1.2, dtype=torch.float64)
     rounded = marc_weights(COUNTS, 1.2)
-    assert not torch.equal(rounded.double(), exact)          # float32 rounding shows at float64
+    assert not torch.equal(rounded.double(), exact)  # float32 rounding shows at float64
     marc = MARC(COUNTS, gamma=1.2)
     assert marc.class_weight.dtype == torch.float32 and torch.equal(marc.class_weight, rounded)
-    assert torch.equal(marc.double().class_weight, exact)    # the float64 values, not float32-rounded ones
+    assert torch.equal(marc.double().class_weight, exact)  # the float64 values, not float32-rounded ones
     assert torch.equal(MARC(COUNTS).to(torch.float64).class_weight, exact)
-    assert torch.equal(marc.float().class_weight, rounded)   # back to float32: the float32 path unchanged
+    assert torch.equal(marc.float().class_weight, rounded)  # back to float32: the float32 path unchanged
     assert torch.equal(marc.half().double().class_weight, exact)
     assert torch.equal(MARC(COUNTS, gamma=0.5).double().class_weight, marc_weights(COUNTS, 0.5, dtype=torch.float64))
 
@@ -70,8 +70,9 @@ def test_loss_runs_in_the_compute_dtype_of_the_logits():
             assert marc32.loss(logits.to(dtype), y, norms).dtype == torch.float32
         loss64 = marc64.loss(logits, y, norms)
         assert loss64.dtype == torch.float64
-        expected64 = _direct_loss(logits, y, norms, torch.ones(4, dtype=torch.float64),
-                                  torch.zeros(4, dtype=torch.float64), 10.0, COUNTS)
+        expected64 = _direct_loss(
+            logits, y, norms, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), 10.0, COUNTS
+        )
         torch.testing.assert_close(loss64, expected64, rtol=1e-13, atol=0)
 
 
@@ -144,8 +145,7 @@ def test_loss_and_gradients_match_a_direct_computation():
     torch.testing.assert_close(marc.omega.grad, omega.grad, rtol=1e-11, atol=1e-14)
     torch.testing.assert_close(marc.beta.grad, beta.grad, rtol=1e-11, atol=1e-14)
     # a plain mean over the batch: the weighted mean of F.cross_entropy(weight=U) is a different number
-    weighted = F.cross_entropy(10.0 * (omega * logits + beta * norms), y,
-                               weight=torch.tensor(_u_numpy(COUNTS)))
+    weighted = F.cross_entropy(10.0 * (omega * logits + beta * norms), y, weight=torch.tensor(_u_numpy(COUNTS)))
     assert abs(weighted.item() - loss.item()) > 1e-3
 
 
@@ -153,6 +153,7 @@ def test_class_norms_of_a_cosine_classifier_are_its_raw_row_norms():
     """Over the cosines of a cosine classifier, MARC with the raw row norms of its weight is the cosine head
     of margin_cross_entropy with omega and beta; ones (the norms of the normalised rows) are not."""
     import fused_margin as fm
+
     g = torch.Generator().manual_seed(4)
     x = torch.randn(12, 6, generator=g, dtype=torch.float64)
     w = 3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
@@ -162,8 +163,20 @@ def test_class_norms_of_a_cosine_classifier_are_its_raw_row_norms():
         marc.omega.copy_(torch.tensor([1.2, 0.9, 1.1, 1.3]))
         marc.beta.copy_(torch.tensor([-0.05, 0.02, 0.1, 0.2]))
     cosines = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
-    head = fm.margin_cross_entropy(x, y, w, head="cosine", scale=10.0, omega=marc.omega.detach(),
-                                   beta=marc.beta.detach(), class_weight=marc.class_weight, reduction="sum") / 12
+    head = (
+        fm.margin_cross_entropy(
+            x,
+            y,
+            w,
+            head="cosine",
+            scale=10.0,
+            omega=marc.omega.detach(),
+            beta=marc.beta.detach(),
+            class_weight=marc.class_weight,
+            reduction="sum",
+        )
+        / 12
+    )
     with torch.no_grad():
         torch.testing.assert_close(marc.loss(cosines, y, w.norm(dim=1)), head, rtol=1e-12, atol=0)
         assert abs(marc.loss(cosines, y, torch.ones(4, dtype=torch.float64)).item() - head.item()) > 1e-2
@@ -242,7 +255,8 @@ def test_fit_with_a_frozen_model_leaves_it_unchanged():
 
 def test_fit_shows_progress_without_tqdm(monkeypatch, capsys):
     import sys
-    monkeypatch.setitem(sys.modules, "tqdm", None)             # import tqdm now raises ImportError
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     z, y = _biased_scores(COUNTS, seed=3)
     MARC(COUNTS, scale=10.0).fit_on_logits(z, y, torch.ones(4), epochs=2, lr=0.01, progress=True, desc="calib")

@@ -82,8 +82,14 @@ def test_terms_match_a_direct_computation(mode, all_seen):
     cov = A @ A.transpose(0, 2, 1) if mode == "full" else g.random(size=(C, D)) + 0.1
     seen = np.array([True, True, True, all_seen, True])
     rows = np.array([0, 3, 4, 1])
-    got = pair_perturbation_terms(torch.tensor(rows), fm.log_prior(counts, dtype=torch.float64), torch.tensor(W),
-                                  torch.tensor(means), torch.tensor(cov), torch.tensor(seen))
+    got = pair_perturbation_terms(
+        torch.tensor(rows),
+        fm.log_prior(counts, dtype=torch.float64),
+        torch.tensor(W),
+        torch.tensor(means),
+        torch.tensor(cov),
+        torch.tensor(seen),
+    )
     np.testing.assert_allclose(got.numpy(), _direct_terms(rows, counts, W, means, cov, seen), rtol=1e-9, atol=1e-12)
 
 
@@ -94,8 +100,13 @@ def test_terms_chunked_full_covariance():
     A = g.normal(size=(C, D, D))
     cov = A @ A.transpose(0, 2, 1)
     rows = torch.arange(C)
-    args = (rows, fm.log_prior([9, 8, 7, 6, 5, 4], dtype=torch.float64), torch.tensor(W), torch.tensor(means),
-            torch.tensor(cov))
+    args = (
+        rows,
+        fm.log_prior([9, 8, 7, 6, 5, 4], dtype=torch.float64),
+        torch.tensor(W),
+        torch.tensor(means),
+        torch.tensor(cov),
+    )
     torch.testing.assert_close(pair_perturbation_terms(*args, chunk_elements=1), pair_perturbation_terms(*args))
 
 
@@ -128,13 +139,20 @@ def test_perturbation_and_loss_match_a_direct_computation():
     net, lad, x, y, _, _ = _setup()
     W = net.head.weight
     terms = lad.perturbation_terms(y, W)
-    expected_terms = _direct_terms(y.numpy(), COUNTS, F.normalize(W, dim=1).detach().numpy(),
-                                   lad.stats.mean.numpy(), lad.stats.cov.numpy(), [True] * 4)
+    expected_terms = _direct_terms(
+        y.numpy(),
+        COUNTS,
+        F.normalize(W, dim=1).detach().numpy(),
+        lad.stats.mean.numpy(),
+        lad.stats.cov.numpy(),
+        [True] * 4,
+    )
     np.testing.assert_allclose(terms.numpy(), expected_terms, rtol=1e-9, atol=1e-12)
     P = lad.perturbation(y, W)
     lam = lad.lam.detach().numpy()
-    np.testing.assert_allclose(P.detach().numpy(), np.einsum("bck,bk->bc", expected_terms, lam[y.numpy()]),
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        P.detach().numpy(), np.einsum("bck,bk->bc", expected_terms, lam[y.numpy()]), rtol=1e-9, atol=1e-12
+    )
     assert torch.all(P[torch.arange(len(y)), y] == 0)
     features = net(x)
     logits = 8.0 * F.normalize(features, dim=1) @ F.normalize(W, dim=1).t() + P
@@ -143,13 +161,14 @@ def test_perturbation_and_loss_match_a_direct_computation():
 
 
 def test_proportion_term_raises_the_tail_loss():
-    """With lam = 1, log(pi_c / pi_y) raises a tail example's loss and lowers a head example's (docs/loss.md section 7)."""
+    """With lam = 1, log(pi_c / pi_y) raises a tail example's loss and lowers a head example's (docs/loss.md
+    section 7)."""
     lad = MetaLAD(COUNTS, 3, scale=1.0).double()
     with torch.no_grad():
         lad.lam.copy_(torch.tensor([[1.0, 0.0, 0.0]] * 4))
     features = torch.eye(3, dtype=torch.float64)[[0, 1]]
     W = torch.eye(4, 3, dtype=torch.float64)
-    y = torch.tensor([0, 3])                                  # head, tail
+    y = torch.tensor([0, 3])  # head, tail
     plain = lad.loss(features, y, W, perturb=False, reduction="none")
     perturbed = lad.loss(features, y, W, reduction="none")
     assert perturbed[0] < plain[0] and perturbed[1] > plain[1]
@@ -158,8 +177,8 @@ def test_proportion_term_raises_the_tail_loss():
 # ----- the meta step --------------------------------------------------------------------------------------
 def test_meta_step_moves_lambda_along_the_finite_difference_and_takes_the_real_step():
     net, lad, x, y, meta_x, meta_y = _setup()
-    with torch.no_grad():                         # meta_step folds this batch in; doing it here first keeps the
-        lad.update_statistics(net(x), y)          # means and covariances unchanged by that second fold
+    with torch.no_grad():  # meta_step folds this batch in; doing it here first keeps the
+        lad.update_statistics(net(x), y)  # means and covariances unchanged by that second fold
     lam0 = lad.lam.detach().clone()
 
     def meta_loss(lam):
@@ -171,7 +190,7 @@ def test_meta_step_moves_lambda_along_the_finite_difference_and_takes_the_real_s
         step = torch.zeros_like(lam0).view(-1)
         step[k] = h
         fd.view(-1)[k] = (meta_loss(lam0 + step.view_as(lam0)) - meta_loss(lam0 - step.view_as(lam0))) / (2 * h)
-    assert fd.abs().max() > 1e-4                  # the meta loss does depend on lambda
+    assert fd.abs().max() > 1e-4  # the meta loss does depend on lambda
 
     expected_meta_loss = meta_loss(lam0)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.3)
@@ -224,7 +243,7 @@ def test_adam_meta_step_and_float32():
         out = lad.meta_step(net, x, y, x[:8], y[:8], optimizer)
     assert np.isfinite(out["loss"]) and np.isfinite(out["meta_loss"])
     changed = (lad.lam.detach() - 1.0).abs()
-    assert changed.max() > 0.005 and changed.max() <= 0.03 + 1e-6   # Adam moves each entry by ~lr per step
+    assert changed.max() > 0.005 and changed.max() <= 0.03 + 1e-6  # Adam moves each entry by ~lr per step
 
 
 def test_bad_arguments():

@@ -1,4 +1,4 @@
-"""Drop-in behaviour in real training loops (issue 10): autocast, learnable tables, double backward.
+"""Drop-in behaviour in real training loops: autocast, learnable tables, double backward.
 
 * Autocast: under ``torch.autocast`` the cosine and linear heads cast ``input``/``weight``/``bias`` to the
   autocast dtype as ``F.linear`` does; the loss and gradients equal an explicit run on the cast tensors,
@@ -8,6 +8,7 @@
 * ``double_backward=True``: the reference (correct second derivatives, gradgradcheck in fp64), a
   ``ValueError`` before any work on a fused backend; the fused backward's error names the option.
 """
+
 import warnings
 
 import pytest
@@ -21,8 +22,10 @@ C, D, B = 7, 12, 6
 
 def _backends():
     status = fm.available_backends("cpu", torch.bfloat16)
-    return [pytest.param(name, marks=pytest.mark.skipif(status[name] != "ok", reason=status[name]))
-            for name in ("reference", "cpu", "triton")]
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(status[name] != "ok", reason=status[name]))
+        for name in ("reference", "cpu", "triton")
+    ]
 
 
 def _data(seed=0, dtype=torch.float32, device="cpu"):
@@ -43,8 +46,17 @@ def _run(x, w, b, y, head, backend, cast=None, **kw):
     explicit run that autocast must match)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
     xs, ws, bs = leaves if cast is None else [t.to(cast) for t in leaves]
-    loss = fm.margin_cross_entropy(xs, y, ws, bias=bs if head == "linear" else None, head=head, scale=8.0,
-                                   class_margins=_margins(x.device), backend=backend, **kw)
+    loss = fm.margin_cross_entropy(
+        xs,
+        y,
+        ws,
+        bias=bs if head == "linear" else None,
+        head=head,
+        scale=8.0,
+        class_margins=_margins(x.device),
+        backend=backend,
+        **kw,
+    )
     grads = torch.autograd.grad(loss, leaves[:2] + (leaves[2:] if head == "linear" else []))
     return loss, grads
 
@@ -179,8 +191,11 @@ def test_double_backward_on_a_fused_backend_fails_before_any_work(monkeypatch):
 def test_fused_create_graph_error_names_the_option(path):
     """A create_graph backward gives the first-order gradients (torch.func.vjp asks for one); differentiating
     them again raises, naming the option that gives second derivatives."""
-    kwargs = {"cpu": dict(backend="cpu"), "lean": dict(class_chunk=2),
-              "reference-lean": dict(backend="reference", class_chunk=2)}[path]
+    kwargs = {
+        "cpu": dict(backend="cpu"),
+        "lean": dict(class_chunk=2),
+        "reference-lean": dict(backend="reference", class_chunk=2),
+    }[path]
     if path == "cpu" and fm.available_backends("cpu", torch.float32)["cpu"] != "ok":
         pytest.skip("no cpu backend")
     x, w, _, y = _data()
@@ -190,8 +205,14 @@ def test_fused_create_graph_error_names_the_option(path):
     (gx,) = torch.autograd.grad(loss, x, create_graph=True)
     (first,) = torch.autograd.grad(fm.margin_cross_entropy(x, y, w, **kwargs), x)
     torch.testing.assert_close(gx.detach(), first)
-    expected = "pass double_backward=True" if path == "cpu" else \
-        "memory-lean path .*first-order gradients only.*double_backward=True.*class_chunk='off' with backend='reference'"
+    expected = (
+        "pass double_backward=True"
+        if path == "cpu"
+        else (
+            "memory-lean path .*first-order gradients only.*double_backward=True.*class_chunk='off' with "
+            "backend='reference'"
+        )
+    )
     with pytest.raises(RuntimeError, match=expected):
         torch.autograd.grad(gx.sum(), w)
     with pytest.raises(RuntimeError, match=expected):
@@ -212,20 +233,39 @@ def test_double_backward_gives_correct_second_derivatives(head):
     def loss(x, w, P):
         if head == "logits":
             return fm.margin_cross_entropy(x @ w.t(), y, scale=2.0, pair_perturbation=P, double_backward=True)
-        return fm.margin_cross_entropy(x, y, w, head=head, scale=4.0, class_margins=margins,
-                                       margin_type="additive_angular" if head == "cosine" else "additive_cosine",
-                                       pair_perturbation=P, double_backward=True)
+        return fm.margin_cross_entropy(
+            x,
+            y,
+            w,
+            head=head,
+            scale=4.0,
+            class_margins=margins,
+            margin_type="additive_angular" if head == "cosine" else "additive_cosine",
+            pair_perturbation=P,
+            double_backward=True,
+        )
 
     assert torch.autograd.gradcheck(loss, (x, w, P))
     assert torch.autograd.gradgradcheck(loss, (x, w, P))
     # fp32 through the option (fused backends available or not): second derivatives exist and match fp64
     x32, w32, P32 = (t.detach().float().requires_grad_() for t in (x, w, P))
-    (gx,) = torch.autograd.grad(loss(x32, w32, P32) if head == "logits" else
-                                fm.margin_cross_entropy(x32, y, w32, head=head, scale=4.0,
-                                                        class_margins=margins.float(), pair_perturbation=P32,
-                                                        margin_type="additive_angular" if head == "cosine"
-                                                        else "additive_cosine", double_backward=True),
-                                x32, create_graph=True)
+    (gx,) = torch.autograd.grad(
+        loss(x32, w32, P32)
+        if head == "logits"
+        else fm.margin_cross_entropy(
+            x32,
+            y,
+            w32,
+            head=head,
+            scale=4.0,
+            class_margins=margins.float(),
+            pair_perturbation=P32,
+            margin_type="additive_angular" if head == "cosine" else "additive_cosine",
+            double_backward=True,
+        ),
+        x32,
+        create_graph=True,
+    )
     assert gx.requires_grad
     (hw,) = torch.autograd.grad(gx.sum(), w32)
     (gx64,) = torch.autograd.grad(loss(x, w, P), x, create_graph=True)

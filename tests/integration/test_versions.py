@@ -1,11 +1,12 @@
 """The tested torch and Triton ranges: declared once in the package metadata and in
 fused_margin.versions, refused (with a reason naming the version) when a Triton kernel is asked for."""
+
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 from fused_margin import versions
 
@@ -40,14 +41,20 @@ def test_readme_table_names_the_tested_ranges():
 
 
 def test_the_newest_triton_run_installs_the_newest_tested_release():
-    pins = [line.strip() for line in open(os.path.join(ROOT, "requirements-triton-newest.txt"))
-            if line.startswith("triton==")]
+    pins = [
+        line.strip()
+        for line in open(os.path.join(ROOT, "requirements-triton-newest.txt"))
+        if line.startswith("triton==")
+    ]
     assert len(pins) == 1 and versions.major_minor(pins[0].split("==")[1]) == versions.major_minor(
-        versions.TRITON_TESTED[1])
+        versions.TRITON_TESTED[1]
+    )
 
 
-@pytest.mark.parametrize("version, major_minor", [("3.9.0", (3, 9)), ("3.10.0+git1a2b3c", (3, 10)),
-                                                  ("2.13.0+cpu", (2, 13)), (" 3.6", (3, 6))])
+@pytest.mark.parametrize(
+    "version, major_minor",
+    [("3.9.0", (3, 9)), ("3.10.0+git1a2b3c", (3, 10)), ("2.13.0+cpu", (2, 13)), (" 3.6", (3, 6))],
+)
 def test_major_minor(version, major_minor):
     assert versions.major_minor(version) == major_minor
 
@@ -118,8 +125,7 @@ def _run(code, allow):
     env["TRITON_INTERPRET"] = "1"
     if allow:
         env[versions.ALLOW_UNTESTED_TRITON] = "1"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def test_an_untested_triton_is_refused_when_a_triton_kernel_is_asked_for():

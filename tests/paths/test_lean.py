@@ -5,23 +5,26 @@ Chunks of 7 classes put argmax ties, labels, ELM's strongest wrong class and NaN
 and in the last, partial chunk; float64 runs must match the reference to rounding, fp32 and bf16 runs are
 judged against the float64 truth as the fused kernels are (``kernel_cases``).
 """
+
 import importlib.util
 import os
 
+import kernel_cases as kc
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernel_cases as kc
-from fused_margin.core import class_split, reference
 from fused_margin import backends
-from fused_margin.paths.lean import auto_chunk, lean_margin_cross_entropy
+from fused_margin.core import class_split, reference
 from fused_margin.core.reference import margin_cross_entropy_reference
 from fused_margin.core.spec import LossTables, MarginLossSpec
-
+from fused_margin.paths.lean import auto_chunk, lean_margin_cross_entropy
 
 TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+)
+
+
 #: the lean path's kernels: eager torch everywhere; Triton where it runs (here: CPU tensors under the
 #: interpreter; the device follows the tensors, so a GPU run tests the compiled kernels on CUDA tensors)
 def _blocks(name, device_type):
@@ -30,19 +33,32 @@ def _blocks(name, device_type):
     return None if status == "ok" else status
 
 
-KERNELS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")),
+KERNELS = [
+    "reference",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU"),
+    ),
     pytest.param("cpu", marks=pytest.mark.skipif(_blocks("cpu", "cpu") is not None, reason=str(_blocks("cpu", "cpu")))),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available() or _blocks("cuda", "cuda") is not None,
-        reason="the extension was built without its CUDA kernels, or no GPU")])]
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                not torch.cuda.is_available() or _blocks("cuda", "cuda") is not None,
+                reason="the extension was built without its CUDA kernels, or no GPU",
+            ),
+        ],
+    ),
+]
 
 
 def _device(kernel):
     """The device of a kernel's tensors: CUDA for the C++ CUDA ops, and for Triton on a GPU machine (not
     under the interpreter); else the CPU."""
-    if kernel == "cuda" or (kernel == "triton" and torch.cuda.is_available()
-                            and os.environ.get("TRITON_INTERPRET") != "1"):
+    if kernel == "cuda" or (
+        kernel == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         return "cuda"
     return "cpu"
 
@@ -72,8 +88,9 @@ def _run(case, impl, dtype, chunk=7, run_dtype=None, kernel="reference"):
     if impl == "reference":
         loss, (lse, pred, hard) = margin_cross_entropy_reference(x, case["target"], w, b, spec, tables)
     else:
-        loss, lse, pred, hard = lean_margin_cross_entropy(x, case["target"].to(device), w, b, spec, tables, chunk,
-                                                          kernel=kernel)
+        loss, lse, pred, hard = lean_margin_cross_entropy(
+            x, case["target"].to(device), w, b, spec, tables, chunk, kernel=kernel
+        )
     upstream = torch.ones_like(loss) if loss.dim() == 0 else kc._upstream(loss.shape[0]).to(loss)
     grads = torch.autograd.grad(loss, [leaves[n] for n in case["grads"]], upstream)
     out = {"loss": loss.detach(), "lse": lse, "pred": pred, "hard": hard}
@@ -141,8 +158,12 @@ def _base_scores(case):
 
 
 def _logits_case(z, target, **options):
-    return {"tensors": {"input": z.double()}, "target": target, "grads": ["input"],
-            "options": dict(head="logits", input_is_cosine=True, scale=10.0, reduction="none", **options)}
+    return {
+        "tensors": {"input": z.double()},
+        "target": target,
+        "grads": ["input"],
+        "options": dict(head="logits", input_is_cosine=True, scale=10.0, reduction="none", **options),
+    }
 
 
 def test_ties_labels_and_nans_on_chunk_boundaries(kernel):
@@ -151,18 +172,18 @@ def test_ties_labels_and_nans_on_chunk_boundaries(kernel):
     across chunks, all against the reference's ``torch.argmax`` order."""
     g = torch.Generator().manual_seed(5)
     z = torch.rand(6, 50, generator=g, dtype=torch.float64) * 0.5
-    z[0, 6] = z[0, 7] = 0.9          # tie across chunks 0|1, label elsewhere
-    z[1, 13] = z[1, 14] = 0.9        # tie 1|2, label on the second: pred is 13, hard
-    z[2, 20] = 0.95                  # label 20 = last column of chunk 2 and the max
-    z[2, 27] = z[2, 41] = 0.8        # ELM's c*: tie across chunks 3 and 5
-    z[3, 49] = float("nan")          # NaN in the last, one-class chunk
-    z[4, 0] = z[4, 49] = 0.99        # tie between the first and the last class
-    z[5, :] = 0.3                    # every class tied
+    z[0, 6] = z[0, 7] = 0.9  # tie across chunks 0|1, label elsewhere
+    z[1, 13] = z[1, 14] = 0.9  # tie 1|2, label on the second: pred is 13, hard
+    z[2, 20] = 0.95  # label 20 = last column of chunk 2 and the max
+    z[2, 27] = z[2, 41] = 0.8  # ELM's c*: tie across chunks 3 and 5
+    z[3, 49] = float("nan")  # NaN in the last, one-class chunk
+    z[4, 0] = z[4, 49] = 0.99  # tie between the first and the last class
+    z[5, :] = 0.3  # every class tied
     target = torch.tensor([3, 14, 20, 49, 49, 21])
     options = dict(class_margins=None, margin_type="additive_angular", lambda_inst=1.0, lambda_elm=0.5)
     case = _logits_case(z, target, **{k: v for k, v in options.items() if k != "class_margins"})
     case["tensors"]["class_margins"] = 0.05 + 0.3 * torch.rand(50, generator=g, dtype=torch.float64)
-    dtype = torch.float32 if kernel == "triton" else torch.float64   # the Triton kernels take fp32 at most
+    dtype = torch.float32 if kernel == "triton" else torch.float64  # the Triton kernels take fp32 at most
     truth = _run(case, "reference", torch.float64, run_dtype=dtype)
     got = _run(case, "lean", dtype, chunk=7, kernel=kernel)
     assert got["pred"].tolist() == truth["pred"].tolist() == [6, 13, 20, 49, 0, 0]
@@ -177,10 +198,10 @@ def test_non_finite_inputs_follow_the_reference(value, kernel):
     as the reference (torch.logsumexp / torch.argmax semantics)."""
     g = torch.Generator().manual_seed(9)
     z = torch.randn(5, 23, generator=g, dtype=torch.float64)
-    z[0, 3] = value                  # off the target
-    z[1, 5] = value                  # on the target
-    z[2, 7:14] = value               # a whole chunk
-    z[3, :] = value                  # the whole row
+    z[0, 3] = value  # off the target
+    z[1, 5] = value  # on the target
+    z[2, 7:14] = value  # a whole chunk
+    z[3, :] = value  # the whole row
     target = torch.tensor([1, 5, 0, 2, 22])
     case = _logits_case(z, target)
     case["options"].update(input_is_cosine=False, scale=1.0)
@@ -208,8 +229,12 @@ def test_confident_rows_as_precise_as_cross_entropy(margins, kernel):
     others = (s * z).scatter(1, target[:, None], float("-inf"))
     z_y = (torch.logsumexp(others, 1) - torch.log(torch.expm1(losses))) / s + m
     z.scatter_(1, target[:, None], z_y[:, None])
-    case = {"tensors": {"input": z}, "target": target, "grads": ["input"],
-            "options": dict(head="logits", scale=s, reduction="none")}
+    case = {
+        "tensors": {"input": z},
+        "target": target,
+        "grads": ["input"],
+        "options": dict(head="logits", scale=s, reduction="none"),
+    }
     if margins:
         case["tensors"]["class_margins"] = torch.full((C,), m, dtype=torch.float64)
     truth = _run(case, "reference", torch.float64, run_dtype=torch.float32)
@@ -243,7 +268,7 @@ def test_no_batch_by_class_tensor_is_allocated(kernel):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
                     self.largest = (t.numel(), str(func))
             return out
@@ -253,11 +278,14 @@ def test_no_batch_by_class_tensor_is_allocated(kernel):
     x = torch.randn(B, D, generator=g).to(device).requires_grad_()
     w = torch.randn(C, D, generator=g).to(device).requires_grad_()
     target = torch.randint(0, C, (B,), generator=g).to(device)
-    spec = MarginLossSpec(head="cosine", scale=30.0, margin_type="additive_angular", lambda_inst=1.0,
-                          label_smoothing=0.1)
-    tables = LossTables(class_margins=(torch.rand(C, generator=g) * 0.3).to(device),
-                        logit_offset=torch.randn(C, generator=g).to(device),
-                        class_weight=(torch.rand(C, generator=g) + 0.5).to(device))
+    spec = MarginLossSpec(
+        head="cosine", scale=30.0, margin_type="additive_angular", lambda_inst=1.0, label_smoothing=0.1
+    )
+    tables = LossTables(
+        class_margins=(torch.rand(C, generator=g) * 0.3).to(device),
+        logit_offset=torch.randn(C, generator=g).to(device),
+        class_weight=(torch.rand(C, generator=g) + 0.5).to(device),
+    )
     with Sizes() as sizes:
         loss, *_ = lean_margin_cross_entropy(x, target, w, None, spec, tables, chunk=16, kernel=kernel)
         loss.backward()
@@ -278,15 +306,20 @@ def test_combine_is_associative_and_order_free():
     target = torch.randint(0, 21, (8,), generator=g)
     kept = torch.ones(8, dtype=torch.bool)
     spec = MarginLossSpec(head="logits", scale=2.0, label_smoothing=0.1)
-    parts = [class_split.block_partials(z[:, c0:c0 + 7], c0, target, kept, spec, track_wrong=True)
-             for c0 in (0, 7, 14)]
+    parts = [
+        class_split.block_partials(z[:, c0 : c0 + 7], c0, target, kept, spec, track_wrong=True) for c0 in (0, 7, 14)
+    ]
     a, b, c = parts
-    orders = [class_split.combine(class_split.combine(a, b), c), class_split.combine(a, class_split.combine(b, c)),
-              class_split.combine(c, class_split.combine(b, a))]
+    orders = [
+        class_split.combine(class_split.combine(a, b), c),
+        class_split.combine(a, class_split.combine(b, c)),
+        class_split.combine(c, class_split.combine(b, a)),
+    ]
     for other in orders[1:]:
         for name in class_split.Partials._fields:
-            torch.testing.assert_close(getattr(other, name), getattr(orders[0], name), equal_nan=True,
-                                       rtol=1e-14, atol=1e-14, msg=name)
+            torch.testing.assert_close(
+                getattr(other, name), getattr(orders[0], name), equal_nan=True, rtol=1e-14, atol=1e-14, msg=name
+            )
     assert orders[0].z_arg[0] == 3 and orders[0].z_arg[1] == 9
 
 
@@ -294,8 +327,7 @@ def test_auto_chunk():
     assert auto_chunk(2048, 65536) % 128 == 0
     assert 128 <= auto_chunk(2048, 65536) < 65536
     assert auto_chunk(4, 50) == 50
-    assert auto_chunk(10 ** 6, 10 ** 6) == 128
+    assert auto_chunk(10**6, 10**6) == 128
     # the buffers of one chunk stay within the budget
     chunk = auto_chunk(1024, 1 << 20, budget_bytes=64 << 20)
     assert 1024 * chunk * 4 * 6 <= 64 << 20
-

@@ -1,5 +1,6 @@
 """The memory-lean path through the public API: ``class_chunk`` of margin_cross_entropy and the modules
 (auto threshold, forced, off, validation), same results as the row-kernel path, no B x C allocation."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,7 +28,7 @@ class _Shapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.sizes.append((str(func), t.numel()))
         return out
@@ -44,8 +45,15 @@ def test_forced_chunk_matches_default_path(backend, chunk):
     outs = []
     for class_chunk in ("off", chunk):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, aux = fm.dbm_loss(xx, y, ww, backend="reference" if class_chunk == "off" else backend,
-                                class_chunk=class_chunk, return_aux=True, **kw)
+        loss, aux = fm.dbm_loss(
+            xx,
+            y,
+            ww,
+            backend="reference" if class_chunk == "off" else backend,
+            class_chunk=class_chunk,
+            return_aux=True,
+            **kw,
+        )
         loss.backward()
         outs.append((loss, aux.lse, aux.pred, aux.hard, xx.grad, ww.grad))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
@@ -69,12 +77,12 @@ def test_auto_switches_on_the_threshold(monkeypatch):
     monkeypatch.setattr(functional, "lean_margin_cross_entropy", spy)
     x, w, y, counts = _case(dtype=torch.float32)
     fm.dbm_loss(x, y, w, class_counts=counts, backend="cpu")
-    assert calls == []                      # 12 x 50 fp32 is far below 64 MiB
+    assert calls == []  # 12 x 50 fp32 is far below 64 MiB
     monkeypatch.setattr(functional, "LEAN_THRESHOLD_BYTES", 12 * 50 * 4 - 1)
     fm.dbm_loss(x, y, w, class_counts=counts, backend="cpu")
-    assert calls == [None]                  # auto chunk
+    assert calls == [None]  # auto chunk
     fm.dbm_loss(x, y, w, class_counts=counts, backend="cpu", class_chunk="off")
-    fm.dbm_loss(x, y, w, class_counts=counts, backend="reference")   # the oracle never switches by itself
+    fm.dbm_loss(x, y, w, class_counts=counts, backend="reference")  # the oracle never switches by itself
     fm.dbm_loss(torch.rand(12, 50) * 2 - 1, y, class_counts=counts, backend="cpu")  # logits head: no switch
     assert calls == [None]
     fm.dbm_loss(x, y, w, class_counts=counts, backend="reference", class_chunk=9)
@@ -125,8 +133,9 @@ def test_torch_func_grad_and_vjp_through_the_lean_path(kwargs):
     margins = fm.ldam_margins(counts).double()
 
     def loss_fn(x, w):
-        return fm.margin_cross_entropy(x, y, w, scale=8.0, class_margins=margins, lambda_inst=1.0,
-                                       margin_type="additive_angular", **kwargs)
+        return fm.margin_cross_entropy(
+            x, y, w, scale=8.0, class_margins=margins, lambda_inst=1.0, margin_type="additive_angular", **kwargs
+        )
 
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss_fn(xr, wr).backward()
@@ -155,6 +164,10 @@ def test_jacrev_names_the_backend_that_supports_it(backend):
             torch.func.jacrev(lambda x: fm.margin_cross_entropy(x, y, w, reduction="none", backend="cpu"))(x)
         return
     jac = torch.func.jacrev(lambda x: fm.margin_cross_entropy(x, y, w, reduction="none", backend="reference"))(x)
-    rows = [torch.autograd.grad(fm.margin_cross_entropy(x.requires_grad_(), y, w, reduction="none",
-                                                        backend="reference")[i], x)[0] for i in range(4)]
+    rows = [
+        torch.autograd.grad(
+            fm.margin_cross_entropy(x.requires_grad_(), y, w, reduction="none", backend="reference")[i], x
+        )[0]
+        for i in range(4)
+    ]
     torch.testing.assert_close(jac, torch.stack(rows))

@@ -10,20 +10,36 @@ Inside our own ops, the launches are: C++ CPU, one parallel region each (no devi
 row_forward 2 (the row kernel, the reduction), row_backward 1 or 2 (+ the sums kernel when the
 projections or column sums are asked for), row_norms 1; Triton the same.
 """
+
 import collections
 
 import pytest
 import torch
-
-from fused_margin.config import CONFIG
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_margin as fm
 from fused_margin import backends
+from fused_margin.config import CONFIG
 
 #: ops that only re-view memory (no kernel on any device)
-VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "detach", "alias", "slice", "select",
-         "unsqueeze", "squeeze", "permute", "reshape", "_reshape_alias", "lift_fresh"}
+VIEWS = {
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "expand",
+    "as_strided",
+    "detach",
+    "alias",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "reshape",
+    "_reshape_alias",
+    "lift_fresh",
+}
 #: allocations: no kernel on any device (the caching allocator), so outside the budget; the fused path's
 #: only one is the padded B x C buffer of the GEMM output (fused.class_padded_mm)
 ALLOCATIONS = {"empty", "new_empty", "empty_strided", "empty_like"}
@@ -79,13 +95,22 @@ def _case(name, backend):
         omega = torch.ones(C, requires_grad=True)
         beta = torch.zeros(C, requires_grad=True)
         learnable = [x, omega, beta]
-        call = lambda: fm.margin_cross_entropy(x, y, w, head="linear", omega=omega, beta=beta,  # noqa: E731
-                                               backend=backend, class_chunk="off")
+        call = lambda: fm.margin_cross_entropy(
+            x,
+            y,
+            w,
+            head="linear",
+            omega=omega,
+            beta=beta,  # noqa: E731
+            backend=backend,
+            class_chunk="off",
+        )
 
     def step():
         for t in learnable:
             t.grad = None
         call().backward()
+
     return step, learnable
 
 
@@ -133,17 +158,23 @@ def test_the_cpu_step_needs_one_class_matrix_less_when_the_forward_forms_the_gra
     """With the grad_in_forward switch (the default), the cpu backend's forward writes dL/draw over the GEMM output,
     so a step's peak memory (torch.profiler's allocation events, as the benchmark measures it) is one
     B x C fp32 buffer lower than with the separate row backward, which allocates dL/draw anew."""
-    from fused_margin.paths import fused
     from fused_margin.bench.cases import InputSet
     from fused_margin.bench.measure import Op, peak_extra_mib
+    from fused_margin.paths import fused
 
     if backends.available_backends("cpu")["cpu"] != "ok":
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(0)
-    module = fm.DBMLoss(class_counts=torch.randint(1, 500, (C,), generator=g), variant="bs", backend="cpu",
-                        class_chunk="off")
-    inputs = [InputSet(torch.randn(B, D, generator=g, requires_grad=True),
-                       torch.randn(C, D, generator=g, requires_grad=True), torch.randint(0, C, (B,), generator=g))]
+    module = fm.DBMLoss(
+        class_counts=torch.randint(1, 500, (C,), generator=g), variant="bs", backend="cpu", class_chunk="off"
+    )
+    inputs = [
+        InputSet(
+            torch.randn(B, D, generator=g, requires_grad=True),
+            torch.randn(C, D, generator=g, requires_grad=True),
+            torch.randint(0, C, (B,), generator=g),
+        )
+    ]
     op = Op("fwdbwd", inputs, lambda x, w, y: module(x, y, w))
     peaks = {}
     for flag in (True, False):
@@ -187,4 +218,3 @@ def test_labels_out_of_range_are_named_by_the_row_kernels(backend):
     y = torch.tensor([0, C, 1])
     with pytest.raises(ValueError, match=rf"target\[1\] = {C} is out of range: labels must be in \[0, {C}\)"):
         fm.margin_cross_entropy(x, y, w, backend=backend, class_chunk="off")
-

@@ -6,16 +6,17 @@ float64 truth; loss, lse, pred, hard and every gradient (input, weight, bias, lo
 pair_perturbation, omega, beta), with every subset of trainable tensors that picks a different backward
 path; plus float64 gradcheck through the plumbing.
 """
+
 import math
 
 import pytest
+import row_torch
 import torch
 import torch.nn.functional as F
 
-from fused_margin.paths import fused
 from fused_margin.core import reference
-import row_torch
 from fused_margin.core.spec import LossTables, MarginLossSpec
+from fused_margin.paths import fused
 
 KERNEL = row_torch.ROW_KERNEL
 F64 = torch.float64
@@ -73,17 +74,19 @@ def run(kernel, x, target, weight, bias, tables, spec, requires, grad_out):
     tabs = LossTables(**{k: leaves.get(k, v) for k, v in tables.items()})
     if kernel is None:
         loss, (lse, pred, hard) = reference.margin_cross_entropy_reference(
-            leaves["input"], target, leaves.get("weight"), leaves.get("bias"), spec, tabs)
+            leaves["input"], target, leaves.get("weight"), leaves.get("bias"), spec, tabs
+        )
     else:
         loss, lse, pred, hard = fused.fused_margin_cross_entropy(
-            kernel, leaves["input"], target, leaves.get("weight"), leaves.get("bias"), spec, tabs)
+            kernel, leaves["input"], target, leaves.get("weight"), leaves.get("bias"), spec, tabs
+        )
     names = [k for k in leaves if k in requires]
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], grad_out.to(loss.dtype)) if names else ()
     return loss.detach(), lse, pred, hard, dict(zip(names, grads))
 
 
 def cast(x, target, weight, bias, tables, dtype):
-    c = (lambda t: None if t is None else t.to(dtype))
+    c = lambda t: None if t is None else t.to(dtype)
     return c(x), target, c(weight), c(bias), {k: c(v) for k, v in tables.items()}
 
 
@@ -110,8 +113,7 @@ def check_no_near_ties(z, gap=1e-4):
 
 
 def compare(head, spec_kwargs, tables_on, requires, dtype, seed=0):
-    x, target, weight, bias, tables = make_inputs(head, tables_on, seed=seed,
-                                                  ignore="ignore" in tables_on)
+    x, target, weight, bias, tables = make_inputs(head, tables_on, seed=seed, ignore="ignore" in tables_on)
     spec = MarginLossSpec(head=head, input_is_cosine=head == "logits", **spec_kwargs)
     z = base_scores(x, weight, bias, head, tables)
     check_no_near_ties(z)
@@ -132,8 +134,11 @@ def compare(head, spec_kwargs, tables_on, requires, dtype, seed=0):
         # acos near +-1 amplifies the rounding of the cosine), no more than twice the reference's error
         rel = 1e-5
         ref = run(None, *narrow, spec, requires, grad_out)
-        floors = {"loss": max_err(ref[0], truth[0]), "lse": max_err(ref[1], truth[1]),
-                  **{name: max_err(g, truth[4][name]) for name, g in ref[4].items()}}
+        floors = {
+            "loss": max_err(ref[0], truth[0]),
+            "lse": max_err(ref[1], truth[1]),
+            **{name: max_err(g, truth[4][name]) for name, g in ref[4].items()},
+        }
     assert_rel(loss, truth[0], rel, "loss", 2 * floors.get("loss", 0.0))
     assert_rel(lse, truth[1], rel, "lse", 2 * floors.get("lse", 0.0))
     assert set(grads) == set(truth[4])
@@ -162,23 +167,39 @@ def leaf_names(head, tables_on):
 # ---- every combination of the scalar options, with every table on ----------------------------------------
 
 ALL_TABLES = ("class_margins", "logit_offset", "pair_perturbation", "class_weight", "omega", "beta", "ignore")
-MARGINS = [("additive_cosine", None), ("additive_angular", None), ("additive_angular", "threshold"),
-           ("additive_angular", "easy")]
-FULL = [(head, mt, fold, mg, hm, red)
-        for head in ("cosine", "linear", "logits")
-        for mt, fold in MARGINS if not (head == "linear" and mt == "additive_angular")
-        for mg in ("exact", "straight_through")
-        for hm in ("hard", "all")
-        for red in ("mean", "sum", "none")]
+MARGINS = [
+    ("additive_cosine", None),
+    ("additive_angular", None),
+    ("additive_angular", "threshold"),
+    ("additive_angular", "easy"),
+]
+FULL = [
+    (head, mt, fold, mg, hm, red)
+    for head in ("cosine", "linear", "logits")
+    for mt, fold in MARGINS
+    if not (head == "linear" and mt == "additive_angular")
+    for mg in ("exact", "straight_through")
+    for hm in ("hard", "all")
+    for red in ("mean", "sum", "none")
+]
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("head,margin_type,fold,margin_grad,hard_mode,reduction", FULL,
-                         ids=["-".join(str(v) for v in case) for case in FULL])
+@pytest.mark.parametrize(
+    "head,margin_type,fold,margin_grad,hard_mode,reduction", FULL, ids=["-".join(str(v) for v in case) for case in FULL]
+)
 def test_every_option_combination(head, margin_type, fold, margin_grad, hard_mode, reduction, dtype):
-    spec_kwargs = dict(scale=8.0, margin_type=margin_type, angular_fold=fold, margin_grad=margin_grad,
-                       hard_mode=hard_mode, reduction=reduction, lambda_inst=1.0, lambda_elm=0.5,
-                       label_smoothing=0.1)
+    spec_kwargs = dict(
+        scale=8.0,
+        margin_type=margin_type,
+        angular_fold=fold,
+        margin_grad=margin_grad,
+        hard_mode=hard_mode,
+        reduction=reduction,
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        label_smoothing=0.1,
+    )
     compare(head, spec_kwargs, ALL_TABLES, leaf_names(head, ALL_TABLES), dtype)
 
 
@@ -214,9 +235,13 @@ def requires_for(mode, head, tables_on):
     return tables or {"bias"} & set(names) or {"weight"} & set(names) or {"input"}
 
 
-SINGLE_CASES = [(head, option, mode) for head in ("cosine", "linear", "logits") for option in SINGLE
-                for mode in GRAD_MODES
-                if not (head == "linear" and SINGLE[option][1].get("margin_type") == "additive_angular")]
+SINGLE_CASES = [
+    (head, option, mode)
+    for head in ("cosine", "linear", "logits")
+    for option in SINGLE
+    for mode in GRAD_MODES
+    if not (head == "linear" and SINGLE[option][1].get("margin_type") == "additive_angular")
+]
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
@@ -259,8 +284,9 @@ def test_zero_feature_row_and_parallel_rows_match_the_reference():
     target = torch.tensor(TARGET)
     tables = {"class_margins": torch.full((C,), 0.3, dtype=F64)}
     for fold in (None, "threshold", "easy"):
-        spec = MarginLossSpec(head="cosine", scale=16.0, margin_type="additive_angular", angular_fold=fold,
-                              lambda_inst=1.0)
+        spec = MarginLossSpec(
+            head="cosine", scale=16.0, margin_type="additive_angular", angular_fold=fold, lambda_inst=1.0
+        )
         truth = run(None, x, target, weight, None, tables, spec, {"input", "weight"}, torch.tensor(1.0, dtype=F64))
         got = run(KERNEL, x, target, weight, None, tables, spec, {"input", "weight"}, torch.tensor(1.0, dtype=F64))
         assert torch.isfinite(got[0]) and all(torch.isfinite(g).all() for g in got[4].values())
@@ -289,8 +315,15 @@ def test_exact_ties_go_to_the_first_index(head):
         x[:, 4] = x[:, 2] = x[:, 6] = 0.9
         margin_type = "additive_angular"
     tables = {"class_margins": torch.linspace(0.1, 0.4, C, dtype=F64)}
-    spec = MarginLossSpec(head=head, input_is_cosine=head == "logits", scale=0.5, margin_type=margin_type,
-                          lambda_inst=1.0, lambda_elm=0.5, reduction="none")
+    spec = MarginLossSpec(
+        head=head,
+        input_is_cosine=head == "logits",
+        scale=0.5,
+        margin_type=margin_type,
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        reduction="none",
+    )
     z = base_scores(x, weight, None, head, tables)
     assert torch.equal(z[:, 2], z[:, 4]) and torch.equal(z[:, 2], z[:, 6])
     assert (z[:, 2:3] > torch.cat([z[:, :2], z[:, 3:4], z[:, 5:6]], 1)).all()
@@ -314,8 +347,7 @@ def test_half_precision_inputs(dtype):
     ulp = torch.finfo(dtype).eps
     checked = 0
     for seed in range(40):
-        x, target, weight, _, tables = cast(*make_inputs("cosine", ("class_margins", "logit_offset"), seed=seed),
-                                            dtype)
+        x, target, weight, _, tables = cast(*make_inputs("cosine", ("class_margins", "logit_offset"), seed=seed), dtype)
         wide = cast(x, target, weight, None, tables, F64)
         z = base_scores(wide[0], wide[2], None, "cosine", wide[4])
         gaps = z.sort(dim=1).values.diff(dim=1)
@@ -362,17 +394,30 @@ def assert_away_from_switches(z, target, spec, tables, gap=1e-4):
         folded = (c <= edge) & kept
         assert folded.any() and (~folded & kept).any(), "both sides of the fold must be exercised"
 
-GRADCHECK = [(head, mt, fold) for head in ("cosine", "linear", "logits") for mt, fold in MARGINS
-             if not (head == "linear" and mt == "additive_angular")]
+
+GRADCHECK = [
+    (head, mt, fold)
+    for head in ("cosine", "linear", "logits")
+    for mt, fold in MARGINS
+    if not (head == "linear" and mt == "additive_angular")
+]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("head,margin_type,fold", GRADCHECK, ids=["-".join(str(v) for v in c) for c in GRADCHECK])
 def test_gradcheck_through_the_plumbing(head, margin_type, fold, reduction):
     x, target, weight, bias, tables = make_inputs(head, ALL_TABLES)
-    spec = MarginLossSpec(head=head, input_is_cosine=head == "logits", scale=4.0, margin_type=margin_type,
-                          angular_fold=fold, lambda_inst=1.0, lambda_elm=0.5, label_smoothing=0.1,
-                          reduction=reduction)
+    spec = MarginLossSpec(
+        head=head,
+        input_is_cosine=head == "logits",
+        scale=4.0,
+        margin_type=margin_type,
+        angular_fold=fold,
+        lambda_inst=1.0,
+        lambda_elm=0.5,
+        label_smoothing=0.1,
+        reduction=reduction,
+    )
     assert_away_from_switches(base_scores(x, weight, bias, head, tables), target, spec, tables)
 
     names = leaf_names(head, ALL_TABLES)
@@ -383,8 +428,9 @@ def test_gradcheck_through_the_plumbing(head, margin_type, fold, reduction):
     def fn(*args):
         bound = dict(zip(names, args))
         tabs = LossTables(**fixed, **{k: bound[k] for k in TRAINABLE if k in bound})
-        return fused.fused_margin_cross_entropy(KERNEL, bound["input"], target, bound.get("weight"),
-                                                bound.get("bias"), spec, tabs)[0]
+        return fused.fused_margin_cross_entropy(
+            KERNEL, bound["input"], target, bound.get("weight"), bound.get("bias"), spec, tabs
+        )[0]
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
 

@@ -4,6 +4,7 @@
 Every check runs inside the spawned ranks; a failed assertion on any rank fails the test with that
 rank's traceback (``torch.multiprocessing.spawn`` re-raises it).
 """
+
 import datetime
 import gc
 import os
@@ -17,8 +18,9 @@ import torch.multiprocessing as mp
 import fused_margin as fm
 from fused_margin import distributed as fmd
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 def _spawn(worker, world, *args):
@@ -33,8 +35,9 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 def _init(rank, world, store):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+    )
 
 
 def _finish():
@@ -49,8 +52,15 @@ def _finish():
 class _Counter:
     """Counts the collectives ``fused_margin.distributed`` issues (they are looked up on ``dist``)."""
 
-    NAMES = ("all_gather", "all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
-             "reduce", "all_to_all")
+    NAMES = (
+        "all_gather",
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "all_gather_into_tensor",
+        "broadcast",
+        "reduce",
+        "all_to_all",
+    )
 
     def __init__(self):
         self.counts = {}
@@ -64,6 +74,7 @@ class _Counter:
             def wrapped(*args, _name=name, _original=original, **kwargs):
                 self.counts[_name] = self.counts.get(_name, 0) + 1
                 return _original(*args, **kwargs)
+
             setattr(dist, name, wrapped)
         return self
 
@@ -91,15 +102,25 @@ def _case_data(seed, B, C, D, ties=False):
 
 
 CASES = {
-    "dbm_bs": dict(scale=30.0, margin_type="additive_angular", lambda_inst=1.0, tables=("class_margins", "logit_offset")),
-    "elm_smoothing_weighted": dict(scale=16.0, lambda_elm=1.0, label_smoothing=0.1,
-                                   tables=("class_margins", "class_weight")),
-    "arcface_threshold_sum": dict(scale=64.0, margin_type="additive_angular", angular_fold="threshold",
-                                  reduction="sum", tables=("class_margins",)),
+    "dbm_bs": dict(
+        scale=30.0, margin_type="additive_angular", lambda_inst=1.0, tables=("class_margins", "logit_offset")
+    ),
+    "elm_smoothing_weighted": dict(
+        scale=16.0, lambda_elm=1.0, label_smoothing=0.1, tables=("class_margins", "class_weight")
+    ),
+    "arcface_threshold_sum": dict(
+        scale=64.0, margin_type="additive_angular", angular_fold="threshold", reduction="sum", tables=("class_margins",)
+    ),
     "ldam_none_ignored": dict(scale=30.0, reduction="none", ignored=True, tables=("class_margins", "class_weight")),
     "linear_head": dict(head="linear", scale=1.0, label_smoothing=0.05, tables=("logit_offset",)),
-    "dbm_all_hard_mode": dict(scale=30.0, margin_type="additive_angular", lambda_inst=1.0, hard_mode="all",
-                              ignored=True, tables=("class_margins",)),
+    "dbm_all_hard_mode": dict(
+        scale=30.0,
+        margin_type="additive_angular",
+        lambda_inst=1.0,
+        hard_mode="all",
+        ignored=True,
+        tables=("class_margins",),
+    ),
 }
 
 
@@ -113,26 +134,38 @@ def _run_case(rank, world, name, shards, rows, dtype, chunk):
     if ignored:
         y[2] = -100
         y[B - 1] = -100
-    tables = {"class_margins": 0.05 + 0.3 * torch.rand(C, generator=g, dtype=torch.float64),
-              "logit_offset": torch.log(torch.rand(C, generator=g, dtype=torch.float64) + 0.01),
-              "class_weight": 0.2 + 2.0 * torch.rand(C, generator=g, dtype=torch.float64)}
+    tables = {
+        "class_margins": 0.05 + 0.3 * torch.rand(C, generator=g, dtype=torch.float64),
+        "logit_offset": torch.log(torch.rand(C, generator=g, dtype=torch.float64) + 0.01),
+        "class_weight": 0.2 + 2.0 * torch.rand(C, generator=g, dtype=torch.float64),
+    }
     tables = {k: v for k, v in tables.items() if k in table_names}
 
     # the single-process truth (float64 reference on the full classifier)
     Xr, Wr = X.clone().requires_grad_(), W.clone().requires_grad_()
-    loss_r, aux_r = fm.margin_cross_entropy(Xr, y, Wr, head=head, backend="reference", return_aux=True,
-                                            **tables, **opts)
+    loss_r, aux_r = fm.margin_cross_entropy(
+        Xr, y, Wr, head=head, backend="reference", return_aux=True, **tables, **opts
+    )
     upstream = torch.ones_like(loss_r) if loss_r.dim() == 0 else torch.linspace(0.5, 1.5, B, dtype=torch.float64)
     gX, gW = torch.autograd.grad(loss_r, [Xr, Wr], upstream)
 
     start_row = sum(rows[:rank])
     class_start, count = shards[rank]
-    x = X[start_row:start_row + rows[rank]].to(dtype).requires_grad_()
-    w = W[class_start:class_start + count].to(dtype).requires_grad_()
+    x = X[start_row : start_row + rows[rank]].to(dtype).requires_grad_()
+    w = W[class_start : class_start + count].to(dtype).requires_grad_()
     with _Counter() as counter:
         loss, aux = fmd.sharded_margin_cross_entropy(
-            x, y[start_row:start_row + rows[rank]], w, class_start=class_start, num_classes=C, head=head,
-            class_chunk=chunk, return_aux=True, **{k: v.to(dtype) for k, v in tables.items()}, **opts)
+            x,
+            y[start_row : start_row + rows[rank]],
+            w,
+            class_start=class_start,
+            num_classes=C,
+            head=head,
+            class_chunk=chunk,
+            return_aux=True,
+            **{k: v.to(dtype) for k, v in tables.items()},
+            **opts,
+        )
         forward_counts = dict(counter.counts)
         loss.backward(upstream.to(loss.dtype))
     backward_counts = {k: counter.counts[k] - forward_counts.get(k, 0) for k in counter.counts}
@@ -145,11 +178,21 @@ def _run_case(rank, world, name, shards, rows, dtype, chunk):
     assert torch.equal(aux.pred, aux_r.pred), (name, aux.pred, aux_r.pred)
     assert torch.equal(aux.hard, aux_r.hard), name
     scale = max(gX.abs().max().item(), 1e-30)
-    torch.testing.assert_close(x.grad.double(), gX[start_row:start_row + rows[rank]], rtol=tol["rtol"],
-                               atol=tol["atol"] * scale * 10, msg=f"{name}: grad of this rank's rows")
+    torch.testing.assert_close(
+        x.grad.double(),
+        gX[start_row : start_row + rows[rank]],
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale * 10,
+        msg=f"{name}: grad of this rank's rows",
+    )
     scale = max(gW.abs().max().item(), 1e-30)
-    torch.testing.assert_close(w.grad.double(), gW[class_start:class_start + count], rtol=tol["rtol"],
-                               atol=tol["atol"] * scale * 10, msg=f"{name}: grad of this rank's shard")
+    torch.testing.assert_close(
+        w.grad.double(),
+        gW[class_start : class_start + count],
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale * 10,
+        msg=f"{name}: grad of this rank's shard",
+    )
     if name == "dbm_bs":
         # the boundary ties: row 0 picks class 6 over 7 across the shards; row 1 (label 6, tied with 12)
         assert aux.pred[0].item() == aux_r.pred[0].item() == 6
@@ -190,19 +233,21 @@ def _errors_worker(rank, world, store):
             call = dict(input=x, target=y, weight_shard=w, class_start=5 * rank, num_classes=10)
             call.update(kwargs)
             with pytest.raises(ValueError, match=message):
-                fmd.sharded_margin_cross_entropy(call.pop("input"), call.pop("target"), call.pop("weight_shard"),
-                                                 **call)
+                fmd.sharded_margin_cross_entropy(
+                    call.pop("input"), call.pop("target"), call.pop("weight_shard"), **call
+                )
 
-        expect("tile", class_start=3 * rank)                              # overlapping shards
-        expect("tile", class_start=6 * rank)                              # a gap
+        expect("tile", class_start=3 * rank)  # overlapping shards
+        expect("tile", class_start=6 * rank)  # a gap
         expect(r"disagree on num_classes \(rank 0: 10, rank 1: 11\)", num_classes=10 + rank)
         expect(r"disagree on scale \(rank 0: 30.0, rank 1: 31.0\)", scale=30.0 + rank)
         bad = y.clone()
         bad[2] = 10 if rank == 1 else 2
         expect(r"target\[2\] = 10 on rank 1 is out of range", target=bad)
         with pytest.raises(ValueError, match="does not support pair_perturbation"):
-            fmd.sharded_margin_cross_entropy(x, y, w, class_start=5 * rank, num_classes=10,
-                                             pair_perturbation=torch.zeros(3, 10))
+            fmd.sharded_margin_cross_entropy(
+                x, y, w, class_start=5 * rank, num_classes=10, pair_perturbation=torch.zeros(3, 10)
+            )
         # after the errors the group still works: a valid call on every rank
         loss = fmd.sharded_margin_cross_entropy(x, y, w, class_start=5 * rank, num_classes=10, scale=2.0)
         assert torch.isfinite(loss)
@@ -242,45 +287,78 @@ def _faults_worker(rank, world, store):
         def run(**kwargs):
             call = dict(input=x, target=y, weight_shard=w, class_start=5 * rank, num_classes=C, scale=30.0)
             call.update(kwargs)
-            return fmd.sharded_margin_cross_entropy(call.pop("input"), call.pop("target"), call.pop("weight_shard"),
-                                                    **call)
+            return fmd.sharded_margin_cross_entropy(
+                call.pop("input"), call.pop("target"), call.pop("weight_shard"), **call
+            )
 
-        _same_error_on_every_rank(ValueError, r"rank 1: scale must be > 0, got -1.0",
-                                  lambda: run(scale=30.0 if not one else -1.0))
-        _same_error_on_every_rank(TypeError, r"rank 1: target must be an int64 tensor of shape \(3,\), got "
-                                             r"torch.int32", lambda: run(target=y.int() if one else y))
-        _same_error_on_every_rank(ValueError, "rank 1: sharded_margin_cross_entropy does not support "
-                                              "pair_perturbation",
-                                  lambda: run(pair_perturbation=torch.zeros(3, C) if one else None))
-        _same_error_on_every_rank(TypeError, r"rank 1: .*unexpected keyword argument\(s\) \['lable_smoothing'\]",
-                                  lambda: run(**({"lable_smoothing": 0.1} if one else {})))
-        _same_error_on_every_rank(TypeError, r"rank 0: input must be a 2-D floating-point tensor; rank 1: weight_shard",
-                                  lambda: run(input=x[0]) if not one else run(weight_shard=w[0]))
+        _same_error_on_every_rank(
+            ValueError, r"rank 1: scale must be > 0, got -1.0", lambda: run(scale=30.0 if not one else -1.0)
+        )
+        _same_error_on_every_rank(
+            TypeError,
+            r"rank 1: target must be an int64 tensor of shape \(3,\), got "
+            r"torch.int32",
+            lambda: run(target=y.int() if one else y),
+        )
+        _same_error_on_every_rank(
+            ValueError,
+            "rank 1: sharded_margin_cross_entropy does not support pair_perturbation",
+            lambda: run(pair_perturbation=torch.zeros(3, C) if one else None),
+        )
+        _same_error_on_every_rank(
+            TypeError,
+            r"rank 1: .*unexpected keyword argument\(s\) \['lable_smoothing'\]",
+            lambda: run(**({"lable_smoothing": 0.1} if one else {})),
+        )
+        _same_error_on_every_rank(
+            TypeError,
+            r"rank 0: input must be a 2-D floating-point tensor; rank 1: weight_shard",
+            lambda: run(input=x[0]) if not one else run(weight_shard=w[0]),
+        )
         # tables: present on one rank only, different values (DRW weights of different epochs), NaN
         message = _same_error_on_every_rank(
-            ValueError, r"the ranks disagree on class_margins \(rank 0: a table with fingerprint \d+, rank 1: "
-                        r"not given\)", lambda: run(class_margins=None if one else margins))
+            ValueError,
+            r"the ranks disagree on class_margins \(rank 0: a table with fingerprint \d+, rank 1: "
+            r"not given\)",
+            lambda: run(class_margins=None if one else margins),
+        )
         assert "logit_offset" not in message
-        weights = fm.drw_weights(torch.tensor([50, 30, 20, 10, 8, 5, 4, 3, 2, 1]), epoch=0 if one else 200,
-                                 step=160).double()
-        _same_error_on_every_rank(ValueError, r"the ranks disagree on class_weight \(rank 0: a table with "
-                                              r"fingerprint \d+, rank 1: a table with fingerprint \d+\)",
-                                  lambda: run(class_weight=weights))
+        weights = fm.drw_weights(
+            torch.tensor([50, 30, 20, 10, 8, 5, 4, 3, 2, 1]), epoch=0 if one else 200, step=160
+        ).double()
+        _same_error_on_every_rank(
+            ValueError,
+            r"the ranks disagree on class_weight \(rank 0: a table with "
+            r"fingerprint \d+, rank 1: a table with fingerprint \d+\)",
+            lambda: run(class_weight=weights),
+        )
         nan_margins = margins.clone()
         nan_margins[6] = float("nan")
-        _same_error_on_every_rank(ValueError, r"class_margins must be finite, got class_margins\[6\] = nan",
-                                  lambda: run(class_margins=nan_margins))
+        _same_error_on_every_rank(
+            ValueError,
+            r"class_margins must be finite, got class_margins\[6\] = nan",
+            lambda: run(class_margins=nan_margins),
+        )
         inf_offset = torch.zeros(C, dtype=torch.float64)
         inf_offset[2] = float("inf")
-        _same_error_on_every_rank(ValueError, r"logit_offset must be finite, got logit_offset\[2\] = inf",
-                                  lambda: run(logit_offset=inf_offset))
+        _same_error_on_every_rank(
+            ValueError,
+            r"logit_offset must be finite, got logit_offset\[2\] = inf",
+            lambda: run(logit_offset=inf_offset),
+        )
         # hyperparameters and dtypes by name, with each rank's value
-        _same_error_on_every_rank(ValueError, r"the ranks disagree on margin_type \(rank 0: 'additive_cosine', "
-                                              r"rank 1: 'additive_angular'\)",
-                                  lambda: run(margin_type="additive_angular" if one else "additive_cosine"))
-        _same_error_on_every_rank(ValueError, r"the ranks disagree on the dtype \(rank 0: torch.float64, rank 1: "
-                                              r"torch.float32\)",
-                                  lambda: run(input=x.float() if one else x, weight_shard=w.float() if one else w))
+        _same_error_on_every_rank(
+            ValueError,
+            r"the ranks disagree on margin_type \(rank 0: 'additive_cosine', "
+            r"rank 1: 'additive_angular'\)",
+            lambda: run(margin_type="additive_angular" if one else "additive_cosine"),
+        )
+        _same_error_on_every_rank(
+            ValueError,
+            r"the ranks disagree on the dtype \(rank 0: torch.float64, rank 1: "
+            r"torch.float32\)",
+            lambda: run(input=x.float() if one else x, weight_shard=w.float() if one else w),
+        )
         # equal tables, passed as different tensors (and dtypes): no error, and the group still works
         loss = run(class_margins=margins.clone() if one else margins, class_weight=weights if False else None)
         assert torch.isfinite(loss)
@@ -307,13 +385,21 @@ def _transforms_worker(rank, world, store):
         Y = torch.randint(0, C, (8,), generator=g)
         shards = fmd.even_shards(C, world)
         start, count = shards[rank]
-        x, y, w = X[4 * rank:4 * rank + 4], Y[4 * rank:4 * rank + 4], W[start:start + count]
+        x, y, w = X[4 * rank : 4 * rank + 4], Y[4 * rank : 4 * rank + 4], W[start : start + count]
         margins = torch.linspace(0.1, 0.4, C, dtype=torch.float64)
 
         def loss_fn(x, w):
-            return fmd.sharded_margin_cross_entropy(x, y, w, class_start=start, num_classes=C, scale=8.0,
-                                                    class_margins=margins, lambda_inst=1.0,
-                                                    margin_type="additive_angular")
+            return fmd.sharded_margin_cross_entropy(
+                x,
+                y,
+                w,
+                class_start=start,
+                num_classes=C,
+                scale=8.0,
+                class_margins=margins,
+                lambda_inst=1.0,
+                margin_type="additive_angular",
+            )
 
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         loss = loss_fn(xr, wr)
@@ -362,21 +448,31 @@ def _classifier_and_ddp_worker(rank, world, store):
         inputs = torch.randn(world * B_r, 7, generator=g, dtype=torch.float64)
         labels = torch.randint(0, C, (world * B_r,), generator=g)
         mine = slice(rank * B_r, (rank + 1) * B_r)
-        loss = head(ddp(inputs[mine]), labels[mine], scale=16.0, class_margins=torch.full((C,), 0.2,
-                                                                                          dtype=torch.float64),
-                    backbone_ddp=True)
+        loss = head(
+            ddp(inputs[mine]),
+            labels[mine],
+            scale=16.0,
+            class_margins=torch.full((C,), 0.2, dtype=torch.float64),
+            backbone_ddp=True,
+        )
         loss.backward()
 
         W = full.clone().requires_grad_()
-        loss_r = fm.margin_cross_entropy(reference_backbone(inputs), labels, W, scale=16.0,
-                                         class_margins=torch.full((C,), 0.2, dtype=torch.float64),
-                                         backend="reference")
+        loss_r = fm.margin_cross_entropy(
+            reference_backbone(inputs),
+            labels,
+            W,
+            scale=16.0,
+            class_margins=torch.full((C,), 0.2, dtype=torch.float64),
+            backend="reference",
+        )
         loss_r.backward()
         torch.testing.assert_close(loss, loss_r.detach(), rtol=1e-12, atol=1e-14)
         for p, p_ref in zip(backbone.parameters(), reference_backbone.parameters()):
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(head.weight.grad, W.grad[head.class_start:head.class_start + head.num_local],
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            head.weight.grad, W.grad[head.class_start : head.class_start + head.num_local], rtol=1e-10, atol=1e-12
+        )
     finally:
         _finish()
 
@@ -397,5 +493,6 @@ def test_needs_an_initialised_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
-        fmd.sharded_margin_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), class_start=0,
-                                         num_classes=2)
+        fmd.sharded_margin_cross_entropy(
+            torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), class_start=0, num_classes=2
+        )

@@ -1,12 +1,12 @@
-// The class-block kernels of the memory-lean loss (fused_margin/lean.py, ClassBlock): the per-element
+// The class-block kernels of the memory-lean loss (fused_margin/paths/lean.py, ClassBlock): the per-element
 // and per-row math written once for the CPU (class_block_cpu.cpp) and CUDA (fused_margin_cuda.cu)
 // implementations of
 //
 //   block_partials_  merge one chunk's partial statistics into running per-row buffers, in place;
 //   block_grad       write dL/draw of one chunk.
 //
-// The contract is fused_margin/class_split.py's (docs/loss.md, the class-split contract) and the same
-// as the Triton kernels of fused_margin/triton/class_block.py:
+// The contract is fused_margin/core/class_split.py's (docs/loss.md, the class-split contract) and the same
+// as the Triton kernels of fused_margin/backends/triton/class_block.py:
 //
 //   z'_ij = raw_ij r_i col_scale_j + col_shift_j,   l_ij = s z'_ij + a_j + P_ij,
 //

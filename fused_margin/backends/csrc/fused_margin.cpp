@@ -1,7 +1,7 @@
 // The fused_margin C++ extension: the row ops of the fused margin loss (the contract of
-// fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py), their schema, and their CPU
+// fused_margin/paths/fused.py, stated eagerly in tests/helpers/row_torch.py), their schema, and their CPU
 // implementation. The CUDA implementation is in fused_margin_cuda.cu (built when CUDA is present);
-// the fake (meta) kernels that torch.compile traces are registered in Python by fused_margin/extension.py.
+// the fake (meta) kernels that torch.compile traces are registered in Python by fused_margin/backends/extension.py.
 //
 //   row_forward  -> (loss_rows, lse, pred, hard, nll, target_grad)
 //   row_backward -> G = dL/dz' (fp32), or dL/draw in raw's dtype with scale_grad
@@ -348,7 +348,7 @@ TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
 
 // ---------------------------------------------------------------------------------------------
 // The Python module fused_margin._C: importing it registers the ops above; its attributes say what
-// was built (fused_margin/extension.py reads them).
+// was built (fused_margin/backends/extension.py reads them).
 
 #ifdef FUSED_MARGIN_WITH_CUDA
 #define FUSED_MARGIN_CUDA_BUILT 1
@@ -386,7 +386,7 @@ PyObject* code_dict(const fused_margin::NamedCode (&table)[N]) {
 }
 
 // The C++ side of the row-op contract: {"margin_type": {...}, "fold": {...}, "reduction": {...}}, the codes the kernels
-// read (row_kernel.h), for tests/test_contract.py to compare with fused_margin/spec.py.
+// read (row_kernel.h), for tests/backends/test_contract.py to compare with fused_margin/core/spec.py.
 PyObject* contract(PyObject*, PyObject*) {
   PyObject* margin_types = code_dict(fused_margin::kMarginTypeNames);
   PyObject* folds = code_dict(fused_margin::kAngularFoldNames);

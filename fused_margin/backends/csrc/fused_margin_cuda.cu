@@ -1,5 +1,5 @@
 // CUDA implementation of the fused_margin row ops (schema in fused_margin.cpp; contract in
-// fused_margin/fused.py, stated eagerly in fused_margin/row_torch.py; the loss of docs/loss.md).
+// fused_margin/paths/fused.py, stated eagerly in tests/helpers/row_torch.py; the loss of docs/loss.md).
 //
 // forward: one block per row. Each thread reads its share of the row with 16-byte vector loads
 // (after a scalar head up to the first aligned element), computes z'_j = raw_j row_scale col_scale_j

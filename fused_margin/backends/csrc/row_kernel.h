@@ -1,4 +1,4 @@
-// Arguments of the row kernels (the contract of fused_margin/fused.py), as plain pointers so the
+// Arguments of the row kernels (the contract of fused_margin/paths/fused.py), as plain pointers so the
 // ISA-specific CPU translation units (row_kernel_cpu*.cpp) and the CUDA kernels need no torch types.
 #pragma once
 

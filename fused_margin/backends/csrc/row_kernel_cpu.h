@@ -3,7 +3,7 @@
 // row_kernel_cpu_avx512.cpp define CPU_CAPABILITY and include this file (as ATen does for its own
 // kernels); fused_margin.cpp picks one at run time from torch's own CPU capability.
 //
-// The contract is fused_margin/fused.py's (executed eagerly in fused_margin/row_torch.py):
+// The contract is fused_margin/paths/fused.py's (executed eagerly in tests/helpers/row_torch.py):
 //
 // forward, one pass over each row of raw:
 //   z'_j = raw_j * row_scale * col_scale_j + col_shift_j                    (fp32)
@@ -23,7 +23,7 @@
 // row_math.h's inline functions (inline namespace fused_margin::row_math_<CPU_CAPABILITY>) and of
 // at::vec's (inline namespace at::vec::CPU_CAPABILITY): no inline function or template of fused_margin
 // or at::vec is one entity across the instruction sets, so the linker cannot hand one unit's AVX-512
-// copy to another (one-definition rule; tests/test_contract.py checks the built extension).
+// copy to another (one-definition rule; tests/backends/test_contract.py checks the built extension).
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including row_kernel_cpu.h"

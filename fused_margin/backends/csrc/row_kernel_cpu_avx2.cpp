@@ -5,7 +5,7 @@
 // them may be shared with the baseline units: fused_margin's own (row_kernel_cpu.h, row_math.h) and
 // at::vec's live in namespaces named after CPU_CAPABILITY. What remains shared is third-party inline
 // code of the headers (c10, the standard library); setup.py links this object after the baseline ones,
-// so GNU ld keeps their baseline copies, and tests/test_contract.py checks that no function outside
+// so GNU ld keeps their baseline copies, and tests/backends/test_contract.py checks that no function outside
 // the ISA namespaces of the built extension holds an AVX instruction. GCC's C++ front end does not
 // define the feature macros for a target pragma; sleef.h and c10 select their AVX declarations from
 // them, so they are defined here.

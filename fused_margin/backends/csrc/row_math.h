@@ -1,7 +1,7 @@
 // Scalar math of the fused row loss shared by the CPU and CUDA kernels (host and device).
 //
-// The row-kernel contract is stated in fused_margin/fused.py and executed eagerly in
-// fused_margin/row_torch.py; docs/loss.md sections 2-5 give the loss. Everything here is fp32 whatever
+// The row-kernel contract is stated in fused_margin/paths/fused.py and executed eagerly in
+// tests/helpers/row_torch.py; docs/loss.md sections 2-5 give the loss. Everything here is fp32 whatever
 // the input dtype (docs/loss.md section 5: the angular math is always fp32).
 //
 // One-definition rule: the CPU kernels include this file from three translation units compiled for
@@ -11,7 +11,7 @@
 // AVX-512 one for the baseline kernels (SIGILL on a CPU without AVX-512). So everything here lives in
 // an inline namespace named after the including unit's instruction set (CPU_CAPABILITY) or CUDA:
 // callers still write fused_margin::nan_max, and each object holds its own, differently mangled, copy.
-// tests/test_contract.py checks the built extension's symbols.
+// tests/backends/test_contract.py checks the built extension's symbols.
 #pragma once
 
 #include <cmath>

@@ -14,6 +14,7 @@ the same function with one ``sqrt`` and one ``cos``/``sin`` of the (per-row) mar
 ``(1 - c')(1 + c')`` keeps ``sin(theta)`` accurate to a few ulps near ``c' = +-1``, where ``1 - c'^2``
 would cancel.
 """
+
 import contextlib
 from typing import Optional
 
@@ -33,10 +34,11 @@ FOLD_EASY = tl.constexpr(2)
 
 
 @triton.jit
-def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD: tl.constexpr,
-                  STRAIGHT_THROUGH: tl.constexpr):
+def target_margin(
+    c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr
+):
     """``(s psi(c, M), s dpsi/dc)`` for the target score ``c`` with margin ``M`` and ``dM/dc``
-    (the DBM instance-margin path), all fp32 (docs/loss.md section 3, ``fused_margin.row_torch``).
+    (the DBM instance-margin path), all fp32 (docs/loss.md section 3, tests/helpers/row_torch.py).
 
     additive_cosine (CosFace, LDAM, ELM): ``psi = c - M``, ``dpsi/dc = 1 - dM/dc``.
     additive_angular: ``psi = cos(theta + M)``, ``dpsi/dc = sin(theta + M) / sin(theta)`` where ``c`` is
@@ -70,8 +72,18 @@ def target_margin(c, margin, dmargin_dc, scale, MARGIN_TYPE: tl.constexpr, FOLD:
 
 
 @triton.jit
-def load_scaled_scores(raw_ptr, offsets, mask, raw_mask, row_scale, col_scale_ptr, col_shift_ptr, cols,
-                       HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr):
+def load_scaled_scores(
+    raw_ptr,
+    offsets,
+    mask,
+    raw_mask,
+    row_scale,
+    col_scale_ptr,
+    col_shift_ptr,
+    cols,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_COL_SHIFT: tl.constexpr,
+):
     """``z' = raw * row_scale * col_scale + col_shift`` in fp32 (the row-kernel contract of
     ``fused_margin.paths.fused``); lanes outside ``mask`` hold garbage, for the caller to mask. ``raw`` is read
     under ``raw_mask`` (columns below :func:`io_columns`: with a padded class stride, the padding too, so
@@ -134,9 +146,21 @@ def expm1(x):
 
 
 @triton.jit
-def block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr, pair_ptrs, cols, mask, scale,
-                 HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                 HAS_PAIR: tl.constexpr):
+def block_logits(
+    raw,
+    row_scale,
+    col_scale,
+    col_shift_ptr,
+    offset_ptr,
+    pair_ptrs,
+    cols,
+    mask,
+    scale,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_COL_SHIFT: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_PAIR: tl.constexpr,
+):
     """``l = s (raw row_scale col_scale + col_shift) + a + P`` in fp32 on one block of a row, from ``raw``
     already loaded in fp32 (0 outside ``mask``) and the block's ``col_scale``; ``pair_ptrs`` point at the
     block's pair perturbation. The gradient's logits, in the backward kernel and in the forward that forms
@@ -155,8 +179,22 @@ def block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr, pair_ptrs
 
 
 @triton.jit
-def logit_grad(logits, is_target, keep, lse, nll, target_grad, weight, weight_y, weight_sum, g, scale,
-               label_smoothing, num_classes, SMOOTHING: tl.constexpr):
+def logit_grad(
+    logits,
+    is_target,
+    keep,
+    lse,
+    nll,
+    target_grad,
+    weight,
+    weight_y,
+    weight_sum,
+    g,
+    scale,
+    label_smoothing,
+    num_classes,
+    SMOOTHING: tl.constexpr,
+):
     """``G = dL/dz'`` on one block of a row from the row's statistics (the row-kernel contract of
     ``fused_margin.paths.fused``): with ``p_j = exp(l_j - lse)`` and the upstream gradient ``g`` of the loss row,
     ``dl_j = g ((1 - eps) w_y p_j + eps / C (W p_j - w_j))`` and ``G_j = s dl_j`` off the target;
@@ -271,6 +309,7 @@ def io_columns(raw: torch.Tensor) -> int:
     masks constant over 16 columns, so the loads and stores vectorise (tests/backends/test_triton.py, the sm_90
     compile)."""
     from fused_margin.paths.fused import padded_classes
+
     cols = raw.shape[1]
     padded = padded_classes(cols)
     return padded if raw.dim() == 2 and raw.stride(1) == 1 and raw.stride(0) >= padded else cols

@@ -16,6 +16,7 @@ target column the precomputed ``dL/dt (dt/dz'_y)``.
 Both kernels take ``z'_j = raw_j r_i col_scale_j + col_shift_j`` as the row kernels do. They run on
 CUDA tensors and, for tests, on CPU tensors under ``TRITON_INTERPRET=1``.
 """
+
 from typing import Optional
 
 import torch
@@ -35,26 +36,61 @@ def _merge_lse(a_max, a_sum, a_dev, a_w, a_nan, b_max, b_sum, b_dev, b_w, b_nan)
     """The logsumexp part of ``class_split.combine`` on NaN-free maxima plus NaN flags."""
     m = tl.maximum(a_max, b_max)
     shift, shift_a, shift_b = _lse_shift(m), _lse_shift(a_max), _lse_shift(b_max)
-    s = tl.where(a_sum == 0.0, 0.0, a_sum * tl.exp(shift_a - shift)) + \
-        tl.where(b_sum == 0.0, 0.0, b_sum * tl.exp(shift_b - shift))
-    dev = a_dev + tl.where(a_w == 0.0, 0.0, a_w * (shift - shift_a)) + \
-        b_dev + tl.where(b_w == 0.0, 0.0, b_w * (shift - shift_b))
+    s = tl.where(a_sum == 0.0, 0.0, a_sum * tl.exp(shift_a - shift)) + tl.where(
+        b_sum == 0.0, 0.0, b_sum * tl.exp(shift_b - shift)
+    )
+    dev = (
+        a_dev
+        + tl.where(a_w == 0.0, 0.0, a_w * (shift - shift_a))
+        + b_dev
+        + tl.where(b_w == 0.0, 0.0, b_w * (shift - shift_b))
+    )
     return m, s, dev, a_w + b_w, a_nan | b_nan
 
 
 @triton.jit
 def _block_partials_kernel(
-        raw_ptr, stride_raw, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr, offset_ptr,
-        pair_ptr, stride_pair_row, stride_pair_col, weight_ptr,
-        zmax_ptr, zarg_ptr, wmax_ptr, warg_ptr, zy_ptr, hasy_ptr, lmax_ptr, lsum_ptr, dev_ptr, wsum_ptr,
-        c0, col0, width, scale, ignore_index,
-        FIRST: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
-        HAS_COL_SHIFT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-        TRACK_WRONG: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
+    raw_ptr,
+    stride_raw,
+    target_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    col_shift_ptr,
+    offset_ptr,
+    pair_ptr,
+    stride_pair_row,
+    stride_pair_col,
+    weight_ptr,
+    zmax_ptr,
+    zarg_ptr,
+    wmax_ptr,
+    warg_ptr,
+    zy_ptr,
+    hasy_ptr,
+    lmax_ptr,
+    lsum_ptr,
+    dev_ptr,
+    wsum_ptr,
+    c0,
+    col0,
+    width,
+    scale,
+    ignore_index,
+    FIRST: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_COL_SHIFT: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_PAIR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    TRACK_WRONG: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(target_ptr + row)
     kept = label != ignore_index
-    local_y = tl.where(kept, label, 0) - c0          # ignored rows use label 0, as the reference
+    local_y = tl.where(kept, label, 0) - c0  # ignored rows use label 0, as the reference
     if HAS_ROW_SCALE:
         row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
     else:
@@ -103,8 +139,9 @@ def _block_partials_kernel(
         if HAS_OFFSET:
             logits += tl.load(offset_ptr + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_PAIR:
-            logits += tl.load(pair_ptr + row * stride_pair_row + (c0 + cols) * stride_pair_col, mask=mask,
-                              other=0.0).to(tl.float32)
+            logits += tl.load(
+                pair_ptr + row * stride_pair_row + (c0 + cols) * stride_pair_col, mask=mask, other=0.0
+            ).to(tl.float32)
         other = mask & ((is_label & kept) == 0)
         l_nan = (logits != logits) & other
         logits = tl.where(other & (l_nan == 0), logits, float("-inf"))
@@ -122,8 +159,17 @@ def _block_partials_kernel(
             block_dev = tl.sum(tl.where(other & (l_nan == 0), w * (shift - logits), 0.0), 0)
             block_w = tl.sum(w, 0)
         run_max, run_sum, run_dev, run_w, run_nan = _merge_lse(
-            run_max, run_sum, run_dev, run_w, run_nan, block_max, block_sum, block_dev, block_w,
-            tl.max(l_nan.to(tl.int32), 0) > 0)
+            run_max,
+            run_sum,
+            run_dev,
+            run_w,
+            run_nan,
+            block_max,
+            block_sum,
+            block_dev,
+            block_w,
+            tl.max(l_nan.to(tl.int32), 0) > 0,
+        )
         start += BLOCK
 
     # this chunk's partials (NaN where torch's reductions give NaN)
@@ -160,8 +206,17 @@ def _block_partials_kernel(
         prev_lmax = tl.load(lmax_ptr + row)
         prev_nan = prev_lmax != prev_lmax
         l_max, l_sum, l_dev, l_w, l_nan = _merge_lse(
-            tl.where(prev_nan, float("-inf"), prev_lmax), tl.where(prev_nan, 0.0, tl.load(lsum_ptr + row)),
-            tl.load(dev_ptr + row), tl.load(wsum_ptr + row), prev_nan, run_max, run_sum, run_dev, run_w, run_nan)
+            tl.where(prev_nan, float("-inf"), prev_lmax),
+            tl.where(prev_nan, 0.0, tl.load(lsum_ptr + row)),
+            tl.load(dev_ptr + row),
+            tl.load(wsum_ptr + row),
+            prev_nan,
+            run_max,
+            run_sum,
+            run_dev,
+            run_w,
+            run_nan,
+        )
     tl.store(zmax_ptr + row, out_max)
     tl.store(zarg_ptr + row, out_arg)
     if TRACK_WRONG:
@@ -181,12 +236,25 @@ FLAG_DTYPE = torch.int8
 PAIR_IN_COMPUTE_DTYPE = False
 
 
-def block_partials(buffers, raw: torch.Tensor, c0: int, target: torch.Tensor, *, first: bool,
-                   scale: float, ignore_index: int, col0: int = 0, row_scale: Optional[torch.Tensor] = None,
-                   col_scale: Optional[torch.Tensor] = None, col_shift: Optional[torch.Tensor] = None,
-                   offset: Optional[torch.Tensor] = None, pair: Optional[torch.Tensor] = None,
-                   class_weight: Optional[torch.Tensor] = None, track_wrong: bool = False,
-                   smoothing: bool = False) -> None:
+def block_partials(
+    buffers,
+    raw: torch.Tensor,
+    c0: int,
+    target: torch.Tensor,
+    *,
+    first: bool,
+    scale: float,
+    ignore_index: int,
+    col0: int = 0,
+    row_scale: Optional[torch.Tensor] = None,
+    col_scale: Optional[torch.Tensor] = None,
+    col_shift: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    pair: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    track_wrong: bool = False,
+    smoothing: bool = False,
+) -> None:
     """Merge the partials of classes ``[c0, c0 + raw.shape[1])`` into ``buffers`` (``first``: start
     them). ``col_scale``/``col_shift`` are indexed from ``col0``; ``offset``, ``class_weight`` and ``pair``
     (B x C) are the global tables, indexed from ``c0``; ``raw`` is this chunk's B x k GEMM output (unit
@@ -200,25 +268,80 @@ def block_partials(buffers, raw: torch.Tensor, c0: int, target: torch.Tensor, *,
     pair_t = raw if pair is None else pair
     with launch_device(raw):
         _block_partials_kernel[(rows,)](
-            raw, raw.stride(0), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
-            or_dummy(col_shift, raw), or_dummy(offset, raw), pair_t, pair_t.stride(0), pair_t.stride(1),
-            or_dummy(class_weight, raw), b.z_max, b.z_arg, b.wrong_max, b.wrong_arg, b.z_y, b.has_y, b.l_max,
-            b.l_sum, b.dev, b.weight, c0, col0, width, float(scale), int(ignore_index),
-            FIRST=bool(first), HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
-            HAS_COL_SHIFT=col_shift is not None, HAS_OFFSET=offset is not None, HAS_PAIR=pair is not None,
-            HAS_WEIGHT=class_weight is not None, TRACK_WRONG=bool(track_wrong), SMOOTHING=bool(smoothing),
-            BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS)
+            raw,
+            raw.stride(0),
+            target,
+            or_dummy(row_scale, raw),
+            or_dummy(col_scale, raw),
+            or_dummy(col_shift, raw),
+            or_dummy(offset, raw),
+            pair_t,
+            pair_t.stride(0),
+            pair_t.stride(1),
+            or_dummy(class_weight, raw),
+            b.z_max,
+            b.z_arg,
+            b.wrong_max,
+            b.wrong_arg,
+            b.z_y,
+            b.has_y,
+            b.l_max,
+            b.l_sum,
+            b.dev,
+            b.weight,
+            c0,
+            col0,
+            width,
+            float(scale),
+            int(ignore_index),
+            FIRST=bool(first),
+            HAS_ROW_SCALE=row_scale is not None,
+            HAS_COL_SCALE=col_scale is not None,
+            HAS_COL_SHIFT=col_shift is not None,
+            HAS_OFFSET=offset is not None,
+            HAS_PAIR=pair is not None,
+            HAS_WEIGHT=class_weight is not None,
+            TRACK_WRONG=bool(track_wrong),
+            SMOOTHING=bool(smoothing),
+            BLOCK=block,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
 
 
 @triton.jit
 def _block_grad_kernel(
-        raw_ptr, stride_raw, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr, offset_ptr,
-        pair_ptr, stride_pair_row, stride_pair_col, weight_ptr,
-        lse_ptr, coef_ptr, smooth_ptr, target_value_ptr, out_ptr, stride_out,
-        c0, col0, width, scale, ignore_index,
-        HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
-        HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-        BLOCK: tl.constexpr):
+    raw_ptr,
+    stride_raw,
+    target_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    col_shift_ptr,
+    offset_ptr,
+    pair_ptr,
+    stride_pair_row,
+    stride_pair_col,
+    weight_ptr,
+    lse_ptr,
+    coef_ptr,
+    smooth_ptr,
+    target_value_ptr,
+    out_ptr,
+    stride_out,
+    c0,
+    col0,
+    width,
+    scale,
+    ignore_index,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_COL_SHIFT: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_PAIR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = cols < width
@@ -238,8 +361,9 @@ def _block_grad_kernel(
     if HAS_OFFSET:
         logits += tl.load(offset_ptr + c0 + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_PAIR:
-        logits += tl.load(pair_ptr + row * stride_pair_row + (c0 + cols) * stride_pair_col, mask=mask,
-                          other=0.0).to(tl.float32)
+        logits += tl.load(pair_ptr + row * stride_pair_row + (c0 + cols) * stride_pair_col, mask=mask, other=0.0).to(
+            tl.float32
+        )
     p = tl.exp(logits - tl.load(lse_ptr + row))
     dl = p * tl.load(coef_ptr + row)
     if SMOOTHING:
@@ -249,17 +373,33 @@ def _block_grad_kernel(
             w = 1.0
         dl -= w * tl.load(smooth_ptr + row)
     grad = dl * scale
-    grad = tl.where((cols == local_y) & kept, tl.load(target_value_ptr + row), grad)   # dL/dz'
-    grad = grad * row_scale                                                            # dL/draw
+    grad = tl.where((cols == local_y) & kept, tl.load(target_value_ptr + row), grad)  # dL/dz'
+    grad = grad * row_scale  # dL/draw
     if HAS_COL_SCALE:
         grad = grad * tl.load(col_scale_ptr + col0 + cols, mask=mask, other=1.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, round_to(grad, out_ptr.dtype.element_ty), mask=mask)
 
 
-def block_grad(raw: torch.Tensor, c0: int, target: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-               smooth: Optional[torch.Tensor], target_value: torch.Tensor, out: torch.Tensor, *, scale: float,
-               ignore_index: int, col0: int = 0, row_scale=None, col_scale=None, col_shift=None, offset=None,
-               pair=None, class_weight=None) -> torch.Tensor:
+def block_grad(
+    raw: torch.Tensor,
+    c0: int,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    smooth: Optional[torch.Tensor],
+    target_value: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    ignore_index: int,
+    col0: int = 0,
+    row_scale=None,
+    col_scale=None,
+    col_shift=None,
+    offset=None,
+    pair=None,
+    class_weight=None,
+) -> torch.Tensor:
     """``out[i, j] = dL/draw_ij = G_ij row_scale_i col_scale_j`` of the chunk, in ``out``'s dtype, with
     ``G_ij = dL/dz'_ij = s (exp(l_ij - lse_i) coef_i - w_j smooth_i)`` off the target and
     ``target_value_i`` on it. ``col_scale``/``col_shift`` are indexed from ``col0``, the other column
@@ -272,12 +412,37 @@ def block_grad(raw: torch.Tensor, c0: int, target: torch.Tensor, lse: torch.Tens
     pair_t = raw if pair is None else pair
     with launch_device(raw):
         _block_grad_kernel[(rows, triton.cdiv(width, block))](
-            raw, raw.stride(0), target, or_dummy(row_scale, raw), or_dummy(col_scale, raw),
-            or_dummy(col_shift, raw), or_dummy(offset, raw), pair_t, pair_t.stride(0), pair_t.stride(1),
-            or_dummy(class_weight, raw), lse, coef, or_dummy(smooth, raw), target_value,
-            out, out.stride(0), c0, col0, width, float(scale), int(ignore_index),
-            HAS_ROW_SCALE=row_scale is not None, HAS_COL_SCALE=col_scale is not None,
-            HAS_COL_SHIFT=col_shift is not None, HAS_OFFSET=offset is not None, HAS_PAIR=pair is not None,
-            HAS_WEIGHT=class_weight is not None, SMOOTHING=smooth is not None, BLOCK=block, num_warps=num_warps,
-            **LAUNCH_OPTIONS)
+            raw,
+            raw.stride(0),
+            target,
+            or_dummy(row_scale, raw),
+            or_dummy(col_scale, raw),
+            or_dummy(col_shift, raw),
+            or_dummy(offset, raw),
+            pair_t,
+            pair_t.stride(0),
+            pair_t.stride(1),
+            or_dummy(class_weight, raw),
+            lse,
+            coef,
+            or_dummy(smooth, raw),
+            target_value,
+            out,
+            out.stride(0),
+            c0,
+            col0,
+            width,
+            float(scale),
+            int(ignore_index),
+            HAS_ROW_SCALE=row_scale is not None,
+            HAS_COL_SCALE=col_scale is not None,
+            HAS_COL_SHIFT=col_shift is not None,
+            HAS_OFFSET=offset is not None,
+            HAS_PAIR=pair is not None,
+            HAS_WEIGHT=class_weight is not None,
+            SMOOTHING=smooth is not None,
+            BLOCK=block,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
     return out

@@ -2,6 +2,7 @@
 :mod:`fused_margin.paths.fused`): per row of ``x``, ``||x_i||`` (squares and sum in fp32, as
 ``torch.linalg.vector_norm``), ``1 / max(||x_i||, eps)`` and ``1 / ||x_i||^2`` where ``||x_i|| >= eps``
 (else 0), one program per block of rows, in one launch."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -14,8 +15,9 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _row_norms_kernel(x_ptr, stride_row, stride_col, norm_ptr, inv_ptr, proj_ptr, rows, cols, eps,
-                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _row_norms_kernel(
+    x_ptr, stride_row, stride_col, norm_ptr, inv_ptr, proj_ptr, rows, cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
     idx = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = idx < rows
     idx64 = idx.to(tl.int64)
@@ -24,8 +26,9 @@ def _row_norms_kernel(x_ptr, stride_row, stride_col, norm_ptr, inv_ptr, proj_ptr
     while start < cols:  # a while loop: see row_forward.py (the interpreter and range())
         offs = start + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (offs < cols)[None, :]
-        v = tl.load(x_ptr + idx64[:, None] * stride_row + offs.to(tl.int64)[None, :] * stride_col, mask=mask,
-                    other=0.0).to(tl.float32)
+        v = tl.load(
+            x_ptr + idx64[:, None] * stride_row + offs.to(tl.int64)[None, :] * stride_col, mask=mask, other=0.0
+        ).to(tl.float32)
         total += v * v
         start += BLOCK
     norm = tl.sqrt(tl.sum(total, axis=1))
@@ -52,8 +55,20 @@ def row_norms(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor, 
     row_block = 16
     with launch_device(x):
         _row_norms_kernel[(triton.cdiv(rows, row_block),)](
-            x, x.stride(0), x.stride(1), norm, inv, proj, rows, cols, float(eps), ROWS=row_block, BLOCK=block,
-            num_warps=4, **LAUNCH_OPTIONS)
+            x,
+            x.stride(0),
+            x.stride(1),
+            norm,
+            inv,
+            proj,
+            rows,
+            cols,
+            float(eps),
+            ROWS=row_block,
+            BLOCK=block,
+            num_warps=4,
+            **LAUNCH_OPTIONS,
+        )
     return out
 
 
@@ -63,8 +78,19 @@ def _row_norms_fake(x, eps):
 
 
 @triton.jit
-def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, scale_ptr, rows, cols,
-                        HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _project_out_kernel(
+    grad_ptr,
+    grad_stride,
+    v_ptr,
+    v_stride,
+    proj_ptr,
+    scale_ptr,
+    rows,
+    cols,
+    HAS_SCALE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     idx = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = idx < rows
     idx64 = idx.to(tl.int64)
@@ -96,16 +122,19 @@ def _project_out_kernel(grad_ptr, grad_stride, v_ptr, v_stride, proj_ptr, scale_
 
 
 @torch.library.custom_op("fused_margin::triton_project_out_rows_", mutates_args=("grad",))
-def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
-                      scale: Optional[torch.Tensor] = None) -> None:
+def project_out_rows_(
+    grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, scale: Optional[torch.Tensor] = None
+) -> None:
     """``grad_i = scale (grad_i - proj_i (grad_i . v_i) v_i)`` in place: the cosine head's projection with
     its coefficient formed from the GEMM output itself (the fp32 dot of its rounded values; fp32 update,
     one rounding), so the radial part cancels to the final rounding. Rows with ``proj_i = 0`` are only
     scaled. ``scale`` (0-d, on grad's device; None for 1) is an upstream gradient applied in this pass,
     read by the kernel (no host sync)."""
     if grad.dim() != 2 or v.shape != grad.shape or grad.dtype not in _FUSED_DTYPES or v.dtype != grad.dtype:
-        raise ValueError(f"grad and v must be 2-D float16, bfloat16 or float32 of one shape and dtype, got "
-                         f"{grad.dtype} {tuple(grad.shape)} and {v.dtype} {tuple(v.shape)}")
+        raise ValueError(
+            f"grad and v must be 2-D float16, bfloat16 or float32 of one shape and dtype, got "
+            f"{grad.dtype} {tuple(grad.shape)} and {v.dtype} {tuple(v.shape)}"
+        )
     if grad.stride(1) != 1 or v.stride(1) != 1:
         raise ValueError("grad and v must have unit column stride")
     if proj.shape != (grad.shape[0],):
@@ -120,8 +149,20 @@ def project_out_rows_(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
     row_block = 16
     with launch_device(grad):
         _project_out_kernel[(triton.cdiv(rows, row_block),)](
-            grad, grad.stride(0), v, v.stride(0), proj32, proj32 if scale is None else scale.reshape(()), rows, cols,
-            HAS_SCALE=scale is not None, ROWS=row_block, BLOCK=block, num_warps=4, **LAUNCH_OPTIONS)
+            grad,
+            grad.stride(0),
+            v,
+            v.stride(0),
+            proj32,
+            proj32 if scale is None else scale.reshape(()),
+            rows,
+            cols,
+            HAS_SCALE=scale is not None,
+            ROWS=row_block,
+            BLOCK=block,
+            num_warps=4,
+            **LAUNCH_OPTIONS,
+        )
 
 
 @project_out_rows_.register_fake
@@ -129,8 +170,9 @@ def _project_out_rows_fake(grad, v, proj, scale=None):
     return None
 
 
-def project_out(grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
-                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def project_out(
+    grad: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """:func:`project_out_rows_` returning ``grad`` (``RowKernel.project_out``); ``v`` made contiguous (a
     no-op for the usual contiguous operands; the GEMM outputs ``grad`` are)."""
     project_out_rows_(grad, v.contiguous(), proj, scale)

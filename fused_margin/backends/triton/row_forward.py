@@ -1,7 +1,7 @@
 """The forward row kernel in Triton: one program per row, one pass over the row of ``raw``.
 
 For row ``i`` with label ``y`` (docs/loss.md sections 2-4; the contract of ``fused_margin.paths.fused``, stated in
-eager torch by ``fused_margin.row_torch.row_forward``), looping over the classes in blocks:
+eager torch by ``row_forward`` of tests/helpers/row_torch.py), looping over the classes in blocks:
 
 * ``z'_ij = raw_ij row_scale_i col_scale_j + col_shift_j`` in fp32;
 * running max and first-index argmax of ``z'`` (``pred``; the first NaN wins, as ``torch.argmax``),
@@ -19,6 +19,7 @@ finite) and the loss row ``(1 - eps) w_y nll + eps / C (sum_{j != y} w_j (lse - 
 (``F.cross_entropy``'s smoothing). Ignored rows: loss, ``nll`` and gradient 0, ``hard`` False, ``lse`` of
 the unmargined logits.
 """
+
 import functools
 from typing import List, Optional, Tuple
 
@@ -26,27 +27,76 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_margin.paths.fused import empty_forward_outputs, empty_projection_sums
+from fused_margin.backends.triton._common import (
+    LAUNCH_OPTIONS,
+    block_config,
+    block_logits,
+    check_labels,
+    io_columns,
+    launch_device,
+    load_scaled_scores,
+    log1p,
+    logit_grad,
+    online_max,
+    or_dummy,
+    round_to,
+    scalar_mask,
+    target_margin,
+)
 from fused_margin.core import options
 from fused_margin.core.spec import REDUCTION_CODES, named_tables
-from fused_margin.backends.triton._common import (LAUNCH_OPTIONS, block_config, check_labels, io_columns, launch_device, load_scaled_scores,
-                      block_logits, log1p, logit_grad, online_max, or_dummy, round_to, scalar_mask,
-                      target_margin)
+from fused_margin.paths.fused import empty_forward_outputs, empty_projection_sums
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
 def _row_forward_kernel(
-        raw_ptr, stride_raw_row, stride_raw_col, target_ptr, row_scale_ptr, col_scale_ptr, col_shift_ptr,
-        margins_ptr, offset_ptr, pair_ptr, stride_pair_row, stride_pair_col, weight_ptr, weight_sum_ptr, denom_ptr,
-        loss_ptr, lse_ptr, pred_ptr, hard_ptr, nll_ptr, target_grad_ptr,
-        num_classes, io_cols, scale, lambda_inst, lambda_elm, label_smoothing, ignore_index,
-        HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
-        HAS_MARGINS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PAIR: tl.constexpr,
-        HAS_WEIGHT: tl.constexpr, MARGIN_TYPE: tl.constexpr, HARD_ALL: tl.constexpr, ELM: tl.constexpr,
-        FOLD: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, SMOOTHING: tl.constexpr,
-        GRAD: tl.constexpr, HAS_DENOM: tl.constexpr, BLOCK: tl.constexpr):
+    raw_ptr,
+    stride_raw_row,
+    stride_raw_col,
+    target_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    col_shift_ptr,
+    margins_ptr,
+    offset_ptr,
+    pair_ptr,
+    stride_pair_row,
+    stride_pair_col,
+    weight_ptr,
+    weight_sum_ptr,
+    denom_ptr,
+    loss_ptr,
+    lse_ptr,
+    pred_ptr,
+    hard_ptr,
+    nll_ptr,
+    target_grad_ptr,
+    num_classes,
+    io_cols,
+    scale,
+    lambda_inst,
+    lambda_elm,
+    label_smoothing,
+    ignore_index,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_COL_SHIFT: tl.constexpr,
+    HAS_MARGINS: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_PAIR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    MARGIN_TYPE: tl.constexpr,
+    HARD_ALL: tl.constexpr,
+    ELM: tl.constexpr,
+    FOLD: tl.constexpr,
+    STRAIGHT_THROUGH: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    GRAD: tl.constexpr,
+    HAS_DENOM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One row: the forward, and with ``GRAD`` then ``dL/draw`` for the upstream gradient 1 of the reduced
     loss (over ``denom`` with ``HAS_DENOM``: the mean), written over the row of ``raw`` in place."""
     row = tl.program_id(0).to(tl.int64)
@@ -62,20 +112,30 @@ def _row_forward_kernel(
     else:
         row_scale = 1.0
     # the target's base score, read once (the same fp32 expression as in the loop)
-    z_y = load_scaled_scores(raw_row, y * stride_raw_col, True, True, row_scale, col_scale_ptr, col_shift_ptr, y,
-                      HAS_COL_SCALE, HAS_COL_SHIFT)
+    z_y = load_scaled_scores(
+        raw_row,
+        y * stride_raw_col,
+        True,
+        True,
+        row_scale,
+        col_scale_ptr,
+        col_shift_ptr,
+        y,
+        HAS_COL_SCALE,
+        HAS_COL_SHIFT,
+    )
     smooth_shift = scale * z_y
     smooth_shift = tl.where(tl.abs(smooth_shift) < float("inf"), smooth_shift, 0.0)
 
-    best = float("-inf")        # max z' (NaN-free), its first index, and the first NaN index
+    best = float("-inf")  # max z' (NaN-free), its first index, and the first NaN index
     best_col = 0
     first_nan = num_classes
     wrong_best = float("-inf")  # the same over j != y (ELM's c*)
     wrong_col = 0
     wrong_nan = num_classes
-    run_max = float("-inf")     # online logsumexp of the non-target logits
+    run_max = float("-inf")  # online logsumexp of the non-target logits
     run_sum = 0.0
-    smooth_sum = 0.0            # sum_{j != y} w_j (l_j - r) and sum_{j != y} w_j
+    smooth_sum = 0.0  # sum_{j != y} w_j (l_j - r) and sum_{j != y} w_j
     weight_sum = 0.0
     # a while loop, not range(0, num_classes, BLOCK): Triton 3.6's interpreter cannot take a runtime
     # bound in range() under NumPy >= 2.4 (it calls int() on a 1-element array); on the GPU the loop
@@ -85,8 +145,18 @@ def _row_forward_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < num_classes
         cols64 = cols.to(tl.int64)
-        z = load_scaled_scores(raw_row, cols64 * stride_raw_col, mask, cols < io_cols, row_scale, col_scale_ptr,
-                               col_shift_ptr, cols, HAS_COL_SCALE, HAS_COL_SHIFT)
+        z = load_scaled_scores(
+            raw_row,
+            cols64 * stride_raw_col,
+            mask,
+            cols < io_cols,
+            row_scale,
+            col_scale_ptr,
+            col_shift_ptr,
+            cols,
+            HAS_COL_SCALE,
+            HAS_COL_SHIFT,
+        )
         is_nan = z != z
         clean = tl.where(mask & ~is_nan, z, float("-inf"))
         block_best = tl.max(clean, 0)
@@ -140,8 +210,7 @@ def _row_forward_kernel(
     else:
         margin = 0.0
         dmargin_dc = 0.0
-    target_logit, target_grad = target_margin(z_y, margin, dmargin_dc, scale, MARGIN_TYPE, FOLD,
-                                              STRAIGHT_THROUGH)
+    target_logit, target_grad = target_margin(z_y, margin, dmargin_dc, scale, MARGIN_TYPE, FOLD, STRAIGHT_THROUGH)
     if HAS_OFFSET:
         target_logit += tl.load(offset_ptr + y).to(tl.float32)
 
@@ -210,15 +279,41 @@ def _row_forward_kernel(
                 col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=1.0).to(tl.float32)
             else:
                 col_scale = 1.0
-            logits = block_logits(raw, row_scale, col_scale, col_shift_ptr, offset_ptr,
-                                  pair_row + cols64 * stride_pair_col, cols, mask, scale, HAS_COL_SCALE,
-                                  HAS_COL_SHIFT, HAS_OFFSET, HAS_PAIR)
+            logits = block_logits(
+                raw,
+                row_scale,
+                col_scale,
+                col_shift_ptr,
+                offset_ptr,
+                pair_row + cols64 * stride_pair_col,
+                cols,
+                mask,
+                scale,
+                HAS_COL_SCALE,
+                HAS_COL_SHIFT,
+                HAS_OFFSET,
+                HAS_PAIR,
+            )
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             else:
                 w = 1.0
-            grad, _, _ = logit_grad(logits, (cols == y) & kept, kept & mask, lse, nll, target_grad, w, weight_y,
-                                    total_weight, g, scale, label_smoothing, num_classes, SMOOTHING)
+            grad, _, _ = logit_grad(
+                logits,
+                (cols == y) & kept,
+                kept & mask,
+                lse,
+                nll,
+                target_grad,
+                w,
+                weight_y,
+                total_weight,
+                g,
+                scale,
+                label_smoothing,
+                num_classes,
+                SMOOTHING,
+            )
             grad = grad * row_scale
             if HAS_COL_SCALE:
                 grad = grad * col_scale
@@ -227,9 +322,21 @@ def _row_forward_kernel(
 
 
 @triton.jit
-def _reduce_rows_kernel(loss_ptr, target_ptr, weight_ptr, out_ptr, denom_ptr, first_bad_ptr, rows, num_classes,
-                        ignore_index, LOSS: tl.constexpr, MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _reduce_rows_kernel(
+    loss_ptr,
+    target_ptr,
+    weight_ptr,
+    out_ptr,
+    denom_ptr,
+    first_bad_ptr,
+    rows,
+    num_classes,
+    ignore_index,
+    LOSS: tl.constexpr,
+    MEAN: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One program: the loss rows' sum (over ``denom`` for the mean; NaN where it is 0; with ``LOSS``),
     ``denom`` (the kept rows' ``w_y``, or their count) and the first row with a label out of range (``rows``
     when none). Without ``LOSS`` (before the forward that forms the gradient of the mean) only the last two,
@@ -269,8 +376,7 @@ def _check(raw: torch.Tensor, target: torch.Tensor):
     if raw.dtype not in _FUSED_DTYPES:
         raise TypeError(f"raw must be float16, bfloat16 or float32, got {raw.dtype}")
     if target.dtype != torch.int64 or tuple(target.shape) != (raw.shape[0],):
-        raise ValueError(f"target must be int64 of shape ({raw.shape[0]},), got {target.dtype} "
-                         f"{tuple(target.shape)}")
+        raise ValueError(f"target must be int64 of shape ({raw.shape[0]},), got {target.dtype} {tuple(target.shape)}")
 
 
 def _launch(raw, target, tables, floats, ints, grad: bool):
@@ -297,34 +403,76 @@ def _launch(raw, target, tables, floats, ints, grad: bool):
     weight_sum = class_weight.sum(dtype=torch.float32) if grad and smoothing and class_weight is not None else raw
     pair = raw if pair_perturbation is None else pair_perturbation  # read through its strides
     block, num_warps = block_config(num_classes, 2048)
-    reduce = functools.partial(_reduce_rows_kernel[(1,)], loss, target, weight, reduced, denom, first_bad, rows,
-                               num_classes, int(ignore_index), MEAN=mean, HAS_WEIGHT=class_weight is not None,
-                               BLOCK=1024, num_warps=4, **LAUNCH_OPTIONS)
+    reduce = functools.partial(
+        _reduce_rows_kernel[(1,)],
+        loss,
+        target,
+        weight,
+        reduced,
+        denom,
+        first_bad,
+        rows,
+        num_classes,
+        int(ignore_index),
+        MEAN=mean,
+        HAS_WEIGHT=class_weight is not None,
+        BLOCK=1024,
+        num_warps=4,
+        **LAUNCH_OPTIONS,
+    )
     with launch_device(raw):
         if grad and mean:
             reduce(LOSS=False)
         if rows > 0:
             _row_forward_kernel[(rows,)](
-                raw, raw.stride(0), raw.stride(1), target, or_dummy(t["row_scale"], raw),
-                or_dummy(t["col_scale"], raw), or_dummy(t["col_shift"], raw), or_dummy(class_margins, raw),
-                or_dummy(t["logit_offset"], raw), pair, pair.stride(0), pair.stride(1), weight, weight_sum, denom,
-                loss, lse, pred, hard, nll, target_grad, num_classes=num_classes, io_cols=io_columns(raw),
+                raw,
+                raw.stride(0),
+                raw.stride(1),
+                target,
+                or_dummy(t["row_scale"], raw),
+                or_dummy(t["col_scale"], raw),
+                or_dummy(t["col_shift"], raw),
+                or_dummy(class_margins, raw),
+                or_dummy(t["logit_offset"], raw),
+                pair,
+                pair.stride(0),
+                pair.stride(1),
+                weight,
+                weight_sum,
+                denom,
+                loss,
+                lse,
+                pred,
+                hard,
+                nll,
+                target_grad,
+                num_classes=num_classes,
+                io_cols=io_columns(raw),
                 **options.triton_arguments(o, "forward"),
-                HAS_ROW_SCALE=t["row_scale"] is not None, HAS_COL_SCALE=t["col_scale"] is not None,
-                HAS_COL_SHIFT=t["col_shift"] is not None, HAS_MARGINS=class_margins is not None,
-                HAS_OFFSET=t["logit_offset"] is not None, HAS_PAIR=pair_perturbation is not None,
-                HAS_WEIGHT=class_weight is not None, ELM=class_margins is not None and o.lambda_elm != 0.0,
-                SMOOTHING=smoothing, GRAD=bool(grad), HAS_DENOM=bool(grad and mean), BLOCK=block,
-                num_warps=num_warps, **LAUNCH_OPTIONS)
+                HAS_ROW_SCALE=t["row_scale"] is not None,
+                HAS_COL_SCALE=t["col_scale"] is not None,
+                HAS_COL_SHIFT=t["col_shift"] is not None,
+                HAS_MARGINS=class_margins is not None,
+                HAS_OFFSET=t["logit_offset"] is not None,
+                HAS_PAIR=pair_perturbation is not None,
+                HAS_WEIGHT=class_weight is not None,
+                ELM=class_margins is not None and o.lambda_elm != 0.0,
+                SMOOTHING=smoothing,
+                GRAD=bool(grad),
+                HAS_DENOM=bool(grad and mean),
+                BLOCK=block,
+                num_warps=num_warps,
+                **LAUNCH_OPTIONS,
+            )
         reduce(LOSS=True)
     check_labels(first_bad, target, rows, num_classes, int(ignore_index))
     return (out,) + outputs[1:]
 
 
 @torch.library.custom_op("fused_margin::triton_row_forward", mutates_args=())
-def row_forward(raw: torch.Tensor, target: torch.Tensor, tables: List[Optional[torch.Tensor]], floats: List[float],
-                ints: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor, torch.Tensor]:
+def row_forward(
+    raw: torch.Tensor, target: torch.Tensor, tables: List[Optional[torch.Tensor]], floats: List[float], ints: List[int]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward row kernel and the reduction kernel; returns ``(loss, lse, pred, hard, nll,
     target_grad, denom)`` (the contract of :mod:`fused_margin.paths.fused`: ``tables`` in the order of
     ``ROW_TABLES``, the options as ``floats``/``ints``). A label out of range raises a ``ValueError`` naming its
@@ -341,22 +489,41 @@ def _row_forward_fake(raw, target, tables, floats, ints):
 def _check_forward_backward(raw, floats, ints, row_proj, col_proj):
     reduction = options.unpack(floats, ints).reduction
     if reduction not in (REDUCTION_CODES["mean"], REDUCTION_CODES["sum"]):
-        raise ValueError(f"reduction must be the code of 'mean' ({REDUCTION_CODES['mean']}) or 'sum' "
-                         f"({REDUCTION_CODES['sum']}): the gradient is that of the reduced loss; got {reduction!r}")
+        raise ValueError(
+            f"reduction must be the code of 'mean' ({REDUCTION_CODES['mean']}) or 'sum' "
+            f"({REDUCTION_CODES['sum']}): the gradient is that of the reduced loss; got {reduction!r}"
+        )
     if row_proj is not None or col_proj is not None:
-        raise ValueError("row_proj and col_proj must be None: the Triton backend forms the projections' "
-                         "coefficients from the GEMM outputs (project_out_rows_), not from sums of dL/draw")
+        raise ValueError(
+            "row_proj and col_proj must be None: the Triton backend forms the projections' "
+            "coefficients from the GEMM outputs (project_out_rows_), not from sums of dL/draw"
+        )
     if raw.dim() == 2 and raw.stride(1) != 1:
-        raise ValueError(f"raw must have unit column stride (dL/draw is written over it), got strides "
-                         f"{tuple(raw.stride())}")
+        raise ValueError(
+            f"raw must have unit column stride (dL/draw is written over it), got strides {tuple(raw.stride())}"
+        )
 
 
 @torch.library.custom_op("fused_margin::triton_row_forward_backward", mutates_args=("raw",))
-def row_forward_backward(raw: torch.Tensor, target: torch.Tensor, tables: List[Optional[torch.Tensor]],
-                         floats: List[float], ints: List[int], row_proj: Optional[torch.Tensor],
-                         col_proj: Optional[torch.Tensor]
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_forward_backward(
+    raw: torch.Tensor,
+    target: torch.Tensor,
+    tables: List[Optional[torch.Tensor]],
+    floats: List[float],
+    ints: List[int],
+    row_proj: Optional[torch.Tensor],
+    col_proj: Optional[torch.Tensor],
+) -> Tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """The forward and, in the same program right after each row's forward (the row still in cache), the
     row backward's dL/draw for the upstream gradient 1 of the reduced loss, written over ``raw`` in its
     dtype (``RowKernel.forward_backward`` of :mod:`fused_margin.paths.fused`): one pass less over B x C and no
