@@ -11,6 +11,7 @@ import inspect
 import numbers
 import warnings
 import weakref
+from contextlib import nullcontext
 from typing import Optional, Union
 
 import torch
@@ -22,6 +23,15 @@ from fused_margin.core.reference import compute_dtype, margin_cross_entropy_refe
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 from fused_margin.paths.fused import fused_margin_cross_entropy
 from fused_margin.paths.lean import BUDGET_BYTES, lean_margin_cross_entropy
+from fused_margin.paths.sampled import (
+    check_class_indices,
+    check_generator,
+    check_sample_rate,
+    check_sparse_grad,
+    gather_rows,
+    remap_labels,
+    sample_classes,
+)
 
 __all__ = [
     "margin_cross_entropy",
@@ -228,6 +238,10 @@ def margin_cross_entropy(
     backend: str = "auto",
     class_chunk: Union[str, int] = "auto",
     double_backward: bool = False,
+    sample_rate: float = 1.0,
+    sampled_classes=None,
+    generator: Optional[torch.Generator] = None,
+    sparse_grad: bool = True,
     **loss_options,
 ):
     r"""Margin softmax cross-entropy (docs/loss.md), one op for DBM, LDAM, ELM, ArcFace, CosFace, balanced
@@ -262,6 +276,16 @@ def margin_cross_entropy(
             reference (with ``backend="auto"`` or ``"reference"``; a fused ``backend`` or an int
             ``class_chunk`` is a ``ValueError`` now, before any work). Without it a ``create_graph``
             backward through a fused backend raises, pointing here.
+        sample_rate: Partial FC's negative-class sampling (docs/loss.md section 10): below 1, each call keeps
+            the batch's positive classes and samples other classes up to ``ceil(sample_rate C)``; the loss is
+            the margin loss over the kept classes (labels renumbered, ``aux.pred`` the argmax over them as a
+            class index, label smoothing over them), and ``weight`` gets a sparse gradient of its kept rows.
+            1 (the default) keeps every class: the exact loss.
+        sampled_classes: the kept classes given explicitly (class indices; the batch's positives are added),
+            for tests and reproducibility; ``generator``: the ``torch.Generator`` of the sampling.
+        sparse_grad: with sampling, ``weight``'s gradient as a sparse tensor of the kept rows (the default;
+            SGD with momentum and SparseAdam take it, weight decay and Adam(W) do not) or, with False, dense
+            with zeros on the other rows (Partial FC's update, for any optimizer; one C x D tensor).
 
     The loss's options (keyword-only; fused_margin/core/options.py declares them):
 
@@ -303,17 +327,65 @@ def margin_cross_entropy(
     autocast_device = autocast_device_of(input) if head != "logits" else None
     if autocast_device is not None:
         input, weight, bias = autocast_operands(autocast_device, input, weight, bias)
-    _validate(input, target, weight, bias, spec, tables)
+    num_classes = _validate(input, target, weight, bias, spec, tables)
     class_chunk = check_class_chunk(class_chunk)
     backend, class_chunk = route_backend(backend, class_chunk, tables, double_backward)
-    if autocast_device is None:
-        return apply_loss(
+    kept = None
+    check_sparse_grad(sparse_grad)
+    if _samples(sample_rate, sampled_classes, generator):
+        input, target, weight, bias, tables, kept = _sample(
+            input, target, weight, bias, spec, tables, num_classes, sample_rate, sampled_classes, generator, sparse_grad
+        )
+    context = torch.autocast(autocast_device, enabled=False) if autocast_device is not None else nullcontext()
+    with context:  # under autocast: the row math in fp32, the GEMMs in the cast dtype
+        out = apply_loss(
             input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux, class_chunk=class_chunk
         )
-    with torch.autocast(autocast_device, enabled=False):  # the row math in fp32, the GEMMs in the cast dtype
-        return apply_loss(
-            input, target, weight, bias, spec, tables, backend=backend, return_aux=return_aux, class_chunk=class_chunk
+    if kept is not None and return_aux:  # the argmax over the kept classes, as a class index
+        loss, aux = out
+        return loss, aux._replace(pred=kept[aux.pred])
+    return out
+
+
+def _samples(sample_rate, sampled_classes, generator) -> bool:
+    """Whether the call samples classes (``sample_rate`` below 1 or ``sampled_classes`` given); the arguments
+    checked."""
+    rate = check_sample_rate(sample_rate)
+    check_generator(generator)
+    return rate < 1.0 or sampled_classes is not None
+
+
+def _sample(
+    input, target, weight, bias, spec, tables: LossTables, num_classes, sample_rate, sampled_classes, generator, sparse
+):
+    """The call over the kept classes (fused_margin.paths.sampled): the positives of the batch and sampled
+    negatives, the labels renumbered, the classifier's kept rows (a sparse gradient), the tables' kept entries."""
+    if input.shape[0] > 0:
+        _check_labels(target, num_classes, spec.ignore_index)
+    if sampled_classes is not None:
+        sampled_classes = check_class_indices("sampled_classes", sampled_classes, num_classes, target.device)
+    kept = sample_classes(
+        target,
+        0,
+        num_classes,
+        check_sample_rate(sample_rate),
+        ignore_index=spec.ignore_index,
+        sampled_classes=sampled_classes,
+        generator=generator,
+    )
+    target = remap_labels(target, kept, 0, spec.ignore_index, outside=kept.numel())
+    if spec.head == "logits":
+        input = input.index_select(1, kept)
+    else:
+        weight = gather_rows(weight, kept, sparse)
+        bias = None if bias is None else bias.index_select(0, kept)
+    tables = LossTables(
+        *(
+            None if t is None else (t.index_select(1, kept) if name == "pair_perturbation" else t.index_select(0, kept))
+            for name, t in zip(LossTables._fields, tables)
         )
+    )
+    return input, target, weight, bias, tables, kept
 
 
 def autocast_device_of(input) -> Optional[str]:

@@ -13,6 +13,7 @@ from fused_margin.core import builders
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import MarginLossSpec
 from fused_margin.functional import check_class_chunk, check_option_names, dbm_tables, margin_cross_entropy
+from fused_margin.paths.sampled import check_sample_rate, check_sparse_grad
 
 __all__ = [
     "MarginLoss",
@@ -107,6 +108,10 @@ class MarginLoss(nn.Module):
             options["class_chunk"] = check_class_chunk(options["class_chunk"])
         if not isinstance(options.get("double_backward", False), bool):  # the reference for create_graph
             raise TypeError(f"double_backward must be a bool, got {options['double_backward']!r}")
+        if "sample_rate" in options:  # Partial FC's negative-class sampling
+            options["sample_rate"] = check_sample_rate(options["sample_rate"])
+        if "sparse_grad" in options:
+            check_sparse_grad(options["sparse_grad"])
         options["backend"] = backend
         self._exact = {}
         for name in _TABLES:

@@ -33,17 +33,18 @@ def target_margin(
     instance margin on hard positives, AAAI'25; ELM's strongest wrong class ``c*``, Kato & Hotta) with
     ``c = z'_iy``; ``M`` is differentiable in ``c`` (the difficulty is not detached, as in DBM's code) and
     ``dM/dc = -m_y lambda_inst h_i / 2`` is given for the paths that form gradients by hand. Zeros without
-    a margin table; ``strongest_wrong`` (``c*``) is needed where ``lambda_elm != 0``."""
+    a margin table; a 0-d table is one margin for every class; ``strongest_wrong`` (``c*``) is needed where
+    ``lambda_elm != 0``."""
     if class_margins is None:
         zero = torch.zeros_like(c)
         return zero, zero
     m = class_margins.to(c.dtype)
-    m_y = m[y]
+    m_y = m[y] if m.dim() else m.expand_as(c)  # a 0-d table: one margin for every class
     h = hard.to(c.dtype)
     margin = m_y * (1.0 + spec.lambda_inst * h * (1.0 - c) / 2.0)
     dmargin_dc = -m_y * spec.lambda_inst * h / 2.0
     if spec.lambda_elm != 0.0:
-        margin = margin - spec.lambda_elm * m[strongest_wrong]
+        margin = margin - spec.lambda_elm * (m[strongest_wrong] if m.dim() else m)
     return margin, dmargin_dc
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fused_margin import backends
 from fused_margin.core.class_split import Partials, block_partials, combine, empty_partials, finish
 from fused_margin.core.reference import compute_dtype
+from fused_margin.core.rowmath import target_column_grad
 from fused_margin.core.spec import NORM_EPS, LossTables, MarginLossSpec
 from fused_margin.paths.fused import _autocast_enabled, first_order_backward, inverse_norms, project_rows_
 
@@ -225,18 +226,29 @@ class ClassBlock:
             )
         return buffers._replace(has_y=buffers.has_y != 0)
 
-    def _backward_kernel(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+    def _target_terms(self, y, g, nll, num_classes, weights):
+        """``(dL/dt, c_i)`` of each row for upstream ``g``: ``dL/dt`` (:func:`~fused_margin.core.rowmath.
+        target_column_grad`) and the coefficient ``c_i = g ((1 - eps) w_y + eps W / C)`` of ``p_ij`` off the
+        target. ``weights``: ``(w_y, W)`` given by the caller (the class shards: the label's weight from the
+        global table, ``W`` over every kept class of every rank), else from this block's class weights (the
+        global table) or 1 and ``C``."""
+        eps = self.spec.label_smoothing
+        w_all = self._kernel_tables()["class_weight"]
+        if weights is not None:
+            w_y, w_sum = weights
+        elif w_all is not None:
+            w_y, w_sum = w_all[y], w_all.sum()
+        else:
+            w_y, w_sum = torch.ones_like(nll), float(num_classes)
+        dl_target = g * target_column_grad(nll, w_y, w_sum, eps, num_classes)
+        return dl_target, g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)
+
+    def _backward_kernel(self, y, kept, g, nll, target_grad, lse, num_classes, need, weights=None):
         class_block = self.ops
         spec, cd, input, weight = self.spec, self.cd, self.input, self.weight
         eps = spec.label_smoothing
         tables = self._kernel_tables()
-        w_all = tables["class_weight"]
-        if w_all is not None:
-            w_y, w_sum = w_all[y], w_all.sum()
-        else:
-            w_y, w_sum = torch.ones_like(lse), float(num_classes)
-        dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * torch.exp(-nll) - w_y))
-        row_coef = g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)
+        dl_target, row_coef = self._target_terms(y, g, nll, num_classes, weights)
         smooth = g * (eps / num_classes) if eps != 0.0 else None
         target_value = dl_target * target_grad
         labels = self._labels(y, kept)
@@ -305,17 +317,17 @@ class ClassBlock:
             return self._partials_kernel(y, kept)
         return self._partials_torch(y, kept)
 
-    def backward(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+    def backward(self, y, kept, g, nll, target_grad, lse, num_classes, need, weights=None):
         """The gradients of the block for upstream row gradients ``g`` (0 on ignored rows), from the
         finished rows' ``nll``, ``dt/dz'_y`` and ``lse``. ``need``: names among ``input``, ``weight``,
         ``bias``, ``logit_offset``, ``pair_perturbation``, ``omega``, ``beta``. Returns a dict: ``input``
         (fp32/fp64, B x D or the B x block logits), ``weight`` and ``bias`` (this block's rows), and the
         tables' gradients over the global C classes (zero outside the block). The Triton kernels serve
         the gradients of ``input`` and ``weight`` (Triton or C++ kernels); the tables' gradients take the
-        eager path."""
+        eager path. ``weights``: ``(w_y, W)`` where the block cannot form them (see :meth:`_target_terms`)."""
         if self.ops is not None and need <= {"input", "weight"}:
-            return self._backward_kernel(y, kept, g, nll, target_grad, lse, num_classes, need)
-        return self._backward_torch(y, kept, g, nll, target_grad, lse, num_classes, need)
+            return self._backward_kernel(y, kept, g, nll, target_grad, lse, num_classes, need, weights)
+        return self._backward_torch(y, kept, g, nll, target_grad, lse, num_classes, need, weights)
 
     def _partials_torch(self, y, kept) -> Partials:
         """The block's partial statistics, chunk by chunk (``y``: labels with ignored rows set to 0)."""
@@ -339,19 +351,12 @@ class ClassBlock:
             merged = part if merged is None else combine(merged, part)
         return merged
 
-    def _backward_torch(self, y, kept, g, nll, target_grad, lse, num_classes, need):
+    def _backward_torch(self, y, kept, g, nll, target_grad, lse, num_classes, need, weights=None):
         spec, t, cd, input, weight = self.spec, self.tables, self.cd, self.input, self.weight
         device, count = input.device, self.count
         eps = spec.label_smoothing
-        tables = self._kernel_tables()
-        w_all = tables["class_weight"]
-        if w_all is not None:
-            w_y, w_sum = w_all[y], w_all.sum()
-        else:
-            w_y, w_sum = torch.ones_like(lse), float(num_classes)
-        # dL/dt = g ((1 - eps) w_y (p_y - 1) + eps / C (W p_y - w_y)), p_y - 1 = expm1(-nll) kept precise
-        dl_target = g * ((1.0 - eps) * w_y * torch.expm1(-nll) + eps / num_classes * (w_sum * torch.exp(-nll) - w_y))
-        row_coef = g * ((1.0 - eps) * w_y + eps / num_classes * w_sum)
+        w_all = self._kernel_tables()["class_weight"]
+        dl_target, row_coef = self._target_terms(y, g, nll, num_classes, weights)
 
         out = {}
         x_acc = None

@@ -37,6 +37,7 @@ supported here and raise.
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Dict, NamedTuple, Optional
 
@@ -47,11 +48,22 @@ from torch import nn
 from fused_margin import backends
 from fused_margin.core import options
 from fused_margin.core.class_split import Partials, combine, finish
+from fused_margin.core.options import as_real
 from fused_margin.core.reference import compute_dtype
 from fused_margin.core.spec import LossTables, MarginAux, MarginLossSpec
 from fused_margin.functional import finite_error
 from fused_margin.paths.fused import first_order_backward
 from fused_margin.paths.lean import BUDGET_BYTES, ClassBlock, auto_chunk, reduce_rows, row_grads
+from fused_margin.paths.sampled import (
+    check_class_indices,
+    check_generator,
+    check_sample_rate,
+    check_sparse_grad,
+    kept_count,
+    remap_labels,
+    row_gradient,
+    sample_classes,
+)
 
 __all__ = ["sharded_margin_cross_entropy", "ShardedCosineClassifier", "even_shards"]
 
@@ -94,6 +106,92 @@ class _Call(NamedTuple):
     chunk: Optional[int]
     spec: MarginLossSpec
     tables: Dict[str, Optional[torch.Tensor]]
+    sampling: Optional[_Sampling]
+
+
+class _Sampling(NamedTuple):
+    """Partial FC's negative-class sampling of a call (fused_margin.paths.sampled)."""
+
+    rate: float
+    classes: Optional[torch.Tensor]  # the kept classes given explicitly (global indices), or None
+    generator: Optional[torch.Generator]
+    sparse: bool  # the weight's gradient: sparse, or dense with zeros off the kept rows
+
+
+class _BlockView(NamedTuple):
+    """What this rank's class block computes on: its whole shard, or the kept classes of it (``kept``, sorted
+    global indices; the block then numbers them from 0, its labels are positions among them, its tables
+    their entries, and the softmax runs over ``num_classes`` kept classes of all ranks)."""
+
+    weight: torch.Tensor
+    tables: LossTables
+    y: torch.Tensor  # the block's labels (ignored rows 0)
+    start: int
+    count: int
+    kept: Optional[torch.Tensor]
+    num_classes: int
+
+
+def _block_view(
+    spec,
+    labels,
+    kept_rows,
+    weight_shard,
+    tables: LossTables,
+    class_start,
+    num_classes,
+    sampling,
+    starts,
+    counts,
+    kept=None,
+) -> _BlockView:
+    """The block of this rank (see :class:`_BlockView`); with sampling, ``kept`` is drawn here unless given
+    (the backward's, saved by the forward)."""
+    zero = torch.zeros_like(labels)
+    if sampling is None:
+        y = torch.where(kept_rows, labels, zero)
+        return _BlockView(weight_shard, tables, y, class_start, weight_shard.shape[0], None, num_classes)
+    ignore, count = spec.ignore_index, weight_shard.shape[0]
+    if kept is None:
+        kept = sample_classes(
+            labels,
+            class_start,
+            count,
+            sampling.rate,
+            ignore_index=ignore,
+            sampled_classes=sampling.classes,
+            generator=sampling.generator,
+        )
+    total = sum(
+        kept_count(labels, s, c, sampling.rate, ignore_index=ignore, sampled_classes=sampling.classes)
+        for s, c in zip(starts, counts)
+    )
+    y = torch.where(kept_rows, remap_labels(labels, kept, class_start, ignore, outside=kept.numel()), zero)
+    m = tables.class_margins
+    used = LossTables(
+        class_margins=m if m is None or m.dim() == 0 else m.index_select(0, kept),
+        logit_offset=None if tables.logit_offset is None else tables.logit_offset.index_select(0, kept),
+        class_weight=None if tables.class_weight is None else tables.class_weight.index_select(0, kept),
+    )
+    weight = weight_shard.index_select(0, kept - class_start)
+    return _BlockView(weight, used, y, 0, kept.numel(), kept, total)
+
+
+def _weight_sum(spec: MarginLossSpec, merged: Partials, view: _BlockView, class_weight) -> Optional[torch.Tensor]:
+    """The class weights summed over the kept classes of every rank but the row's label (per row), from which
+    the backward of a sampled block forms ``W`` with label smoothing and class weights; None otherwise."""
+    if view.kept is None or class_weight is None or spec.label_smoothing == 0.0:
+        return None
+    return merged.weight
+
+
+def _class_indices(partials: Partials, kept: torch.Tensor, spec: MarginLossSpec, tables: LossTables) -> Partials:
+    """A sampled block's partials with their argmax positions as class indices (the wrong-class ones where
+    they are tracked)."""
+    partials = partials._replace(z_arg=kept[partials.z_arg])
+    if tables.class_margins is not None and spec.lambda_elm != 0.0:
+        partials = partials._replace(wrong_arg=kept[partials.wrong_arg])
+    return partials
 
 
 _FINGERPRINT_MODULUS = (1 << 61) - 1  # a prime; keeps a fingerprint and its negation inside int64
@@ -128,6 +226,11 @@ def _agreement_items(call: _Call):
     ]
     items += [(name, _option_fingerprint(getattr(call.spec, name))) for name in _SPEC_OPTIONS]
     items += [(name, _table_fingerprint(call.tables.get(name))) for name in _TABLES]
+    sampling = call.sampling or _Sampling(1.0, None, None, True)
+    items += [
+        ("sample_rate", _option_fingerprint(sampling.rate)),
+        ("sampled_classes", _table_fingerprint(sampling.classes)),
+    ]
     items += [
         (
             f"{name} finite",
@@ -140,6 +243,11 @@ def _agreement_items(call: _Call):
     return items
 
 
+def _agreement_count() -> int:
+    """How many items :func:`_agreement_items` gives (a rank whose checks failed sends that many zeros)."""
+    return 4 + len(_SPEC_OPTIONS) + len(_TABLES) + 2 + len(_TABLES)
+
+
 def _describe(call: Optional[_Call], name: str) -> str:
     """This rank's value of agreement item ``name``, for a message."""
     if call is None:
@@ -150,9 +258,11 @@ def _describe(call: Optional[_Call], name: str) -> str:
         return str(call.num_classes)
     if name == "the dtype":
         return str(call.input.dtype)
-    if name in _TABLES:
-        table = call.tables.get(name)
+    if name in _TABLES or name == "sampled_classes":
+        table = call.tables.get(name) if name in _TABLES else (call.sampling.classes if call.sampling else None)
         return "not given" if table is None else f"a table with fingerprint {int(_table_fingerprint(table))}"
+    if name == "sample_rate":
+        return repr(call.sampling.rate if call.sampling else 1.0)
     return repr(getattr(call.spec, name))
 
 
@@ -181,7 +291,7 @@ def _agree(call: Optional[_Call], error: Optional[Exception], group):
             call.weight_shard.shape[0] if ok else 0,
         ]
     )
-    names, agree = [], torch.zeros(len(_SPEC_OPTIONS) + 4 + 2 * len(_TABLES), dtype=torch.int64, device=device)
+    names, agree = [], torch.zeros(_agreement_count(), dtype=torch.int64, device=device)
     if ok:
         items = _agreement_items(call)
         names = [name for name, _ in items]
@@ -305,10 +415,12 @@ _SHARDED_INPUTS = (
     "group",
     "rows",
     "starts",
+    "counts",
     "class_start",
     "num_classes",
     "chunk",
     "kernel",
+    "sampling",
     "input_grad_scale",
     "input",
     "target",
@@ -334,10 +446,12 @@ class _ShardedMarginCE(torch.autograd.Function):
         group,
         rows,
         starts,
+        counts,
         class_start,
         num_classes,
         chunk,
         kernel,
+        sampling,
         input_grad_scale,
         input,
         target,
@@ -349,20 +463,23 @@ class _ShardedMarginCE(torch.autograd.Function):
         features, labels = _gather_rows(input, target, rows, group)
         _check_labels(labels, num_classes, spec.ignore_index, rows)
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
+        kept = labels != spec.ignore_index
+        y = torch.where(kept, labels, torch.zeros_like(labels))
+        view = _block_view(spec, labels, kept, weight_shard, tables, class_start, num_classes, sampling, starts, counts)
         block = ClassBlock(
             spec,
             features,
-            weight_shard,
+            view.weight,
             None,
-            tables,
-            start=class_start,
-            count=weight_shard.shape[0],
+            view.tables,
+            start=view.start,
+            count=view.count,
             chunk=chunk,
             kernel=kernel,
         )
-        kept = labels != spec.ignore_index
-        y = torch.where(kept, labels, torch.zeros_like(labels))
-        local = block.partials(y, kept)
+        local = block.partials(view.y, kept)
+        if view.kept is not None:
+            local = _class_indices(local, view.kept, spec, view.tables)
 
         world, rank = _world(group)
         packed = _pack_partials(local)
@@ -378,19 +495,32 @@ class _ShardedMarginCE(torch.autograd.Function):
             y,
             kept,
             spec,
-            num_classes,
+            view.num_classes,
             class_margins=class_margins,
             logit_offset=logit_offset,
             class_weight=None if class_weight is None else class_weight.to(cd),
         )
         loss, denom = reduce_rows(result.loss, y, kept, class_weight, spec.reduction)
-        return loss, result.lse, result.pred, result.hard, features, labels, result.nll, result.target_grad, denom
+        return (
+            loss,
+            result.lse,
+            result.pred,
+            result.hard,
+            features,
+            labels,
+            result.nll,
+            result.target_grad,
+            denom,
+            view.kept,
+            _weight_sum(spec, merged, view, class_weight),
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         args = dict(zip(_SHARDED_INPUTS, inputs))
-        loss, lse, pred, hard, features, labels, nll, target_grad, denom = output
+        loss, lse, pred, hard, features, labels, nll, target_grad, denom, kept, weight_sum = output
         ctx.spec, ctx.group, ctx.rows = args["spec"], args["group"], args["rows"]
+        ctx.starts, ctx.counts, ctx.sampling = args["starts"], args["counts"], args["sampling"]
         ctx.class_start, ctx.num_classes = args["class_start"], args["num_classes"]
         ctx.chunk, ctx.kernel = args["chunk"], args["kernel"]
         ctx.input_grad_scale, ctx.input_dtype = args["input_grad_scale"], args["input"].dtype
@@ -405,6 +535,8 @@ class _ShardedMarginCE(torch.autograd.Function):
             nll,
             target_grad,
             denom,
+            kept,
+            weight_sum,
         )
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
@@ -426,29 +558,56 @@ class _ShardedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        (features, labels, weight_shard, class_margins, logit_offset, class_weight, lse, nll, target_grad, denom) = (
-            ctx.saved_tensors
-        )
+        (
+            features,
+            labels,
+            weight_shard,
+            class_margins,
+            logit_offset,
+            class_weight,
+            lse,
+            nll,
+            target_grad,
+            denom,
+            kept_classes,
+            weight_sum,
+        ) = ctx.saved_tensors
         spec, group = ctx.spec, ctx.group
         tables = LossTables(class_margins=class_margins, logit_offset=logit_offset, class_weight=class_weight)
+        kept = labels != spec.ignore_index
+        view = _block_view(
+            spec,
+            labels,
+            kept,
+            weight_shard,
+            tables,
+            ctx.class_start,
+            ctx.num_classes,
+            ctx.sampling,
+            ctx.starts,
+            ctx.counts,
+            kept=kept_classes,
+        )
         block = ClassBlock(
             spec,
             features,
-            weight_shard,
+            view.weight,
             None,
-            tables,
-            start=ctx.class_start,
-            count=weight_shard.shape[0],
+            view.tables,
+            start=view.start,
+            count=view.count,
             chunk=ctx.chunk,
             kernel=ctx.kernel,
         )
-        kept = labels != spec.ignore_index
-        y = torch.where(kept, labels, torch.zeros_like(labels))
-        g = row_grads(grad_loss, denom, kept, spec.reduction, y.shape[0], block.cd)
+        g = row_grads(grad_loss, denom, kept, spec.reduction, labels.shape[0], block.cd)
         need = dict(zip(_SHARDED_INPUTS, ctx.needs_input_grad))
         need_input, need_weight = need["input"], need["weight_shard"]
         wanted = {"input"} | ({"weight"} if need_weight else set())  # every rank takes part in the reduction
-        grads = block.backward(y, kept, g, nll, target_grad, lse, ctx.num_classes, wanted)
+        weights = None
+        if view.kept is not None and class_weight is not None:  # the label's weight and W over every kept class
+            w_y = class_weight.to(block.cd)[torch.where(kept, labels, torch.zeros_like(labels))]
+            weights = (w_y, w_y if weight_sum is None else weight_sum + w_y)  # the partials' W leaves out w_y
+        grads = block.backward(view.y, kept, g, nll, target_grad, lse, view.num_classes, wanted, weights)
 
         # dL/dX_g summed over the shards, then each rank's own rows
         world, rank = _world(group)
@@ -471,7 +630,13 @@ class _ShardedMarginCE(torch.autograd.Function):
             if ctx.input_grad_scale != 1.0:
                 grad_input = grad_input * ctx.input_grad_scale
             grad_input = grad_input.to(ctx.input_dtype)
-        grad_weight = grads["weight"].to(weight_shard.dtype) if need_weight else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = grads["weight"].to(weight_shard.dtype)
+            if view.kept is not None:  # the kept rows only, sparse or zero-filled (Partial FC's update)
+                grad_weight = row_gradient(
+                    view.kept - ctx.class_start, grad_weight, weight_shard.shape, ctx.sampling.sparse
+                )
         grads_by_name = dict(input=grad_input, weight_shard=grad_weight)
         return tuple(grads_by_name.get(name) for name in _SHARDED_INPUTS)
 
@@ -488,6 +653,11 @@ def sharded_margin_cross_entropy(
     class_chunk: Optional[int] = None,
     backbone_ddp: bool = False,
     return_aux: bool = False,
+    margin: Optional[float] = None,
+    sample_rate: float = 1.0,
+    sampled_classes=None,
+    generator: Optional[torch.Generator] = None,
+    sparse_grad: bool = True,
     **margin_kwargs,
 ):
     r"""The margin loss of :func:`fused_margin.margin_cross_entropy` with the classifier sharded by class.
@@ -507,6 +677,20 @@ def sharded_margin_cross_entropy(
             input gradient is multiplied by the world size and the average comes out as the gradient of
             the global loss (the weight shard's gradient is left as it is).
         return_aux: also return :class:`fused_margin.MarginAux` for the global batch.
+        margin: one margin for every class (ArcFace's and CosFace's ``m``), instead of a C-sized
+            ``class_margins`` table (40 MB at 10M classes in fp32).
+        sample_rate: Partial FC's negative-class sampling (docs/loss.md section 10): below 1, each rank keeps
+            the positive classes of the global batch that fall in its shard and samples other classes of the
+            shard up to ``ceil(sample_rate C_r)``; the loss is the margin loss over the kept classes of all
+            ranks (``aux.pred`` the argmax over them, as a class index), and ``weight_shard`` gets a sparse
+            gradient of its kept rows. 1 (the default) keeps every class: the exact loss. Every rank must pass
+            the same rate (it is checked).
+        sampled_classes: the kept classes given explicitly (global class indices, the same on every rank; the
+            positives are added), for tests and reproducibility. ``generator``: the ``torch.Generator`` of this
+            rank's sampling.
+        sparse_grad: with sampling, ``weight_shard``'s gradient as a sparse tensor of the kept rows (the
+            default; SGD with momentum and SparseAdam take it, weight decay and Adam(W) do not) or, with
+            False, dense with zeros on the other rows (Partial FC's update, for any optimizer).
         margin_kwargs: the scalar options and class tables of ``margin_cross_entropy`` (``scale``,
             ``class_margins``, ``margin_type``, ``lambda_inst``, ``hard_mode``, ``lambda_elm``,
             ``angular_fold``, ``margin_grad``, ``logit_offset``, ``class_weight``, ``reduction``,
@@ -522,13 +706,22 @@ def sharded_margin_cross_entropy(
         )
     group = process_group if process_group is not None else dist.group.WORLD
     try:  # this rank's own checks; their outcome is part of the first collective, so every rank raises alike
+        sampling = dict(
+            margin=margin,
+            sample_rate=sample_rate,
+            sampled_classes=sampled_classes,
+            generator=generator,
+            sparse_grad=sparse_grad,
+        )
         call, error = (
-            _check_call(input, target, weight_shard, class_start, num_classes, head, class_chunk, margin_kwargs),
+            _check_call(
+                input, target, weight_shard, class_start, num_classes, head, class_chunk, margin_kwargs, **sampling
+            ),
             None,
         )
     except (TypeError, ValueError) as caught:
         call, error = None, caught
-    rows, starts, _ = _agree(call, error, group)
+    rows, starts, counts = _agree(call, error, group)
     world, _ = _world(group)
     scale = float(world) if backbone_ddp else 1.0
     chunk = call.chunk if call.chunk is not None else auto_chunk(sum(rows), weight_shard.shape[0], BUDGET_BYTES)
@@ -539,10 +732,12 @@ def sharded_margin_cross_entropy(
         group,
         rows,
         starts,
+        counts,
         class_start,
         num_classes,
         chunk,
         kernel,
+        call.sampling,
         scale,
         input,
         target,
@@ -554,7 +749,22 @@ def sharded_margin_cross_entropy(
     return (loss, MarginAux(lse, pred, hard)) if return_aux else loss
 
 
-def _check_call(input, target, weight_shard, class_start, num_classes, head, class_chunk, margin_kwargs) -> _Call:
+def _check_call(
+    input,
+    target,
+    weight_shard,
+    class_start,
+    num_classes,
+    head,
+    class_chunk,
+    margin_kwargs,
+    *,
+    margin=None,
+    sample_rate=1.0,
+    sampled_classes=None,
+    generator=None,
+    sparse_grad=True,
+) -> _Call:
     """This rank's arguments checked (a ``TypeError``/``ValueError`` naming the bad one) and normalised."""
     margin_kwargs = dict(margin_kwargs)
     for name in _UNSUPPORTED:
@@ -608,8 +818,23 @@ def _check_call(input, target, weight_shard, class_start, num_classes, head, cla
             if table.requires_grad:
                 raise ValueError(f"{name} requires grad, but the sharded loss treats class tables as constants")
             tables[name] = table.to(device=input.device, dtype=compute_dtype(input.dtype))
+    if margin is not None:  # one margin for every class: a 0-d table
+        if "class_margins" in tables:
+            raise ValueError("pass margin (one margin for every class) or class_margins (one a class), not both")
+        value = as_real("margin", margin)
+        if not math.isfinite(value):
+            raise ValueError(f"margin must be finite, got {value}")
+        tables["class_margins"] = torch.tensor(value, device=input.device, dtype=compute_dtype(input.dtype))
+    rate = check_sample_rate(sample_rate)
+    check_generator(generator)
+    check_sparse_grad(sparse_grad)
+    sampling = None
+    if rate < 1.0 or sampled_classes is not None:
+        if sampled_classes is not None:
+            sampled_classes = check_class_indices("sampled_classes", sampled_classes, num_classes, input.device)
+        sampling = _Sampling(rate, sampled_classes, generator, sparse_grad)
     spec = MarginLossSpec(head=head, **margin_kwargs)
-    return _Call(input, target, weight_shard, class_start, num_classes, class_chunk, spec, tables)
+    return _Call(input, target, weight_shard, class_start, num_classes, class_chunk, spec, tables, sampling)
 
 
 class ShardedCosineClassifier(nn.Module):
@@ -617,13 +842,26 @@ class ShardedCosineClassifier(nn.Module):
 
     The classes are split evenly over the ranks of ``process_group`` (:func:`even_shards`); the shard
     holds ``[class_start, class_start + num_local)``. ``forward(features, target, **margin_kwargs)``
-    returns :func:`sharded_margin_cross_entropy` of the features against the whole classifier.
+    returns :func:`sharded_margin_cross_entropy` of the features against the whole classifier, with this
+    module's ``sample_rate`` (Partial FC's negative-class sampling; 1 keeps every class) unless the call gives
+    one. With ``sample_rate < 1`` the weight gets a sparse gradient of the kept rows (SGD with momentum and
+    SparseAdam take it), or with ``sparse_grad=False`` a dense one with zeros elsewhere (any optimizer, weight
+    decay included).
     :meth:`full_weight` gathers the C x D classifier (e.g. to save a checkpoint that another world size
     loads) and :meth:`load_full_weight` takes this rank's rows of one.
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, process_group=None, *, device=None, dtype=None, std: float = 0.01
+        self,
+        in_features: int,
+        num_classes: int,
+        process_group=None,
+        *,
+        device=None,
+        dtype=None,
+        std: float = 0.01,
+        sample_rate: float = 1.0,
+        sparse_grad: bool = True,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -636,8 +874,12 @@ class ShardedCosineClassifier(nn.Module):
         self.class_start, self.num_local = self.shards[rank]
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=std)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.sparse_grad = check_sparse_grad(sparse_grad)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, **margin_kwargs):
+        margin_kwargs.setdefault("sample_rate", self.sample_rate)
+        margin_kwargs.setdefault("sparse_grad", self.sparse_grad)
         return sharded_margin_cross_entropy(
             features,
             target,

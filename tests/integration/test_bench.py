@@ -518,3 +518,26 @@ def test_rounds_retime_every_case_and_take_the_median_of_each_rounds_ratio():
             assert r["speedup_vs_eager"] == pytest.approx(statistics.median(speedups))
     with pytest.raises(ValueError, match="rounds"):
         BenchConfig(**QUICK, rounds=0).validate()
+
+
+def test_sharded_sampling_benchmark_runs_every_rate_on_spawned_ranks(tmp_path, capsys):
+    """``python -m fused_margin.bench.sharded``: every rate in fresh gloo ranks, the kept classes a rank as the
+    sampling rule gives them, a time and a peak memory for each; bad arguments named."""
+    from fused_margin.bench import sharded
+
+    out = tmp_path / "sharded.json"
+    assert (
+        sharded.main(["--preset", "small", "--C", "3000", "--D", "16", "--B", "8", "--steps", "1", "--json", str(out)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "| 1 | 1,500 / 1,500 |" in table and "| 0.1 | 150 / 150 |" in table
+    record = json.loads(out.read_text())
+    assert [r["rate"] for r in record["results"]] == [1.0, 0.1]
+    for result in record["results"]:
+        assert result["ms"] > 0 and len(result["ranks"]) == 2
+        assert all(q["peak_mib"] >= q["set_up_mib"] > 0 for q in result["ranks"])
+    for argv, says in ((["--rates", "0"], "sample_rate must be in"), (["--B", "3"], "multiple of --world")):
+        with pytest.raises(SystemExit):
+            sharded.parse_args(argv)
+        assert says in capsys.readouterr().err

@@ -7,6 +7,7 @@ rank's traceback (``torch.multiprocessing.spawn`` re-raises it).
 
 import datetime
 import gc
+import math
 import os
 import tempfile
 
@@ -221,6 +222,114 @@ def test_world_3_uneven_shards_match_the_single_process_loss():
     _spawn(_parity_worker, 3, [(0, 7), (7, 1), (8, 11)], [4, 4, 5])
 
 
+def _sampled_case(rank, world, shards, rows, dtype, chunk):
+    """With the kept classes fixed (the same list on every rank; the positives are added), the sharded loss
+    equals the single-process margin loss on those columns: loss, lse, pred (as a class index), hard, the
+    gradient of this rank's rows, and a sparse gradient holding just this shard's kept rows. Classes 6, 7 and
+    12 (tied, on shard boundaries in world 3) are kept; so is every label's class."""
+    opts = dict(CASES["dbm_bs"])
+    opts.pop("tables")
+    opts.update(lambda_elm=0.5, label_smoothing=0.1)
+    B, C, D = sum(rows), sum(n for _, n in shards), 6
+    X, W, y, g = _case_data(7 + world, B, C, D, ties=True)
+    y[2] = -100
+    margins = 0.05 + 0.3 * torch.rand(C, generator=g, dtype=torch.float64)
+    weights = 0.2 + 2.0 * torch.rand(C, generator=g, dtype=torch.float64)
+    chosen = torch.tensor([0, 6, 7, 12, C - 2])
+    kept = torch.unique(torch.cat([chosen, y[y >= 0]]))
+    position = {c: i for i, c in enumerate(kept.tolist())}
+    y_kept = torch.tensor([position[v] if v >= 0 else v for v in y.tolist()])
+    Xr, Wr = X.clone().requires_grad_(), W[kept].clone().requires_grad_()
+    loss_r, aux_r = fm.margin_cross_entropy(
+        Xr,
+        y_kept,
+        Wr,
+        class_margins=margins[kept],
+        class_weight=weights[kept],
+        backend="reference",
+        return_aux=True,
+        **opts,
+    )
+    loss_r.backward()
+
+    start_row = sum(rows[:rank])
+    class_start, count = shards[rank]
+    x = X[start_row : start_row + rows[rank]].to(dtype).requires_grad_()
+    w = W[class_start : class_start + count].to(dtype).requires_grad_()
+    loss, aux = fmd.sharded_margin_cross_entropy(
+        x,
+        y[start_row : start_row + rows[rank]],
+        w,
+        class_start=class_start,
+        num_classes=C,
+        class_chunk=chunk,
+        class_margins=margins.to(dtype),
+        class_weight=weights.to(dtype),
+        sampled_classes=chosen,
+        return_aux=True,
+        **opts,
+    )
+    loss.backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), loss_r.detach(), **tol)
+    torch.testing.assert_close(aux.lse.double(), aux_r.lse, **tol)
+    assert torch.equal(aux.pred, kept[aux_r.pred]) and torch.equal(aux.hard, aux_r.hard)
+    torch.testing.assert_close(x.grad.double(), Xr.grad[start_row : start_row + rows[rank]], **tol)
+    mine = (kept >= class_start) & (kept < class_start + count)
+    grad_w = w.grad.coalesce()
+    assert w.grad.is_sparse and torch.equal(grad_w.indices()[0], kept[mine] - class_start)
+    torch.testing.assert_close(grad_w.values().double(), Wr.grad[mine], **tol)
+
+
+def _sampled_worker(rank, world, store, shards, rows):
+    _init(rank, world, store)
+    try:
+        for dtype in (torch.float64, torch.float32):
+            for chunk in (None, 2):
+                _sampled_case(rank, world, shards, rows, dtype, chunk)
+        # a random sample: reproducible with a seeded generator, every rank's gradient of its kept rows only,
+        # the scalar margin the same as a table of it; rate 1 the exact loss
+        B, C, D = sum(rows), sum(n for _, n in shards), 6
+        X, W, y, _ = _case_data(11, B, C, D)
+        start_row, (class_start, count) = sum(rows[:rank]), shards[rank]
+        x, t = X[start_row : start_row + rows[rank]], y[start_row : start_row + rows[rank]]
+        w = W[class_start : class_start + count].clone().requires_grad_()
+
+        def run(**kwargs):
+            return fmd.sharded_margin_cross_entropy(
+                x, t, w, class_start=class_start, num_classes=C, scale=16.0, **kwargs
+            )
+
+        draw = lambda: run(margin=0.3, sample_rate=0.4, generator=torch.Generator().manual_seed(rank))  # noqa: E731
+        assert torch.equal(draw(), draw())
+        loss = draw()
+        loss.backward()
+        positives = torch.unique(y[(y >= class_start) & (y < class_start + count)])
+        rows_kept = w.grad.coalesce().indices()[0] + class_start
+        assert torch.isin(positives, rows_kept).all()
+        assert rows_kept.numel() == max(math.ceil(0.4 * count), positives.numel())
+        table = torch.full((C,), 0.3, dtype=torch.float64)
+        torch.testing.assert_close(run(margin=0.3), run(class_margins=table), rtol=1e-14, atol=0)
+        # sparse_grad=False: the same gradient, dense with zeros off the kept rows
+        sparse_grad = w.grad.coalesce()
+        w.grad = None
+        run(margin=0.3, sample_rate=0.4, sparse_grad=False, generator=torch.Generator().manual_seed(rank)).backward()
+        assert not w.grad.is_sparse and torch.equal(w.grad, sparse_grad.to_dense())
+        assert torch.equal(run(margin=0.3, sample_rate=1.0), run(margin=0.3))
+    finally:
+        _finish()
+
+
+@pytest.mark.slow
+def test_sampled_classes_world_2_match_the_single_process_loss_on_them():
+    _spawn(_sampled_worker, 2, [(13, 7), (0, 13)], [7, 5])
+
+
+@pytest.mark.slow
+def test_sampled_classes_world_3_uneven_shards_and_boundary_ties():
+    _spawn(_sampled_worker, 3, [(0, 7), (7, 1), (8, 11)], [4, 4, 5])
+
+
 def _errors_worker(rank, world, store):
     _init(rank, world, store)
     try:
@@ -359,6 +468,23 @@ def _faults_worker(rank, world, store):
             r"torch.float32\)",
             lambda: run(input=x.float() if one else x, weight_shard=w.float() if one else w),
         )
+        # the sampling: a bad rate on one rank, rates or kept classes that differ between ranks
+        _same_error_on_every_rank(
+            ValueError, r"rank 1: sample_rate must be in \(0, 1\]", lambda: run(sample_rate=0.0 if one else 0.5)
+        )
+        _same_error_on_every_rank(
+            ValueError,
+            r"the ranks disagree on sample_rate \(rank 0: 0.5, rank 1: 0.25\)",
+            lambda: run(sample_rate=0.25 if one else 0.5),
+        )
+        _same_error_on_every_rank(
+            ValueError,
+            r"the ranks disagree on sampled_classes",
+            lambda: run(sampled_classes=[1, 2] if one else [1, 3]),
+        )
+        _same_error_on_every_rank(
+            ValueError, "pass margin .* or class_margins .*, not both", lambda: run(margin=0.2, class_margins=margins)
+        )
         # equal tables, passed as different tensors (and dtypes): no error, and the group still works
         loss = run(class_margins=margins.clone() if one else margins, class_weight=weights if False else None)
         assert torch.isfinite(loss)
@@ -496,3 +622,16 @@ def test_needs_an_initialised_process_group():
         fmd.sharded_margin_cross_entropy(
             torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), class_start=0, num_classes=2
         )
+
+
+def test_a_failed_rank_sends_as_many_agreement_items_as_a_good_one():
+    """A rank whose local checks fail sends zeros in place of the agreement items: the same count, or the
+    ranks' all_reduce would not match."""
+    from fused_margin.paths import sharded
+
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    for sampling in (dict(), dict(sample_rate=0.5), dict(sampled_classes=[1, 2])):
+        call = sharded._check_call(
+            x, torch.tensor([0, 1, 2]), w, 0, 10, "cosine", None, dict(class_weight=torch.ones(10)), **sampling
+        )
+        assert len(sharded._agreement_items(call)) == sharded._agreement_count()
