@@ -230,6 +230,7 @@ def test_kernel_options_name_the_kernels_scalars():
     ).kernel_options()
     assert all(type(v) is float for v in floats) and all(type(v) is int for v in ints)
     assert options.unpack(floats, ints) == dict(
+        options.unpack(*options.vectors()),  # every option not named here at its default
         scale=7.0,
         margin_type=MARGIN_TYPE_CODES["additive_angular"],
         lambda_inst=0.25,

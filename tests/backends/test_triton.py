@@ -58,7 +58,7 @@ from fused_margin.backends.triton import (  # noqa: E402
     row_forward_backward,
 )
 from fused_margin.backends.triton._common import round_to, target_margin  # noqa: E402
-from fused_margin.core import rowmath  # noqa: E402
+from fused_margin.core import options, rowmath  # noqa: E402
 from fused_margin.core.options import KERNEL_INTS  # noqa: E402
 from fused_margin.core.spec import (  # noqa: E402
     REDUCTION_CODES,
@@ -393,7 +393,8 @@ def test_bad_arguments_are_named():
         ROW_KERNEL.forward(raw, torch.tensor([0, 4]).to(DEVICE), *args)
     with pytest.raises(ValueError, match="reduction"):
         ROW_KERNEL.forward(*forward_args(raw, target, reduction=3))
-    with pytest.raises(ValueError, match="the row ops take 4 float and 6 int options"):
+    sizes = f"{len(options.KERNEL_FLOATS)} float and {len(options.KERNEL_INTS)} int"
+    with pytest.raises(ValueError, match=f"the row ops take {sizes} options"):
         ROW_KERNEL.forward(raw, target, args[0], args[1][:-1], args[2])
     with pytest.raises(ValueError, match="the row ops take 7 tables"):
         ROW_KERNEL.forward(raw, target, args[0][:-1], *args[1:])
@@ -780,8 +781,9 @@ import torch
 ops = torch.ops.fused_margin
 assert hasattr(ops, "row_forward") and hasattr(ops, "row_backward")
 raw = torch.tensor([[0.3, -0.2, 0.9]], device="{device}")
-out = ops.triton_row_forward(raw, torch.tensor([2], device=raw.device), [None] * 7, [1.0, 0.0, 0.0, 0.0],
-                             [0, 0, 0, 0, -100, 0])
+from fused_margin.core import options
+floats, ints = options.vectors()  # every option at its default: plain cross-entropy
+out = ops.triton_row_forward(raw, torch.tensor([2], device=raw.device), [None] * 7, floats, ints)
 assert abs(out[0].item() - (torch.logsumexp(raw[0], 0) - raw[0, 2]).item()) < 1e-6
 """
 

@@ -97,7 +97,8 @@ def test_pack_unpack_and_decode_round_trip():
     assert len(floats) == len(options.KERNEL_FLOATS) and len(ints) == len(options.KERNEL_INTS)
     assert options.decode(floats, ints) == {o.name: getattr(spec, o.name) for o in options.OPTIONS if o.kernel}
     assert options.vectors(**options.unpack(floats, ints)) == (floats, ints)
-    with pytest.raises(ValueError, match="the row ops take 4 float and 6 int options"):
+    sizes = f"{len(options.KERNEL_FLOATS)} float and {len(options.KERNEL_INTS)} int"
+    with pytest.raises(ValueError, match=f"the row ops take {sizes} options"):
         options.unpack(floats[:-1], ints)
     with pytest.raises(TypeError, match=r"unknown kernel options \['margin'\]"):
         options.vectors(margin=1)
@@ -107,7 +108,9 @@ def test_triton_arguments_per_kernel():
     values = options.unpack(*MarginLossSpec(scale=2.0, hard_mode="all", label_smoothing=0.2).kernel_options())
     forward = options.triton_arguments(values, "forward")
     backward = options.triton_arguments(values, "backward")
+    defaults = options.triton_arguments(options.unpack(*options.vectors()), "forward")
     assert forward == dict(
+        defaults,  # every option not named here at its default
         scale=2.0,
         MARGIN_TYPE=0,
         lambda_inst=0.0,
@@ -118,7 +121,8 @@ def test_triton_arguments_per_kernel():
         label_smoothing=0.2,
         ignore_index=-100,
     )
-    assert backward == dict(scale=2.0, label_smoothing=0.2, ignore_index=-100)
+    defaults = options.triton_arguments(options.unpack(*options.vectors()), "backward")
+    assert backward == dict(defaults, scale=2.0, label_smoothing=0.2, ignore_index=-100)
 
 
 def test_the_c_header_names_every_kernel_option_and_slot():
