@@ -28,6 +28,31 @@ __all__ = [
 ]
 
 _TABLES = ("class_margins", "logit_offset", "class_weight")
+
+
+class ExactTables(nn.Module):
+    """A module whose class tables (buffers named in ``_EXACT_TABLES``) keep the float64 values they were
+    built from in ``self._exact``: the buffers hold them in the module's table dtype (float32 until moved),
+    and ``.double()`` (or ``.to(torch.float64)``) restores the float64 values, not float32-rounded ones. A
+    table assigned by hand replaces its kept values."""
+
+    _EXACT_TABLES: Sequence[str] = ()
+
+    def __setattr__(self, name, value):
+        if name in self._EXACT_TABLES and "_exact" in self.__dict__:
+            self._exact.pop(name, None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        for name, exact in self._exact.items():
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype == torch.float64:
+                # a copy, so that in-place writes to the buffer (load_state_dict) leave the kept values alone
+                self._buffers[name] = exact.to(device=buf.device, copy=True)
+        return result
+
+
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MarginLossSpec))
 #: keywords of :class:`MarginLoss` that :func:`margin_cross_entropy` does not have
 _MODULE_OPTIONS = ("feature_head", "cosine_input") + _TABLES
@@ -43,7 +68,7 @@ def _check_options(options, owner, taken=()):
     check_option_names(options, owner, taken=tuple(taken) + ("head", "input_is_cosine"), extra=_MODULE_OPTIONS)
 
 
-class MarginLoss(nn.Module):
+class MarginLoss(ExactTables):
     """The loss of docs/loss.md with fixed options and per-class tables held as buffers.
 
     ``forward(input, target, weight=None, **kwargs)``: ``input`` is B x C scores when ``weight`` is None
@@ -62,6 +87,8 @@ class MarginLoss(nn.Module):
     buffers; ``.double()`` (or ``.to(torch.float64)``) gives the float64 values themselves, not
     float32-rounded ones.
     """
+
+    _EXACT_TABLES = _TABLES
 
     #: the head used when ``forward`` gets ``weight`` and ``feature_head`` was not given.
     default_feature_head = "cosine"
@@ -145,20 +172,6 @@ class MarginLoss(nn.Module):
         if current is None:
             current = next((b for b in self._buffers.values() if b is not None), None)
         return (torch.device("cpu"), torch.float32) if current is None else (current.device, current.dtype)
-
-    def __setattr__(self, name, value):
-        # a table assigned by hand replaces the float64 values kept for .double()
-        if name in _TABLES and "_exact" in self.__dict__:
-            self._exact.pop(name, None)
-        super().__setattr__(name, value)
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        for name, exact in self._exact.items():
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype == torch.float64:
-                self._buffers[name] = exact.to(buf.device)  # the float64 values, not float32-rounded ones
-        return result
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, **kwargs

@@ -47,6 +47,7 @@ from torch import nn
 from fused_margin.core import builders
 from fused_margin.core.reference import compute_dtype
 from fused_margin.functional import margin_cross_entropy
+from fused_margin.modules import ExactTables
 
 __all__ = ["MARC"]
 
@@ -79,7 +80,7 @@ def progress_bar(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, disable=not enabled, leave=False)
 
 
-class MARC(nn.Module):
+class MARC(ExactTables):
     """Per-class margin calibration (``omega``, ``beta``) over a frozen model's scores.
 
     Args:
@@ -100,6 +101,8 @@ class MARC(nn.Module):
     at the precision it was saved in keeps the float64 values, other values replace them.
     """
 
+    _EXACT_TABLES = _TABLES
+
     def __init__(self, class_counts, gamma: float = 1.2, scale: float = 1.0, backend: str = "auto"):
         super().__init__()
         counts = builders.as_class_counts(class_counts)
@@ -114,22 +117,6 @@ class MARC(nn.Module):
         exact = builders.marc_weights(counts, gamma, dtype=torch.float64)
         self._exact = {"class_weight": exact}
         self.register_buffer("class_weight", exact.to(torch.float32))
-
-    def __setattr__(self, name, value):
-        # a table assigned by hand replaces the float64 values kept for .double()
-        if name in _TABLES and "_exact" in self.__dict__:
-            self._exact.pop(name, None)
-        super().__setattr__(name, value)
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        for name, exact in self._exact.items():
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype == torch.float64:
-                # the float64 values, not float32-rounded ones; a copy, so that in-place writes to the buffer
-                # (load_state_dict) leave the kept values alone
-                self._buffers[name] = exact.to(device=buf.device, copy=True)
-        return result
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
