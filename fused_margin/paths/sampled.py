@@ -75,6 +75,13 @@ def block_positives(labels: torch.Tensor, start: int, count: int, ignore_index: 
     return torch.unique(labels[mine])
 
 
+def _with_given(positives: torch.Tensor, sampled_classes: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """The block's positives and the given kept classes that fall in it (sorted, distinct)."""
+    chosen = sampled_classes.to(device=positives.device, dtype=torch.int64)
+    chosen = chosen[(chosen >= start) & (chosen < start + count)]
+    return torch.unique(torch.cat([positives, chosen]))
+
+
 def sample_classes(
     labels: torch.Tensor,
     start: int,
@@ -91,9 +98,7 @@ def sample_classes(
     (none where the ``P`` positives already fill the sample), with ``generator`` where given."""
     positives = block_positives(labels, start, count, ignore_index)
     if sampled_classes is not None:
-        chosen = sampled_classes.to(device=labels.device, dtype=torch.int64)
-        chosen = chosen[(chosen >= start) & (chosen < start + count)]
-        return torch.unique(torch.cat([positives, chosen]))
+        return _with_given(positives, sampled_classes, start, count)
     want = num_sampled(sample_rate, count)
     if positives.numel() >= want:
         return positives
@@ -117,9 +122,7 @@ def kept_count(
     every other rank's kept classes from the global labels)."""
     positives = block_positives(labels, start, count, ignore_index)
     if sampled_classes is not None:
-        chosen = sampled_classes.to(device=labels.device, dtype=torch.int64)
-        chosen = chosen[(chosen >= start) & (chosen < start + count)]
-        return int(torch.unique(torch.cat([positives, chosen])).numel())
+        return int(_with_given(positives, sampled_classes, start, count).numel())
     return max(num_sampled(sample_rate, count), int(positives.numel()))
 
 
