@@ -30,6 +30,16 @@ import torch
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+def _lookup(codes: Dict[Any, int]) -> Callable[[Any], int]:
+    """``encode`` for a choice: its code in ``codes``. A Python function rather than the bound
+    ``codes.__getitem__``, which TorchDynamo (torch 2.11) will not trace."""
+
+    def encode(value):
+        return codes[value]
+
+    return encode
+
+
 @dataclass(frozen=True)
 class KernelArg:
     """How the row kernels see an option: slot ``name`` of the ``vector`` (``"float"``/``"int"``) the row ops
@@ -129,7 +139,7 @@ OPTIONS: Tuple[Option, ...] = (
         '``"additive_cosine"`` (``psi = c - M``: CosFace, LDAM, ELM) or ``"additive_angular"`` '
         "(``psi = cos(acos(c) + M)``: ArcFace, DBM).",
         choices=tuple(MARGIN_TYPE_CODES),
-        kernel=KernelArg("margin_type", "int", "MarginType", MARGIN_TYPE_CODES.__getitem__, triton="MARGIN_TYPE"),
+        kernel=KernelArg("margin_type", "int", "MarginType", _lookup(MARGIN_TYPE_CODES), triton="MARGIN_TYPE"),
     ),
     Option(
         "lambda_inst",
@@ -161,7 +171,7 @@ OPTIONS: Tuple[Option, ...] = (
         '``None``, ``"threshold"`` (ArcFace\'s ``c - M sin M`` past ``cos(pi - M)``) or ``"easy"`` (no '
         "margin where ``c <= 0``).",
         choices=tuple(FOLD_CODES),
-        kernel=KernelArg("fold", "int", "AngularFold", FOLD_CODES.__getitem__, triton="FOLD"),
+        kernel=KernelArg("fold", "int", "AngularFold", _lookup(FOLD_CODES), triton="FOLD"),
     ),
     Option(
         "margin_grad",
@@ -196,7 +206,7 @@ OPTIONS: Tuple[Option, ...] = (
         "mean",
         '``"mean"``, ``"sum"`` or ``"none"``, as ``F.cross_entropy``.',
         choices=tuple(REDUCTION_CODES),
-        kernel=KernelArg("reduction", "int", "Reduction", REDUCTION_CODES.__getitem__),
+        kernel=KernelArg("reduction", "int", "Reduction", _lookup(REDUCTION_CODES)),
     ),
 )
 
@@ -249,7 +259,11 @@ def vectors(**values) -> Tuple[List[float], List[int]]:
 class KernelOptions(dict):
     """The kernel vectors read back by the kernels' names (``options["scale"]`` or ``options.scale``)."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no kernel option {name!r}; the row ops take {sorted(self)}") from None
 
 
 def unpack(floats: Sequence[float], ints: Sequence[int]) -> KernelOptions:

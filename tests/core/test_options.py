@@ -102,6 +102,19 @@ def test_pack_unpack_and_decode_round_trip():
         options.unpack(floats[:-1], ints)
     with pytest.raises(TypeError, match=r"unknown kernel options \['margin'\]"):
         options.vectors(margin=1)
+    read_back = options.unpack(floats, ints)
+    assert read_back.scale == 16.0 and read_back["ignore_index"] == -3
+    with pytest.raises(AttributeError, match="no kernel option 'margin'"):
+        _ = read_back.margin
+
+
+def test_the_encoders_are_python_functions_or_number_types():
+    """The packing runs under torch.compile (the autograd function's forward): an encoder that is a builtin
+    bound method, such as ``codes.__getitem__``, is a graph break TorchDynamo 2.11 refuses in fullgraph."""
+    for option in options.OPTIONS:
+        if option.kernel is not None:
+            encode = option.kernel.encode
+            assert encode in (float, int) or inspect.isfunction(encode), (option.name, encode)
 
 
 def test_triton_arguments_per_kernel():
