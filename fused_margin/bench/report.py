@@ -6,11 +6,13 @@ import csv
 import dataclasses
 import datetime as _dt
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -331,7 +333,9 @@ def write_outputs(run, out_dir: Path, plot: bool = True) -> Dict[str, Path]:
     write_json(run, paths["json"])
     write_csv(run, paths["csv"])
     paths["table"].write_text(format_table(run) + "\n")
-    if plot:
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        print("[bench] matplotlib is not installed: no results.png (pip install matplotlib)", file=sys.stderr)
+    elif plot:
         paths["png"] = out_dir / "results.png"
         write_plot(run, paths["png"])
     return paths

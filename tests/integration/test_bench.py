@@ -6,6 +6,7 @@ row-kernel route (the loss's keyword arguments) computes the same loss as the pr
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -137,7 +138,10 @@ def test_table_json_csv_png(run, tmp_path):
     assert math.isclose(float(by_backend["row:torch"]["ms"]), _row(run, "row:torch")["ms"])
     assert by_backend["floor"]["machine"] == run.machine["name"]
     assert paths["table"].read_text().strip() == table.strip()
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is None:  # the plot is skipped with a note, the rest written
+        assert "png" not in paths
+    else:
+        assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_judge_rule():

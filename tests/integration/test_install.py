@@ -72,8 +72,13 @@ def _fresh_venv(path):
         text=True,
         check=True,
     ).stdout.strip()
+    # this interpreter's site folders, in its order: its venv's own and, where that venv reaches another
+    # environment's torch through a .pth (scripts/setup_env.sh on a machine with a CUDA torch), that one too
+    outer = [sysconfig.get_paths()["purelib"]] + [
+        p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)
+    ]
     with open(os.path.join(site, "_outer_site.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
+        f.write("".join(p + "\n" for p in dict.fromkeys(outer)))
     return python
 
 
