@@ -13,7 +13,8 @@
 #
 #   env            nvidia-smi, nvcc, python/torch/triton versions, the GPU's name and capability
 #   build          scripts/setup_env.sh with the CUDA kernels required (FUSED_MARGIN_CUDA=1); if
-#                  that fails, again without them, so the Triton backend is still checked
+#                  that fails, again without them, so the Triton backend is still checked; then the
+#                  plain-CE anchors' wheels carried in .whl/ (scripts/anchor_wheels.sh), if any
 #   bench-inat-bf16  the harness on the inat preset (B=512 D=2048 C=8142) in bf16: reference,
 #                  torch.compile of DBM-BS, triton, cuda, lean, plain-CE anchors, the GEMM floor
 #   tests-cuda     the tests marked `cuda` (parity at large shapes, no host syncs, inductor)
@@ -22,6 +23,7 @@
 #                  time, ops per step, Triton registers/spills (scripts/profile_step.py)
 #   bench-inat-fp32, bench-face-bf16, bench-vocab-bf16   the harness on the other shapes
 #   tests-triton   the whole Triton test file on the GPU (every option, the compiled kernels)
+#   sanitizer      compute-sanitizer memcheck over the extension's `cuda` tests (what the time allows)
 #
 # OUTDIR/summary.txt lists every phase with its exit status and seconds; OUTDIR/bench-*/ hold the
 # harness's table.txt, results.json, results.csv and results.png; OUTDIR/tests-*.xml the JUnit
@@ -103,11 +105,25 @@ EOF
 }
 
 build() {
-  FUSED_MARGIN_CUDA=$BUILD_CUDA bash scripts/setup_env.sh && return 0
+  if FUSED_MARGIN_CUDA=$BUILD_CUDA bash scripts/setup_env.sh; then
+    install_anchors
+    return 0
+  fi
   echo "[gpu_check] the CUDA build failed (above); building the CPU kernels only so Triton is still checked"
   rm -f .venv/.fused_margin_installed
   FUSED_MARGIN_CUDA=0 bash scripts/setup_env.sh
+  install_anchors
   return 3  # reported as a failure even when the fallback works
+}
+
+# the plain-CE anchors (Liger-Kernel, Cut Cross-Entropy) from wheels carried in .whl/
+# (bash scripts/anchor_wheels.sh where an index is reachable); without them the harness skips both
+install_anchors() {
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps .whl/*.whl || echo "[gpu_check] could not install .whl/*.whl"
+  else
+    echo "[gpu_check] no .whl/ wheels: the liger and cce anchors run only where already installed"
+  fi
 }
 
 after_build() {
@@ -119,6 +135,12 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 for dtype in (torch.float32, torch.bfloat16):
     for name, status in available_backends(device, dtype).items():
         print(device, dtype, name, "->", status)
+import importlib.metadata
+for package in ("liger-kernel", "cut-cross-entropy"):
+    try:
+        print("anchor", package, importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+        print("anchor", package, "not installed")
 EOF
 }
 
@@ -126,6 +148,20 @@ EOF
 bench() {
   local name=$1; shift
   exec "$PY" -m fused_margin.bench --quiet --out "$OUTDIR/$name" "$@" $SHAPE
+}
+
+# compute-sanitizer's memcheck over the extension's CUDA tests (PyTorch's caching allocator off, so an
+# access past a tensor is past its allocation); its errors make the phase fail
+sanitize() {
+  local tool
+  tool=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -z "$tool" ]; then
+    echo "no compute-sanitizer on the PATH or in \$CUDA_HOME/bin: nothing checked"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool memcheck --error-exitcode 9 --print-limit 20 \
+    "$PY" -m pytest -v -p no:cacheprovider -x $SANITIZE_SELECT
 }
 
 pytest_args() {
@@ -146,6 +182,7 @@ if [ $DRY -eq 1 ]; then
   TEST_SELECT=(tests/paths/test_op_budget.py)
   TRITON_SELECT=(tests/backends/test_triton.py -k "fp32 and block")
   PROFILE_SHAPE="--preset tiny --steps 2 --backends cpu,cpu/separate"
+  SANITIZE_SELECT="tests/backends/test_extension.py -m cuda"
 else
   BUILD_CUDA=1
   SHAPE=""
@@ -154,10 +191,11 @@ else
   TEST_SELECT=(-m cuda tests)
   TRITON_SELECT=(tests/backends/test_triton.py -m "not cuda")
   PROFILE_SHAPE="--preset inat --steps 20 --backends triton,triton/separate,cuda"
+  SANITIZE_SELECT="tests/backends/test_extension.py -m cuda"
 fi
 
-export OUTDIR PY SHAPE LEAN_SHAPE BUILD_CUDA
-export -f env_report build after_build bench
+export OUTDIR PY SHAPE LEAN_SHAPE BUILD_CUDA SANITIZE_SELECT
+export -f env_report build install_anchors after_build bench sanitize
 note "gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes'), budget ${BUDGET}s, dry run $DRY, started $(date -u +%FT%TZ)"
 phase env 60 env_report
 phase build 240 build
@@ -184,6 +222,7 @@ phase bench-vocab-bf16 90 bench bench-vocab-bf16 --preset vocab --dtype bf16 --l
 # shellcheck disable=SC2046
 phase tests-triton 150 "$PY" -m pytest -q -ra -p no:cacheprovider $(pytest_args) \
   --junitxml="$OUTDIR/tests-triton.xml" "${TRITON_SELECT[@]}"
+phase sanitizer 90 sanitize
 
 for table in "$OUTDIR"/bench-*/table.txt; do
   [ -f "$table" ] && { echo; echo "== ${table#$OUTDIR/}"; cat "$table"; } >> "$SUMMARY"
