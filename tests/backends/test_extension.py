@@ -311,6 +311,34 @@ def test_ops_match_the_row_contract(shape, dtype):
         check_ops_against_contract(*shape, dtype, options, full=i % 2 == 0, seed=i)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_an_ignored_row_with_non_finite_logits_has_zero_gradient_and_no_part_in_the_sums(device, dtype):
+    """An ignored row's logits may be anything (a masked -inf, a NaN): its gradient is exact +0 and its row and
+    column sums are those of a row of zeros, also with the output scaled (scale_grad), as the contract has it."""
+    device = _backend(device)
+    B, C = 4, 37
+    raw, target, tables = _op_inputs(B, C, dtype, seed=3, full=True, device=device)
+    assert target[1].item() == -100
+    clean = raw.clone()
+    clean[1] = 0
+    raw[1, 5], raw[1, 9], raw[1, 30] = float("-inf"), float("nan"), float("inf")
+    options = FORWARD_OPTIONS["cosine_elm_smoothing"]
+    for scale_grad in (True, False):
+        calls = []
+        for logits in (raw, clean):
+            forward = OPS.row_forward(*_forward_args(logits, target, tables, options))
+            shared = torch.tensor(0.75, device=device)
+            calls.append(_backward_args(logits, target, tables, forward, shared, options[-1], scale_grad, sums=True))
+        (grad, row_coef, col_coef, stats), (_, row_coef0, col_coef0, stats0) = (OPS.row_backward(*a) for a in calls)
+        assert torch.equal(grad[1], row_torch.row_backward(*calls[0])[0][1])  # the eager contract's zeros too
+        assert torch.equal(grad[1], torch.zeros_like(grad[1])) and not grad[1].float().signbit().any()
+        assert torch.isfinite(grad).all() and row_coef[1].item() == 0.0
+        for name, got, want in (("row_coef", row_coef, row_coef0), ("col_coef", col_coef, col_coef0)):
+            assert torch.equal(got, want), name
+        assert torch.equal(stats, stats0)
+
+
 def test_ops_argmax_nan_inf_and_ties_follow_torch():
     """pred is torch.argmax's (first NaN, else first max; 0 for an all -inf row), c* the first non-target
     max; NaN and inf flow into lse and the loss as in the reference."""
@@ -616,6 +644,16 @@ def test_cuda_ops_match_the_row_contract():
                 check_ops_against_contract(*shape, dtype, options, full=i % 2 == 0, device="cuda", seed=i)
 
 
+def _torch_cxx_standard(cpp_extension):
+    """The C++ standard torch.utils.cpp_extension compiles extensions with (C++17 up to torch 2.12, C++20 after;
+    torch 2.14's headers need C++20): the ``['-std=c++NN'`` lists of its source, else C++17."""
+    import inspect
+    import re
+
+    found = re.findall(r"\['-std=c\+\+(\d\d)'", inspect.getsource(cpp_extension))
+    return f"c++{max(found, key=int)}" if found else "c++17"
+
+
 @pytest.mark.slow
 def test_cuda_source_compiles_for_sm90():
     """The CUDA kernels cannot run here, but nvcc can compile them (for sm_90, with setup.py's flags,
@@ -644,7 +682,7 @@ def test_cuda_source_compiles_for_sm90():
         command = [
             nvcc,
             "-arch=sm_90",
-            "-std=c++17",
+            f"-std={_torch_cxx_standard(cpp_extension)}",
             "-O3",
             "--fmad=false",
             "-DFUSED_MARGIN_WITH_CUDA",

@@ -31,6 +31,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <limits>
@@ -280,21 +281,22 @@ __global__ void row_backward_kernel(const RowBackwardArgs a, int64_t rows_per_bl
     // G_j (unscaled; p_y - 1 = expm1(-nll) and dt/dz'_y = target_grad on the target), the output
     // (G row_scale col_scale_j with scale_grad), and the thread's sums for column slot k
     auto element = [&](int64_t j, float r, int k) -> Out {
-      float grad = 0.f;
-      if (kept) {
-        if (j == label) {
-          grad = g_y;
-        } else {
-          float z = r;
-          if (has_row_scale) z = __fmul_rn(z, row_scale);
-          if (col_scale) z = __fmul_rn(z, col_scale[j]);
-          if (col_shift) z = __fadd_rn(z, col_shift[j]);
-          float l = __fmul_rn(z, a.scale);
-          if (offset) l = __fadd_rn(l, offset[j]);
-          if (pair) l = __fadd_rn(l, pair[j]);
-          grad = p_coef * expf(l - lse);
-          if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
-        }
+      // an ignored row: exact zeros, and no part in the sums (as the CPU kernel: 0 * r would be NaN for a
+      // masked -inf or NaN logit of that row, and 0 * row_scale for a NaN row scale)
+      if (!kept) return static_cast<Out>(0.f);
+      float grad;
+      if (j == label) {
+        grad = g_y;
+      } else {
+        float z = r;
+        if (has_row_scale) z = __fmul_rn(z, row_scale);
+        if (col_scale) z = __fmul_rn(z, col_scale[j]);
+        if (col_shift) z = __fadd_rn(z, col_shift[j]);
+        float l = __fmul_rn(z, a.scale);
+        if (offset) l = __fadd_rn(l, offset[j]);
+        if (pair) l = __fadd_rn(l, pair[j]);
+        grad = p_coef * expf(l - lse);
+        if (w_coef != 0.f) grad = grad - w_coef * (weight ? weight[j] : 1.f);
       }
       float o = grad;
       if (a.scale_grad && has_row_scale) o = o * row_scale;
@@ -303,7 +305,7 @@ __global__ void row_backward_kernel(const RowBackwardArgs a, int64_t rows_per_bl
         dot += (col_scale ? grad * col_scale[j] : grad) * r;
         sum_g[k] += grad;
         sum_graw[k] += (has_row_scale ? grad * row_scale : grad) * r;
-        if (kept && j == label) sum_dl[k] += dl_y - g_y / a.scale;
+        if (j == label) sum_dl[k] += dl_y - g_y / a.scale;
       }
       return static_cast<Out>(o);
     };
@@ -559,10 +561,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_backward_cuda(
     call.weight_sum = call.class_weight.sum();
     args.weight_sum_device = call.weight_sum.const_data_ptr<float>();
   }
-  // one row a block of the grid (up to 65535 rows a block), or kBackwardRowBlock with the column sums
-  const int64_t rows_per_block = col_sums ? kBackwardRowBlock : (rows + 65534) / 65535;
+  // one row a block of the grid, or kBackwardRowBlock with the column sums; more where the grid's y limit
+  // (65535 blocks) needs it, so any row count fits
+  const int64_t fewest = (rows + 65534) / 65535;
+  const int64_t rows_per_block = col_sums ? std::max(kBackwardRowBlock, fewest) : fewest;
   const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(row_blocks <= 65535, "fused_margin row_backward (CUDA): too many rows (", rows, ")");
   int64_t tiles = 0;
   switch (args.raw_type) {
     case RawType::Float: tiles = cuda_kernels::backward_col_tiles<float>(cols); break;
