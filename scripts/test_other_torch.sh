@@ -6,13 +6,14 @@
 #
 # The index may only have a CUDA build of that torch (several GB): on a machine without a GPU its CUDA
 # kernels are then compiled and linked (the build a GPU machine with that torch makes) and the `cuda` tests
-# skipped. Extra pytest arguments go in PYTEST_ARGS (e.g. PYTEST_ARGS='-m "not slow"').
+# skipped. Extra pytest arguments go in PYTEST_ARGS (e.g. PYTEST_ARGS='-m "not slow"'); PYTHON picks the
+# interpreter of the new venv (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${1:?usage: bash scripts/test_other_torch.sh TORCH_VERSION [WORKDIR]}
 WORK=${2:-/tmp/fused_margin-torch-$VERSION}
 mkdir -p "$WORK"
-[ -x "$WORK/venv/bin/python" ] || python3 -m venv "$WORK/venv"
+[ -x "$WORK/venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 "$PY" -m pip install -q "torch==$VERSION"
 rm -rf "$WORK/tree"
