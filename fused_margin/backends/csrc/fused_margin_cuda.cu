@@ -216,16 +216,17 @@ __global__ void row_forward_kernel(const RowForwardArgs a) {
   finish_forward_row(a, i, kept, y, target_score, best.index, wrong.index, track_wrong, state, smoothing);
 }
 
-// The block-wide sum of one float per thread (blockDim.x a multiple of the warp size), in a fixed order:
-// the result, in every thread, does not depend on the timing.
-__device__ __forceinline__ float block_sum(float v, float* shared) {
+// The block-wide sum of one value per thread (float or double; blockDim.x a multiple of the warp size), in a
+// fixed order: the result, in every thread, does not depend on the timing.
+template <typename S>
+__device__ __forceinline__ S block_sum(S v, S* shared) {
   for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   __syncthreads();  // shared is free (an earlier call's readers are done)
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  float total = 0.f;
+  S total = 0;
   for (int w = 0; w < warps; ++w) total += shared[w];
   return total;
 }
@@ -401,20 +402,21 @@ __global__ void backward_sums_kernel(const RowBackwardArgs a, const float* row_p
 }
 
 // One block: the loss rows' sum (over the denominator for the mean; NaN where it is 0) and the
-// denominator (the kept rows' w_y, or their count), each summed in a fixed order.
+// denominator (the kept rows' w_y, or their count), each summed in double in a fixed order and rounded once
+// to float, as the CPU kernel's (which sums in row order; fp32 partial sums would drift from it).
 __global__ void reduce_rows_kernel(const RowForwardArgs a, float* out, float* denom_out, bool mean) {
-  __shared__ float buffer[kMaxWarps];
-  float total = 0.f, denom = 0.f;
+  __shared__ double buffer[kMaxWarps];
+  double total = 0.0, denom = 0.0;
   for (int64_t i = threadIdx.x; i < a.rows; i += blockDim.x) {
     total += a.loss[i];
     const int64_t y = a.target[i];
     if (y != a.ignore_index) denom += a.class_weight ? a.class_weight[y] : 1.f;
   }
-  total = block_sum(total, buffer);
-  denom = block_sum(denom, buffer);
+  const float sum = static_cast<float>(block_sum(total, buffer));
+  const float d = static_cast<float>(block_sum(denom, buffer));
   if (threadIdx.x == 0) {
-    *denom_out = denom;
-    *out = mean ? (denom != 0.f ? total / denom : NAN) : total;
+    *denom_out = d;
+    *out = mean ? (d != 0.f ? sum / d : NAN) : sum;
   }
 }
 
