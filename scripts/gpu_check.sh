@@ -223,6 +223,7 @@ phase bench-vocab-bf16 90 bench bench-vocab-bf16 --preset vocab --dtype bf16 --l
 phase tests-triton 150 "$PY" -m pytest -q -ra -p no:cacheprovider $(pytest_args) \
   --junitxml="$OUTDIR/tests-triton.xml" "${TRITON_SELECT[@]}"
 phase sanitizer 90 sanitize
+grep -q "nothing checked" "$OUTDIR/sanitizer.log" 2>/dev/null && note "    | sanitizer: no compute-sanitizer found, nothing checked"
 
 for table in "$OUTDIR"/bench-*/table.txt; do
   [ -f "$table" ] && { echo; echo "== ${table#$OUTDIR/}"; cat "$table"; } >> "$SUMMARY"
