@@ -459,6 +459,40 @@ def test_ops_read_a_padded_class_stride_in_place():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.cuda
+def test_cuda_ops_refuse_a_projection_operand_on_the_cpu():
+    """project_out_rows_ dispatches on grad's device: v, proj or scale left on the CPU is named, not read
+    through a host pointer."""
+    _backend("cuda")
+    grad, v, proj = torch.randn(3, 8, device="cuda"), torch.randn(3, 8, device="cuda"), torch.rand(3, device="cuda")
+    for name, args in (
+        ("v", (grad, v.cpu(), proj, None)),
+        ("proj", (grad, v, proj.cpu(), None)),
+        ("scale", (grad, v, proj, torch.tensor([2.0]))),
+    ):
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu but grad is on cuda"):
+            OPS.project_out_rows_(*args)
+
+
+@pytest.mark.cuda
+def test_cuda_backward_with_column_sums_takes_more_rows_than_the_grid_has_blocks():
+    """With the column sums the backward takes 32 rows a block; past 65535 blocks (2,097,120 rows) it takes
+    more a block: the same outputs as the CPU op."""
+    _backend("cuda")
+    B, C = 2_100_003, 3
+    raw, target, tables = _op_inputs(B, C, torch.float32, seed=5, full=False)
+    options = FORWARD_OPTIONS["cosine_elm_smoothing"]
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        on = {k: None if t is None else t.to(device) for k, t in tables.items()}
+        forward = OPS.row_forward(*_forward_args(raw.to(device), target.to(device), on, options))
+        shared = torch.tensor(0.5, device=device)
+        args = _backward_args(raw.to(device), target.to(device), on, forward, shared, options[-1], False, sums=True)
+        outputs[device] = OPS.row_backward(*args)
+    for name, got, want in zip(ROW_BACKWARD_OUTPUTS, outputs["cuda"], outputs["cpu"]):
+        _close(name, got, want, 2e-6 if name == "grad" else 1e-4)  # the sums: fp32 over 2.1M rows, other orders
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scale", (None, 2.5, -0.375))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)

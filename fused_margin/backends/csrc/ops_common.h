@@ -312,7 +312,8 @@ inline void check_project_out_args(const at::Tensor& grad, const at::Tensor& v, 
               grad.size(0), " entries, got shape ", proj.sizes());
   TORCH_CHECK(!scale.has_value() || scale->numel() == 1, "fused_margin project_out_rows_: scale must hold one ",
               "value, got shape ", scale.has_value() ? scale->sizes() : at::IntArrayRef{});
-  // the kernel reads every one of them on grad's device (a CPU tensor there would be a host pointer)
+  // on grad's device, as the row ops' tables (on the CPU, v would be read through a host pointer and proj and
+  // scale copied over with a host sync)
   TORCH_CHECK(v.device() == grad.device(), "fused_margin project_out_rows_: v is on ", v.device(),
               " but grad is on ", grad.device());
   TORCH_CHECK(proj.device() == grad.device(), "fused_margin project_out_rows_: proj is on ", proj.device(),
